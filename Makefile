@@ -1,0 +1,46 @@
+# The README's commands. Everything installs into a project venv (.venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export DAGSTER_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := False
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup run test ui repro clean-data
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the local CPU wheel, not the multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp orchestration/dagster.yaml $@
+
+setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+
+## Materialize the whole asset graph on the default profile.
+run: setup
+	$(BIN)/vas run --profile $${VAS_PROFILE:-default}
+
+## Run the test suite (integration tests use the smoke profile).
+test: setup
+	$(BIN)/python -m pytest -q
+
+## Dagster UI on loopback.
+ui: setup
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
+
+clean-data:
+	rm -rf data/corpus data/base_model data/prompts data/preference_pairs data/quarantine data/metrics.duckdb
+
+## Reproduce the pipeline stage by stage with DVC (each stage materializes through Dagster).
+repro: setup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

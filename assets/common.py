@@ -1,0 +1,143 @@
+"""What every asset does when it finishes: hash its outputs, write DuckDB rows, build metadata."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+import dagster as dg
+
+from assets.metrics_db import metric_row, write_rows
+from models.artifacts import combined_md5, dvc_md5
+from orchestration.profiles import PROJECT_ROOT
+
+# Each asset's outputs under the data folder; dvc.yaml lists the same paths as stage outs.
+ASSET_OUTPUTS: dict[str, list[str]] = {
+    "corpus": ["corpus/corpus.parquet"],
+    "base_model": ["base_model"],
+    "prompts": ["prompts/prompts.parquet", "prompts/validation.json"],
+    "preference_pairs": ["preference_pairs/pairs.parquet", "preference_pairs/validation.json"],
+}
+
+
+def output_paths(settings, asset: str) -> list[Path]:
+    return [settings.path(p) for p in ASSET_OUTPUTS[asset]]
+
+
+def data_version_of(settings, asset: str) -> str:
+    """The DVC md5 of an asset's outputs as they are on disk now."""
+    paths = output_paths(settings, asset)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"asset {asset!r} has not been materialized for this data folder: missing {', '.join(missing)}"
+        )
+    return combined_md5(paths)
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str:
+    """The commit the code ran at, with "-dirty" when the tracked code had local changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "models",
+                                "assets", "orchestration", "params.yaml"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def torch_threads() -> None:
+    """Use the machine's cores but not more; oversubscription slows small models on CPU."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+class DagsterLogHandler(logging.Handler):
+    """Forwards models/ logging to the Dagster run log, so long work shows progress in the UI."""
+
+    def __init__(self, context: dg.AssetExecutionContext):
+        super().__init__(logging.INFO)
+        self.context = context
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.context.log.info(record.getMessage())
+
+
+def _metadata_value(value: Any):
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value)
+    if isinstance(value, (dict, list)):
+        return dg.MetadataValue.json(value)
+    return dg.MetadataValue.text(str(value))
+
+
+def finish(
+    context: dg.AssetExecutionContext,
+    settings,
+    duckdb,
+    asset: str,
+    params: dict,
+    metrics: dict[str, float],
+    upstream: Iterable[str] = (),
+    series: dict[str, list[float]] | None = None,
+    metadata: dict[str, Any] | None = None,
+    model_version: str | None = None,
+    source: str | None = None,
+) -> dg.MaterializeResult:
+    """Hash outputs, record metrics and lineage in DuckDB, and return the MaterializeResult.
+
+    `upstream` names the assets whose outputs were read; `source` an imported file or model
+    folder, whose md5 joins the lineage inputs.
+    """
+    data_version = data_version_of(settings, asset)
+    inputs = {name: data_version_of(settings, name) for name in upstream}
+    if source:
+        inputs[f"source:{source}"] = dvc_md5(source) if Path(source).exists() else "unhashed"
+    rows = [metric_row(name, value) for name, value in metrics.items()]
+    for name, values in (series or {}).items():
+        rows += [metric_row(name, v, step=i) for i, v in enumerate(values)]
+    sha = git_sha()
+    with duckdb.get_connection() as conn:
+        write_rows(conn, run_id=context.run_id, asset=asset, metrics=rows, params=params,
+                   data_version=data_version, model_version=model_version, git_sha=sha,
+                   lineage={"inputs": inputs, "output_md5": data_version})
+    meta: dict[str, Any] = {name: _metadata_value(value) for name, value in metrics.items()}
+    meta.update({
+        "dvc_md5": data_version,
+        "profile": settings.profile,
+        "params": dg.MetadataValue.json(params),
+        "inputs": dg.MetadataValue.json(inputs),
+        "git_sha": sha,
+        "outputs": dg.MetadataValue.json([str(p) for p in output_paths(settings, asset)]),
+    })
+    for key, value in (metadata or {}).items():
+        meta[key] = value if isinstance(value, dg.MetadataValue) else _metadata_value(value)
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(data_version))
+
+
+def record_check(context, settings, duckdb, check: str, asset: str, passed: bool,
+                 counts: dict[str, float]) -> None:
+    """Check outcomes go to the metrics table too, under the asset they guard."""
+    rows = [metric_row(f"check.{check}.passed", 1.0 if passed else 0.0)]
+    rows += [metric_row(f"check.{check}.{k}", v) for k, v in counts.items()]
+    with duckdb.get_connection() as conn:
+        write_rows(conn, run_id=context.run.run_id, asset=f"{asset}:{check}", metrics=rows, params={},
+                   data_version=None, model_version=None, git_sha=git_sha())
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)

@@ -1,0 +1,237 @@
+"""Group `synthesis`: the embedded default world (corpus -> base_model -> prompts -> preference_pairs).
+
+Each asset can instead import the user's data: a Hugging Face model for base_model, a file of
+prompts, a file of preference pairs. Either way the outputs land under the data folder.
+"""
+
+
+import logging
+from typing import Optional
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import DagsterLogHandler, finish, output_paths, torch_threads
+from orchestration.profiles import resolve
+from orchestration.resources import VasSettings
+
+GROUP = "synthesis"
+
+
+class _LogToDagster:
+    """Route models/ log records to the run log for the duration of an asset."""
+
+    def __init__(self, context):
+        self.handler = DagsterLogHandler(context)
+        self.logger = logging.getLogger("models")
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+class CorpusConfig(dg.Config):
+    n_reviews: Optional[int] = None
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, pool="duckdb_writer",
+          description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
+def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: VasSettings,
+           duckdb: DuckDBResource) -> dg.MaterializeResult:
+    from models.artifacts import write_parquet
+    from models.corpus import CorpusConfig as GeneratorConfig, generate_corpus
+    from models.rewards import count_words, positivity
+
+    params = resolve(settings.params(), "corpus", config.model_dump())
+    df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
+    write_parquet(df, output_paths(settings, "corpus")[0])
+    sample = df.text.head(2000).tolist()
+    pos = positivity(sample)
+    words = [count_words(t) for t in df.text]
+    mean_pos = sum(pos) / len(pos)
+    metrics = {
+        "n_reviews": len(df),
+        "mean_words": sum(words) / len(words),
+        "max_words": max(words),
+        "positivity_mean": mean_pos,
+        "positivity_std": (sum((p - mean_pos) ** 2 for p in pos) / len(pos)) ** 0.5,
+        "distinct_texts": int(df.text.nunique()),
+    }
+    context.log.info(f"corpus: {len(df)} reviews, mean {metrics['mean_words']:.1f} words")
+    return finish(context, settings, duckdb, "corpus", params, metrics,
+                  metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+
+
+class BaseModelConfig(dg.Config):
+    source: Optional[str] = None
+    train_steps: Optional[int] = None
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+
+
+@dg.asset(group_name=GROUP, deps=["corpus"], kinds={"pytorch", "huggingface"}, pool="gpu",
+          description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
+def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, settings: VasSettings,
+               duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from models.artifacts import atomic_path
+    from models.corpus import generate_openings
+    from models.lm import (TinyLMConfig, load_frozen_base, resolve_model_dir, save_pretrained,
+                           train_tiny_lm, weights_sha256, write_manifest)
+    from models.probe import sample_spread
+
+    torch_threads()
+    params = resolve(settings.params(), "base_model", config.model_dump())
+    out_dir = output_paths(settings, "base_model")[0]
+    metrics: dict[str, float] = {}
+    series: dict[str, list[float]] = {}
+    with _LogToDagster(context), atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        if params["source"]:
+            model_dir = resolve_model_dir(params["source"], params["allow_download"])
+            source = str(model_dir.resolve()) if model_dir.exists() and not params["allow_download"] else params["source"]
+            sha = weights_sha256(model_dir)
+            context.log.info(f"pinning base model {params['source']} (weights sha256 {sha[:12]})")
+            write_manifest(tmp, {"embedded": False, "source": source, "weights_sha256": sha,
+                                 "trust_remote_code": params["trust_remote_code"],
+                                 "allow_download": params["allow_download"]})
+        else:
+            texts = pd.read_parquet(output_paths(settings, "corpus")[0]).text.tolist()
+            fields = {k: params[k] for k in TinyLMConfig.__dataclass_fields__}
+            model, tokenizer, train = train_tiny_lm(texts, TinyLMConfig(**fields), device=settings.device)
+            save_pretrained(model, tokenizer, tmp)
+            sha = weights_sha256(tmp)
+            write_manifest(tmp, {"embedded": True, "source": "embedded tiny GPT-2", "weights_sha256": sha,
+                                 "trust_remote_code": False, "allow_download": False})
+            series["train_loss"] = train.pop("loss_curve")[::10]
+            metrics.update({k: v for k, v in train.items() if isinstance(v, (int, float))})
+            metrics["device_cuda"] = float(train["device"].startswith("cuda"))
+        # Probe the model that was written: does it sample varied, cleanly ending reviews?
+        model, tokenizer, _ = load_frozen_base(tmp)
+        openings = generate_openings(params["probe_prompts"], params["seed"] + 7)
+        spread = sample_spread(model, tokenizer, openings, params["probe_samples"],
+                               params["probe_max_new_tokens"], params["seed"])
+        metrics.update({f"sample_{k}": v for k, v in spread.items() if k != "examples"})
+    context.log.info(f"base model frozen, weights sha256 {sha[:12]}; sample spread {spread}")
+    return finish(context, settings, duckdb, "base_model", params, metrics,
+                  upstream=[] if params["source"] else ["corpus"], source=params["source"] or None,
+                  series=series, model_version=sha,
+                  metadata={"weights_sha256": sha,
+                            "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
+
+
+class PromptsConfig(dg.Config):
+    source: Optional[str] = None
+    n_train: Optional[int] = None
+    n_eval: Optional[int] = None
+
+
+@dg.asset(group_name=GROUP, deps=["base_model"], kinds={"parquet"}, pool="duckdb_writer",
+          description="Train/eval prompt splits: review openings, or the user's file of prompts.")
+def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: VasSettings,
+            duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from models.artifacts import write_parquet
+    from models.corpus import generate_openings
+    from models.lm import base_model_dir
+    from models.artifacts import write_json
+    from models.validation import ValidationRules, import_prompt_file, validate_prompts
+
+    profile = settings.params()
+    params = resolve(profile, "prompts", config.model_dump())
+    rules = ValidationRules.from_params(profile["validation"])
+    prompts_path, report_path = output_paths(settings, "prompts")
+    metrics: dict[str, float] = {}
+    quarantined = None
+    if params["source"]:
+        df, report, quarantined = import_prompt_file(params["source"], rules, settings.path("quarantine"),
+                                                     n_eval=params["n_eval"], seed=params["seed"])
+        metrics["n_quarantined"] = len(report.bad_rows)
+        if quarantined is not None:
+            context.log.warning(f"{len(report.bad_rows)} bad prompt rows quarantined to {quarantined}")
+    else:
+        openings = generate_openings(params["n_train"] + params["n_eval"], params["seed"] + 1)
+        df = pd.DataFrame({
+            "prompt_id": [f"p{i:05d}" for i in range(len(openings))],
+            "split": ["eval"] * params["n_eval"] + ["train"] * params["n_train"],
+            "prompt": openings,
+        })
+        report = validate_prompts(df, str(prompts_path), rules)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir(settings.path("base_model")))
+    df["n_prompt_tokens"] = [len(ids) for ids in tokenizer(df.prompt.tolist(), add_special_tokens=False)["input_ids"]]
+    write_parquet(df, prompts_path)
+    write_json({**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None}, report_path)
+    metrics.update({
+        "n_train": int((df.split == "train").sum()),
+        "n_eval": int((df.split == "eval").sum()),
+        "max_prompt_tokens": int(df.n_prompt_tokens.max()),
+        "mean_prompt_tokens": float(df.n_prompt_tokens.mean()),
+    })
+    return finish(context, settings, duckdb, "prompts", params, metrics, upstream=["base_model"],
+                  source=params["source"] or None,
+                  metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+
+
+class PreferencePairsConfig(dg.Config):
+    source: Optional[str] = None
+    pairs_per_attribute: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+
+
+@dg.asset(group_name=GROUP, deps=["base_model", "prompts"], kinds={"pytorch", "parquet"}, pool="gpu",
+          description="Preference pairs per reward attribute: base-model completion pairs with noisy "
+                      "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected).")
+def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsConfig, settings: VasSettings,
+                     duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from models.artifacts import write_json, write_parquet
+    from models.lm import load_frozen_base, pick_device
+    from models.preferences import PairSynthesisConfig, synthesize_pairs
+    from models.validation import ValidationRules, import_preference_file, validate_pairs
+
+    torch_threads()
+    profile = settings.params()
+    params = resolve(profile, "preference_pairs", config.model_dump())
+    rules = ValidationRules.from_params(profile["validation"])
+    pairs_path, report_path = output_paths(settings, "preference_pairs")
+    metrics: dict[str, float] = {}
+    quarantined = None
+    if params["source"]:
+        df, report, quarantined = import_preference_file(params["source"], rules, settings.path("quarantine"))
+        metrics["n_quarantined"] = len(report.bad_rows)
+        if quarantined is not None:
+            context.log.warning(f"{len(report.bad_rows)} bad pair rows quarantined to {quarantined}")
+    else:
+        device = str(pick_device(settings.device))
+        model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)
+        train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
+        train = train[train.split == "train"]
+        fields = {k: params[k] for k in PairSynthesisConfig.__dataclass_fields__ if k in params}
+        fields["attributes"] = tuple(params["attributes"])
+        with _LogToDagster(context):
+            df = synthesize_pairs(model, tokenizer, train, PairSynthesisConfig(**fields), device=device,
+                                  progress=context.log.info)
+        metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
+        metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
+        report = validate_pairs(df, str(pairs_path), rules)
+    write_parquet(df, pairs_path)
+    write_json({**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None}, report_path)
+    metrics["n_pairs"] = len(df)
+    for attribute, group in df.groupby("attribute"):
+        metrics[f"n_pairs_{attribute}"] = len(group)
+        if "gold_chosen" in group:
+            metrics[f"gold_agreement_{attribute}"] = float((group.gold_chosen > group.gold_rejected).mean())
+    metrics["mean_chosen_chars"] = float(df.chosen.str.len().mean())
+    metrics["mean_rejected_chars"] = float(df.rejected.str.len().mean())
+    return finish(context, settings, duckdb, "preference_pairs", params, metrics,
+                  upstream=[] if params["source"] else ["base_model", "prompts"],
+                  source=params["source"] or None,
+                  metadata={"preview": dg.MetadataValue.md(df.head(6).to_markdown(index=False))})

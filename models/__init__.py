@@ -1,0 +1,1 @@
+"""The ML of the VAS pipeline, importable without Dagster."""

@@ -1,0 +1,146 @@
+"""Batched sampling from a causal LM with a KV cache, left padding and per-row stopping.
+
+This is plain ancestral sampling from the frozen base model pi0. Value-augmented decoding
+reuses the same loop through `logits_hook`, so every method draws from one seeded generator
+in the same order: with a hook that changes nothing, the tokens are exactly base sampling's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 80
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 64
+
+
+@dataclass
+class Generation:
+    """Completions of a list of prompts, in prompt order."""
+
+    prompts: list[str]
+    completion_ids: list[list[int]]     # sampled tokens, EOS excluded
+    texts: list[str]
+    base_logprobs: list[list[float]]    # log pi0(token | prefix) at temperature 1, per sampled token
+    finished: list[bool]                # ended with EOS rather than hitting max_new_tokens
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> list[int]:
+        return [len(ids) for ids in self.completion_ids]
+
+
+# (base_logits (B, V), step) -> logits to sample from (B, V); B counts all rows of the batch.
+LogitsHook = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt ids, starting with BOS when the tokenizer has one (GPT-2 style: BOS is EOS)."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [([bos] + row) if bos is not None else row for row in ids]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left so every row ends at the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class CachedLM:
+    """A causal LM stepped one token at a time over a left-padded batch, reusing its KV cache."""
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+        self.model = model
+        self.mask = mask
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        self.cache = out.past_key_values
+        self.last_hidden_logits = out.logits[:, -1, :]        # (B, V)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,), return next-token logits (B, V)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        pos = (self.mask.sum(-1, keepdim=True) - 1)             # (B, 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.last_hidden_logits = out.logits[:, -1, :]
+        return self.last_hidden_logits
+
+
+def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
+                 generator: torch.Generator, logits_hook: LogitsHook | None = None,
+                 device: torch.device | str = "cpu") -> Generation:
+    """Sample one completion per prompt, all rows in one batch."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad)
+    ids, mask = ids.to(device), mask.to(device)
+    batch = len(prompts)
+    lm = CachedLM(model, ids, mask)
+    logits = lm.last_hidden_logits
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens_out = torch.full((batch, config.max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
+    lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+    for step in range(config.max_new_tokens):
+        base_logits = logits.float()
+        steered = logits_hook(base_logits, step) if logits_hook is not None else base_logits
+        probs = torch.softmax(steered / config.temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        logprobs_out[:, step] = torch.log_softmax(base_logits, -1).gather(1, token[:, None]).squeeze(1)
+        tokens_out[:, step] = token
+        newly_done = (~done) & (token == eos)
+        lengths = torch.where(newly_done, torch.full_like(lengths, step), lengths)
+        done = done | newly_done
+        if bool(done.all()) or step + 1 == config.max_new_tokens:
+            break
+        # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
+        logits = lm.step(torch.where(done, torch.full_like(token, eos), token))
+    completion_ids, logprobs = [], []
+    for i in range(batch):
+        n = int(lengths[i])
+        completion_ids.append(tokens_out[i, :n].tolist())
+        logprobs.append(logprobs_out[i, :n].tolist())
+    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completion_ids]
+    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist())
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
+           device: torch.device | str = "cpu", logits_hook: LogitsHook | None = None,
+           progress: Callable[[str], None] | None = None) -> Generation:
+    """Sample one completion per prompt in batches of config.batch_size, seeded once for the call."""
+    if config.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {config.temperature}")
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    parts: list[Generation] = []
+    for start in range(0, len(prompts), config.batch_size):
+        chunk = list(prompts[start : start + config.batch_size])
+        parts.append(sample_batch(model, tokenizer, chunk, config, generator, logits_hook, device))
+        if progress is not None:
+            progress(f"sampled {start + len(chunk)}/{len(prompts)} completions")
+    return Generation(
+        prompts=[p for g in parts for p in g.prompts],
+        completion_ids=[c for g in parts for c in g.completion_ids],
+        texts=[t for g in parts for t in g.texts],
+        base_logprobs=[lp for g in parts for lp in g.base_logprobs],
+        finished=[f for g in parts for f in g.finished],
+    )

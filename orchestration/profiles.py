@@ -1,0 +1,51 @@
+"""Profiles: named parameter sets read from params.yaml, merged over `default`."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+DEFAULT_PROFILE = "default"
+
+
+def active_profile() -> str:
+    return os.environ.get("VAS_PROFILE", DEFAULT_PROFILE)
+
+
+def _merge(base: dict, overlay: Mapping) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_profile(name: str | None = None, params_file: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """All parameters of a profile: `default` with the profile's overrides merged in."""
+    name = name or active_profile()
+    with open(params_file, encoding="utf-8") as handle:
+        profiles = yaml.safe_load(handle)
+    if name not in profiles:
+        known = ", ".join(sorted(profiles))
+        raise KeyError(f"unknown profile {name!r} in {params_file}; known: {known}")
+    return _merge(profiles[DEFAULT_PROFILE], profiles[name] or {})
+
+
+def resolve(profile: Mapping[str, Any], section: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """One asset's parameters: the profile's section, the shared seed, then explicit overrides."""
+    params = {"seed": profile["seed"], **copy.deepcopy(profile.get(section, {}))}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in params:
+            raise KeyError(f"unknown parameter {section}.{key}; known: {', '.join(sorted(params))}")
+        params[key] = value
+    return params

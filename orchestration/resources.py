@@ -1,0 +1,49 @@
+"""Resources shared by the assets: where data lives, which profile is active, the metrics DB."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from orchestration.profiles import PARAMS_FILE, PROJECT_ROOT, active_profile, load_profile
+
+
+class VasSettings(dg.ConfigurableResource):
+    """The active profile and the data folder every asset reads from and writes to."""
+
+    profile: str = "default"
+    data_dir: str = "data"            # relative paths resolve against the project root
+    params_file: str = str(PARAMS_FILE)
+    device: str = "auto"              # "auto" picks CUDA when present, else CPU
+
+    def params(self) -> dict:
+        return load_profile(self.profile, self.params_file)
+
+    @property
+    def root(self) -> Path:
+        path = Path(self.data_dir)
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+
+def settings_from_env() -> VasSettings:
+    return VasSettings(
+        profile=active_profile(),
+        data_dir=os.environ.get("VAS_DATA_DIR", "data"),
+        device=os.environ.get("VAS_DEVICE", "auto"),
+    )
+
+
+def duckdb_for(settings: VasSettings) -> DuckDBResource:
+    return DuckDBResource(database=str(settings.path("metrics.duckdb")))
+
+
+def build_resources(settings: VasSettings | None = None) -> dict:
+    settings = settings or settings_from_env()
+    settings.root.mkdir(parents=True, exist_ok=True)
+    return {"settings": settings, "duckdb": duckdb_for(settings)}

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ["VAS_PROFILE"] = "smoke"
+
+
+@pytest.fixture(scope="session")
+def smoke_world(tmp_path_factory):
+    """The whole graph materialized once on the smoke profile into a fresh data folder."""
+    import dagster as dg
+
+    from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+    from orchestration.resources import VasSettings, build_resources
+
+    data_dir = tmp_path_factory.mktemp("smoke-data")
+    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu")
+    resources = build_resources(settings)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance)
+    return {"result": result, "settings": settings, "resources": resources, "instance": instance,
+            "data_dir": data_dir}
