@@ -1,14 +1,16 @@
 """Batched sampling from a causal LM with a KV cache, left padding and per-row stopping.
 
 This is plain ancestral sampling from the frozen base model pi0. Value-augmented decoding
-reuses the same loop through `logits_hook`, so every method draws from one seeded generator
-in the same order: with a hook that changes nothing, the tokens are exactly base sampling's.
+reuses the same loop through a `Steering` object, so every method draws from one seeded
+generator in the same order: steering that changes nothing gives exactly base sampling's tokens.
+The loop also measures, per row, the exact KL of the distribution it sampled from to pi0's
+(both at the sampling temperature), summed along the path: 0 for plain sampling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -30,15 +32,28 @@ class Generation:
     texts: list[str]
     base_logprobs: list[list[float]]    # log pi0(token | prefix) at temperature 1, per sampled token
     finished: list[bool]                # ended with EOS rather than hitting max_new_tokens
-    extras: dict = field(default_factory=dict)
+    kl_nats: list[float] = field(default_factory=list)   # sum over steps of KL(pi_t || pi0_t)
 
     @property
     def n_tokens(self) -> list[int]:
         return [len(ids) for ids in self.completion_ids]
 
 
-# (base_logits (B, V), step) -> logits to sample from (B, V); B counts all rows of the batch.
-LogitsHook = Callable[[torch.Tensor, int], torch.Tensor]
+class Steering(Protocol):
+    """Changes pi0's next-token logits during sampling (value-augmented decoding implements it).
+
+    The sampler calls start() once with the left-padded prompt batch, then per step adjust()
+    with pi0's logits and advance() with the tokens it drew. Finished rows keep receiving EOS.
+    """
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """ids, mask: (B, T) left-padded prompt ids and attention mask."""
+
+    def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 base logits -> (B, V) logits to sample from (before temperature)."""
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """tokens: (B,) the tokens fed to the base model next (EOS for finished rows)."""
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -85,8 +100,15 @@ class CachedLM:
         return self.last_hidden_logits
 
 
+def step_kl(steered_logits: torch.Tensor, base_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Exact KL(softmax(steered / T) || softmax(base / T)) per row, in nats: (B, V) -> (B,)."""
+    logp = torch.log_softmax(steered_logits / temperature, -1)
+    logq = torch.log_softmax(base_logits / temperature, -1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+
+
 def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
-                 generator: torch.Generator, logits_hook: LogitsHook | None = None,
+                 generator: torch.Generator, steering: Steering | None = None,
                  device: torch.device | str = "cpu") -> Generation:
     """Sample one completion per prompt, all rows in one batch."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -94,14 +116,21 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
     ids, mask = ids.to(device), mask.to(device)
     batch = len(prompts)
     lm = CachedLM(model, ids, mask)
+    if steering is not None:
+        steering.start(ids, mask)
     logits = lm.last_hidden_logits
+    kl = torch.zeros(batch, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens_out = torch.full((batch, config.max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
     lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
     for step in range(config.max_new_tokens):
         base_logits = logits.float()
-        steered = logits_hook(base_logits, step) if logits_hook is not None else base_logits
+        if steering is not None:
+            steered = steering.adjust(base_logits)
+            kl += torch.where(done, 0.0, step_kl(steered, base_logits, config.temperature))
+        else:
+            steered = base_logits
         probs = torch.softmax(steered / config.temperature, dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -113,19 +142,22 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
         if bool(done.all()) or step + 1 == config.max_new_tokens:
             break
         # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
-        logits = lm.step(torch.where(done, torch.full_like(token, eos), token))
+        fed = torch.where(done, torch.full_like(token, eos), token)
+        logits = lm.step(fed)
+        if steering is not None:
+            steering.advance(fed)
     completion_ids, logprobs = [], []
     for i in range(batch):
         n = int(lengths[i])
         completion_ids.append(tokens_out[i, :n].tolist())
         logprobs.append(logprobs_out[i, :n].tolist())
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completion_ids]
-    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist())
+    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist(), kl.tolist())
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
-           device: torch.device | str = "cpu", logits_hook: LogitsHook | None = None,
+           device: torch.device | str = "cpu", steering: Steering | None = None,
            progress: Callable[[str], None] | None = None) -> Generation:
     """Sample one completion per prompt in batches of config.batch_size, seeded once for the call."""
     if config.temperature <= 0:
@@ -134,7 +166,7 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
     parts: list[Generation] = []
     for start in range(0, len(prompts), config.batch_size):
         chunk = list(prompts[start : start + config.batch_size])
-        parts.append(sample_batch(model, tokenizer, chunk, config, generator, logits_hook, device))
+        parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device))
         if progress is not None:
             progress(f"sampled {start + len(chunk)}/{len(prompts)} completions")
     return Generation(
@@ -143,4 +175,5 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
         texts=[t for g in parts for t in g.texts],
         base_logprobs=[lp for g in parts for lp in g.base_logprobs],
         finished=[f for g in parts for f in g.finished],
+        kl_nats=[k for g in parts for k in g.kl_nats],
     )

@@ -309,8 +309,8 @@ def _read_csv(path: Path, name: str) -> tuple[pd.DataFrame, list[Problem]]:
                     continue
                 records.append(record)
         except csv.Error as exc:
-            problems.append(Problem(name, len(records) + 1, None,
-                                    f"unreadable CSV record ({exc}); it and the rest of the file were not read"))
+            problems.append(Problem(name, None, None, f"unreadable CSV record {len(records) + 1} ({exc}); "
+                                                      "it and the rest of the file were not read"))
     if header is None:
         return pd.DataFrame({ROW: pd.Series([], dtype="int64")}), problems
     while records and not records[-1]:  # trailing blank lines are not records
@@ -332,9 +332,6 @@ def _read_csv(path: Path, name: str) -> tuple[pd.DataFrame, list[Problem]]:
     df = pd.DataFrame(rows, columns=header, dtype=object) if rows else \
         pd.DataFrame({c: pd.Series([], dtype=object) for c in header})
     df[ROW] = np.arange(1, len(df) + 1, dtype="int64")
-    if problems and problems[-1].row is not None and problems[-1].reason.startswith("unreadable CSV") \
-            and problems[-1].row > len(df):
-        problems[-1].row = None  # the unreadable record was not kept: report it file-level
     return df, problems
 
 
