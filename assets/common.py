@@ -12,31 +12,29 @@ from typing import Any, Iterable
 import dagster as dg
 
 from assets.metrics_db import metric_row, write_rows
-from models.artifacts import combined_md5, dvc_md5
+from models.artifacts import dvc_md5
 from orchestration.profiles import PROJECT_ROOT
 
-# Each asset's outputs under the data folder; dvc.yaml lists the same paths as stage outs.
-ASSET_OUTPUTS: dict[str, list[str]] = {
-    "corpus": ["corpus/corpus.parquet"],
-    "base_model": ["base_model"],
-    "prompts": ["prompts/prompts.parquet", "prompts/validation.json"],
-    "preference_pairs": ["preference_pairs/pairs.parquet", "preference_pairs/validation.json"],
+# Each asset's one output under the data folder (a file, or a folder for several files);
+# dvc.yaml lists the same path as the stage's out, so data version == the md5 in dvc.lock.
+ASSET_OUTPUTS: dict[str, str] = {
+    "corpus": "corpus/corpus.parquet",
+    "base_model": "base_model",
+    "prompts": "prompts",
+    "preference_pairs": "preference_pairs",
 }
 
 
-def output_paths(settings, asset: str) -> list[Path]:
-    return [settings.path(p) for p in ASSET_OUTPUTS[asset]]
+def output_path(settings, asset: str) -> Path:
+    return settings.path(ASSET_OUTPUTS[asset])
 
 
 def data_version_of(settings, asset: str) -> str:
-    """The DVC md5 of an asset's outputs as they are on disk now."""
-    paths = output_paths(settings, asset)
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"asset {asset!r} has not been materialized for this data folder: missing {', '.join(missing)}"
-        )
-    return combined_md5(paths)
+    """The DVC md5 of an asset's output as it is on disk now."""
+    path = output_path(settings, asset)
+    if not path.exists():
+        raise FileNotFoundError(f"asset {asset!r} has not been materialized for this data folder: missing {path}")
+    return dvc_md5(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,7 +120,7 @@ def finish(
         "params": dg.MetadataValue.json(params),
         "inputs": dg.MetadataValue.json(inputs),
         "git_sha": sha,
-        "outputs": dg.MetadataValue.json([str(p) for p in output_paths(settings, asset)]),
+        "output": dg.MetadataValue.path(str(output_path(settings, asset))),
     })
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, dg.MetadataValue) else _metadata_value(value)

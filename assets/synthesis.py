@@ -11,7 +11,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import DagsterLogHandler, finish, output_paths, torch_threads
+from assets.common import DagsterLogHandler, finish, output_path, torch_threads
 from orchestration.profiles import resolve
 from orchestration.resources import VasSettings
 
@@ -48,7 +48,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
 
     params = resolve(settings.params(), "corpus", config.model_dump())
     df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
-    write_parquet(df, output_paths(settings, "corpus")[0])
+    write_parquet(df, output_path(settings, "corpus"))
     sample = df.text.head(2000).tolist()
     pos = positivity(sample)
     words = [count_words(t) for t in df.text]
@@ -87,7 +87,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
 
     torch_threads()
     params = resolve(settings.params(), "base_model", config.model_dump())
-    out_dir = output_paths(settings, "base_model")[0]
+    out_dir = output_path(settings, "base_model")
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
     with _LogToDagster(context), atomic_path(out_dir) as tmp:
@@ -101,7 +101,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
                                  "trust_remote_code": params["trust_remote_code"],
                                  "allow_download": params["allow_download"]})
         else:
-            texts = pd.read_parquet(output_paths(settings, "corpus")[0]).text.tolist()
+            texts = pd.read_parquet(output_path(settings, "corpus")).text.tolist()
             fields = {k: params[k] for k in TinyLMConfig.__dataclass_fields__}
             model, tokenizer, train = train_tiny_lm(texts, TinyLMConfig(**fields), device=settings.device)
             save_pretrained(model, tokenizer, tmp)
@@ -138,16 +138,15 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from models.artifacts import write_parquet
+    from models.artifacts import write_folder
     from models.corpus import generate_openings
     from models.lm import base_model_dir
-    from models.artifacts import write_json
     from models.validation import ValidationRules, import_prompt_file, validate_prompts
 
     profile = settings.params()
     params = resolve(profile, "prompts", config.model_dump())
     rules = ValidationRules.from_params(profile["validation"])
-    prompts_path, report_path = output_paths(settings, "prompts")
+    prompts_path = output_path(settings, "prompts") / "prompts.parquet"
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
@@ -166,8 +165,10 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
         report = validate_prompts(df, str(prompts_path), rules)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir(settings.path("base_model")))
     df["n_prompt_tokens"] = [len(ids) for ids in tokenizer(df.prompt.tolist(), add_special_tokens=False)["input_ids"]]
-    write_parquet(df, prompts_path)
-    write_json({**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None}, report_path)
+    write_folder(output_path(settings, "prompts"), {
+        "prompts.parquet": df,
+        "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
+    })
     metrics.update({
         "n_train": int((df.split == "train").sum()),
         "n_eval": int((df.split == "eval").sum()),
@@ -192,7 +193,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
                      duckdb: DuckDBResource) -> dg.MaterializeResult:
     import pandas as pd
 
-    from models.artifacts import write_json, write_parquet
+    from models.artifacts import write_folder
     from models.lm import load_frozen_base, pick_device
     from models.preferences import PairSynthesisConfig, synthesize_pairs
     from models.validation import ValidationRules, import_preference_file, validate_pairs
@@ -201,7 +202,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     profile = settings.params()
     params = resolve(profile, "preference_pairs", config.model_dump())
     rules = ValidationRules.from_params(profile["validation"])
-    pairs_path, report_path = output_paths(settings, "preference_pairs")
+    pairs_path = output_path(settings, "preference_pairs") / "pairs.parquet"
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
@@ -222,8 +223,10 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
         report = validate_pairs(df, str(pairs_path), rules)
-    write_parquet(df, pairs_path)
-    write_json({**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None}, report_path)
+    write_folder(output_path(settings, "preference_pairs"), {
+        "pairs.parquet": df,
+        "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
+    })
     metrics["n_pairs"] = len(df)
     for attribute, group in df.groupby("attribute"):
         metrics[f"n_pairs_{attribute}"] = len(group)

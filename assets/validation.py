@@ -11,10 +11,11 @@ import json
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import output_paths, record_check
+from assets.common import output_path, record_check
 from orchestration.resources import VasSettings
 
 MAX_PROBLEMS_SHOWN = 50
+DATA_FILES = {"prompts": "prompts.parquet", "preference_pairs": "pairs.parquet"}
 
 
 def _problems_table(problems: list[dict]) -> str:
@@ -35,7 +36,8 @@ def run_suite_check(context, settings: VasSettings, duckdb: DuckDBResource, asse
 
     rules_params = settings.params()["validation"]
     rules = ValidationRules.from_params(rules_params)
-    data_path, report_path = output_paths(settings, asset)
+    data_path = output_path(settings, asset) / DATA_FILES[asset]
+    report_path = output_path(settings, asset) / "validation.json"
     df = pd.read_parquet(data_path)
     validate = validate_pairs if kind == "pairs" else validate_prompts
     report = validate(df, str(data_path), rules)

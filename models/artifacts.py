@@ -54,14 +54,6 @@ def dvc_md5(path: str | Path) -> str:
     raise FileNotFoundError(f"cannot hash {path}: it does not exist")
 
 
-def combined_md5(paths: list[str | Path]) -> str:
-    """One data version for an asset with several outputs: md5 over their DVC md5s, in order."""
-    if len(paths) == 1:
-        return dvc_md5(paths[0])
-    joined = "\n".join(f"{Path(p).name}:{dvc_md5(p)}" for p in paths)
-    return hashlib.md5(joined.encode("utf-8")).hexdigest()
-
-
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
@@ -112,6 +104,22 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
 def write_json(obj, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_folder(path: str | Path, files: dict[str, "pd.DataFrame | dict | list"]) -> Path:
+    """Write a folder of parquet tables and JSON documents as one atomic artifact.
+
+    The folder is replaced whole, so no file of an older version lingers inside it.
+    """
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        for name, content in files.items():
+            if isinstance(content, pd.DataFrame):
+                content.to_parquet(tmp / name, index=False)
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n",
+                                        encoding="utf-8")
     return Path(path)
 
 

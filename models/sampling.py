@@ -29,7 +29,7 @@ class Generation:
 
     prompts: list[str]
     completion_ids: list[list[int]]     # sampled tokens, EOS excluded
-    texts: list[str]
+    texts: list[str]                    # decoded completions; prompt + text is the full sequence
     base_logprobs: list[list[float]]    # log pi0(token | prefix) at temperature 1, per sampled token
     finished: list[bool]                # ended with EOS rather than hitting max_new_tokens
     kl_nats: list[float] = field(default_factory=list)   # sum over steps of KL(pi_t || pi0_t)
@@ -61,6 +61,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return [([bos] + row) if bos is not None else row for row in ids]
+
+
+def join_prompt_completion(prompt: str, completion: str) -> str:
+    """The text a reward model scores. Sampled completions carry their own leading space or
+    punctuation; an imported completion that starts with a letter gets one space."""
+    if not completion or not prompt or completion[0].isspace() or prompt[-1].isspace() or not completion[0].isalnum():
+        return prompt + completion
+    return prompt + " " + completion
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +159,8 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
         n = int(lengths[i])
         completion_ids.append(tokens_out[i, :n].tolist())
         logprobs.append(logprobs_out[i, :n].tolist())
-    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completion_ids]
+    # Not stripped: prompt + text is exactly the sampled sequence (the leading space is a token).
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist(), kl.tolist())
 
 
@@ -167,8 +176,10 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
     for start in range(0, len(prompts), config.batch_size):
         chunk = list(prompts[start : start + config.batch_size])
         parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device))
-        if progress is not None:
-            progress(f"sampled {start + len(chunk)}/{len(prompts)} completions")
+        done_count = start + len(chunk)
+        # About ten progress lines per call, however many batches.
+        if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):
+            progress(f"sampled {done_count}/{len(prompts)} completions")
     return Generation(
         prompts=[p for g in parts for p in g.prompts],
         completion_ids=[c for g in parts for c in g.completion_ids],

@@ -1,9 +1,8 @@
 import json
 
-import pandas as pd
 import pytest
 
-from models.artifacts import atomic_path, combined_md5, dir_md5, dvc_md5, file_md5, write_parquet
+from models.artifacts import atomic_path, dir_md5, dvc_md5, file_md5
 
 
 def test_file_md5_is_plain_md5_of_bytes(tmp_path):
@@ -59,11 +58,9 @@ def test_atomic_path_replaces_directory(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1
 
 
-def test_combined_md5_changes_with_any_output(tmp_path):
-    a = write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "a.parquet")
-    b = tmp_path / "b.json"
-    b.write_text("{}")
-    before = combined_md5([a, b])
-    b.write_text('{"k": 1}')
-    assert combined_md5([a, b]) != before
-    assert combined_md5([a]) == file_md5(a)
+def test_dir_md5_changes_with_any_file(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "b.json").write_text("{}")
+    before = dir_md5(tmp_path)
+    (tmp_path / "b.json").write_text('{"k": 1}')
+    assert dir_md5(tmp_path) != before

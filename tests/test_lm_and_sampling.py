@@ -112,3 +112,12 @@ def test_temperature_must_be_positive(tiny_lm):
     model, tokenizer, _, _ = tiny_lm
     with pytest.raises(ValueError, match="temperature"):
         sample(model, tokenizer, ["x"], SamplingConfig(temperature=0))
+
+
+def test_join_prompt_completion():
+    from models.sampling import join_prompt_completion
+
+    assert join_prompt_completion("I bought it", " and it broke.") == "I bought it and it broke."
+    assert join_prompt_completion("I bought it", ", sadly.") == "I bought it, sadly."
+    assert join_prompt_completion("I bought it", "It broke.") == "I bought it It broke."
+    assert join_prompt_completion("I bought it", "") == "I bought it"

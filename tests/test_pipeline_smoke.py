@@ -8,8 +8,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from assets.common import ASSET_OUTPUTS, output_paths
-from models.artifacts import combined_md5
+from assets.common import ASSET_OUTPUTS, output_path
+from models.artifacts import dvc_md5
 from models.lm import read_manifest, weights_sha256
 from orchestration.profiles import PROJECT_ROOT
 
@@ -48,7 +48,7 @@ def test_data_versions_are_dvc_md5_of_outputs(smoke_world):
     for event in smoke_world["result"].get_asset_materialization_events():
         asset = event.asset_key.to_user_string()
         mat = event.event_specific_data.materialization
-        on_disk = combined_md5(output_paths(settings, asset))
+        on_disk = dvc_md5(output_path(settings, asset))
         assert mat.metadata["dvc_md5"].value == on_disk
         assert mat.tags["dagster/data_version"] == on_disk
 
@@ -119,6 +119,6 @@ def test_outputs_match_dvc_yaml():
     import yaml
 
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-    for asset, outs in ASSET_OUTPUTS.items():
-        assert stages[asset]["outs"] == [f"data/{o}" for o in outs]
+    for asset, out in ASSET_OUTPUTS.items():
+        assert stages[asset]["outs"] == [f"data/{out}"]
         assert f"vas materialize {asset}" in stages[asset]["cmd"]
