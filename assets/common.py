@@ -22,6 +22,9 @@ ASSET_OUTPUTS: dict[str, str] = {
     "base_model": "base_model",
     "prompts": "prompts",
     "preference_pairs": "preference_pairs",
+    "reward_models": "reward_models",
+    "rollouts": "rollouts",
+    "value_models": "value_models",
 }
 
 
@@ -69,6 +72,22 @@ class DagsterLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.context.log.info(record.getMessage())
+
+
+class LogToDagster:
+    """Route models/ log records to the run log for the duration of an asset."""
+
+    def __init__(self, context):
+        self.handler = DagsterLogHandler(context)
+        self.logger = logging.getLogger("models")
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
 
 
 def _metadata_value(value: Any):

@@ -5,33 +5,16 @@ prompts, a file of preference pairs. Either way the outputs land under the data 
 """
 
 
-import logging
 from typing import Optional
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import DagsterLogHandler, finish, output_path, torch_threads
+from assets.common import LogToDagster, finish, output_path, torch_threads
 from orchestration.profiles import resolve
 from orchestration.resources import VasSettings
 
 GROUP = "synthesis"
-
-
-class _LogToDagster:
-    """Route models/ log records to the run log for the duration of an asset."""
-
-    def __init__(self, context):
-        self.handler = DagsterLogHandler(context)
-        self.logger = logging.getLogger("models")
-
-    def __enter__(self):
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
 
 
 class CorpusConfig(dg.Config):
@@ -90,7 +73,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
     out_dir = output_path(settings, "base_model")
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
-    with _LogToDagster(context), atomic_path(out_dir) as tmp:
+    with LogToDagster(context), atomic_path(out_dir) as tmp:
         tmp.mkdir()
         if params["source"]:
             model_dir = resolve_model_dir(params["source"], params["allow_download"])
@@ -217,7 +200,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
         train = train[train.split == "train"]
         fields = {k: params[k] for k in PairSynthesisConfig.__dataclass_fields__ if k in params}
         fields["attributes"] = tuple(params["attributes"])
-        with _LogToDagster(context):
+        with LogToDagster(context):
             df = synthesize_pairs(model, tokenizer, train, PairSynthesisConfig(**fields), device=device,
                                   progress=context.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)

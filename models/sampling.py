@@ -112,7 +112,9 @@ def step_kl(steered_logits: torch.Tensor, base_logits: torch.Tensor, temperature
     """Exact KL(softmax(steered / T) || softmax(base / T)) per row, in nats: (B, V) -> (B,)."""
     logp = torch.log_softmax(steered_logits / temperature, -1)
     logq = torch.log_softmax(base_logits / temperature, -1)
-    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+    p = logp.exp()
+    # Tokens the steered distribution excludes (-inf logits) contribute 0, not 0 * -inf = NaN.
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1).clamp(min=0.0)
 
 
 def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,

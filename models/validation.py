@@ -659,6 +659,21 @@ class _Suite:
                 column=f"{column}__share", min_value=min_share), column, dataset_reasons=below)
         return counts
 
+    def finite(self, column: str) -> None:
+        """Values are finite numbers (not NaN, not infinite, not text)."""
+        gx = _gx()
+        raw = self.raw[column]
+        ok = [isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+              and math.isfinite(float(v)) for v in raw]
+        self._set(f"{column}__finite", ok)
+        self._add("finite", gx.expectations.ExpectColumnValuesToBeInSet(column=f"{column}__finite", value_set=[True]),
+                  column, row_reason=lambda p: f"not a finite number: {_show(raw[p])}")
+
+    def row_count(self, expected: int) -> None:
+        gx = _gx()
+        self._add("row_count_exact", gx.expectations.ExpectTableRowCountToEqual(value=expected), None,
+                  dataset_reasons=lambda info: [(None, f"{self.n} rows, expected {expected}")])
+
     # -- run -----------------------------------------------------------------------------------
 
     def run(self, source: str, kind: str) -> ValidationReport:
@@ -736,6 +751,24 @@ def validate_pairs(df: pd.DataFrame, source: str, rules: ValidationRules) -> Val
         report.statistics["attribute_counts"] = {_printable(a): n for a, n in sorted(counts.items())}
         report.statistics["attribute_shares"] = {a: counts[a] / total for a in sorted(counts)
                                                  if a in rules.known_attributes and total}
+    _finish_statistics(report)
+    return report
+
+
+def validate_rollouts(df: pd.DataFrame, source: str, expected_rows: int | None = None) -> ValidationReport:
+    """Rollouts: non-empty completions, finite reward scores (every learned_/gold_ column), at least
+    one token per sample, and, when given, exactly expected_rows rows. Never raises on bad data."""
+    suite = _Suite(df, ValidationRules())
+    suite.has_rows()
+    if expected_rows is not None:
+        suite.row_count(expected_rows)
+    suite.column("prompt_id")
+    if suite.column("completion"):
+        suite.text("completion", min_chars=1)
+    for column in [c for c in df.columns if c.startswith(("learned_", "gold_"))] + ["n_tokens"]:
+        if suite.column(column):
+            suite.finite(column)
+    report = suite.run(source, "rollouts")
     _finish_statistics(report)
     return report
 

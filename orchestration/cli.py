@@ -110,6 +110,55 @@ def cmd_validate(args) -> int:
     return cli_validate(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _weight(text: str) -> tuple[str, float]:
+    """--weight ATTR=NUMBER, e.g. positivity=2."""
+    import math
+
+    name, value = _assignment(text)
+    try:
+        weight = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"weight for {name!r} must be a number, got {value!r}") from None
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"weight for {name!r} must be finite, got {value!r}")
+    return name, weight
+
+
+def cmd_generate(args) -> int:
+    import json
+
+    from models.generate import generate
+
+    data_dir = Path(args.data_dir or os.environ.get("VAS_DATA_DIR", "data"))
+    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    try:
+        rows = generate(args.prompt, dict(args.weight), n=args.n, seed=args.seed, top_k=args.top_k,
+                        temperature=args.temperature, max_new_tokens=args.max_new_tokens, data_dir=data_dir,
+                        value_model_dirs=dict(args.value_model), device=args.device)
+    except (ValueError, FileNotFoundError) as err:   # bad weights or missing models: say what to do
+        print(f"vas generate: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    weights = ", ".join(f"{k}={v:g}" for k, v in args.weight) or "none (base sampling)"
+    print(f"weights: {weights}; top-k {args.top_k}, temperature {args.temperature:g}, seed {args.seed}")
+    for i, row in enumerate(rows):
+        if i % args.n == 0:
+            print(f"\nprompt: {row['prompt']}")
+        learned = "".join(f"  {k}={v:.3f}" for k, v in row.items() if k.startswith("learned_"))
+        print(f"  [{i % args.n + 1}] kl={row['kl_nats']:.3f} nats  tokens={row['n_tokens']}{learned}")
+        print(f"      {row['prompt']}{row['completion']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vas", description="Value Augmented Sampling pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--quarantine", default=None, metavar="DIR", help="also write bad rows to DIR")
     val.add_argument("--profile", default=None, help="profile whose validation rules apply")
     val.set_defaults(func=cmd_validate)
+
+    gen = sub.add_parser("generate", help="decode with VAS from the materialized base and value models")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    gen.add_argument("--weight", action="append", type=_weight, default=[], metavar="ATTR=W",
+                     help="value model weight (beta) per reward attribute, e.g. positivity=2; repeatable")
+    gen.add_argument("--n", type=int, default=4, help="completions per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-k", type=int, default=20)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=80)
+    gen.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
+    gen.add_argument("--value-model", action="append", type=_assignment, default=[], metavar="ATTR=PATH",
+                     help="use the value model saved at PATH for ATTR; repeatable")
+    gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--json", action="store_true", help="print the completions as JSON")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

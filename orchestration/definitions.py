@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import synthesis, validation
+from assets import rewards, rollouts, synthesis, training, validation
 from orchestration.resources import build_resources
 
-ALL_ASSETS = dg.load_assets_from_modules([synthesis])
-ALL_CHECKS = dg.load_asset_checks_from_modules([validation])
+ALL_ASSETS = dg.load_assets_from_modules([synthesis, rewards, rollouts, training])
+ALL_CHECKS = dg.load_asset_checks_from_modules([validation, rollouts])
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",

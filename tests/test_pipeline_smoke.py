@@ -14,7 +14,7 @@ from models.lm import read_manifest, weights_sha256
 from orchestration.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
-ASSETS = ["corpus", "base_model", "prompts", "preference_pairs"]
+ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models"]
 
 
 def test_definitions_load():
@@ -24,7 +24,7 @@ def test_definitions_load():
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert set(ASSETS) <= keys
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert {"prompts_suite", "preference_pairs_suite", "base_model_samples_vary"} <= checks
+    assert {"prompts_suite", "preference_pairs_suite", "base_model_samples_vary", "rollouts_suite"} <= checks
     assert job is not None
 
 
@@ -40,7 +40,7 @@ def test_smoke_graph_materializes_with_passing_checks(smoke_world):
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == set(ASSETS)
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks["prompts_suite"] and checks["preference_pairs_suite"]
+    assert checks["prompts_suite"] and checks["preference_pairs_suite"] and checks["rollouts_suite"]
 
 
 def test_data_versions_are_dvc_md5_of_outputs(smoke_world):
@@ -86,6 +86,7 @@ def test_duckdb_has_metrics_and_lineage_once_per_asset(smoke_world):
         # Lineage inputs are the upstream outputs' md5s.
         assert by_asset["prompts"][0] == {"base_model": by_asset["base_model"][1]}
         assert set(by_asset["preference_pairs"][0]) == {"base_model", "prompts"}
+        assert by_asset["value_models"][0]["rollouts"] == by_asset["rollouts"][1]
         metrics = dict(con.execute(
             "SELECT asset || '/' || metric, value FROM metrics WHERE run_id = ? AND step IS NULL", [run_id]
         ).fetchall())
@@ -122,3 +123,28 @@ def test_outputs_match_dvc_yaml():
     for asset, out in ASSET_OUTPUTS.items():
         assert stages[asset]["outs"] == [f"data/{out}"]
         assert f"vas materialize {asset}" in stages[asset]["cmd"]
+
+
+def test_rollouts_store_tokens_logprobs_and_every_reward(smoke_world):
+    data = smoke_world["data_dir"]
+    df = pd.read_parquet(data / "rollouts" / "rollouts.parquet")
+    assert len(df) == 16 * 4                                    # n_train prompts x samples_per_prompt
+    for column in ("prompt_ids", "completion_ids", "base_logprobs", "finished", "n_tokens",
+                   "learned_positivity", "learned_conciseness", "gold_positivity", "gold_conciseness"):
+        assert column in df.columns
+    row = df.iloc[0]
+    assert len(row.completion_ids) == len(row.base_logprobs) == row.n_tokens
+    assert (df.base_logprobs.map(lambda lp: max(lp) <= 0)).all()
+
+
+def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
+    from models.value_model import ValueModel
+
+    root = smoke_world["data_dir"] / "value_models"
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["conciseness", "conciseness.qhead", "positivity", "positivity.qhead"]
+    meta = json.loads((root / "positivity" / "vas_value.json").read_text())
+    assert meta["parameterization"] == "scalar" and meta["reward"] == "learned_positivity"
+    assert meta["base_weights_sha256"] == read_manifest(smoke_world["data_dir"] / "base_model")["weights_sha256"]
+    assert ValueModel.load(root / "positivity.qhead").parameterization == "qhead"
+    assert not list((smoke_world["data_dir"] / ".checkpoints").rglob("progress.json"))   # cleared after saving

@@ -1,0 +1,73 @@
+"""Group `rewards`: one Bradley-Terry reward model per attribute, learned from preference_pairs only."""
+
+from typing import Optional
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import LogToDagster, finish, output_path, torch_threads
+from orchestration.profiles import resolve
+from orchestration.resources import VasSettings
+
+
+class RewardModelsConfig(dg.Config):
+    train_steps: Optional[int] = None
+    learning_rate: Optional[float] = None
+    # attribute -> local HF sequence-classifier folder to use instead of training one.
+    sources: Optional[dict[str, str]] = None
+
+
+@dg.asset(group_name="rewards", deps=["preference_pairs", "base_model"], kinds={"pytorch", "huggingface"},
+          pool="gpu", description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
+                                  "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
+def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig, settings: VasSettings,
+                  duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import shutil
+
+    import pandas as pd
+
+    from models.artifacts import atomic_path
+    from models.lm import pick_device
+    from models.reward_model import (RewardTrainConfig, gold_ceiling_accuracy, load_reward_model, pair_accuracy,
+                                     save_reward_model, train_reward_model)
+    from models.rewards import GOLD_REWARDS
+
+    torch_threads()
+    params = resolve(settings.params(), "reward_models", config.model_dump())
+    pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
+    device = str(pick_device(settings.device))
+    train_fields = {k: params[k] for k in RewardTrainConfig.__dataclass_fields__ if k in params}
+    metrics: dict[str, float] = {}
+    series: dict[str, list[float]] = {}
+    with LogToDagster(context), atomic_path(output_path(settings, "reward_models")) as tmp:
+        tmp.mkdir()
+        for attribute, group in pairs.groupby("attribute", sort=True):
+            group = group.reset_index(drop=True)
+            source = (params.get("sources") or {}).get(attribute)
+            if source:
+                context.log.info(f"reward model {attribute}: using sequence classifier {source}")
+                shutil.copytree(source, tmp / attribute)
+                scorer = load_reward_model(tmp / attribute, device=device)
+                acc = pair_accuracy(scorer(group.prompt.tolist(), group.chosen.tolist()),
+                                    scorer(group.prompt.tolist(), group.rejected.tolist()))
+                metrics[f"{attribute}/heldout_accuracy"] = acc
+                eval_pairs = group
+            else:
+                context.log.info(f"reward model {attribute}: training on {len(group)} pairs")
+                model, tokenizer, train = train_reward_model(
+                    group, output_path(settings, "base_model"), RewardTrainConfig(**train_fields), device=device,
+                    progress=context.log.info)
+                save_reward_model(model, tokenizer, tmp / attribute)
+                eval_pairs = group.loc[train["eval_index"]]
+                series[f"{attribute}/train_loss"] = train["loss_curve"][::5]
+                for key in ("heldout_accuracy", "heldout_loss", "train_loss", "n_train_pairs", "n_eval_pairs",
+                            "train_seconds"):
+                    metrics[f"{attribute}/{key}"] = train[key]
+            if attribute in GOLD_REWARDS:
+                # The ceiling: how often the gold reward itself agrees with the noisy labels.
+                metrics[f"{attribute}/gold_ceiling_accuracy"] = gold_ceiling_accuracy(eval_pairs, attribute)
+            context.log.info(f"reward model {attribute}: held-out accuracy "
+                             f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
+                             f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
+    return finish(context, settings, duckdb, "reward_models", params, metrics,
+                  upstream=["preference_pairs", "base_model"], series=series)

@@ -1,0 +1,83 @@
+"""Group `rollouts`: K completions per training prompt from the frozen base model, scored by every reward."""
+
+from typing import Optional
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import LogToDagster, finish, output_path, record_check, torch_threads
+from orchestration.profiles import resolve
+from orchestration.resources import VasSettings
+
+
+class RolloutsConfig(dg.Config):
+    samples_per_prompt: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+
+
+@dg.asset(group_name="rollouts", deps=["base_model", "prompts", "reward_models"], kinds={"pytorch", "parquet"},
+          pool="gpu", description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
+                                  "learned and gold reward scores.")
+def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings: VasSettings,
+             duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from models.artifacts import write_folder
+    from models.lm import load_frozen_base, pick_device
+    from models.reward_model import load_reward_model
+    from models.rewards import GOLD_REWARDS
+    from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, score_rollouts
+
+    torch_threads()
+    params = resolve(settings.params(), "rollouts", config.model_dump())
+    device = str(pick_device(settings.device))
+    model, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
+    prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
+    train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
+    fields = {k: params[k] for k in RolloutConfig.__dataclass_fields__}
+    with LogToDagster(context):
+        df = sample_rollouts(model, tokenizer, train_prompts, RolloutConfig(**fields), device=device,
+                             progress=context.log.info)
+    reward_dir = output_path(settings, "reward_models")
+    attributes = sorted(p.name for p in reward_dir.iterdir() if p.is_dir())
+    scorers = {a: load_reward_model(reward_dir / a, device=device) for a in attributes}
+    df = score_rollouts(df, scorers, [a for a in attributes if a in GOLD_REWARDS])
+    stats = {a: reward_stats(df, f"learned_{a}") for a in attributes}
+    write_folder(output_path(settings, "rollouts"), {"rollouts.parquet": df, "reward_stats.json": stats})
+    metrics = {
+        "n_rollouts": len(df),
+        "n_prompts": int(df.prompt_id.nunique()),
+        "mean_tokens": float(df.n_tokens.mean()),
+        "finished_fraction": float(df.finished.mean()),
+    }
+    for column in df.columns:
+        if column.startswith(("learned_", "gold_")):
+            metrics[f"{column}_mean"] = float(df[column].mean())
+            metrics[f"{column}_std"] = float(df[column].std())
+    return finish(context, settings, duckdb, "rollouts", params, metrics,
+                  upstream=["base_model", "prompts", "reward_models"])
+
+
+@dg.asset_check(asset="rollouts", blocking=True,
+                description="GX: no empty completions, finite scores, counts as configured.")
+def rollouts_suite(context: dg.AssetCheckExecutionContext, settings: VasSettings,
+                   duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    import pandas as pd
+
+    from models.validation import validate_rollouts
+
+    profile = settings.params()
+    params = profile["rollouts"]
+    df = pd.read_parquet(output_path(settings, "rollouts") / "rollouts.parquet")
+    prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
+    n_train = int((prompts.split == "train").sum())
+    report = validate_rollouts(df, str(output_path(settings, "rollouts") / "rollouts.parquet"),
+                               expected_rows=n_train * int(params["samples_per_prompt"]))
+    counts = {"n_rows": len(df), "n_problems": len(report.problems),
+              "n_failed_expectations": len(report.failed_expectations)}
+    record_check(context, settings, duckdb, "rollouts_suite", "rollouts", report.success, counts)
+    metadata = {**{k: dg.MetadataValue.int(v) for k, v in counts.items()},
+                "failed_expectations": dg.MetadataValue.json(report.failed_expectations)}
+    if report.problems:
+        metadata["problems"] = dg.MetadataValue.md("\n".join(f"- {p}" for p in report.problems[:50]))
+    return dg.AssetCheckResult(passed=report.success, metadata=metadata)

@@ -1,0 +1,89 @@
+"""Group `training`: one value model per reward attribute, fitted by TD(lambda) on the rollouts."""
+
+from typing import Optional
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import LogToDagster, finish, output_path, torch_threads
+from orchestration.profiles import resolve
+from orchestration.resources import VasSettings
+
+
+def value_model_name(attribute: str, parameterization: str, primary: str) -> str:
+    """Folder of a value model under data/value_models: the attribute for the primary
+    parameterization (what `vas generate` uses by default), attribute.param for the others."""
+    return attribute if parameterization == primary else f"{attribute}.{parameterization}"
+
+
+class ValueModelsConfig(dg.Config):
+    train_steps: Optional[int] = None
+    learning_rate: Optional[float] = None
+    lam: Optional[float] = None
+    parameterization: Optional[str] = None
+
+
+@dg.asset(group_name="training", deps=["rollouts", "base_model"], kinds={"pytorch"}, pool="gpu",
+          description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
+                      "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
+def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, settings: VasSettings,
+                 duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import json
+
+    import pandas as pd
+
+    from models.artifacts import atomic_path, dvc_md5
+    from models.lm import base_model_dir, pick_device, read_manifest
+    from models.rollouts import training_rollouts
+    from models.value_training import ValueTrainConfig, clear_checkpoint, train_value_model
+
+    torch_threads()
+    params = resolve(settings.params(), "value_models", config.model_dump())
+    rollout_dir = output_path(settings, "rollouts")
+    df = pd.read_parquet(rollout_dir / "rollouts.parquet")
+    stats = json.loads((rollout_dir / "reward_stats.json").read_text())
+    base_dir = output_path(settings, "base_model")
+    model_dir = base_model_dir(base_dir)
+    base_sha = read_manifest(base_dir)["weights_sha256"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    device = pick_device(settings.device)
+    primary = params["parameterization"]
+    parameterizations = [primary] + [p for p in params["extra_parameterizations"] if p != primary]
+    fields = {k: params[k] for k in ValueTrainConfig.__dataclass_fields__ if k in params and k != "parameterization"}
+    fields["prefix_lengths"] = tuple(params["prefix_lengths"])
+    metrics: dict[str, float] = {"device_cuda": float(device.type == "cuda")}
+    series: dict[str, list[float]] = {}
+    checkpoints = settings.path(".checkpoints", "value_models")
+    rollouts_md5 = dvc_md5(rollout_dir)
+    with LogToDagster(context), atomic_path(output_path(settings, "value_models")) as tmp:
+        tmp.mkdir()
+        for attribute in sorted(stats):
+            data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
+            for parameterization in parameterizations:
+                name = value_model_name(attribute, parameterization, primary)
+                train_config = ValueTrainConfig(parameterization=parameterization, **fields)
+                model, result = train_value_model(data, model_dir, train_config, pad_id=tokenizer.pad_token_id,
+                                                  device=str(device), checkpoint_dir=checkpoints / name,
+                                                  progress=context.log.info)
+                model.save(tmp / name)
+                (tmp / name / "vas_value.json").write_text(json.dumps({
+                    "attribute": attribute, "parameterization": parameterization,
+                    "reward": f"learned_{attribute}", "reward_stats": stats[attribute],
+                    "rollouts_md5": rollouts_md5, "base_weights_sha256": base_sha,
+                    "train_config": train_config.__dict__ | {"prefix_lengths": list(train_config.prefix_lengths)},
+                    "device": result["device"],
+                }, indent=2, sort_keys=True, default=str))
+                series[f"{name}/td_loss"] = result.pop("loss_curve")[::5]
+                for key, value in result.items():
+                    if isinstance(value, (int, float)):
+                        metrics[f"{name}/{key}"] = value
+                context.log.info(f"value model {name}: held-out corr(V(prefix), reward) "
+                                 + ", ".join(f"{k.removeprefix('corr_prefix_')}: {v:.2f}" for k, v in result.items()
+                                             if k.startswith("corr_prefix_")))
+    # The models are saved: checkpoints only served a run that might have been killed.
+    for name in list(checkpoints.glob("*")):
+        clear_checkpoint(name)
+    return finish(context, settings, duckdb, "value_models", params, metrics, upstream=["rollouts", "base_model"],
+                  series=series)

@@ -1,0 +1,112 @@
+"""Decode with VAS from the latest materialized models: the Python API behind `vas generate`.
+
+Default locations under data_dir: the frozen base model in base_model/, one value model per
+reward attribute in value_models/<attribute>/, one learned reward model per attribute in
+reward_models/<attribute>/ (used only to score what was generated).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+VALUE_MODELS = "value_models"
+REWARD_MODELS = "reward_models"
+
+
+def _subdirs(root: Path) -> dict[str, Path]:
+    """Attribute name -> folder, skipping hidden folders (half-written atomic temporaries)."""
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def find_value_models(data_dir: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Saved value models by attribute: data_dir/value_models/<attribute>, then explicit folders."""
+    from models.value_model import CONFIG_FILE
+
+    found = {name: p for name, p in _subdirs(Path(data_dir) / VALUE_MODELS).items() if (p / CONFIG_FILE).exists()}
+    found.update({name: Path(p) for name, p in (overrides or {}).items()})
+    return found
+
+
+def _check_weights(weights: Mapping[str, float], available: Mapping[str, Path], data_dir: Path) -> None:
+    missing = sorted(set(weights) - set(available))
+    if missing:
+        have = ", ".join(sorted(available)) or "none"
+        raise ValueError(
+            f"no value model for {', '.join(missing)} (available: {have}; looked in {data_dir / VALUE_MODELS}). "
+            f"Create them with `vas materialize value_models`, or point at a saved one with "
+            f"--value-model {missing[0]}=PATH (value_model_dirs in Python)."
+        )
+
+
+def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir: str | Path,
+                    reward_model_dirs: Mapping[str, str] | None = None,
+                    device: str = "cpu") -> dict[str, list[float]]:
+    """Scores of every available learned reward model, {attribute: one score per completion}.
+
+    Empty when the reward-model code or the models themselves are not there: scores are extra
+    information, never a reason for generation to fail.
+    """
+    dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
+    dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
+    if not dirs:
+        return {}
+    try:
+        from models.reward_model import load_reward_model
+    except ImportError as err:
+        if err.name != "models.reward_model":
+            raise
+        log.warning("models.reward_model is not available: completions are not scored by learned rewards")
+        return {}
+    takes_device = "device" in inspect.signature(load_reward_model).parameters
+    scores = {}
+    for name, path in dirs.items():
+        scorer = load_reward_model(path, device=device) if takes_device else load_reward_model(path)
+        scores[name] = [float(s) for s in scorer(list(prompts), list(completions))]
+    return scores
+
+
+def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int = 4, seed: int = 0,
+             top_k: int = 20, temperature: float = 1.0, max_new_tokens: int = 80, data_dir: str | Path = "data",
+             base_model_dir: str | Path | None = None, value_model_dirs: Mapping[str, str] | None = None,
+             reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto",
+             mask_outside_top_k: bool = False, batch_size: int = 64) -> list[dict]:
+    """n VAS completions per prompt, weights per attribute; one dict per completion, in prompt order.
+
+    Each dict: prompt, completion, kl_nats, n_tokens, and learned_<attribute> per reward model found.
+    """
+    from models.lm import load_frozen_base, pick_device
+    from models.sampling import SamplingConfig
+    from models.vas import VASConfig, vas_sample
+    from models.value_model import ValueModel
+
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if n < 1 or not prompt_list:
+        raise ValueError(f"need at least one prompt and n >= 1, got {len(prompt_list)} prompt(s) and n={n}")
+    data_dir = Path(data_dir)
+    available = find_value_models(data_dir, value_model_dirs)
+    _check_weights(weights, available, data_dir)   # before loading anything: fail fast on a typo
+
+    dev = pick_device(device)
+    base, tokenizer, _ = load_frozen_base(base_model_dir or data_dir / "base_model", device=str(dev))
+    # Weight-0 models are not even loaded: they would not be run.
+    active = {name: float(w) for name, w in weights.items() if float(w) != 0.0}
+    value_models = {name: ValueModel.load(available[name], device=dev) for name in active}
+
+    expanded = [p for p in prompt_list for _ in range(n)]
+    gen = vas_sample(base, tokenizer, expanded, value_models, active,
+                     SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                    batch_size=batch_size),
+                     VASConfig(top_k=top_k, mask_outside_top_k=mask_outside_top_k), device=dev)
+    rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt}
+            for p, c, kl, nt in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens)]
+    for name, scores in learned_rewards(expanded, gen.texts, data_dir, reward_model_dirs, str(dev)).items():
+        for row, score in zip(rows, scores):
+            row[f"learned_{name}"] = score
+    return rows

@@ -1,0 +1,410 @@
+"""Bradley-Terry reward models learned from preference pairs only, one per reward attribute.
+
+A reward model is a Hugging Face sequence classifier with one output (for the embedded GPT-2
+base: GPT2ForSequenceClassification, which reads the score at the last non-pad token). It
+starts from the frozen base model's weights with a zero-initialized score head and is trained on
+    loss = -log sigmoid(r(prompt + chosen) - r(prompt + rejected)),
+the Bradley-Terry likelihood of the labels (as in TRL's RewardTrainer). The gold rewards are
+never seen here, except by `gold_ceiling_accuracy`, which says how well the gold reward itself
+agrees with the noisy labels: the most a learned reward can hope for.
+
+The real-model path: `load_reward_model` loads any locally saved HF sequence classifier with a
+single output (safetensors only, remote code only when asked).
+
+What a reward model reads (`encode_texts`): `join_prompt_completion(prompt, completion)`,
+framed like the base LM's training reviews, BOS text EOS, when the tokenizer adds no special
+tokens of its own (GPT-2 style); tokenizers that do (BERT's [CLS] ... [SEP], Llama's <s>) get
+their own framing. Texts longer than max_length keep their BEGINNING: prompts come first and
+completions are short, so the cut, if any, falls at the end of a rambling completion.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from models.sampling import join_prompt_completion, positions
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class RewardTrainConfig:
+    train_steps: int = 300
+    batch_size: int = 32              # pairs per step (each step scores 2 * batch_size texts)
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_length: int = 128             # tokens per text, BOS/EOS included; clamped to the model's positions
+    eval_fraction: float = 0.15       # held-out pairs, split by prompt so no prompt is in both
+    seed: int = 0
+    warmup_steps: int = 10            # linear warmup, then linear decay to 0 (HF Trainer's default)
+    grad_clip: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and scoring
+
+
+def _adds_special_tokens(tokenizer) -> bool:
+    return tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids a reward model reads for each text, at most max_length, beginning kept."""
+    texts = list(texts)
+    if _adds_special_tokens(tokenizer):
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    # An EOS equal to the pad token would be skipped by "last non-pad token" pooling, so it is left off.
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    suffix = [eos] if eos is not None and eos != pad else []
+    room = max_length - len(prefix) - len(suffix)
+    if room < 1:
+        raise ValueError(f"max_length {max_length} leaves no room for text")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [prefix + row[:room] + suffix for row in ids]
+
+
+def max_positions(model, max_length: int) -> int:
+    """max_length, clamped to what the model's position embeddings cover."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(max_length, limit) if limit else max_length
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on the left or the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA halves memory traffic; CPU stays in float32 so tests are exact.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def reward_forward(model, rows: list[list[int]], pad_id: int, padding_side: str, device) -> torch.Tensor:
+    """Scalar rewards (B,) in float32 for token rows, with gradients if enabled."""
+    device = torch.device(device)
+    ids, mask = pad_rows(rows, pad_id, padding_side)
+    ids, mask = ids.to(device), mask.to(device)
+    kwargs = {}
+    # Left padding shifts every row: learned absolute positions (GPT-2) must then start at each
+    # row's first real token. Right padding leaves positions to the model, which every
+    # architecture gets right on its own (RoBERTa, for one, offsets them itself).
+    if padding_side == "left" and "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = positions(mask)
+    with _autocast(device):
+        logits = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    return logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[list[int]], pad_id: int, padding_side: str, device,
+               batch_size: int = 64) -> list[float]:
+    """Scores of token rows, batched by similar length (less padding), returned in input order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    scores = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        out = reward_forward(model, [rows[i] for i in chunk], pad_id, padding_side, device).cpu().tolist()
+        for i, s in zip(chunk, out):
+            scores[i] = s
+    return scores
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a frozen sequence classifier; batched, no grad.
+
+    Pads on the right by default, whatever the tokenizer's own side (the embedded base tokenizer
+    pads left, for generation): right padding is correct for every pooling, the last non-pad
+    token (GPT-2, Llama) as well as the first token (BERT's [CLS]). Left padding gives the same
+    scores for last-token pooling only.
+    """
+
+    def __init__(self, model, tokenizer, device="cpu", max_length: int = 128, batch_size: int = 64,
+                 padding_side: str = "right"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_positions(model, max_length)
+        self.batch_size = batch_size
+        self.padding_side = padding_side
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Scores of already joined texts (prompt + completion)."""
+        if len(texts) == 0:
+            return []
+        rows = encode_texts(self.tokenizer, texts, self.max_length)
+        return score_rows(self.model, rows, self.tokenizer.pad_token_id, self.padding_side, self.device,
+                          self.batch_size)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return self.score_texts([join_prompt_completion(p, c) for p, c in zip(prompts, completions)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against labels
+
+
+def pair_accuracy(scores_chosen: Sequence[float], scores_rejected: Sequence[float]) -> float:
+    """Fraction of pairs where chosen scores above rejected; ties count 1/2 (a coin flip)."""
+    a, b = np.asarray(scores_chosen, dtype=float), np.asarray(scores_rejected, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"{a.size} chosen scores but {b.size} rejected scores")
+    if a.size == 0:
+        raise ValueError("pair_accuracy of no pairs is undefined")
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def gold_ceiling_accuracy(pairs: pd.DataFrame, attribute: str) -> float:
+    """Accuracy of the GOLD reward on these (noisy) labels, scoring the completion text only, as
+    the labels were drawn. Bradley-Terry labels flip close pairs, so this is below 1: it is the
+    ceiling a learned reward is compared with."""
+    from models.rewards import gold_reward
+
+    score = gold_reward(attribute)
+    return pair_accuracy(score(pairs.chosen.tolist()), score(pairs.rejected.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building, training, saving, loading
+
+
+def _zero_score_head(model) -> None:
+    """Zero the final output layer(s) outside the backbone: every text starts at reward 0, the
+    loss at exactly log 2, and no random offset per text has to be unlearned. Hidden layers of
+    a head (RoBERTa's dense) keep their init, or the head would never receive a gradient."""
+    prefix = model.base_model_prefix + "."
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.Linear) and not name.startswith(prefix)
+                and module.out_features == model.config.num_labels):
+            torch.nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+
+
+def _dropout_off(model) -> None:
+    # Chosen and rejected must be scored by the same function, so their difference is not noise.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def reward_model_from_base(base_dir: str | Path):
+    """A one-output sequence classifier with the frozen base model's backbone and a zero head.
+
+    The base loads through `load_frozen_base`, which refuses weights changed since they were
+    pinned. Returns (model, tokenizer) on CPU.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from models.lm import load_frozen_base
+
+    lm, tokenizer, manifest = load_frozen_base(base_dir)
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id     # GPT-2 pooling finds the last non-pad token
+    config.architectures = None
+    model = AutoModelForSequenceClassification.from_config(
+        config, trust_remote_code=manifest.get("trust_remote_code", False))
+    # Same backbone class under both heads (GPT2Model for GPT-2): copy it over exactly.
+    model.base_model.load_state_dict(lm.base_model.state_dict(), strict=True)
+    _zero_score_head(model)
+    _dropout_off(model)
+    return model, tokenizer
+
+
+def split_by_prompt(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out rows: a seeded eval_fraction of the prompts (by prompt_id when
+    present, else by prompt text) with all their pairs, so no prompt is in both splits. Empty
+    when there is nothing to split (eval_fraction 0 or a single prompt)."""
+    groups = pairs["prompt_id"] if "prompt_id" in pairs.columns else pairs["prompt"]
+    unique = pd.unique(groups)
+    n_eval = min(len(unique) - 1, max(1, round(eval_fraction * len(unique)))) if eval_fraction > 0 else 0
+    if n_eval <= 0:
+        return np.zeros(len(pairs), dtype=bool)
+    held = np.random.default_rng(seed).permutation(len(unique))[:n_eval]
+    return groups.isin(set(unique[held].tolist())).to_numpy()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless index batches: shuffled passes over range(n), so every pair is seen once per epoch."""
+    batch_size = min(batch_size, n)
+    queue: list[int] = []
+    while True:
+        while len(queue) < batch_size:
+            queue += torch.randperm(n, generator=generator).tolist()
+        yield queue[:batch_size]
+        queue = queue[batch_size:]
+
+
+def _check_pairs(pairs: pd.DataFrame) -> None:
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
+    if missing:
+        raise ValueError(f"preference pairs lack column(s) {missing}; have {list(pairs.columns)}")
+    if len(pairs) == 0:
+        raise ValueError("no preference pairs to train a reward model on")
+
+
+def _encode_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    chosen = [join_prompt_completion(p, c) for p, c in zip(frame.prompt, frame.chosen)]
+    rejected = [join_prompt_completion(p, r) for p, r in zip(frame.prompt, frame.rejected)]
+    return encode_texts(tokenizer, chosen, max_length), encode_texts(tokenizer, rejected, max_length)
+
+
+def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig, device="cpu",
+                       progress: Callable[[str], None] = log.info):
+    """Fit a Bradley-Terry reward model on pairs (prompt, chosen, rejected[, prompt_id]).
+
+    Returns (model on CPU in eval mode, tokenizer, metrics). metrics["eval_index"] lists the
+    held-out rows' index labels in `pairs`, so the caller can compare with the gold ceiling on
+    exactly those pairs.
+    """
+    _check_pairs(pairs)
+    torch.manual_seed(config.seed)
+    dev = torch.device(device)
+    model, tokenizer = reward_model_from_base(base_dir)
+    max_length = max_positions(model, config.max_length)
+    pad, side = tokenizer.pad_token_id, "right"     # see RewardScorer: right is safe for any pooling
+
+    held = split_by_prompt(pairs, config.eval_fraction, config.seed)
+    train_chosen, train_rejected = _encode_pairs(tokenizer, pairs[~held], max_length)
+    eval_chosen, eval_rejected = _encode_pairs(tokenizer, pairs[held], max_length)
+    n_train = len(train_chosen)
+    progress(f"reward model: {n_train} train pairs, {len(eval_chosen)} held-out pairs (split by prompt), "
+             f"device {dev}")
+
+    model.to(dev).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = min(config.warmup_steps, max(1, config.train_steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return config.learning_rate * (step + 1) / warmup
+        return config.learning_rate * max(0.0, 1 - (step - warmup) / max(1, config.train_steps - warmup))
+
+    gen = torch.Generator().manual_seed(config.seed)
+    batches = _batches(n_train, config.batch_size, gen)
+    losses: list[float] = []
+    accuracies: list[float] = []
+    n_seen = 0
+    every = max(1, config.train_steps // 10)
+    start = time.perf_counter()
+    for step in range(config.train_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        idx = next(batches)
+        # Chosen and rejected go through one forward: one padded batch of 2B texts.
+        rows = [train_chosen[i] for i in idx] + [train_rejected[i] for i in idx]
+        scores = reward_forward(model, rows, pad, side, dev)
+        margin = scores[: len(idx)] - scores[len(idx):]
+        loss = -F.logsigmoid(margin).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        accuracies.append(float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()))
+        n_seen += len(idx)
+        if (step + 1) % every == 0 or step + 1 == config.train_steps:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            progress(f"reward model step {step + 1}/{config.train_steps}: loss {recent:.4f}, "
+                     f"{n_seen / (time.perf_counter() - start):.0f} pairs/s")
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    heldout_accuracy = heldout_loss = float("nan")
+    if eval_chosen:
+        s_chosen = score_rows(model, eval_chosen, pad, side, dev)
+        s_rejected = score_rows(model, eval_rejected, pad, side, dev)
+        heldout_accuracy = pair_accuracy(s_chosen, s_rejected)
+        margins = torch.tensor(s_chosen) - torch.tensor(s_rejected)
+        heldout_loss = float(-F.logsigmoid(margins).mean())
+        progress(f"reward model held-out: accuracy {heldout_accuracy:.3f}, loss {heldout_loss:.4f}")
+    else:
+        progress("reward model: no held-out pairs (a single prompt or eval_fraction 0)")
+
+    def tail_mean(values: list[float]) -> float:
+        return float(sum(values[-50:]) / len(values[-50:])) if values else float("nan")
+
+    metrics = {
+        "train_loss": tail_mean(losses),
+        "train_accuracy": tail_mean(accuracies),
+        "loss_curve": losses,
+        "heldout_accuracy": heldout_accuracy,
+        "heldout_loss": heldout_loss,
+        "n_train_pairs": n_train,
+        "n_eval_pairs": len(eval_chosen),
+        "train_seconds": train_seconds,
+        "pairs_per_second": n_seen / train_seconds if train_seconds > 0 else float("nan"),
+        "max_length": max_length,
+        "device": str(dev),
+        "eval_index": pairs.index[held].tolist(),
+    }
+    return model.cpu().eval(), tokenizer, metrics
+
+
+def save_reward_model(model, tokenizer, directory) -> None:
+    """Hugging Face format, safetensors weights, written to a temporary folder and renamed."""
+    from models.artifacts import atomic_path
+
+    with atomic_path(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_reward_model(directory, device="cpu", trust_remote_code: bool = False, max_length: int = 128,
+                      batch_size: int = 64) -> RewardScorer:
+    """A frozen scorer from a local HF sequence classifier folder with a single output.
+
+    Works for models saved by `save_reward_model` and for any user-supplied classifier saved
+    locally; never downloads, loads safetensors only, runs remote code only when asked.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"reward model directory {path} does not exist; train reward_models first "
+                                "or point the config at a local Hugging Face sequence classifier")
+    if not list(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"no .safetensors weights in reward model directory {path}; "
+                                "only safetensors are loaded")
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True, **kwargs)
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model in {path} has {model.config.num_labels} outputs; a reward model "
+                         "is a sequence classifier with num_labels=1")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return RewardScorer(model, tokenizer, device=device, max_length=max_length, batch_size=batch_size)

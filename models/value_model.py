@@ -1,0 +1,220 @@
+"""Value models for Value Augmented Sampling: a causal-LM body with a zero-initialized value head.
+
+Two parameterizations share one interface:
+
+- `scalar` (as in the paper): head Linear(H, 1) read at a prefix's last token gives V(prefix), and
+  Q(s, a) = V(s·a). Decoding scores the k candidate tokens in one forward that reuses the prefix
+  KV cache.
+- `qhead`: head Linear(H, vocab) read at s's last token gives Q(s, ·) for every token at once, so
+  decoding costs one value forward per generated token.
+
+The head starts at zero, so an untrained value model changes nothing: VAS with it is base sampling.
+Dropout is off everywhere: TD targets come from the same network and must be deterministic.
+Files are Hugging Face format (backbone) + `value_head.safetensors` + `value_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.sampling import positions
+
+PARAMETERIZATIONS = ("scalar", "qhead")
+HEAD_FILE = "value_head.safetensors"
+CONFIG_FILE = "value_config.json"
+
+
+@dataclass
+class ValueDecodeState:
+    """The value model's view of a left-padded batch being decoded, one prefix per row."""
+
+    cache: object               # the backbone's KV cache over the prefixes (a transformers Cache)
+    mask: torch.Tensor          # (B, T) attention mask of the prefixes, left padded
+    hidden: torch.Tensor        # (B, H) last-layer hidden state at each prefix's last token
+
+
+def _zero_dropout(config) -> None:
+    """Set every dropout probability in a transformers config to 0 (GPT-2's *_pdrop, Llama's
+    attention_dropout, ...). Some models read these floats directly instead of using nn.Dropout."""
+    for name, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(config, name, 0.0)
+
+
+def _load_backbone(directory: str | Path, trust_remote_code: bool):
+    """The transformer body of a local HF model (a causal LM's body, or a saved value backbone).
+
+    SDPA or eager attention are requested because candidate scoring passes a custom 4D mask,
+    which both accept and flash-attention kernels do not.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
+    config = AutoConfig.from_pretrained(str(directory), **kwargs)
+    _zero_dropout(config)
+    for attn in ("sdpa", "eager"):
+        try:
+            return AutoModel.from_pretrained(str(directory), config=config, use_safetensors=True,
+                                             attn_implementation=attn, **kwargs)
+        except ValueError:   # the architecture does not implement this attention; try the next one
+            if attn == "eager":
+                raise
+    raise AssertionError("unreachable")
+
+
+class ValueModel(nn.Module):
+    """V (scalar) or Q(s, ·) (qhead) of the frozen base policy, on a causal-LM backbone."""
+
+    def __init__(self, backbone: nn.Module, parameterization: str = "scalar"):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; known: {', '.join(PARAMETERIZATIONS)}")
+        self.parameterization = parameterization
+        self.backbone = backbone
+        self.init_info: dict = {}            # where the backbone's weights came from, for value_config.json
+        config = backbone.config
+        out = 1 if parameterization == "scalar" else config.vocab_size
+        # float32 head whatever the backbone dtype: values are small differences, TD needs precision.
+        self.head = nn.Linear(config.hidden_size, out)
+        nn.init.zeros_(self.head.weight)     # zero head: an untrained value model steers nothing
+        nn.init.zeros_(self.head.bias)
+        for module in self.modules():        # belt and braces for modules that hold their own p
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+
+    # ------------------------------------------------------------------ construction and files
+
+    @classmethod
+    def from_base(cls, model_dir: str | Path, parameterization: str = "scalar",
+                  trust_remote_code: bool = False) -> "ValueModel":
+        """A fresh value model whose backbone starts from a local HF causal LM's weights."""
+        from models.lm import resolve_model_dir, weights_sha256
+
+        path = resolve_model_dir(str(model_dir))
+        model = cls(_load_backbone(path, trust_remote_code), parameterization)
+        # Recorded in value_config.json so an artifact says which weights it started from.
+        model.init_info = {"init_from": str(model_dir), "init_weights_sha256": weights_sha256(path)}
+        return model
+
+    def save(self, directory: str | Path) -> None:
+        """Backbone in HF format (safetensors), the head as safetensors, a small JSON config."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory, safe_serialization=True)
+        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.head.state_dict().items()}
+        save_file(head, str(directory / HEAD_FILE))
+        config = {
+            "parameterization": self.parameterization,
+            "hidden_size": self.backbone.config.hidden_size,
+            "vocab_size": self.vocab_size,
+            "head_outputs": self.head.out_features,
+            **self.init_info,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu",
+             trust_remote_code: bool = False) -> "ValueModel":
+        """Load what save() wrote: safetensors only, remote code only when asked."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} is missing: {directory} is not a saved value model")
+        config = json.loads(config_path.read_text())
+        model = cls(_load_backbone(directory, trust_remote_code), config["parameterization"])
+        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        model.init_info = {k: config[k] for k in ("init_from", "init_weights_sha256") if k in config}
+        return model.to(device).eval()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ------------------------------------------------------------------ values along paths (training)
+
+    def _q_of(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """qhead: head(hidden)[token] for hidden (..., H) and tokens (...) -> (...).
+
+        Only the head rows of the tokens asked for are used, so no (..., vocab) tensor is built.
+        """
+        rows = self.head.weight[tokens]                               # (..., H)
+        return (hidden.float() * rows).sum(-1) + self.head.bias[tokens]
+
+    def path_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    action_mask: torch.Tensor) -> torch.Tensor:
+        """u (B, T): the value of the state reached by taking token t, 0 where action_mask is 0.
+
+        scalar: u[b, t] = head(h[b, t]);  qhead: u[b, t] = head(h[b, t-1])[input_ids[b, t]].
+        Positions count real tokens only, so left and right padding give the same values.
+        """
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=positions(attention_mask)).last_hidden_state   # (B, T, H)
+        if self.parameterization == "scalar":
+            u = self.head(h.float()).squeeze(-1)                                      # (B, T)
+        else:
+            q = self._q_of(h[:, :-1], input_ids[:, 1:])                               # (B, T-1)
+            u = torch.cat([q.new_zeros(q.shape[0], 1), q], dim=1)                     # token 0 has no state before it
+        # where, not a product: padding positions never leak into values or gradients.
+        return torch.where(action_mask.bool(), u, torch.zeros_like(u))
+
+    # ------------------------------------------------------------------ decoding with a KV cache
+
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> ValueDecodeState:
+        """Encode a left-padded prompt batch, ids and mask (B, T)."""
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        return ValueDecodeState(cache=out.past_key_values, mask=mask, hidden=out.last_hidden_state[:, -1])
+
+    @torch.no_grad()
+    def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
+        """Q(s, a) for candidates (B, k) token ids appended to each row's prefix -> (B, k) float32."""
+        if self.parameterization == "qhead":
+            return self._q_of(state.hidden[:, None, :], candidates)                   # (B, k)
+        return self.head(self._candidate_hidden(state, candidates).float()).squeeze(-1)
+
+    def _candidate_hidden(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, k, H) of each candidate appended to its row's prefix, in one forward.
+
+        The k candidates go in as k tokens of one row, all at the next position, with a 4D mask that
+        lets each see the prefix and itself but not the other candidates: k independent one-token
+        continuations that share the prefix KV cache without copying it k times (several times
+        faster on CPU than repeating the cache per candidate). Their keys are cropped off again;
+        advance() adds the token actually chosen.
+        """
+        batch, k = candidates.shape
+        width = state.mask.shape[1]
+        prefix = state.mask.bool()[:, None, :].expand(batch, k, width)               # (B, k, T)
+        own = torch.eye(k, dtype=torch.bool, device=candidates.device).expand(batch, k, k)
+        allowed = torch.cat([prefix, own], dim=-1)[:, None]                          # (B, 1, k, T+k)
+        dtype = self.backbone.dtype
+        # Additive float mask: eager attention adds it, SDPA accepts it as is.
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=candidates.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        pos = state.mask.sum(-1, keepdim=True).expand(batch, k)                      # (B, k) the next position
+        out = self.backbone(input_ids=candidates, attention_mask=bias, position_ids=pos,
+                            past_key_values=state.cache, use_cache=True)
+        state.cache.crop(-k)            # the cache grew in place by the k candidates: drop them
+        return out.last_hidden_state                                                  # (B, k, H)
+
+    @torch.no_grad()
+    def advance(self, state: ValueDecodeState, tokens: torch.Tensor) -> None:
+        """Extend every row's prefix by one token, tokens (B,)."""
+        state.mask = torch.cat([state.mask, state.mask.new_ones((state.mask.shape[0], 1))], dim=1)
+        pos = state.mask.sum(-1, keepdim=True) - 1                                    # (B, 1)
+        out = self.backbone(input_ids=tokens[:, None], attention_mask=state.mask, position_ids=pos,
+                            past_key_values=state.cache, use_cache=True)
+        state.cache = out.past_key_values
+        state.hidden = out.last_hidden_state[:, -1]

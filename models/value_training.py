@@ -1,0 +1,247 @@
+"""Fit a value model of the frozen base policy by TD(lambda) on its own rollouts.
+
+No policy is trained: the rollouts come from pi0, so V estimates pi0's expected terminal reward
+from every prefix. Training checkpoints every `checkpoint_every` steps and resumes from the last
+checkpoint when re-run after a kill (same data and config), landing on the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from models.lm import pick_device
+from models.td import lambda_returns, masked_mse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValueTrainConfig:
+    parameterization: str = "scalar"        # "scalar" (V(s·a), as in the paper) or "qhead"
+    train_steps: int = 600
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    lam: float = 0.95
+    gamma: float = 1.0
+    max_grad_norm: float = 1.0
+    eval_fraction: float = 0.1              # held-out rollouts, split by prompt
+    checkpoint_every: int = 100
+    seed: int = 0
+    prefix_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Rollouts:
+    """Token-level rollouts of pi0: prompt ids, action ids (EOS included when the sample ended)."""
+
+    prompt_ids: list[list[int]]
+    action_ids: list[list[int]]
+    rewards: list[float]
+    groups: list[str] = field(default_factory=list)   # prompt ids: held-out split never shares a prompt
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def subset(self, index: Sequence[int]) -> "Rollouts":
+        return Rollouts([self.prompt_ids[i] for i in index], [self.action_ids[i] for i in index],
+                        [self.rewards[i] for i in index], [self.groups[i] for i in index] if self.groups else [])
+
+    def digest(self) -> str:
+        blob = json.dumps([self.prompt_ids, self.action_ids, [round(r, 6) for r in self.rewards]])
+        return hashlib.md5(blob.encode()).hexdigest()
+
+
+def make_batch(rollouts: Rollouts, index: Sequence[int], pad_id: int):
+    """Right-padded (B, T) ids, attention mask, action mask, and (B,) rewards."""
+    seqs = [rollouts.prompt_ids[i] + rollouts.action_ids[i] for i in index]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    actions = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, i in enumerate(index):
+        n_prompt, n_act = len(rollouts.prompt_ids[i]), len(rollouts.action_ids[i])
+        ids[row, : n_prompt + n_act] = torch.tensor(seqs[row])
+        attention[row, : n_prompt + n_act] = 1
+        actions[row, n_prompt : n_prompt + n_act] = 1
+    rewards = torch.tensor([rollouts.rewards[i] for i in index], dtype=torch.float32)
+    return ids, attention, actions, rewards
+
+
+def split_by_group(rollouts: Rollouts, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/eval indices; a prompt's rollouts all land on one side."""
+    groups = rollouts.groups or [str(i) for i in range(len(rollouts))]
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    n_eval = int(round(len(unique) * eval_fraction))
+    held = set(rng.permutation(unique)[:n_eval].tolist()) if n_eval else set()
+    train = [i for i, g in enumerate(groups) if g not in held]
+    evals = [i for i, g in enumerate(groups) if g in held]
+    return train, evals
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The rows of a training step, a pure function of (seed, step): resuming replays the same order."""
+    per_epoch = max(1, n // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+def _save_checkpoint(directory: Path, model, optimizer, step: int, losses: list[float], fingerprint: str) -> None:
+    from safetensors.torch import save_file
+
+    from models.artifacts import atomic_path
+
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "fingerprint": fingerprint}))
+
+
+def _load_checkpoint(directory: Path, model, optimizer, fingerprint: str, device) -> tuple[int, list[float]]:
+    """Restore (step, losses) from a matching checkpoint; (0, []) when there is none."""
+    from safetensors.torch import load_file
+
+    progress_file = directory / "progress.json"
+    if not progress_file.exists():
+        return 0, []
+    progress = json.loads(progress_file.read_text())
+    if progress["fingerprint"] != fingerprint:
+        log.info(f"ignoring checkpoint in {directory}: it was made for other data or settings")
+        return 0, []
+    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(device)))
+    # Optimizer state is tensors and numbers only, so the safe loader suffices.
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    return int(progress["step"]), list(progress["losses"])
+
+
+def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> str:
+    settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+    blob = json.dumps({"data": rollouts.digest(), "config": settings, "base": str(model_dir)}, sort_keys=True)
+    return hashlib.md5(blob.encode()).hexdigest()
+
+
+# -- training --------------------------------------------------------------------------------
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU, where bf16 is slow for small models."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, pad_id: int,
+                      device: str = "auto", checkpoint_dir: str | Path | None = None,
+                      progress: Callable[[str], None] = log.info):
+    """Returns (value model on CPU in eval mode, metrics)."""
+    from models.value_model import ValueModel
+
+    dev = pick_device(device)
+    torch.manual_seed(config.seed)
+    train_idx, eval_idx = split_by_group(rollouts, config.eval_fraction, config.seed)
+    if not train_idx:
+        raise ValueError("no training rollouts left after the held-out split; lower eval_fraction")
+    model = ValueModel.from_base(model_dir, parameterization=config.parameterization).to(dev)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    fingerprint = fingerprint_of(rollouts, config, model_dir)
+    start_step, losses = 0, []
+    if checkpoint_dir is not None:
+        start_step, losses = _load_checkpoint(Path(checkpoint_dir), model, optimizer, fingerprint, dev)
+        if start_step:
+            progress(f"resuming value training from checkpoint at step {start_step}/{config.train_steps}")
+    train = rollouts.subset(train_idx)
+    progress(f"value model ({config.parameterization}): {len(train)} train / {len(eval_idx)} held-out rollouts, "
+             f"{config.train_steps} steps, device {dev}")
+    log_every = max(1, config.train_steps // 10)
+    n_tokens, started = 0, time.perf_counter()
+    for step in range(start_step, config.train_steps):
+        index = batch_indices(len(train), config.batch_size, step, config.seed)
+        ids, attention, actions, rewards = (t.to(dev) for t in make_batch(train, index, pad_id))
+        with autocast_for(dev):
+            values = model.path_values(ids, attention, actions)            # (B, T)
+        # Targets from V as it is at the start of this batch: with dropout off, the detached
+        # values are exactly a frozen copy's, without a second forward pass.
+        targets = lambda_returns(values.detach(), rewards, actions, config.lam, config.gamma)
+        loss = masked_mse(values, targets, actions)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        n_tokens += int(attention.sum())
+        done = step + 1
+        if done % log_every == 0 or done == config.train_steps:
+            recent = losses[-log_every:]
+            progress(f"value step {done}/{config.train_steps}: TD loss {sum(recent) / len(recent):.4f}, "
+                     f"{n_tokens / (time.perf_counter() - started):.0f} tokens/s")
+        if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.train_steps):
+            _save_checkpoint(Path(checkpoint_dir), model, optimizer, done, losses, fingerprint)
+    seconds = time.perf_counter() - started
+    model.eval()
+    metrics = {
+        "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+        "loss_curve": losses,
+        "train_seconds": seconds,
+        "train_tokens_per_s": n_tokens / seconds if n_tokens else float("nan"),
+        "n_train_rollouts": len(train_idx),
+        "n_eval_rollouts": len(eval_idx),
+        "resumed_from_step": start_step,
+        "device": str(dev),
+    }
+    if eval_idx:
+        metrics.update(evaluate_value_model(model, rollouts.subset(eval_idx), pad_id, config.prefix_lengths, dev))
+    return model.cpu(), metrics
+
+
+@torch.no_grad()
+def evaluate_value_model(model, rollouts: Rollouts, pad_id: int, prefix_lengths: Sequence[int],
+                         device, batch_size: int = 64) -> dict[str, float]:
+    """How well V(prefix) predicts the reward the completion finally got, at several prefix lengths.
+
+    corr_prefix_j: Pearson correlation over held-out rollouts between u_j (the value after j
+    completion tokens) and the final reward; mse_mc: mean squared error to the final reward
+    over all positions (the Monte-Carlo target).
+    """
+    per_row: list[np.ndarray] = []
+    for start in range(0, len(rollouts), batch_size):
+        index = list(range(start, min(start + batch_size, len(rollouts))))
+        ids, attention, actions, _ = (t.to(device) for t in make_batch(rollouts, index, pad_id))
+        with autocast_for(device):
+            values = model.path_values(ids, attention, actions).float()
+        for row in range(len(index)):
+            per_row.append(values[row][actions[row].bool()].cpu().numpy())
+    rewards = np.asarray(rollouts.rewards, dtype=np.float64)
+    out: dict[str, float] = {}
+    for j in list(prefix_lengths) + ["final"]:
+        rows = [i for i, v in enumerate(per_row) if j == "final" or len(v) >= j]
+        if len(rows) < 3:
+            continue
+        u = np.array([per_row[i][-1] if j == "final" else per_row[i][j - 1] for i in rows])
+        r = rewards[rows]
+        out[f"corr_prefix_{j}"] = float(np.corrcoef(u, r)[0, 1]) if u.std() > 0 and r.std() > 0 else 0.0
+    squared = np.concatenate([(v - rewards[i]) ** 2 for i, v in enumerate(per_row)])
+    out["eval_mse_mc"] = float(squared.mean())
+    out["eval_reward_std"] = float(rewards.std())
+    return out
+
+
+def clear_checkpoint(checkpoint_dir: str | Path) -> None:
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+

@@ -1,0 +1,85 @@
+"""Value Augmented Sampling decoding: pi(a|s) ∝ pi0(a|s) · exp(Σ_i w_i · Q_i(s, a)) over pi0's top-k.
+
+`ValueGuidance` is a `models.sampling.Steering`: the base sampler owns the loop, the seeded
+generator, temperature and the exact per-step KL; the guidance only adds the value bonus to the
+base logits. So weights that are all zero give base sampling token for token, and a weight of 0
+removes its value model exactly (that model is never run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from models.sampling import Generation, SamplingConfig, sample
+from models.value_model import ValueDecodeState, ValueModel
+
+
+@dataclass
+class VASConfig:
+    top_k: int = 20
+    mask_outside_top_k: bool = False   # False: tokens outside the top-k keep their base logits
+
+
+class ValueGuidance:
+    """Adds Σ_i w_i · (Q_i - mean_k Q_i) to the base logits of the top-k base tokens, per step.
+
+    Q is centred over the k candidates so the bonus does not shift the top-k's total mass against
+    the tokens outside it by an arbitrary per-state offset of V (the paper's choice).
+    """
+
+    def __init__(self, value_models: Mapping[str, ValueModel], weights: Mapping[str, float],
+                 config: VASConfig | None = None):
+        self.config = config or VASConfig()
+        if self.config.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.config.top_k}")
+        unknown = sorted(set(weights) - set(value_models))
+        if unknown:
+            raise ValueError(f"no value model for weight(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(value_models)) or '(none)'}")
+        for name, w in weights.items():
+            if not math.isfinite(float(w)):
+                raise ValueError(f"weight for {name!r} must be a finite number, got {w!r}")
+        # Zero weights are dropped here, so their models are never run: weight 0 removes a reward exactly.
+        self.active = [(name, value_models[name], float(w)) for name, w in weights.items() if float(w) != 0.0]
+        self.states: list[ValueDecodeState] = []
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """A new prompt batch: fresh value caches (the sampler calls this once per batch)."""
+        self.states = [model.start(ids.to(model.device), mask.to(model.device)) for _, model, _ in self.active]
+
+    def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) base logits -> (B, V) steered logits (temperature is the sampler's job)."""
+        if not self.active:
+            return base_logits       # the very same tensor: base sampling, bit for bit
+        k = min(self.config.top_k, base_logits.shape[-1])
+        top = base_logits.topk(k, dim=-1).indices                                   # (B, k)
+        bonus = torch.zeros(top.shape, dtype=base_logits.dtype, device=base_logits.device)
+        for (name, model, weight), state in zip(self.active, self.states):
+            if int(top.max()) >= model.vocab_size:
+                raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
+                                 f"base model proposed token {int(top.max())}: they must share a tokenizer")
+            q = model.candidate_q(state, top.to(model.device)).to(bonus)             # (B, k)
+            bonus += weight * (q - q.mean(-1, keepdim=True))
+        if self.config.mask_outside_top_k:
+            steered = torch.full_like(base_logits, float("-inf"))
+            return steered.scatter(1, top, base_logits.gather(1, top) + bonus)
+        return base_logits.scatter_add(1, top, bonus)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """tokens (B,): what the base model is fed next; every value prefix grows by it too."""
+        for (_, model, _), state in zip(self.active, self.states):
+            model.advance(state, tokens.to(model.device))
+
+
+def vas_sample(base_model, tokenizer, prompts: Sequence[str], value_models: Mapping[str, ValueModel],
+               weights: Mapping[str, float], sampling_config: SamplingConfig,
+               vas_config: VASConfig | None = None, device: torch.device | str = "cpu",
+               progress: Callable[[str], None] | None = None) -> Generation:
+    """Sample with VAS: the base sampler steered by the weighted value models. kl_nats is exact."""
+    guidance = ValueGuidance(value_models, weights, vas_config)
+    return sample(base_model, tokenizer, prompts, sampling_config, device=device, steering=guidance,
+                  progress=progress)

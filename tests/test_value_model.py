@@ -1,0 +1,208 @@
+"""Value model: zero head, padding-invariant path values, KV-cached candidate scoring, files."""
+
+import json
+
+import pytest
+import torch
+
+from models.sampling import left_pad
+from models.value_model import ValueModel
+
+VOCAB = 64
+PARAMS = ["scalar", "qhead"]
+
+
+def tiny_causal_lm(seed: int = 0):
+    """A random tiny GPT-2 with GPT-2's default dropout left on (the value model must turn it off)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=1, initializer_range=0.2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel:
+    """Non-zero head weights, or every value test would pass trivially."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_causal_lm().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=PARAMS)
+def value_model(request, base_dir):
+    return randomize_head(ValueModel.from_base(base_dir, request.param), seed=1).eval()
+
+
+def hidden_of(model: ValueModel, row: list[int]) -> torch.Tensor:
+    """Last-layer hidden states (L, H) of one unpadded row, from scratch."""
+    with torch.no_grad():
+        return model.backbone(input_ids=torch.tensor([row])).last_hidden_state[0]
+
+
+# Three (prompt, completion) rows of different lengths.
+ROWS = [([0, 5, 6, 7], [8, 9, 10]), ([0, 11], [12, 13]), ([0, 20, 21, 22, 23, 24], [25, 26])]   # 7, 4, 8 tokens
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = left_pad([r[::-1] for r in rows], pad_id)
+    return ids.flip(1), mask.flip(1)
+
+
+def action_masks(mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
+    """1 on completion tokens: after each row's prompt, before its padding."""
+    action = torch.zeros_like(mask)
+    for b, n_prompt in enumerate(prompt_lens):
+        real = mask[b].nonzero().squeeze(1)
+        action[b, real[n_prompt:]] = 1
+    return action
+
+
+@pytest.mark.parametrize("parameterization", PARAMS)
+def test_fresh_value_model_outputs_exactly_zero_with_dropout_off(base_dir, parameterization):
+    model = ValueModel.from_base(base_dir, parameterization)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    expected_out = 1 if parameterization == "scalar" else VOCAB
+    assert model.head.out_features == expected_out
+    rows = [p + c for p, c in ROWS]
+    ids, mask = left_pad(rows, 1)
+    u = model.path_values(ids, mask, torch.ones_like(mask))
+    assert torch.equal(u, torch.zeros_like(u))
+    state = model.start(ids, mask)
+    q = model.candidate_q(state, torch.tensor([[3, 4]] * len(rows)))
+    assert torch.equal(q, torch.zeros_like(q))
+    # Dropout off: in train mode (as TD training runs it) two forwards agree exactly.
+    cfg = model.backbone.config
+    assert cfg.resid_pdrop == cfg.embd_pdrop == cfg.attn_pdrop == 0.0
+    model.train()
+    h1 = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    h2 = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(h1, h2)
+
+
+def test_backbone_starts_from_the_base_weights(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = ValueModel.from_base(base_dir)
+    base_body = base.transformer.state_dict()
+    for name, tensor in model.backbone.state_dict().items():
+        torch.testing.assert_close(tensor, base_body[name], rtol=0, atol=0)
+    assert model.init_info["init_weights_sha256"]
+
+
+def test_unknown_parameterization_is_rejected(base_dir):
+    with pytest.raises(ValueError, match="scalar, qhead"):
+        ValueModel.from_base(base_dir, "advantage")
+
+
+def test_path_values_same_for_left_right_padding_and_single_rows(value_model):
+    rows = [p + c for p, c in ROWS]
+    prompt_lens = [len(p) for p, _ in ROWS]
+    ids_l, mask_l = left_pad(rows, 1)
+    ids_r, mask_r = right_pad(rows, 1)
+    assert not mask_l.all() and not mask_r.all()           # both batches really are padded
+    with torch.no_grad():
+        u_l = value_model.path_values(ids_l, mask_l, action_masks(mask_l, prompt_lens))
+        u_r = value_model.path_values(ids_r, mask_r, action_masks(mask_r, prompt_lens))
+    width = ids_l.shape[1]
+    for b, ((prompt, completion), row) in enumerate(zip(ROWS, rows)):
+        action = torch.tensor([0] * len(prompt) + [1] * len(completion))[None]
+        with torch.no_grad():
+            single = value_model.path_values(torch.tensor([row]), torch.ones_like(action), action)[0]
+        torch.testing.assert_close(u_l[b, width - len(row):], single, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(u_r[b, : len(row)], single, atol=1e-5, rtol=1e-5)
+        assert torch.all(u_l[b, : width - len(row)] == 0) and torch.all(u_r[b, len(row):] == 0)
+        assert torch.all(single[: len(prompt)] == 0) and torch.all(single[len(prompt):] != 0)
+
+        # Against the definitions, computed from scratch per prefix.
+        for t in range(len(prompt), len(row)):
+            if value_model.parameterization == "scalar":
+                expected = value_model.head(hidden_of(value_model, row[: t + 1])[-1])[0]
+            else:
+                expected = value_model.head(hidden_of(value_model, row)[t - 1])[row[t]]
+            torch.testing.assert_close(single[t], expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_path_values_carry_gradients_to_head_and_backbone(value_model):
+    rows = [p + c for p, c in ROWS]
+    ids, mask = right_pad(rows, 1)
+    action = action_masks(mask, [len(p) for p, _ in ROWS])
+    value_model.zero_grad()
+    value_model.path_values(ids, mask, action).pow(2).sum().backward()
+    assert value_model.head.weight.grad.abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in value_model.parameters() if p.grad is not None)
+    assert value_model.backbone.wte.weight.grad.abs().sum() > 0
+    value_model.zero_grad(set_to_none=True)
+
+
+def reference_q(model: ValueModel, prefix: list[int], candidates: list[int]) -> torch.Tensor:
+    """Q(prefix, c) for each candidate without any cache: scalar V(prefix·c), qhead head(h(prefix))[c]."""
+    with torch.no_grad():
+        if model.parameterization == "scalar":
+            seqs = torch.tensor([prefix + [c] for c in candidates])                # (k, L+1)
+            h = model.backbone(input_ids=seqs).last_hidden_state[:, -1]          # (k, H)
+            return model.head(h).squeeze(-1)
+        return model.head(hidden_of(model, prefix)[-1])[candidates]
+
+
+def test_candidate_q_with_kv_cache_matches_uncached_forward(value_model):
+    # scalar scoring passes a custom 4D mask: check both attention kernels that accept one.
+    kernels = ["sdpa", "eager"] if value_model.parameterization == "scalar" else ["sdpa"]
+    try:
+        for attn in kernels:
+            value_model.backbone.set_attn_implementation(attn)
+            check_cached_candidates(value_model)
+    finally:
+        value_model.backbone.set_attn_implementation("sdpa")
+
+
+def check_cached_candidates(value_model):
+    prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 30, 31]]
+    ids, mask = left_pad(prompts, 1)
+    gen = torch.Generator().manual_seed(0)
+    state = value_model.start(ids, mask)
+    prefixes = [list(p) for p in prompts]
+    for _ in range(3):
+        candidates = torch.stack([torch.randperm(VOCAB, generator=gen)[:6] for _ in prompts])   # (B, 6)
+        q = value_model.candidate_q(state, candidates)
+        assert q.shape == (3, 6)
+        for b, prefix in enumerate(prefixes):
+            torch.testing.assert_close(q[b], reference_q(value_model, prefix, candidates[b].tolist()),
+                                       atol=1e-5, rtol=1e-5)
+        chosen = candidates[:, 0]
+        value_model.advance(state, chosen)
+        for b, token in enumerate(chosen.tolist()):
+            prefixes[b].append(token)
+    # Scoring candidates leaves the cache holding exactly the prefixes.
+    assert state.cache.get_seq_length() == ids.shape[1] + 3
+
+
+def test_save_and_load_roundtrip_is_safetensors_only(value_model, tmp_path):
+    value_model.save(tmp_path / "vm")
+    names = {p.name for p in (tmp_path / "vm").iterdir()}
+    assert {"config.json", "model.safetensors", "value_head.safetensors", "value_config.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    config = json.loads((tmp_path / "vm" / "value_config.json").read_text())
+    assert config["parameterization"] == value_model.parameterization
+    assert config["init_weights_sha256"] == value_model.init_info["init_weights_sha256"]
+
+    loaded = ValueModel.load(tmp_path / "vm")
+    assert loaded.parameterization == value_model.parameterization
+    rows = [p + c for p, c in ROWS]
+    ids, mask = left_pad(rows, 1)
+    action = action_masks(mask, [len(p) for p, _ in ROWS])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.path_values(ids, mask, action),
+                                   value_model.path_values(ids, mask, action), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="value_config.json"):
+        ValueModel.load(tmp_path)

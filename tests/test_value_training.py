@@ -1,0 +1,113 @@
+"""TD(lambda) value training: it fits, it resumes from a checkpoint after a kill, rollouts feed it."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.rollouts import reward_stats, training_rollouts
+from models.value_training import Rollouts, ValueTrainConfig, batch_indices, make_batch, split_by_group, train_value_model
+
+VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    path = tmp_path_factory.mktemp("base")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def signal_rollouts(n: int = 96, seed: int = 0) -> Rollouts:
+    """The reward is +1 when the first completion token is 5 and -1 when it is 6: a value model
+    can read the outcome off the prefix from the first action on."""
+    rng = np.random.default_rng(seed)
+    prompts, actions, rewards, groups = [], [], [], []
+    for i in range(n):
+        first = 5 if i % 2 else 6
+        rest = rng.integers(10, VOCAB, size=rng.integers(2, 6)).tolist()
+        prompts.append([0, 2 + i % 3])
+        actions.append([first] + rest)
+        rewards.append(1.0 if first == 5 else -1.0)
+        groups.append(f"p{i // 4}")
+    return Rollouts(prompts, actions, rewards, groups)
+
+
+CONFIG = dict(train_steps=40, batch_size=16, learning_rate=3e-3, eval_fraction=0.25, checkpoint_every=10,
+              prefix_lengths=(1, 2))
+
+
+@pytest.mark.parametrize("parameterization", ["scalar", "qhead"])
+def test_td_training_learns_values_that_predict_the_reward(base_dir, parameterization):
+    config = ValueTrainConfig(parameterization=parameterization, **CONFIG)
+    model, metrics = train_value_model(signal_rollouts(), base_dir, config, pad_id=1, device="cpu")
+    assert metrics["loss_curve"][-1] < metrics["loss_curve"][0]
+    assert metrics["corr_prefix_1"] > 0.9          # held-out prompts: the first token decides the reward
+    assert metrics["n_eval_rollouts"] > 0 and metrics["device"] == "cpu"
+    assert not model.training
+
+
+def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, tmp_path):
+    data = signal_rollouts()
+    config = ValueTrainConfig(**CONFIG)
+    reference, _ = train_value_model(data, base_dir, config, pad_id=1, device="cpu")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_25(message: str):
+        if message.startswith("value step 28/"):
+            raise Killed()
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Killed):
+        train_value_model(data, base_dir, ValueTrainConfig(**{**CONFIG, "train_steps": 40}), pad_id=1,
+                          device="cpu", checkpoint_dir=ckpt, progress=kill_after_step_25)
+    assert (ckpt / "progress.json").exists()
+    resumed, metrics = train_value_model(data, base_dir, config, pad_id=1, device="cpu", checkpoint_dir=ckpt)
+    assert metrics["resumed_from_step"] == 20       # last checkpoint before the kill
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    # A checkpoint of other data is not resumed from.
+    other = signal_rollouts(seed=1)
+    _, fresh = train_value_model(other, base_dir, config, pad_id=1, device="cpu", checkpoint_dir=ckpt)
+    assert fresh["resumed_from_step"] == 0
+
+
+def test_batches_are_a_pure_function_of_step():
+    assert batch_indices(50, 8, 7, seed=3) == batch_indices(50, 8, 7, seed=3)
+    epoch0 = sum((batch_indices(48, 8, s, seed=3) for s in range(6)), [])
+    assert sorted(epoch0) == list(range(48))          # one epoch visits every row once
+
+
+def test_split_keeps_prompts_on_one_side():
+    data = signal_rollouts()
+    train, held = split_by_group(data, 0.25, seed=0)
+    assert set(train).isdisjoint(held) and len(train) + len(held) == len(data)
+    assert {data.groups[i] for i in train}.isdisjoint({data.groups[i] for i in held})
+
+
+def test_make_batch_masks_actions_only():
+    data = Rollouts([[0, 2], [0]], [[5, 6, 7], [8]], [1.0, -1.0], ["a", "b"])
+    ids, attention, actions, rewards = make_batch(data, [0, 1], pad_id=1)
+    assert ids.tolist() == [[0, 2, 5, 6, 7], [0, 8, 1, 1, 1]]
+    assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert actions.tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert rewards.tolist() == [1.0, -1.0]
+
+
+def test_training_rollouts_append_eos_when_finished_and_standardize():
+    df = pd.DataFrame({"prompt_id": ["a", "b"], "prompt_ids": [np.array([0, 3]), np.array([0, 4])],
+                       "completion_ids": [np.array([7, 8]), np.array([9])], "finished": [True, False],
+                       "learned_positivity": [2.0, 0.0]})
+    stats = reward_stats(df, "learned_positivity")
+    assert stats == {"mean": 1.0, "std": 1.0}
+    data = training_rollouts(df, "learned_positivity", eos_id=0, stats=stats)
+    assert data.action_ids == [[7, 8, 0], [9]]
+    assert data.rewards == [1.0, -1.0]
+    assert data.prompt_ids == [[0, 3], [0, 4]] and data.groups == ["a", "b"]
