@@ -25,6 +25,7 @@ ASSET_OUTPUTS: dict[str, str] = {
     "reward_models": "reward_models",
     "rollouts": "rollouts",
     "value_models": "value_models",
+    "evaluation": "eval",
 }
 
 
@@ -114,6 +115,7 @@ def finish(
     metadata: dict[str, Any] | None = None,
     model_version: str | None = None,
     source: str | None = None,
+    extra_rows: list[dict] | None = None,
 ) -> dg.MaterializeResult:
     """Hash outputs, record metrics and lineage in DuckDB, and return the MaterializeResult.
 
@@ -127,6 +129,7 @@ def finish(
     rows = [metric_row(name, value) for name, value in metrics.items()]
     for name, values in (series or {}).items():
         rows += [metric_row(name, v, step=i) for i, v in enumerate(values)]
+    rows += extra_rows or []
     sha = git_sha()
     with duckdb.get_connection() as conn:
         write_rows(conn, run_id=context.run_id, asset=asset, metrics=rows, params=params,

@@ -26,8 +26,10 @@ def ensure_tables(conn) -> None:
 
 
 def metric_row(metric: str, value: float, *, step: int | None = None, split: str | None = None,
-               method: str | None = None) -> dict:
-    return {"metric": metric, "value": float(value), "step": step, "split": split, "method": method}
+               method: str | None = None, params: dict | None = None) -> dict:
+    """One tidy metric. `params` (e.g. an evaluation method's beta) replaces the asset's params."""
+    return {"metric": metric, "value": float(value), "step": step, "split": split, "method": method,
+            "params": params}
 
 
 def write_rows(conn, *, run_id: str, asset: str, metrics: list[dict], params: dict,
@@ -42,7 +44,8 @@ def write_rows(conn, *, run_id: str, asset: str, metrics: list[dict], params: di
         conn.execute("DELETE FROM metrics WHERE run_id = ? AND asset = ?", [run_id, asset])
         rows = [
             [run_id, asset, m["metric"], m["value"], m.get("step"), m.get("split"), m.get("method"),
-             params_json, data_version, model_version, git_sha, now]
+             params_json if m.get("params") is None else json.dumps(m["params"], sort_keys=True),
+             data_version, model_version, git_sha, now]
             for m in metrics
         ]
         if rows:

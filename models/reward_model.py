@@ -237,7 +237,8 @@ def reward_model_from_base(base_dir: str | Path):
     model.base_model.load_state_dict(lm.base_model.state_dict(), strict=True)
     _zero_score_head(model)
     _dropout_off(model)
-    return model, tokenizer
+    # float32 master weights even when the base was stored in bf16: CUDA autocast does the bf16.
+    return model.float(), tokenizer
 
 
 def split_by_prompt(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> np.ndarray:
@@ -253,15 +254,22 @@ def split_by_prompt(pairs: pd.DataFrame, eval_fraction: float, seed: int) -> np.
     return groups.isin(set(unique[held].tolist())).to_numpy()
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless index batches: shuffled passes over range(n), so every pair is seen once per epoch."""
-    batch_size = min(batch_size, n)
-    queue: list[int] = []
+def _batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator, pool: int = 8):
+    """Endless index batches: shuffled passes over the pairs, each pair once per pass.
+
+    Within a pass, each run of `pool` batches is sorted by length before it is cut, and the
+    pass's batches come in random order: a batch then holds pairs of similar length, so far less
+    padding (about 1.8x faster on CPU for the default world's 10-90 token texts).
+    """
+    n = len(lengths)
     while True:
-        while len(queue) < batch_size:
-            queue += torch.randperm(n, generator=generator).tolist()
-        yield queue[:batch_size]
-        queue = queue[batch_size:]
+        perm = torch.randperm(n, generator=generator).tolist()
+        batches = []
+        for start in range(0, n, batch_size * pool):
+            run = sorted(perm[start : start + batch_size * pool], key=lambda i: lengths[i])
+            batches += [run[k : k + batch_size] for k in range(0, len(run), batch_size)]
+        for j in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[j]
 
 
 def _check_pairs(pairs: pd.DataFrame) -> None:
@@ -270,6 +278,9 @@ def _check_pairs(pairs: pd.DataFrame) -> None:
         raise ValueError(f"preference pairs lack column(s) {missing}; have {list(pairs.columns)}")
     if len(pairs) == 0:
         raise ValueError("no preference pairs to train a reward model on")
+    if "attribute" in pairs.columns and pairs.attribute.nunique() > 1:
+        raise ValueError(f"pairs mix attributes {sorted(pairs.attribute.unique())}; train one reward model "
+                         "per attribute on that attribute's pairs")
 
 
 def _encode_pairs(tokenizer, frame: pd.DataFrame, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -310,7 +321,8 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
         return config.learning_rate * max(0.0, 1 - (step - warmup) / max(1, config.train_steps - warmup))
 
     gen = torch.Generator().manual_seed(config.seed)
-    batches = _batches(n_train, config.batch_size, gen)
+    # Chosen and rejected share one padded forward, so a pair is as long as its longer text.
+    batches = _batches([max(len(c), len(r)) for c, r in zip(train_chosen, train_rejected)], config.batch_size, gen)
     losses: list[float] = []
     accuracies: list[float] = []
     n_seen = 0

@@ -57,14 +57,12 @@ def _load_backbone(directory: str | Path, trust_remote_code: bool):
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
     config = AutoConfig.from_pretrained(str(directory), **kwargs)
     _zero_dropout(config)
-    for attn in ("sdpa", "eager"):
-        try:
-            return AutoModel.from_pretrained(str(directory), config=config, use_safetensors=True,
-                                             attn_implementation=attn, **kwargs)
-        except ValueError:   # the architecture does not implement this attention; try the next one
-            if attn == "eager":
-                raise
-    raise AssertionError("unreachable")
+    try:
+        return AutoModel.from_pretrained(str(directory), config=config, use_safetensors=True,
+                                         attn_implementation="sdpa", **kwargs)
+    except ValueError:   # an architecture without SDPA support
+        return AutoModel.from_pretrained(str(directory), config=config, use_safetensors=True,
+                                         attn_implementation="eager", **kwargs)
 
 
 class ValueModel(nn.Module):
@@ -169,6 +167,11 @@ class ValueModel(nn.Module):
             u = torch.cat([q.new_zeros(q.shape[0], 1), q], dim=1)                     # token 0 has no state before it
         # where, not a product: padding positions never leak into values or gradients.
         return torch.where(action_mask.bool(), u, torch.zeros_like(u))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                action_mask: torch.Tensor) -> torch.Tensor:
+        """path_values, so wrappers that call the module (DDP, torch.compile) train the same thing."""
+        return self.path_values(input_ids, attention_mask, action_mask)
 
     # ------------------------------------------------------------------ decoding with a KV cache
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,7 +15,8 @@ from models.lm import read_manifest, weights_sha256
 from orchestration.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
-ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models"]
+ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models",
+          "evaluation"]
 
 
 def test_definitions_load():
@@ -94,7 +96,7 @@ def test_duckdb_has_metrics_and_lineage_once_per_asset(smoke_world):
         assert metrics["base_model/eval_perplexity"] > 1
         assert metrics["preference_pairs/n_pairs"] > 0
         assert metrics["preference_pairs:preference_pairs_suite/check.preference_pairs_suite.passed"] == 1.0
-        dupes = con.execute("SELECT count(*) FROM (SELECT asset, metric, step FROM metrics WHERE run_id = ? "
+        dupes = con.execute("SELECT count(*) FROM (SELECT asset, metric, step, method, params FROM metrics WHERE run_id = ? "
                             "GROUP BY ALL HAVING count(*) > 1)", [run_id]).fetchone()[0]
         assert dupes == 0
         curve = con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND metric = 'train_loss' "
@@ -148,3 +150,46 @@ def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
     assert meta["base_weights_sha256"] == read_manifest(smoke_world["data_dir"] / "base_model")["weights_sha256"]
     assert ValueModel.load(root / "positivity.qhead").parameterization == "qhead"
     assert not list((smoke_world["data_dir"] / ".checkpoints").rglob("progress.json"))   # cleared after saving
+
+
+def test_evaluation_samples_schema_and_invariants(smoke_world):
+    samples = pd.read_parquet(smoke_world["data_dir"] / "eval" / "samples.parquet")
+    expected = {"method", "params", "prompt_id", "prompt", "completion", "n_tokens", "kl_nats",
+                "gold_positivity", "gold_conciseness", "learned_positivity", "learned_conciseness"}
+    assert expected <= set(samples.columns)
+    assert set(samples.method) == {"base", "bon", "vas", "compose"}
+    for params in samples.params:
+        json.loads(params)
+    key = ["prompt_id", "draw"]
+    base = samples[samples.method == "base"].sort_values(key).reset_index(drop=True)
+    bon1 = samples[(samples.method == "bon") & (samples.params == '{"n": 1}')].sort_values(key).reset_index(drop=True)
+    # Best-of-1 is base sampling: the same completions for the same prompts and seeds.
+    assert bon1.completion.tolist() == base.completion.tolist()
+    assert (bon1.kl_nats == 0).all()
+    vas0 = samples[(samples.method == "vas") & samples.params.str.contains('"beta": 0.0')]
+    assert len(vas0) and (vas0.kl_nats.abs() < 1e-9).all()
+    for _, group in vas0.groupby("params"):
+        assert group.sort_values(key).completion.tolist() == base.completion.tolist()
+    steered = samples[(samples.method == "vas") & samples.params.str.contains('"beta": 2.0')]
+    assert (steered.kl_nats >= 0).all()
+
+
+def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
+    run_id = smoke_world["result"].run_id
+    con = duckdb.connect(str(smoke_world["data_dir"] / "metrics.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT method, params, metric, count(*) FROM metrics WHERE run_id = ? AND "
+                           "asset = 'evaluation' AND method IS NOT NULL GROUP BY ALL", [run_id]).fetchall()
+    finally:
+        con.close()
+    assert rows and all(n == 1 for *_, n in rows)
+    by_method = {}
+    for method, params, metric, _ in rows:
+        by_method.setdefault((method, params), set()).add(metric)
+    summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
+    assert len(by_method) == len(summary)            # every method and setting has its metrics
+    for metrics in by_method.values():
+        assert {"gold_positivity_mean", "gold_positivity_ci95", "kl_nats_mean", "distinct_2",
+                "seconds_per_sample", "base_forwards_per_sample", "learned_positivity_mean"} <= metrics
+    bon = summary[summary.method == "bon"].set_index("param_n")
+    assert bon.loc[4, "kl_nats_mean"] == pytest.approx(np.log(4) - 3 / 4)

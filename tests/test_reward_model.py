@@ -174,6 +174,9 @@ def test_pair_accuracy_ties_count_half():
 def test_missing_columns_are_named(base_dir):
     with pytest.raises(ValueError, match="rejected"):
         train_reward_model(pd.DataFrame({"prompt": ["a"], "chosen": ["b"]}), base_dir, RewardTrainConfig())
+    mixed = sentiment_pairs(n_prompts=2, per_prompt=2, seed=0).assign(attribute=["positivity", "conciseness"] * 2)
+    with pytest.raises(ValueError, match="one reward model per attribute"):
+        train_reward_model(mixed, base_dir, RewardTrainConfig())
 
 
 def tiny_bert_classifier(directory, num_labels=1):
@@ -211,3 +214,23 @@ def test_loads_a_user_supplied_encoder_classifier(tmp_path):
     tiny_bert_classifier(tmp_path / "two", num_labels=2)
     with pytest.raises(ValueError, match="num_labels=1"):
         load_reward_model(tmp_path / "two")
+
+
+def test_training_batches_cover_every_pair_once_per_pass_with_less_padding():
+    from models.reward_model import _batches
+
+    lengths = [random.Random(i).randint(5, 90) for i in range(50)]
+
+    def one_pass(pool):
+        # 50 pairs in batches of 4: 12 full batches and one of 2, however they are grouped.
+        batches = _batches(lengths, 4, torch.Generator().manual_seed(0), pool=pool)
+        return [next(batches) for _ in range(13)]
+
+    grouped, plain = one_pass(3), one_pass(1)
+    assert sorted(i for b in grouped for i in b) == list(range(50))
+    assert sorted(i for b in plain for i in b) == list(range(50))
+
+    def width(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert width(grouped) < 0.85 * width(plain)

@@ -1,0 +1,211 @@
+"""Evaluation: base sampling, Best-of-N, VAS over a beta sweep and a composition grid.
+
+Every method samples the same held-out prompts with the same seed. Best-of-N draws its N
+candidates as N seeded base samplings (candidate 0 uses the shared seed, so Best-of-1 is base
+sampling token for token) and keeps the one the learned reward scores highest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from models.rewards import score_gold
+from models.sampling import SamplingConfig, sample
+from models.vas import VASConfig, vas_sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 1
+    bon_ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    bon_attribute: str = "positivity"            # Best-of-N picks by this learned reward
+    steer_attribute: str = "positivity"          # the beta sweep steers with this value model
+    betas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    parameterizations: tuple[str, ...] = ("scalar", "qhead")
+    compose_weights: tuple[float, ...] = (0.0, 2.0, 4.0)   # grid over positivity x conciseness
+    top_k: int = 20
+    max_new_tokens: int = 80
+    temperature: float = 1.0
+    batch_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class MethodRun:
+    method: str
+    params: dict
+    frame: pd.DataFrame                 # one row per sample
+    seconds: float                      # wall time of decoding (and reranking) for the whole run
+    forwards_per_sample: float          # base-model-forward equivalents per accepted sample
+    extra: dict = field(default_factory=dict)
+
+
+def bon_kl(n: int) -> float:
+    """The standard analytic KL of Best-of-N to the base policy: log N - (N - 1) / N."""
+    return math.log(n) - (n - 1) / n
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams of the texts (word level)."""
+    grams, total = set(), 0
+    for text in texts:
+        words = text.split()
+        for i in range(len(words) - n + 1):
+            grams.add(tuple(words[i : i + n]))
+            total += 1
+    return len(grams) / total if total else 0.0
+
+
+def _frame(prompts: pd.DataFrame, gen, method: str, params: dict) -> pd.DataFrame:
+    return pd.DataFrame({
+        "method": method,
+        "params": json.dumps(params, sort_keys=True),
+        "prompt_id": prompts.prompt_id.to_numpy(),
+        "draw": prompts.draw.to_numpy(),
+        "prompt": prompts.prompt.to_numpy(),
+        "completion": gen.texts,
+        "n_tokens": gen.n_tokens,
+        "kl_nats": gen.kl_nats,
+        "finished": gen.finished,
+    })
+
+
+class Evaluator:
+    """Runs every method on the same prompts; scoring happens once per sample at the end."""
+
+    def __init__(self, base_model, tokenizer, value_models: Mapping[str, Mapping[str, object]],
+                 reward_scorers: Mapping[str, Callable], gold_attributes: Sequence[str], prompts: pd.DataFrame,
+                 config: EvalConfig, device: str = "cpu", progress: Callable[[str], None] = log.info):
+        """value_models: parameterization -> attribute -> ValueModel."""
+        self.base, self.tokenizer = base_model, tokenizer
+        self.value_models = value_models
+        self.scorers = reward_scorers
+        self.gold_attributes = list(gold_attributes)
+        self.config = config
+        self.device = device
+        self.progress = progress
+        rows = prompts.loc[prompts.index.repeat(config.samples_per_prompt)].reset_index(drop=True)
+        rows["draw"] = np.tile(np.arange(config.samples_per_prompt), len(prompts))
+        self.prompts = rows
+        self.base_params = sum(p.numel() for p in base_model.parameters())
+
+    def sampling(self, seed_offset: int = 0) -> SamplingConfig:
+        c = self.config
+        return SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                              seed=c.seed + seed_offset, batch_size=c.batch_size)
+
+    def score(self, frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        for name, scorer in self.scorers.items():
+            frame[f"learned_{name}"] = scorer(frame.prompt.tolist(), frame.completion.tolist())
+        for name, values in score_gold(frame.completion.tolist(), self.gold_attributes).items():
+            frame[f"gold_{name}"] = values
+        return frame
+
+    def run_base(self) -> MethodRun:
+        start = time.perf_counter()
+        gen = sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.sampling(), device=self.device)
+        seconds = time.perf_counter() - start
+        frame = self.score(_frame(self.prompts, gen, "base", {}))
+        return MethodRun("base", {}, frame, seconds, float(frame.n_tokens.mean()))
+
+    def run_best_of_n(self) -> list[MethodRun]:
+        """One pool of max(N) candidates per prompt draw; Best-of-N keeps the best of the first N."""
+        c = self.config
+        n_max = max(c.bon_ns)
+        pool, seconds = [], []
+        for k in range(n_max):
+            start = time.perf_counter()
+            gen = sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.sampling(k), device=self.device)
+            seconds.append(time.perf_counter() - start)
+            pool.append(_frame(self.prompts, gen, "bon", {}))
+            if (k + 1) % max(1, n_max // 8) == 0:
+                self.progress(f"Best-of-N pool: {k + 1}/{n_max} candidates per prompt")
+        start = time.perf_counter()
+        scorer = self.scorers[c.bon_attribute]
+        scores = np.stack([np.asarray(scorer(f.prompt.tolist(), f.completion.tolist())) for f in pool])  # (n_max, S)
+        rerank_seconds = time.perf_counter() - start
+        runs = []
+        for n in c.bon_ns:
+            best = scores[:n].argmax(0)                                                   # (S,)
+            frame = pd.concat([pool[b].iloc[[i]] for i, b in enumerate(best)], ignore_index=True)
+            frame["params"] = json.dumps({"n": n}, sort_keys=True)
+            frame["kl_nats"] = bon_kl(n)
+            frame = self.score(frame)
+            tokens = float(np.mean([pool[k].n_tokens.mean() for k in range(n)]))
+            wall = sum(seconds[:n]) + rerank_seconds * n / n_max
+            runs.append(MethodRun("bon", {"n": n}, frame, wall, n * tokens))
+        return runs
+
+    def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict) -> MethodRun:
+        models = self.value_models[parameterization]
+        vas_config = VASConfig(top_k=self.config.top_k)
+        start = time.perf_counter()
+        gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), models, weights, self.sampling(),
+                         vas_config=vas_config, device=self.device)
+        seconds = time.perf_counter() - start
+        frame = self.score(_frame(self.prompts, gen, method, params))
+        # Base forward + value forwards per token, in base-model units (value forwards scale by size).
+        active = [models[a] for a, w in weights.items() if w]
+        ratio = sum(sum(p.numel() for p in m.parameters()) for m in active) / self.base_params
+        per_token = 1 + ratio * ((self.config.top_k + 1) if parameterization == "scalar" else 1)
+        return MethodRun(method, params, frame, seconds, float(frame.n_tokens.mean()) * per_token)
+
+    def run_all(self) -> list[MethodRun]:
+        c = self.config
+        self.progress(f"evaluating on {len(self.prompts)} prompt draws")
+        runs = [self.run_base()]
+        runs += self.run_best_of_n()
+        for parameterization in c.parameterizations:
+            if c.steer_attribute not in self.value_models.get(parameterization, {}):
+                continue
+            for beta in c.betas:
+                runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas",
+                                         {"beta": beta, "parameterization": parameterization,
+                                          "attribute": c.steer_attribute}))
+                self.progress(f"VAS {parameterization} beta={beta}: done")
+        scalar = self.value_models.get("scalar", {})
+        if {"positivity", "conciseness"} <= set(scalar):
+            for w_pos in c.compose_weights:
+                for w_con in c.compose_weights:
+                    weights = {"positivity": w_pos, "conciseness": w_con}
+                    runs.append(self.run_vas(weights, "scalar", "compose", {"weights": weights}))
+            self.progress("composition grid: done")
+        return runs
+
+
+def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
+    """One row per (method, params): rewards with 95% intervals, KL, win rate, diversity, cost."""
+    base = next(r.frame for r in runs if r.method == "base")
+    key = ["prompt_id", "draw"]
+    rows = []
+    for run in runs:
+        f = run.frame
+        row = {"method": run.method, "params": json.dumps(run.params, sort_keys=True), "n_samples": len(f)}
+        row.update({f"param_{k}": v for k, v in run.params.items() if not isinstance(v, dict)})
+        for column in [c for c in f.columns if c.startswith(("gold_", "learned_"))]:
+            values = f[column].to_numpy(dtype=np.float64)
+            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+            row[f"{column}_mean"] = float(values.mean())
+            row[f"{column}_ci95"] = float(half)
+            if column.startswith("gold_"):
+                paired = f[key + [column]].merge(base[key + [column]], on=key, suffixes=("", "_base"))
+                diff = paired[column] - paired[f"{column}_base"]
+                row[f"{column}_winrate"] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
+        row["kl_nats_mean"] = float(f.kl_nats.mean())
+        row["distinct_2"] = distinct_n(f.completion.tolist(), 2)
+        row["mean_tokens"] = float(f.n_tokens.mean())
+        row["seconds_per_sample"] = run.seconds / len(f)
+        row["base_forwards_per_sample"] = run.forwards_per_sample
+        rows.append(row)
+    return pd.DataFrame(rows)
