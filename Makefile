@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test ui repro clean-data
+.PHONY: setup run test ui bench repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ ui: setup
 
 clean-data:
 	rm -rf data/corpus data/base_model data/prompts data/preference_pairs data/quarantine data/metrics.duckdb
+
+## Decode-cost benchmark (needs a materialized pipeline): VAS vs base vs Best-of-N, side by side.
+bench: setup
+	$(BIN)/python bench/decode.py
 
 ## Reproduce the pipeline stage by stage with DVC (each stage materializes through Dagster).
 repro: setup

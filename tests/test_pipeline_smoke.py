@@ -193,3 +193,17 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
                 "seconds_per_sample", "base_forwards_per_sample", "learned_positivity_mean"} <= metrics
     bon = summary[summary.method == "bon"].set_index("param_n")
     assert bon.loc[4, "kl_nats_mean"] == pytest.approx(np.log(4) - 3 / 4)
+
+
+def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.decode import main as bench_main
+
+    data = smoke_world["data_dir"]
+    assert bench_main(["--data-dir", str(data), "--prompts", "4", "--batch-size", "4", "--max-new-tokens", "4",
+                       "--value-train-steps", "2", "--device", "cpu"]) == 0
+    result = json.loads((data / "bench" / "decode.json").read_text())
+    for key in ("base_tokens_per_s", "vas_scalar_tokens_per_s", "vas_qhead_tokens_per_s", "bon16_tokens_per_s",
+                "bon128_tokens_per_s", "value_train_tokens_per_s"):
+        assert result[key] > 0
+    assert result["device"] == "cpu"
