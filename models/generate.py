@@ -7,7 +7,6 @@ reward_models/<attribute>/ (used only to score what was generated).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -50,24 +49,16 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
                     device: str = "cpu") -> dict[str, list[float]]:
     """Scores of every available learned reward model, {attribute: one score per completion}.
 
-    Empty when the reward-model code or the models themselves are not there: scores are extra
-    information, never a reason for generation to fail.
+    Empty when no reward models were materialized: scores are extra information, never a reason
+    for generation to fail.
     """
+    from models.reward_model import load_reward_model
+
     dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
     dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
-    if not dirs:
-        return {}
-    try:
-        from models.reward_model import load_reward_model
-    except ImportError as err:
-        if err.name != "models.reward_model":
-            raise
-        log.warning("models.reward_model is not available: completions are not scored by learned rewards")
-        return {}
-    takes_device = "device" in inspect.signature(load_reward_model).parameters
     scores = {}
     for name, path in dirs.items():
-        scorer = load_reward_model(path, device=device) if takes_device else load_reward_model(path)
+        scorer = load_reward_model(path, device=device)
         scores[name] = [float(s) for s in scorer(list(prompts), list(completions))]
     return scores
 

@@ -324,7 +324,7 @@ def test_generate_scores_with_learned_reward_models(data_dir, monkeypatch, tmp_p
 
     loaded = []
 
-    def load_reward_model(path):
+    def load_reward_model(path, device="cpu"):
         loaded.append(path.name)
         return lambda prompts, completions: [float(len(c)) for c in completions]
 
