@@ -7,7 +7,7 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, output_path, torch_threads
 from assets.metrics_db import metric_row
-from orchestration.profiles import resolve
+from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
@@ -46,7 +46,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     from models.artifacts import write_folder
     from models.evaluation import EvalConfig, Evaluator, summarize
     from models.lm import load_frozen_base, pick_device
-    from models.reward_model import load_reward_model
+    from models.reward_model import load_reward_models
     from models.rewards import GOLD_REWARDS
 
     torch_threads()
@@ -56,18 +56,13 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     base, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
     prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
-    reward_dir = output_path(settings, "reward_models")
-    attributes = sorted(p.name for p in reward_dir.iterdir() if p.is_dir())
-    scorers = {a: load_reward_model(reward_dir / a, device=device) for a in attributes}
+    scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
     value_models = load_value_models(output_path(settings, "value_models"))
     for by_attribute in value_models.values():
         for model in by_attribute.values():
             model.to(device)
-    fields = {k: params[k] for k in EvalConfig.__dataclass_fields__ if k in params}
-    for key in ("bon_ns", "betas", "parameterizations", "compose_weights"):
-        fields[key] = tuple(fields[key])
-    evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in attributes if a in GOLD_REWARDS],
-                          prompts, EvalConfig(**fields), device=device, progress=context.log.info)
+    evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
+                          prompts, config_from(EvalConfig, params), device=device, progress=context.log.info)
     with LogToDagster(context):
         runs = evaluator.run_all()
     samples = pd.concat([r.frame for r in runs], ignore_index=True)

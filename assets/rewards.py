@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, output_path, torch_threads
-from orchestration.profiles import resolve
+from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 
@@ -36,7 +36,6 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
     params = resolve(settings.params(), "reward_models", config.model_dump())
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
-    train_fields = {k: params[k] for k in RewardTrainConfig.__dataclass_fields__ if k in params}
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
     with LogToDagster(context), atomic_path(output_path(settings, "reward_models")) as tmp:
@@ -55,7 +54,7 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
             else:
                 context.log.info(f"reward model {attribute}: training on {len(group)} pairs")
                 model, tokenizer, train = train_reward_model(
-                    group, output_path(settings, "base_model"), RewardTrainConfig(**train_fields), device=device,
+                    group, output_path(settings, "base_model"), config_from(RewardTrainConfig, params), device=device,
                     progress=context.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]

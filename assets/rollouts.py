@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, output_path, record_check, torch_threads
-from orchestration.profiles import resolve
+from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 
@@ -24,7 +24,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
 
     from models.artifacts import write_folder
     from models.lm import load_frozen_base, pick_device
-    from models.reward_model import load_reward_model
+    from models.reward_model import load_reward_models
     from models.rewards import GOLD_REWARDS
     from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, score_rollouts
 
@@ -34,15 +34,12 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     model, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
     prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
     train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
-    fields = {k: params[k] for k in RolloutConfig.__dataclass_fields__}
     with LogToDagster(context):
-        df = sample_rollouts(model, tokenizer, train_prompts, RolloutConfig(**fields), device=device,
+        df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params), device=device,
                              progress=context.log.info)
-    reward_dir = output_path(settings, "reward_models")
-    attributes = sorted(p.name for p in reward_dir.iterdir() if p.is_dir())
-    scorers = {a: load_reward_model(reward_dir / a, device=device) for a in attributes}
-    df = score_rollouts(df, scorers, [a for a in attributes if a in GOLD_REWARDS])
-    stats = {a: reward_stats(df, f"learned_{a}") for a in attributes}
+    scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
+    df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])
+    stats = {a: reward_stats(df, f"learned_{a}") for a in scorers}
     write_folder(output_path(settings, "rollouts"), {"rollouts.parquet": df, "reward_stats.json": stats})
     metrics = {
         "n_rollouts": len(df),

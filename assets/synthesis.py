@@ -11,7 +11,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, output_path, torch_threads
-from orchestration.profiles import resolve
+from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 GROUP = "synthesis"
@@ -85,8 +85,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
                                  "allow_download": params["allow_download"]})
         else:
             texts = pd.read_parquet(output_path(settings, "corpus")).text.tolist()
-            fields = {k: params[k] for k in TinyLMConfig.__dataclass_fields__}
-            model, tokenizer, train = train_tiny_lm(texts, TinyLMConfig(**fields), device=settings.device)
+            model, tokenizer, train = train_tiny_lm(texts, config_from(TinyLMConfig, params), device=settings.device)
             save_pretrained(model, tokenizer, tmp)
             sha = weights_sha256(tmp)
             write_manifest(tmp, {"embedded": True, "source": "embedded tiny GPT-2", "weights_sha256": sha,
@@ -198,10 +197,8 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
         model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)
         train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
         train = train[train.split == "train"]
-        fields = {k: params[k] for k in PairSynthesisConfig.__dataclass_fields__ if k in params}
-        fields["attributes"] = tuple(params["attributes"])
         with LogToDagster(context):
-            df = synthesize_pairs(model, tokenizer, train, PairSynthesisConfig(**fields), device=device,
+            df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params), device=device,
                                   progress=context.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())

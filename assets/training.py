@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, output_path, torch_threads
-from orchestration.profiles import resolve
+from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 
@@ -51,8 +51,6 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     device = pick_device(settings.device)
     primary = params["parameterization"]
     parameterizations = [primary] + [p for p in params["extra_parameterizations"] if p != primary]
-    fields = {k: params[k] for k in ValueTrainConfig.__dataclass_fields__ if k in params and k != "parameterization"}
-    fields["prefix_lengths"] = tuple(params["prefix_lengths"])
     metrics: dict[str, float] = {"device_cuda": float(device.type == "cuda")}
     series: dict[str, list[float]] = {}
     checkpoints = settings.path(".checkpoints", "value_models")
@@ -63,7 +61,7 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
             data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
             for parameterization in parameterizations:
                 name = value_model_name(attribute, parameterization, primary)
-                train_config = ValueTrainConfig(parameterization=parameterization, **fields)
+                train_config = config_from(ValueTrainConfig, params, parameterization=parameterization)
                 model, result = train_value_model(data, model_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=context.log.info)

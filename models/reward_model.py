@@ -420,3 +420,14 @@ def load_reward_model(directory, device="cpu", trust_remote_code: bool = False, 
     for p in model.parameters():
         p.requires_grad_(False)
     return RewardScorer(model, tokenizer, device=device, max_length=max_length, batch_size=batch_size)
+
+
+def load_reward_models(directory, device="cpu") -> dict[str, RewardScorer]:
+    """Every reward model under a reward_models folder, by attribute (its subfolder's name).
+
+    Hidden folders (atomic-write temporaries) are skipped."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"reward models folder {root} does not exist: materialize reward_models first")
+    return {p.name: load_reward_model(p, device=device)
+            for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}

@@ -49,3 +49,17 @@ def resolve(profile: Mapping[str, Any], section: str, overrides: Mapping[str, An
             raise KeyError(f"unknown parameter {section}.{key}; known: {', '.join(sorted(params))}")
         params[key] = value
     return params
+
+
+def config_from(cls, params: Mapping[str, Any], **overrides):
+    """Build a models/ config dataclass from resolved params: known fields only, YAML lists
+    turned into tuples where the dataclass holds tuples, then explicit overrides."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in params:
+            value = params[f.name]
+            values[f.name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
+    values.update(overrides)
+    return cls(**values)

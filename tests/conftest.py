@@ -13,6 +13,18 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ["VAS_PROFILE"] = "smoke"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models: one intra-op thread is as fast alone and several times faster when other
+    processes share the cores (OpenMP threads then wait on each other); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory):
     """The whole graph materialized once on the smoke profile into a fresh data folder."""

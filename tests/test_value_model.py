@@ -12,16 +12,6 @@ VOCAB = 64
 PARAMS = ["scalar", "qhead"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread is as fast alone and several times faster when other
-    processes share the cores (OpenMP threads then wait on each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_causal_lm(seed: int = 0):
     """A random tiny GPT-2 with GPT-2's default dropout left on (the value model must turn it off)."""
     from transformers import GPT2Config, GPT2LMHeadModel

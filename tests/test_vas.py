@@ -17,16 +17,6 @@ from models.value_model import ValueModel
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one intra-op thread is as fast alone and several times faster when other
-    processes share the cores (OpenMP threads then wait on each other); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_gpt2(vocab_size: int, seed: int, init: float, eos: int, pad: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
