@@ -25,6 +25,7 @@ ASSET_OUTPUTS: dict[str, str] = {
     "reward_models": "reward_models",
     "rollouts": "rollouts",
     "value_models": "value_models",
+    "dpo_model": "dpo_model",
     "evaluation": "eval",
 }
 

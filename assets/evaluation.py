@@ -33,7 +33,7 @@ def load_value_models(root):
     return found
 
 
-@dg.asset(group_name="evaluation", deps=["base_model", "prompts", "reward_models", "value_models"],
+@dg.asset(group_name="evaluation", deps=["base_model", "prompts", "reward_models", "value_models", "dpo_model"],
           kinds={"pytorch", "parquet"}, pool="gpu",
           description="Base sampling, Best-of-N (N=1..128), VAS beta sweep per parameterization and the "
                       "composition grid on held-out prompts; every sample in data/eval/samples.parquet.")
@@ -45,7 +45,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
 
     from models.artifacts import write_folder
     from models.evaluation import EvalConfig, Evaluator, summarize
-    from models.lm import load_frozen_base, pick_device
+    from models.lm import load_causal_lm, load_frozen_base, pick_device
     from models.reward_model import load_reward_models
     from models.rewards import GOLD_REWARDS
 
@@ -61,8 +61,10 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     for by_attribute in value_models.values():
         for model in by_attribute.values():
             model.to(device)
+    dpo, _ = load_causal_lm(output_path(settings, "dpo_model"), device=device)
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
-                          prompts, config_from(EvalConfig, params), device=device, progress=context.log.info)
+                          prompts, config_from(EvalConfig, params), device=device, progress=context.log.info,
+                          dpo_model=dpo)
     with LogToDagster(context):
         runs = evaluator.run_all()
     samples = pd.concat([r.frame for r in runs], ignore_index=True)
@@ -80,7 +82,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     table = summary[[c for c in HEADLINE_COLUMNS if c in summary.columns]]
     context.log.info("evaluation summary:\n" + table.to_string(index=False))
     return finish(context, settings, duckdb, "evaluation", params, headline,
-                  upstream=["base_model", "prompts", "reward_models", "value_models"], extra_rows=rows,
+                  upstream=["base_model", "prompts", "reward_models", "value_models", "dpo_model"], extra_rows=rows,
                   metadata={"summary": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))})
 
 
@@ -103,5 +105,9 @@ def headline_numbers(summary) -> dict[str, float]:
         out[f"vas_{parameterization}/gold_positivity_ci95"] = best.gold_positivity_ci95
         out[f"vas_{parameterization}/kl_nats"] = best.kl_nats_mean
         out[f"vas_{parameterization}/seconds_per_sample"] = best.seconds_per_sample
+    dpo = summary[summary.method == "dpo"]
+    if len(dpo):
+        out["dpo/gold_positivity"] = dpo.iloc[0].gold_positivity_mean
+        out["dpo/kl_nats"] = dpo.iloc[0].kl_nats_mean
     out["base/seconds_per_sample"] = base.seconds_per_sample
     return {k: float(v) for k, v in out.items()}

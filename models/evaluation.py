@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from models.rewards import score_gold
+from models.dpo import PolicySteering
 from models.sampling import SamplingConfig, sample
 from models.vas import VASConfig, vas_sample
 
@@ -85,8 +86,11 @@ class Evaluator:
 
     def __init__(self, base_model, tokenizer, value_models: Mapping[str, Mapping[str, object]],
                  reward_scorers: Mapping[str, Callable], gold_attributes: Sequence[str], prompts: pd.DataFrame,
-                 config: EvalConfig, device: str = "cpu", progress: Callable[[str], None] = log.info):
-        """value_models: parameterization -> attribute -> ValueModel."""
+                 config: EvalConfig, device: str = "cpu", progress: Callable[[str], None] = log.info,
+                 dpo_model=None):
+        """value_models: parameterization -> attribute -> ValueModel; dpo_model: a fine-tuned copy
+        of the base model sharing its tokenizer, sampled as a baseline when given."""
+        self.dpo = dpo_model
         self.base, self.tokenizer = base_model, tokenizer
         self.value_models = value_models
         self.scorers = reward_scorers
@@ -161,11 +165,23 @@ class Evaluator:
         per_token = 1 + ratio * ((self.config.top_k + 1) if parameterization == "scalar" else 1)
         return MethodRun(method, params, frame, seconds, float(frame.n_tokens.mean()) * per_token)
 
+    def run_dpo(self) -> MethodRun:
+        """The DPO policy, sampled by the same loop: its path KL to pi0 is exact."""
+        start = time.perf_counter()
+        gen = sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.sampling(), device=self.device,
+                     steering=PolicySteering(self.dpo))
+        seconds = time.perf_counter() - start
+        frame = self.score(_frame(self.prompts, gen, "dpo", {}))
+        # The base model also runs (for the KL); the DPO model alone would cost one forward per token.
+        return MethodRun("dpo", {}, frame, seconds, float(frame.n_tokens.mean()))
+
     def run_all(self) -> list[MethodRun]:
         c = self.config
         self.progress(f"evaluating on {len(self.prompts)} prompt draws")
         runs = [self.run_base()]
         runs += self.run_best_of_n()
+        if self.dpo is not None:
+            runs.append(self.run_dpo())
         for parameterization in c.parameterizations:
             if c.steer_attribute not in self.value_models.get(parameterization, {}):
                 continue

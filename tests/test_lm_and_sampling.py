@@ -121,3 +121,15 @@ def test_join_prompt_completion():
     assert join_prompt_completion("I bought it", ", sadly.") == "I bought it, sadly."
     assert join_prompt_completion("I bought it", "It broke.") == "I bought it It broke."
     assert join_prompt_completion("I bought it", "") == "I bought it"
+
+
+def test_policy_steering_with_the_base_itself_is_base_sampling(tiny_lm):
+    from models.dpo import PolicySteering
+
+    model, tokenizer, _, _ = tiny_lm
+    prompts = generate_openings(5, 1)
+    config = SamplingConfig(max_new_tokens=10, seed=3, batch_size=3)
+    plain = sample(model, tokenizer, prompts, config)
+    steered = sample(model, tokenizer, prompts, config, steering=PolicySteering(model))
+    assert steered.completion_ids == plain.completion_ids
+    assert max(steered.kl_nats) < 1e-6

@@ -15,7 +15,7 @@ from models.lm import read_manifest, weights_sha256
 from orchestration.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
-ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models",
+ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model",
           "evaluation"]
 
 
@@ -157,7 +157,7 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     expected = {"method", "params", "prompt_id", "prompt", "completion", "n_tokens", "kl_nats",
                 "gold_positivity", "gold_conciseness", "learned_positivity", "learned_conciseness"}
     assert expected <= set(samples.columns)
-    assert set(samples.method) == {"base", "bon", "vas", "compose"}
+    assert set(samples.method) == {"base", "bon", "vas", "compose", "dpo"}
     for params in samples.params:
         json.loads(params)
     key = ["prompt_id", "draw"]
@@ -207,3 +207,13 @@ def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
                 "bon128_tokens_per_s", "value_train_tokens_per_s"):
         assert result[key] > 0
     assert result["device"] == "cpu"
+
+
+def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
+    data = smoke_world["data_dir"]
+    base_sha = read_manifest(data / "base_model")["weights_sha256"]
+    assert weights_sha256(data / "base_model") == base_sha
+    assert weights_sha256(data / "dpo_model") != base_sha
+    samples = pd.read_parquet(data / "eval" / "samples.parquet")
+    dpo = samples[samples.method == "dpo"]
+    assert len(dpo) == (samples.method == "base").sum() and (dpo.kl_nats > 0).all()
