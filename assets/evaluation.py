@@ -44,7 +44,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     import pandas as pd
 
     from models.artifacts import write_folder
-    from models.evaluation import EvalConfig, Evaluator, summarize
+    from models.evaluation import EvalConfig, Evaluator, headline_table, summarize
     from models.lm import load_causal_lm, load_frozen_base, pick_device
     from models.reward_model import load_reward_models
     from models.rewards import GOLD_REWARDS
@@ -83,7 +83,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     context.log.info("evaluation summary:\n" + table.to_string(index=False))
     return finish(context, settings, duckdb, "evaluation", params, headline,
                   upstream=["base_model", "prompts", "reward_models", "value_models", "dpo_model"], extra_rows=rows,
-                  metadata={"summary": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))})
+                  metadata={"headline": dg.MetadataValue.md(headline_table(summary)),
+                            "summary": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))})
 
 
 def headline_numbers(summary) -> dict[str, float]:

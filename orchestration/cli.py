@@ -90,6 +90,14 @@ def cmd_run(args) -> int:
     if not result.success:
         print("run FAILED: see the run log in the Dagster UI (`make ui`)", file=sys.stderr)
         return 1
+    summary_file = settings.path("eval", "summary.parquet")
+    if summary_file.exists():
+        import pandas as pd
+
+        from models.evaluation import headline_table
+
+        print(f"\nheadline ({summary_file}; every sample in {summary_file.with_name('samples.parquet')}):")
+        print(headline_table(pd.read_parquet(summary_file)))
     if args.dvc_commit and not args.data_dir:
         dvc_commit()
     return 0

@@ -217,3 +217,14 @@ def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
     samples = pd.read_parquet(data / "eval" / "samples.parquet")
     dpo = samples[samples.method == "dpo"]
     assert len(dpo) == (samples.method == "base").sum() and (dpo.kl_nats > 0).all()
+
+
+def test_headline_table_picks_the_rows_to_compare(smoke_world):
+    from models.evaluation import headline_rows, headline_table
+
+    summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
+    rows = headline_rows(summary)
+    assert set(rows.method) == {"base", "dpo", "vas"}          # smoke has no Best-of-16/128
+    assert set(rows[rows.method == "vas"].param_parameterization) == {"scalar", "qhead"}
+    table = headline_table(summary)
+    assert table.count("\n") == len(rows) + 1 and table.startswith("| method |")
