@@ -27,6 +27,7 @@ ASSET_OUTPUTS: dict[str, str] = {
     "value_models": "value_models",
     "dpo_model": "dpo_model",
     "evaluation": "eval",
+    "report": "report",
 }
 
 

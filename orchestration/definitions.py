@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import baselines, evaluation, rewards, rollouts, synthesis, training, validation
+from assets import baselines, evaluation, report, rewards, rollouts, synthesis, training, validation
 from orchestration.resources import build_resources
 
-ALL_ASSETS = dg.load_assets_from_modules([synthesis, rewards, rollouts, training, baselines, evaluation])
+ALL_ASSETS = dg.load_assets_from_modules([synthesis, rewards, rollouts, training, baselines, evaluation, report])
 ALL_CHECKS = dg.load_asset_checks_from_modules([validation, rollouts])
 
 full_pipeline = dg.define_asset_job(

@@ -15,7 +15,7 @@ from models.lm import read_manifest, weights_sha256
 from orchestration.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
-ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model",
+ASSETS = ["corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model", "report",
           "evaluation"]
 
 

@@ -1,0 +1,42 @@
+"""Group `evaluation`: the report: frontier and composition plots and the headline table, in the UI."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import finish, output_path
+from orchestration.resources import VasSettings
+
+
+def _png_markdown(path) -> dg.MetadataValue:
+    import base64
+
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{data})")
+
+
+@dg.asset(group_name="evaluation", deps=["evaluation"], kinds={"python"}, pool="duckdb_writer",
+          description="Reward-vs-KL frontier, composition grid and cost plots, and the headline table with "
+                      "a computed verdict: does VAS reach Best-of-128, and at what cost.")
+def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from models.artifacts import atomic_path
+    from models.evaluation import headline_table
+    from models.report import verdict, write_report
+
+    summary = pd.read_parquet(output_path(settings, "evaluation") / "summary.parquet")
+    with atomic_path(output_path(settings, "report")) as tmp:
+        tmp.mkdir()
+        write_report(summary, tmp)
+    folder = output_path(settings, "report")
+    context.log.info(verdict(summary))
+    metadata = {
+        "verdict": verdict(summary),
+        "headline": dg.MetadataValue.md(headline_table(summary)),
+        "frontier": _png_markdown(folder / "frontier.png"),
+        "composition": _png_markdown(folder / "composition.png"),
+        "cost": _png_markdown(folder / "cost.png"),
+        "report_file": dg.MetadataValue.path(str(folder / "report.md")),
+    }
+    return finish(context, settings, duckdb, "report", {}, {"n_methods": len(summary)}, upstream=["evaluation"],
+                  metadata=metadata)

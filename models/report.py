@@ -1,0 +1,145 @@
+"""The evaluation report: reward-vs-KL frontier, composition grid, cost plot, headline verdict.
+
+Plain matplotlib (Agg) on the evaluation summary; no Dagster here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from models.evaluation import headline_table
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _families(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
+    """(label, rows sorted along the curve, annotation column) per method family."""
+    out = []
+    bon = summary[summary.method == "bon"]
+    if len(bon):
+        out.append(("Best-of-N", bon.sort_values("param_n"), "param_n"))
+    for p, group in summary[summary.method == "vas"].groupby("param_parameterization"):
+        out.append((f"VAS {p}", group.sort_values("param_beta"), "param_beta"))
+    return out
+
+
+def frontier_figure(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Gold and learned positivity against KL(pi || pi0), one line per method family."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, reward, title in ((axes[0], "gold_positivity", "gold positivity (VADER)"),
+                              (axes[1], "learned_positivity", "learned positivity (reward model)")):
+        for label, rows, note in _families(summary):
+            ax.errorbar(rows.kl_nats_mean, rows[f"{reward}_mean"], yerr=rows[f"{reward}_ci95"], marker="o",
+                        capsize=3, label=label)
+            for _, r in rows.iterrows():
+                ax.annotate(f"{r[note]:g}", (r.kl_nats_mean, r[f"{reward}_mean"]), textcoords="offset points",
+                            xytext=(3, 4), fontsize=7)
+        for method, marker in (("base", "s"), ("dpo", "D")):
+            rows = summary[summary.method == method]
+            if len(rows):
+                ax.errorbar(rows.kl_nats_mean, rows[f"{reward}_mean"], yerr=rows[f"{reward}_ci95"], marker=marker,
+                            linestyle="none", capsize=3, markersize=8, label=method.upper() if method == "dpo" else method)
+        ax.set_xlabel("KL(pi || pi0), nats")
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Reward vs KL (labels: N for Best-of-N, beta for VAS; bars: 95% CI)")
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def composition_figure(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Heatmaps of gold positivity and gold conciseness over the weight grid."""
+    plt = _plt()
+    rows = summary[summary.method == "compose"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    if rows.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no composition grid in this evaluation", ha="center", va="center")
+            ax.set_axis_off()
+    else:
+        weights = pd.DataFrame([json.loads(p)["weights"] for p in rows.params], index=rows.index)
+        grid = rows.assign(w_pos=weights.positivity, w_con=weights.conciseness)
+        for ax, reward in zip(axes, ("gold_positivity_mean", "gold_conciseness_mean")):
+            table = grid.pivot_table(index="w_pos", columns="w_con", values=reward)
+            image = ax.imshow(table.to_numpy(), origin="lower", cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(table.columns)), [f"{c:g}" for c in table.columns])
+            ax.set_yticks(range(len(table.index)), [f"{i:g}" for i in table.index])
+            ax.set_xlabel("conciseness weight")
+            ax.set_ylabel("positivity weight")
+            ax.set_title(reward.removesuffix("_mean").replace("_", " "))
+            for (i, j), value in pd.DataFrame(table.to_numpy()).stack().items():
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=9)
+            fig.colorbar(image, ax=ax)
+    fig.suptitle("Deploy-time composition: VAS with per-request weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Gold positivity against decode seconds per sample (log scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, rows, _ in _families(summary):
+        ax.plot(rows.seconds_per_sample, rows.gold_positivity_mean, marker="o", label=label)
+    for method, marker in (("base", "s"), ("dpo", "D")):
+        rows = summary[summary.method == method]
+        if len(rows):
+            ax.plot(rows.seconds_per_sample, rows.gold_positivity_mean, marker=marker, linestyle="none",
+                    markersize=8, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode wall seconds per sample (log)")
+    ax.set_ylabel("gold positivity")
+    ax.set_title("What the reward costs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def verdict(summary: pd.DataFrame) -> str:
+    """Does the best VAS setting reach Best-of-max-N's gold positivity (95% intervals overlap), and at
+    what share of its decode time?"""
+    bon = summary[summary.method == "bon"]
+    vas = summary[summary.method == "vas"]
+    if bon.empty or vas.empty:
+        return "No Best-of-N or VAS rows: nothing to compare."
+    ref = bon.loc[bon.param_n.idxmax()]
+    best = vas.loc[vas.gold_positivity_mean.idxmax()]
+    reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
+    ratio = best.seconds_per_sample / ref.seconds_per_sample
+    what = "reaches" if reaches else "falls short of"
+    return (f"VAS ({best.param_parameterization}, beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
+            f"gold positivity ({best.gold_positivity_mean:.3f} ± {best.gold_positivity_ci95:.3f} vs "
+            f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}) at {ratio:.3f}x its decode time "
+            f"per sample.")
+
+
+def write_report(summary: pd.DataFrame, directory: str | Path) -> dict[str, Path]:
+    directory = Path(directory)
+    paths = {
+        "frontier": frontier_figure(summary, directory / "frontier.png"),
+        "composition": composition_figure(summary, directory / "composition.png"),
+        "cost": cost_figure(summary, directory / "cost.png"),
+    }
+    text = f"# VAS evaluation\n\n{verdict(summary)}\n\n{headline_table(summary)}\n"
+    (directory / "report.md").write_text(text, encoding="utf-8")
+    paths["report"] = directory / "report.md"
+    return paths

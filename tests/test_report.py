@@ -1,0 +1,47 @@
+import json
+
+import pandas as pd
+
+from models.report import composition_figure, verdict, write_report
+
+
+def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:
+    def row(method, params, gold, ci, kl, seconds, **extra):
+        return {"method": method, "params": json.dumps(params, sort_keys=True), "gold_positivity_mean": gold,
+                "gold_positivity_ci95": ci, "learned_positivity_mean": gold, "learned_positivity_ci95": ci,
+                "gold_conciseness_mean": 0.7, "gold_conciseness_ci95": 0.02, "kl_nats_mean": kl,
+                "gold_positivity_winrate": 0.6, "distinct_2": 0.3, "seconds_per_sample": seconds, **extra}
+
+    rows = [row("base", {}, 0.1, 0.05, 0.0, 0.01)]
+    rows += [row("bon", {"n": n}, 0.1 + 0.1 * i, 0.04, 0.5 * i, 0.01 * n, param_n=n)
+             for i, n in enumerate([1, 16, 128])]
+    rows += [row("vas", {"beta": b, "parameterization": "scalar"}, vas_gold - 0.1 / b, vas_ci, b, 0.02,
+                 param_beta=b, param_parameterization="scalar") for b in (1.0, 4.0)]
+    rows.append(row("dpo", {}, 0.2, 0.05, 1.0, 0.015))
+    if with_compose:
+        rows += [row("compose", {"weights": {"positivity": p, "conciseness": c}}, 0.1 + p / 10, 0.05, p + c, 0.02)
+                 for p in (0.0, 2.0) for c in (0.0, 2.0)]
+    return pd.DataFrame(rows)
+
+
+def test_report_files_and_table(tmp_path):
+    paths = write_report(summary(0.3, 0.05), tmp_path)
+    for name in ("frontier", "composition", "cost"):
+        data = paths[name].read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    text = paths["report"].read_text()
+    assert "| base |" in text and "| bon n=128 |" in text and "| dpo |" in text
+    # VAS cost relative to Best-of-128: 0.02 / 1.28
+    assert f"{0.02 / 1.28:.3f}" in text
+
+
+def test_verdict_is_computed_from_the_intervals():
+    # Best-of-128: 0.3 ± 0.04. VAS best (beta 4): gold - 0.025.
+    assert "falls short of Best-of-128" in verdict(summary(0.2, 0.02))
+    assert "reaches Best-of-128" in verdict(summary(0.3, 0.05))
+    assert "0.016x" in verdict(summary(0.3, 0.05))
+
+
+def test_composition_figure_without_a_grid_says_so(tmp_path):
+    path = composition_figure(summary(0.3, 0.05, with_compose=False), tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
