@@ -16,16 +16,6 @@ from models.sampling import join_prompt_completion
 QUIET = lambda _: None  # noqa: E731
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: with two OpenMP threads on a busy 2-core machine every small kernel
-    waits at a barrier for a descheduled thread, and training runs up to ~80x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A tiny frozen base GPT-2, saved with its manifest like the base_model asset does."""
