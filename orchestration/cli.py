@@ -167,6 +167,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    import json
+
+    from orchestration.lineage import lineage, print_lineage
+
+    data_dir = Path(args.data_dir) if args.data_dir else PROJECT_ROOT / "data"
+    try:
+        result = lineage(args.target, data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vas lineage: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print_lineage(result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vas", description="Value Augmented Sampling pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     gen.set_defaults(func=cmd_generate)
+    lin = sub.add_parser("lineage", help="which data, params and code produced an artifact or run")
+    lin.add_argument("target", help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id")
+    lin.add_argument("--data-dir", default=None)
+    lin.add_argument("--json", action="store_true", help="machine-readable output")
+    lin.set_defaults(func=cmd_lineage)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""`vas lineage`: which data, params and code produced an artifact, and what it scored.
+
+Answers from DuckDB's lineage table (one row per materialization: inputs' md5s, output md5,
+params, git sha, run id) and checks each md5 against dvc.lock and the files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from assets.common import ASSET_OUTPUTS
+from orchestration.profiles import PROJECT_ROOT
+
+
+def _rows(conn, sql: str, args: list) -> list[dict]:
+    cursor = conn.execute(sql, args)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def asset_of_path(path: Path, data_dir: Path) -> str:
+    """The asset whose DVC output holds path (the output itself or a file inside it)."""
+    rel = path.resolve().relative_to(data_dir.resolve()).as_posix()
+    for asset, out in ASSET_OUTPUTS.items():
+        if rel == out or rel.startswith(out + "/"):
+            return asset
+    raise ValueError(f"{path} is not inside any asset's output under {data_dir}")
+
+
+def dvc_lock_md5s(lock_file: Path = PROJECT_ROOT / "dvc.lock") -> dict[str, str]:
+    """out path -> md5, from dvc.lock."""
+    import yaml
+
+    if not lock_file.exists():
+        return {}
+    stages = yaml.safe_load(lock_file.read_text()).get("stages", {})
+    return {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
+
+
+def chain(conn, asset: str, md5: str | None = None, run_id: str | None = None,
+          seen: set | None = None) -> list[dict]:
+    """The lineage row of (asset, md5 or run) and, recursively, of every input it read; each
+    (asset, md5) once, though the graph is a diamond (base_model feeds several stages)."""
+    seen = set() if seen is None else seen
+    where, args = ["asset = ?"], [asset]
+    if md5:
+        where.append("output_md5 = ?"), args.append(md5)
+    if run_id:
+        where.append("run_id = ?"), args.append(run_id)
+    rows = _rows(conn, f"SELECT * FROM lineage WHERE {' AND '.join(where)} ORDER BY created_at DESC LIMIT 1", args)
+    if not rows:
+        return [{"asset": asset, "output_md5": md5, "missing": "no recorded materialization"}]
+    row = rows[0]
+    if (asset, row["output_md5"]) in seen:
+        return []
+    seen.add((asset, row["output_md5"]))
+    row["inputs"] = json.loads(row["inputs"])
+    row["params"] = json.loads(row["params"])
+    row["created_at"] = str(row["created_at"])
+    out = [row]
+    for name, input_md5 in row["inputs"].items():
+        if not name.startswith("source:"):
+            out += chain(conn, name, md5=input_md5, seen=seen)
+    return out
+
+
+def scored(conn, value_models_md5: str) -> list[dict]:
+    """Headline evaluation metrics of the runs that evaluated these value models."""
+    evals = [r for r in _rows(conn, "SELECT run_id, inputs FROM lineage WHERE asset = 'evaluation'", [])
+             if json.loads(r["inputs"]).get("value_models") == value_models_md5]
+    if not evals:
+        return []
+    return _rows(conn, "SELECT run_id, metric, value FROM metrics WHERE asset = 'evaluation' AND method IS NULL "
+                       f"AND run_id IN ({', '.join('?' * len(evals))}) ORDER BY metric", [e["run_id"] for e in evals])
+
+
+def lineage(target: str, data_dir: Path) -> dict:
+    import duckdb
+
+    from models.artifacts import dvc_md5
+
+    conn = duckdb.connect(str(data_dir / "metrics.duckdb"), read_only=True)
+    try:
+        path = Path(target)
+        if path.exists():
+            asset = asset_of_path(path, data_dir)
+            rows = chain(conn, asset, md5=dvc_md5(data_dir / ASSET_OUTPUTS[asset]))
+        else:
+            found = _rows(conn, "SELECT asset FROM lineage WHERE run_id = ? ORDER BY created_at DESC", [target])
+            if not found:
+                raise ValueError(f"{target!r} is neither an existing path nor a run id in {data_dir / 'metrics.duckdb'}")
+            # The most downstream asset of the run: the one no other asset of the run lists as an input.
+            names = [f["asset"] for f in found]
+            inputs = {k for a in names for k in chain(conn, a, run_id=target)[0]["inputs"]}
+            asset = next((a for a in names if a not in inputs), names[0])
+            rows = chain(conn, asset, run_id=target)
+        lock = dvc_lock_md5s()
+        for row in rows:
+            out = ASSET_OUTPUTS.get(row["asset"])
+            on_disk = data_dir / out if out else None
+            row["md5_on_disk"] = dvc_md5(on_disk) if on_disk is not None and on_disk.exists() else None
+            row["md5_dvc_lock"] = lock.get(f"data/{out}") if data_dir.resolve() == (PROJECT_ROOT / "data").resolve() else None
+        value_row = next((r for r in rows if r["asset"] == "value_models" and "missing" not in r), None)
+        metrics = scored(conn, value_row["output_md5"]) if value_row else []
+        return {"target": target, "asset": rows[0]["asset"], "chain": rows, "evaluation": metrics}
+    finally:
+        conn.close()
+
+
+def print_lineage(result: dict) -> None:
+    print(f"{result['target']}: produced by asset {result['asset']}")
+    for row in result["chain"]:
+        if "missing" in row:
+            print(f"  {row['asset']:18s} md5 {row['output_md5']}  ({row['missing']})")
+            continue
+        flags = []
+        if row["md5_on_disk"] is not None:
+            flags.append("on disk: " + ("same" if row["md5_on_disk"] == row["output_md5"] else "CHANGED since"))
+        if row["md5_dvc_lock"] is not None:
+            flags.append("dvc.lock: " + ("same" if row["md5_dvc_lock"] == row["output_md5"] else "differs"))
+        print(f"  {row['asset']:18s} md5 {row['output_md5']}  run {row['run_id']}  git {row['git_sha'][:12]}  "
+              f"{row['created_at']}  [{', '.join(flags)}]")
+        print(f"  {'':18s} params {json.dumps(row['params'], sort_keys=True)}")
+    if result["evaluation"]:
+        print("  scored (evaluation):")
+        for m in result["evaluation"]:
+            print(f"    {m['metric']:40s} {m['value']:.4f}  (run {m['run_id']})")

@@ -1,0 +1,31 @@
+"""Jobs and schedules: the full graph on demand, and a nightly retrain of the value models."""
+
+import os
+
+import dagster as dg
+
+full_pipeline = dg.define_asset_job(
+    "full_pipeline",
+    selection=dg.AssetSelection.all(),
+    description="Materialize the whole VAS graph on the active profile (VAS_PROFILE).",
+)
+
+# Fresh rollouts from the frozen base model, value models refitted on them, then evaluated.
+RETRAIN_ASSETS = ["rollouts", "value_models", "evaluation", "report"]
+
+nightly_retrain = dg.define_asset_job(
+    "nightly_retrain",
+    selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
+    description="Retrain: rollouts -> value_models -> evaluation -> report, on the current data.",
+)
+
+nightly_retrain_schedule = dg.ScheduleDefinition(
+    name="nightly_retrain_schedule",
+    job=nightly_retrain,
+    cron_schedule=os.environ.get("VAS_RETRAIN_CRON", "0 2 * * *"),
+    execution_timezone=os.environ.get("VAS_RETRAIN_TIMEZONE", "UTC"),
+    # Off until the user turns it on in the UI (Automation tab) or with VAS_RETRAIN_SCHEDULE=on.
+    default_status=(dg.DefaultScheduleStatus.RUNNING if os.environ.get("VAS_RETRAIN_SCHEDULE") == "on"
+                    else dg.DefaultScheduleStatus.STOPPED),
+    description="Nightly retrain at 02:00 (VAS_RETRAIN_TIMEZONE, default UTC).",
+)

@@ -1,0 +1,66 @@
+"""The nightly retrain: its job, its schedule (off by default, 02:00 in a configurable zone)."""
+
+import importlib
+from datetime import datetime, timezone
+
+import dagster as dg
+
+
+def test_nightly_retrain_job_covers_rollouts_to_report():
+    from orchestration.definitions import defs
+
+    job = defs.resolve_job_def("nightly_retrain")
+    keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+    assert keys == {"rollouts", "value_models", "evaluation", "report"}
+
+
+def test_schedule_is_off_by_default_and_runs_the_retrain_at_two():
+    from orchestration import schedules
+
+    schedule = schedules.nightly_retrain_schedule
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert schedule.cron_schedule == "0 2 * * *" and schedule.execution_timezone == "UTC"
+    context = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 24, 2, 0, tzinfo=timezone.utc))
+    requests = list(schedule.evaluate_tick(context).run_requests)
+    assert len(requests) == 1 and requests[0].job_name in (None, "nightly_retrain")
+
+
+def test_schedule_timezone_and_status_come_from_the_environment(monkeypatch):
+    from orchestration import schedules
+
+    monkeypatch.setenv("VAS_RETRAIN_TIMEZONE", "Europe/Berlin")
+    monkeypatch.setenv("VAS_RETRAIN_SCHEDULE", "on")
+    try:
+        reloaded = importlib.reload(schedules)
+        assert reloaded.nightly_retrain_schedule.execution_timezone == "Europe/Berlin"
+        assert reloaded.nightly_retrain_schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    finally:
+        monkeypatch.delenv("VAS_RETRAIN_TIMEZONE")
+        monkeypatch.delenv("VAS_RETRAIN_SCHEDULE")
+        importlib.reload(schedules)
+
+
+def test_vas_lineage_traces_a_value_model_to_its_data(smoke_world, capsys):
+    import json as _json
+
+    from models.artifacts import dvc_md5
+    from orchestration.cli import main
+
+    data = smoke_world["data_dir"]
+    assert main(["lineage", str(data / "value_models" / "positivity"), "--data-dir", str(data), "--json"]) == 0
+    result = _json.loads(capsys.readouterr().out)
+    by_asset = {row["asset"]: row for row in result["chain"]}
+    assert result["asset"] == "value_models"
+    assert {"value_models", "rollouts", "reward_models", "preference_pairs", "prompts", "base_model",
+            "corpus"} <= set(by_asset)
+    assert len(result["chain"]) == len(by_asset)          # each upstream asset once
+    for asset, out in [("value_models", "value_models"), ("rollouts", "rollouts"), ("corpus", "corpus/corpus.parquet")]:
+        row = by_asset[asset]
+        assert row["output_md5"] == row["md5_on_disk"] == dvc_md5(data / out)
+        assert row["run_id"] == smoke_world["result"].run_id and row["git_sha"]
+    assert by_asset["rollouts"]["params"]["samples_per_prompt"] == 4
+    assert any(m["metric"] == "base/gold_positivity" for m in result["evaluation"])
+    # By run id: the whole run, from its most downstream asset.
+    assert main(["lineage", smoke_world["result"].run_id, "--data-dir", str(data)]) == 0
+    assert "produced by asset report" in capsys.readouterr().out
+    assert main(["lineage", "no-such-run", "--data-dir", str(data)]) == 2
