@@ -40,7 +40,8 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
     df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])
     stats = {a: reward_stats(df, f"learned_{a}") for a in scorers}
-    write_folder(output_path(settings, "rollouts"), {"rollouts.parquet": df, "reward_stats.json": stats})
+    write_folder(output_path(settings, "rollouts"),
+                 {"rollouts.parquet": df, "reward_stats.json": stats, "params.json": params})
     metrics = {
         "n_rollouts": len(df),
         "n_prompts": int(df.prompt_id.nunique()),
@@ -63,9 +64,12 @@ def rollouts_suite(context: dg.AssetCheckExecutionContext, settings: VasSettings
 
     from models.validation import validate_rollouts
 
-    profile = settings.params()
-    params = profile["rollouts"]
-    df = pd.read_parquet(output_path(settings, "rollouts") / "rollouts.parquet")
+    import json
+
+    folder = output_path(settings, "rollouts")
+    # The parameters this materialization resolved (a launchpad override included), not the profile's.
+    params = json.loads((folder / "params.json").read_text())
+    df = pd.read_parquet(folder / "rollouts.parquet")
     prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
     n_train = int((prompts.split == "train").sum())
     report = validate_rollouts(df, str(output_path(settings, "rollouts") / "rollouts.parquet"),

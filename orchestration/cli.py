@@ -170,18 +170,27 @@ def cmd_generate(args) -> int:
 def cmd_lineage(args) -> int:
     import json
 
-    from orchestration.lineage import lineage, print_lineage
+    from orchestration.lineage import diff_runs, lineage, print_diff, print_lineage
 
     data_dir = Path(args.data_dir) if args.data_dir else PROJECT_ROOT / "data"
     try:
-        result = lineage(args.target, data_dir)
+        if args.diff:
+            if len(args.target) != 2:
+                print("vas lineage --diff needs two run ids", file=sys.stderr)
+                return 2
+            result, show = diff_runs(*args.target, data_dir), print_diff
+        else:
+            if len(args.target) != 1:
+                print("vas lineage takes one path or run id (two with --diff)", file=sys.stderr)
+                return 2
+            result, show = lineage(args.target[0], data_dir), print_lineage
     except (ValueError, FileNotFoundError) as err:
         print(f"vas lineage: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
-        print_lineage(result)
+        show(result)
     return 0
 
 
@@ -225,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     gen.set_defaults(func=cmd_generate)
     lin = sub.add_parser("lineage", help="which data, params and code produced an artifact or run")
-    lin.add_argument("target", help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id")
+    lin.add_argument("target", nargs="+",
+                     help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id; "
+                          "two run ids with --diff")
+    lin.add_argument("--diff", action="store_true", help="what changed between two runs: data, params, code, metrics")
     lin.add_argument("--data-dir", default=None)
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     lin.set_defaults(func=cmd_lineage)

@@ -126,3 +126,49 @@ def print_lineage(result: dict) -> None:
         print("  scored (evaluation):")
         for m in result["evaluation"]:
             print(f"    {m['metric']:40s} {m['value']:.4f}  (run {m['run_id']})")
+
+
+def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
+    """What changed between two runs: per asset the md5, params and code, then the metrics."""
+    import duckdb
+
+    conn = duckdb.connect(str(data_dir / "metrics.duckdb"), read_only=True)
+    try:
+        runs = {}
+        for run in (run_a, run_b):
+            rows = _rows(conn, "SELECT asset, output_md5, params, git_sha FROM lineage WHERE run_id = ?", [run])
+            if not rows:
+                raise ValueError(f"run {run!r} has no lineage rows in {data_dir / 'metrics.duckdb'}")
+            runs[run] = {r["asset"]: r for r in rows}
+        metrics = {run: {r["metric"]: r["value"] for r in _rows(
+            conn, "SELECT metric, value FROM metrics WHERE run_id = ? AND asset = 'evaluation' AND method IS NULL",
+            [run])} for run in (run_a, run_b)}
+    finally:
+        conn.close()
+    assets = []
+    for asset in sorted(set(runs[run_a]) | set(runs[run_b])):
+        a, b = runs[run_a].get(asset), runs[run_b].get(asset)
+        entry = {"asset": asset, "md5_a": a and a["output_md5"], "md5_b": b and b["output_md5"]}
+        entry["data"] = "only in one run" if not (a and b) else (
+            "unchanged" if a["output_md5"] == b["output_md5"] else "changed")
+        if a and b:
+            pa, pb = json.loads(a["params"]), json.loads(b["params"])
+            entry["params"] = {k: [pa.get(k), pb.get(k)] for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
+            entry["code"] = "unchanged" if a["git_sha"] == b["git_sha"] else f"{a['git_sha'][:12]} -> {b['git_sha'][:12]}"
+        assets.append(entry)
+    shared = sorted(set(metrics[run_a]) & set(metrics[run_b]))
+    changes = {m: [metrics[run_a][m], metrics[run_b][m]] for m in shared if metrics[run_a][m] != metrics[run_b][m]}
+    return {"run_a": run_a, "run_b": run_b, "assets": assets, "metrics": changes}
+
+
+def print_diff(result: dict) -> None:
+    print(f"{result['run_a']} -> {result['run_b']}")
+    for e in result["assets"]:
+        line = f"  {e['asset']:18s} data {e['data']:9s} md5 {e['md5_a']} -> {e['md5_b']}"
+        if e.get("code"):
+            line += f"  code {e['code']}"
+        print(line)
+        for k, (x, y) in (e.get("params") or {}).items():
+            print(f"  {'':18s} param {k}: {x} -> {y}")
+    for m, (x, y) in result["metrics"].items():
+        print(f"  metric {m:36s} {x:.4f} -> {y:.4f}")

@@ -64,3 +64,34 @@ def test_vas_lineage_traces_a_value_model_to_its_data(smoke_world, capsys):
     assert main(["lineage", smoke_world["result"].run_id, "--data-dir", str(data)]) == 0
     assert "produced by asset report" in capsys.readouterr().out
     assert main(["lineage", "no-such-run", "--data-dir", str(data)]) == 2
+
+
+def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, capsys):
+    import json as _json
+    import shutil
+
+    from assets.rollouts import RolloutsConfig
+    from orchestration.cli import main
+    from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+    from orchestration.resources import VasSettings, build_resources
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_world["data_dir"], data)
+    run_a = smoke_world["result"].run_id
+    retrain = dg.materialize(
+        [*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("rollouts", "value_models"),
+        resources=build_resources(VasSettings(profile="smoke", data_dir=str(data), device="cpu")),
+        run_config=dg.RunConfig(ops={"rollouts": RolloutsConfig(max_new_tokens=12)}),
+        instance=dg.DagsterInstance.ephemeral())
+    assert retrain.success
+    assert main(["lineage", "--diff", run_a, retrain.run_id, "--data-dir", str(data), "--json"]) == 0
+    result = _json.loads(capsys.readouterr().out)
+    by_asset = {e["asset"]: e for e in result["assets"]}
+    assert by_asset["rollouts"]["data"] == "changed"
+    assert by_asset["rollouts"]["params"]["max_new_tokens"] == [24, 12]
+    assert by_asset["value_models"]["data"] == "changed"
+    assert by_asset["corpus"]["data"] == "only in one run"        # the retrain did not touch it
+    assert main(["lineage", "--diff", run_a, run_a, "--data-dir", str(data), "--json"]) == 0
+    same = _json.loads(capsys.readouterr().out)
+    assert all(e["data"] == "unchanged" and not e["params"] for e in same["assets"]) and not same["metrics"]
+    assert main(["lineage", "--diff", run_a, "--data-dir", str(data)]) == 2
