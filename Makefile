@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup run test ui bench repro clean-data
+.PHONY: setup dvc-remote run test ui bench repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,17 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml
 
 setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
-## Materialize the whole asset graph on the default profile.
-run: setup
+# DVC remote for the data versions of each run: a local folder by default; point DVC_REMOTE at
+# s3://..., gs://..., ssh://... (any DVC remote) to share them instead.
+DVC_REMOTE ?= $(CURDIR)/.dvc-remote
+
+dvc-remote: setup
+	$(BIN)/dvc remote add --local --force --default vasremote $(DVC_REMOTE) >/dev/null
+
+## Materialize the whole asset graph on the default profile, then push its data versions.
+run: setup dvc-remote
 	$(BIN)/vas run --profile $${VAS_PROFILE:-default}
+	$(BIN)/dvc push --quiet && echo "data versions pushed to $(DVC_REMOTE) (dvc checkout restores them)"
 
 ## Run the test suite (integration tests use the smoke profile).
 test: setup
