@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import subprocess
 from pathlib import Path
@@ -160,6 +159,3 @@ def record_check(context, settings, duckdb, check: str, asset: str, passed: bool
         write_rows(conn, run_id=context.run.run_id, asset=f"{asset}:{check}", metrics=rows, params={},
                    data_version=None, model_version=None, git_sha=git_sha())
 
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

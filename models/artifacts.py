@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -128,6 +127,3 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
         df.to_csv(tmp, index=False)
     return Path(path)
 
-
-def tempdir(prefix: str = "vas-") -> str:
-    return tempfile.mkdtemp(prefix=prefix)

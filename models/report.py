@@ -22,6 +22,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def _families(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
     """(label, rows sorted along the curve, annotation column) per method family."""
     out = []
@@ -55,10 +62,7 @@ def frontier_figure(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title("Reward vs KL (labels: N for Best-of-N, beta for VAS; bars: 95% CI)")
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def composition_figure(summary: pd.DataFrame, path: str | Path) -> Path:
@@ -85,10 +89,7 @@ def composition_figure(summary: pd.DataFrame, path: str | Path) -> Path:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white", fontsize=9)
             fig.colorbar(image, ax=ax)
     fig.suptitle("Deploy-time composition: VAS with per-request weights")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
@@ -108,10 +109,7 @@ def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("What the reward costs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def verdict(summary: pd.DataFrame) -> str:
