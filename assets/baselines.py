@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, torch_threads
+from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -29,6 +29,9 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
 
     torch_threads()
     params = resolve(settings.params(), "dpo", config.model_dump())
+    upstream = ["preference_pairs", "base_model"]
+    if (reused := reuse(context, settings, duckdb, "dpo_model", params, upstream)) is not None:
+        return reused
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
     with LogToDagster(context), atomic_path(output_path(settings, "dpo_model")) as tmp:
@@ -36,5 +39,5 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
                            config_from(DPOTrainConfig, params), device=device, progress=context.log.info)
         sha = weights_sha256(tmp)
     curve = result.pop("loss_curve")
-    return finish(context, settings, duckdb, "dpo_model", params, result, upstream=["preference_pairs", "base_model"],
+    return finish(context, settings, duckdb, "dpo_model", params, result, upstream=upstream,
                   series={"dpo_loss": curve}, model_version=sha)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Iterable
 
 import dagster as dg
 
-from assets.metrics_db import metric_row, write_rows
+from assets.metrics_db import copy_metrics, find_reusable, metric_row, write_rows
 from models.artifacts import dvc_md5
 from orchestration.profiles import PROJECT_ROOT
 
@@ -18,6 +19,7 @@ from orchestration.profiles import PROJECT_ROOT
 # dvc.yaml lists the same path as the stage's out, so data version == the md5 in dvc.lock.
 ASSET_OUTPUTS: dict[str, str] = {
     "corpus": "corpus/corpus.parquet",
+    "imported_preferences": "imported_preferences",
     "base_model": "base_model",
     "prompts": "prompts",
     "preference_pairs": "preference_pairs",
@@ -54,6 +56,67 @@ def git_sha() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the code that computes assets (models/ and assets/ sources): unlike the git sha
+    it does not change when only docs, tests or the orchestration wiring change."""
+    digest = hashlib.sha256()
+    for package in ("models", "assets"):
+        for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
+            digest.update(path.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+# Run tag that turns re-use off: every selected asset is recomputed (`vas run --force`).
+FORCE_TAG = "vas/force"
+
+
+def lineage_inputs(settings, upstream: Iterable[str] = (), source: str | None = None) -> dict[str, str]:
+    """What an asset reads: each upstream asset's md5 now on disk, and an imported file or model folder's."""
+    inputs = {name: data_version_of(settings, name) for name in upstream}
+    if source:
+        inputs[f"source:{source}"] = dvc_md5(source) if Path(source).exists() else "unhashed"
+    return inputs
+
+
+def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, params: dict,
+          upstream: Iterable[str] = (), source: str | None = None) -> dg.MaterializeResult | None:
+    """Re-use the output on disk when an earlier run made it from the same inputs, params and
+    code; returns the MaterializeResult to return, or None when the asset must be computed.
+
+    A nightly retrain with nothing new is then a few hashes, and the data versions it reports
+    are the ones already in dvc.lock. The run gets lineage and metric rows of its own (copied
+    from the original run), so `vas lineage` and `--diff` see every asset of every run.
+    """
+    if context.run.tags.get(FORCE_TAG, "").lower() in ("1", "true", "yes"):
+        return None
+    path = output_path(settings, asset)
+    if not path.exists():
+        return None
+    try:
+        inputs = lineage_inputs(settings, upstream, source)
+    except FileNotFoundError:
+        return None
+    output_md5 = dvc_md5(path)
+    sha = git_sha()
+    with duckdb.get_connection() as conn:
+        original = find_reusable(conn, asset=asset, inputs=inputs, params=params, code_version=code_version(),
+                                 output_md5=output_md5)
+        if original is None or original == context.run_id:
+            return None
+        metrics = copy_metrics(conn, from_run=original, to_run=context.run_id, asset=asset)
+        write_rows(conn, run_id=context.run_id, asset=asset, metrics=[], params=params, data_version=output_md5,
+                   model_version=None, git_sha=sha, keep_metrics=True,
+                   lineage={"inputs": inputs, "output_md5": output_md5, "code_version": code_version(),
+                            "reused_from": original})
+    context.log.info(f"{asset}: inputs, params and code unchanged since run {original}; "
+                     f"re-using its output (md5 {output_md5}). Tag the run {FORCE_TAG}=true to recompute.")
+    meta: dict[str, Any] = {m["metric"]: _metadata_value(m["value"]) for m in metrics}
+    meta.update(_lineage_metadata(settings, asset, params, inputs, output_md5, sha))
+    meta["reused_from_run"] = original
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(output_md5))
 
 
 def torch_threads() -> None:
@@ -104,6 +167,18 @@ def _metadata_value(value: Any):
     return dg.MetadataValue.text(str(value))
 
 
+def _lineage_metadata(settings, asset: str, params: dict, inputs: dict, md5: str, sha: str) -> dict[str, Any]:
+    return {
+        "dvc_md5": md5,
+        "profile": settings.profile,
+        "params": dg.MetadataValue.json(params),
+        "inputs": dg.MetadataValue.json(inputs),
+        "git_sha": sha,
+        "code_version": code_version(),
+        "output": dg.MetadataValue.path(str(output_path(settings, asset))),
+    }
+
+
 def finish(
     context: dg.AssetExecutionContext,
     settings,
@@ -124,9 +199,7 @@ def finish(
     folder, whose md5 joins the lineage inputs.
     """
     data_version = data_version_of(settings, asset)
-    inputs = {name: data_version_of(settings, name) for name in upstream}
-    if source:
-        inputs[f"source:{source}"] = dvc_md5(source) if Path(source).exists() else "unhashed"
+    inputs = lineage_inputs(settings, upstream, source)
     rows = [metric_row(name, value) for name, value in metrics.items()]
     for name, values in (series or {}).items():
         rows += [metric_row(name, v, step=i) for i, v in enumerate(values)]
@@ -135,16 +208,9 @@ def finish(
     with duckdb.get_connection() as conn:
         write_rows(conn, run_id=context.run_id, asset=asset, metrics=rows, params=params,
                    data_version=data_version, model_version=model_version, git_sha=sha,
-                   lineage={"inputs": inputs, "output_md5": data_version})
+                   lineage={"inputs": inputs, "output_md5": data_version, "code_version": code_version()})
     meta: dict[str, Any] = {name: _metadata_value(value) for name, value in metrics.items()}
-    meta.update({
-        "dvc_md5": data_version,
-        "profile": settings.profile,
-        "params": dg.MetadataValue.json(params),
-        "inputs": dg.MetadataValue.json(inputs),
-        "git_sha": sha,
-        "output": dg.MetadataValue.path(str(output_path(settings, asset))),
-    })
+    meta.update(_lineage_metadata(settings, asset, params, inputs, data_version, sha))
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, dg.MetadataValue) else _metadata_value(value)
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(data_version))

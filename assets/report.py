@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import finish, output_path
+from assets.common import finish, output_path, reuse
 from orchestration.resources import VasSettings
 
 
@@ -24,6 +24,8 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
     from models.evaluation import headline_table
     from models.report import verdict, write_report
 
+    if (reused := reuse(context, settings, duckdb, "report", {}, ["evaluation"])) is not None:
+        return reused
     summary = pd.read_parquet(output_path(settings, "evaluation") / "summary.parquet")
     with atomic_path(output_path(settings, "report")) as tmp:
         tmp.mkdir()

@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, torch_threads
+from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -34,6 +34,9 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
 
     torch_threads()
     params = resolve(settings.params(), "reward_models", config.model_dump())
+    upstream = ["preference_pairs", "base_model"]
+    if (reused := reuse(context, settings, duckdb, "reward_models", params, upstream)) is not None:
+        return reused
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
     metrics: dict[str, float] = {}
@@ -69,4 +72,4 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                              f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
                              f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
     return finish(context, settings, duckdb, "reward_models", params, metrics,
-                  upstream=["preference_pairs", "base_model"], series=series)
+                  upstream=upstream, series=series)

@@ -10,7 +10,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, torch_threads
+from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -30,6 +30,8 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
     from models.rewards import count_words, positivity
 
     params = resolve(settings.params(), "corpus", config.model_dump())
+    if (reused := reuse(context, settings, duckdb, "corpus", params)) is not None:
+        return reused
     df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
     write_parquet(df, output_path(settings, "corpus"))
     sample = df.text.head(2000).tolist()
@@ -70,6 +72,9 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
 
     torch_threads()
     params = resolve(settings.params(), "base_model", config.model_dump())
+    upstream, source = ([], params["source"]) if params["source"] else (["corpus"], None)
+    if (reused := reuse(context, settings, duckdb, "base_model", params, upstream, source)) is not None:
+        return reused
     out_dir = output_path(settings, "base_model")
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
@@ -101,8 +106,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
         metrics.update({f"sample_{k}": v for k, v in spread.items() if k != "examples"})
     context.log.info(f"base model frozen, weights sha256 {sha[:12]}; sample spread {spread}")
     return finish(context, settings, duckdb, "base_model", params, metrics,
-                  upstream=[] if params["source"] else ["corpus"], source=params["source"] or None,
-                  series=series, model_version=sha,
+                  upstream=upstream, source=source, series=series, model_version=sha,
                   metadata={"weights_sha256": sha,
                             "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
 
@@ -127,6 +131,9 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
 
     profile = settings.params()
     params = resolve(profile, "prompts", config.model_dump())
+    if (reused := reuse(context, settings, duckdb, "prompts", params, ["base_model"],
+                        params["source"] or None)) is not None:
+        return reused
     rules = ValidationRules.from_params(profile["validation"])
     prompts_path = output_path(settings, "prompts") / "prompts.parquet"
     metrics: dict[str, float] = {}
@@ -168,9 +175,11 @@ class PreferencePairsConfig(dg.Config):
     max_new_tokens: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, deps=["base_model", "prompts"], kinds={"pytorch", "parquet"}, pool="gpu",
+@dg.asset(group_name=GROUP, deps=["base_model", "prompts", "imported_preferences"], kinds={"pytorch", "parquet"},
+          pool="gpu",
           description="Preference pairs per reward attribute: base-model completion pairs with noisy "
-                      "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected).")
+                      "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected); "
+                      "plus every pair accepted from data/incoming/ (imported_preferences).")
 def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsConfig, settings: VasSettings,
                      duckdb: DuckDBResource) -> dg.MaterializeResult:
     import pandas as pd
@@ -183,6 +192,13 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     torch_threads()
     profile = settings.params()
     params = resolve(profile, "preference_pairs", config.model_dump())
+    upstream = [] if params["source"] else ["base_model", "prompts"]
+    imported_path = output_path(settings, "imported_preferences") / "pairs.parquet"
+    if imported_path.exists():
+        upstream.append("imported_preferences")
+    if (reused := reuse(context, settings, duckdb, "preference_pairs", params, upstream,
+                        params["source"] or None)) is not None:
+        return reused
     rules = ValidationRules.from_params(profile["validation"])
     pairs_path = output_path(settings, "preference_pairs") / "pairs.parquet"
     metrics: dict[str, float] = {}
@@ -203,6 +219,12 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
         report = validate_pairs(df, str(pairs_path), rules)
+    if "imported_preferences" in upstream:
+        imported = pd.read_parquet(imported_path)
+        if len(imported):
+            context.log.info(f"merging {len(imported)} imported pairs from {imported.source_md5.nunique()} file(s)")
+            df = pd.concat([df, imported[list(df.columns.intersection(imported.columns))]], ignore_index=True)
+        metrics["n_imported"] = len(imported)
     write_folder(output_path(settings, "preference_pairs"), {
         "pairs.parquet": df,
         "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
@@ -211,10 +233,10 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     for attribute, group in df.groupby("attribute"):
         metrics[f"n_pairs_{attribute}"] = len(group)
         if "gold_chosen" in group:
-            metrics[f"gold_agreement_{attribute}"] = float((group.gold_chosen > group.gold_rejected).mean())
+            labelled = group.dropna(subset=["gold_chosen", "gold_rejected"])  # imported pairs carry no gold scores
+            metrics[f"gold_agreement_{attribute}"] = float((labelled.gold_chosen > labelled.gold_rejected).mean())
     metrics["mean_chosen_chars"] = float(df.chosen.str.len().mean())
     metrics["mean_rejected_chars"] = float(df.rejected.str.len().mean())
     return finish(context, settings, duckdb, "preference_pairs", params, metrics,
-                  upstream=[] if params["source"] else ["base_model", "prompts"],
-                  source=params["source"] or None,
+                  upstream=upstream, source=params["source"] or None,
                   metadata={"preview": dg.MetadataValue.md(df.head(6).to_markdown(index=False))})

@@ -5,9 +5,11 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, torch_threads
+from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
+
+VERSIONS_DIR = "value_model_versions"  # under the data folder
 
 
 def value_model_name(attribute: str, parameterization: str, primary: str) -> str:
@@ -39,6 +41,10 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
 
     torch_threads()
     params = resolve(settings.params(), "value_models", config.model_dump())
+    upstream = ["rollouts", "base_model"]
+    if (reused := reuse(context, settings, duckdb, "value_models", params, upstream)) is not None:
+        keep_value_model_version(context, settings)
+        return reused
     rollout_dir = output_path(settings, "rollouts")
     df = pd.read_parquet(rollout_dir / "rollouts.parquet")
     stats = json.loads((rollout_dir / "reward_stats.json").read_text())
@@ -83,5 +89,22 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     # The models are saved: checkpoints only served a run that might have been killed.
     for name in list(checkpoints.glob("*")):
         clear_checkpoint(name)
-    return finish(context, settings, duckdb, "value_models", params, metrics, upstream=["rollouts", "base_model"],
-                  series=series)
+    version = keep_value_model_version(context, settings)
+    return finish(context, settings, duckdb, "value_models", params, metrics, upstream=upstream,
+                  series=series, metadata={"version_path": dg.MetadataValue.path(str(version))})
+
+
+def keep_value_model_version(context, settings):
+    """Every value-model version the pipeline produced stays in data/value_model_versions/<md5>/
+    (listed in versions.json with the run that made it); data/value_models is the current one."""
+    from datetime import datetime, timezone
+
+    from assets.common import code_version, data_version_of, git_sha
+    from models.artifacts import keep_version
+
+    record = {"run_id": context.run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "rollouts_md5": data_version_of(settings, "rollouts"), "git_sha": git_sha(),
+              "code_version": code_version()}
+    version = keep_version(output_path(settings, "value_models"), settings.path(VERSIONS_DIR), record)
+    context.log.info(f"value models version {version.name} kept in {version.parent}")
+    return version

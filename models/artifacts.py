@@ -127,3 +127,26 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
         df.to_csv(tmp, index=False)
     return Path(path)
 
+
+
+def keep_version(path: str | Path, versions_dir: str | Path, record: dict) -> Path:
+    """Copy the artifact at path to versions_dir/<its DVC md5>, beside the versions kept before,
+    and list it in versions_dir/versions.json; a version already kept is left as it is.
+
+    `path` is the current version (what DVC tracks and the pipeline reads); the copies keep
+    every earlier one at hand, so a retrain never overwrites the model it replaces.
+    """
+    path, versions_dir = Path(path), Path(versions_dir)
+    md5 = dvc_md5(path)
+    target = versions_dir / md5.removesuffix(".dir")
+    if not target.exists():
+        with atomic_path(target) as tmp:
+            if path.is_dir():
+                shutil.copytree(path, tmp)
+            else:
+                shutil.copy2(path, tmp)
+    index = versions_dir / "versions.json"
+    versions = json.loads(index.read_text()) if index.exists() else []
+    if not any(v["md5"] == md5 for v in versions):
+        write_json(versions + [{**record, "md5": md5, "path": target.name}], index)
+    return target

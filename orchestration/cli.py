@@ -25,8 +25,10 @@ def prepare_environment() -> None:
         shutil.copy(PROJECT_ROOT / "orchestration" / "dagster.yaml", home / "dagster.yaml")
 
 
-def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None):
-    """Materialize assets (all when selection is None) with their checks, in the persistent instance."""
+def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None,
+                force: bool = False):
+    """Materialize assets (all when selection is None) with their checks, in the persistent instance.
+    An asset whose inputs, params and code are unchanged re-uses its output unless force."""
     prepare_environment()
     if profile:
         os.environ["VAS_PROFILE"] = profile
@@ -34,6 +36,7 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         os.environ["VAS_DATA_DIR"] = data_dir
     import dagster as dg
 
+    from assets.common import FORCE_TAG
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
     from orchestration.resources import build_resources
 
@@ -47,7 +50,7 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources=resources,
         instance=instance,
-        tags={"vas/profile": settings.profile},
+        tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {})},
         raise_on_error=False,
     ), settings
 
@@ -63,7 +66,10 @@ def _summarize(result, settings) -> None:
         meta = {k: v.value for k, v in mat.metadata.items()
                 if isinstance(v, (dg.FloatMetadataValue, dg.IntMetadataValue))}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(meta.items())[:8])
-        print(f"  {mat.asset_key.to_user_string():18s} {shown}")
+        reused = mat.metadata.get("reused_from_run")
+        if reused is not None:
+            shown = f"unchanged, re-used from run {reused.value[:8]}; " + shown
+        print(f"  {mat.asset_key.to_user_string():20s} {shown}")
     for check in result.get_asset_check_evaluations():
         status = "passed" if check.passed else f"FAILED ({check.severity.value})"
         print(f"  check {check.check_name:28s} {status}")
@@ -84,7 +90,7 @@ def dvc_commit() -> None:
 
 def cmd_run(args) -> int:
     start = time.perf_counter()
-    result, settings = materialize(None, args.profile, args.data_dir)
+    result, settings = materialize(None, args.profile, args.data_dir, args.force)
     _summarize(result, settings)
     print(f"wall time {time.perf_counter() - start:.1f} s")
     if not result.success:
@@ -104,7 +110,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_materialize(args) -> int:
-    result, settings = materialize(args.assets, args.profile, args.data_dir)
+    result, settings = materialize(args.assets, args.profile, args.data_dir, args.force)
     _summarize(result, settings)
     return 0 if result.success else 1
 
@@ -203,12 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=None, help="data folder (default: data/)")
     run.add_argument("--no-dvc-commit", dest="dvc_commit", action="store_false",
                      help="do not record the outputs in dvc.lock")
+    run.add_argument("--force", action="store_true",
+                     help="recompute every asset, even those whose inputs, params and code are unchanged")
     run.set_defaults(func=cmd_run)
 
     mat = sub.add_parser("materialize", help="materialize some assets (used by dvc.yaml stages)")
     mat.add_argument("assets", nargs="+", help="asset names, e.g. corpus base_model")
     mat.add_argument("--profile", default=None)
     mat.add_argument("--data-dir", default=None)
+    mat.add_argument("--force", action="store_true", help="recompute even if nothing changed")
     mat.set_defaults(func=cmd_materialize)
 
     val = sub.add_parser("validate", help="validate a prompts or preference-pairs file")

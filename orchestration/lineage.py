@@ -19,12 +19,22 @@ def _rows(conn, sql: str, args: list) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def asset_of_path(path: Path, data_dir: Path) -> str:
-    """The asset whose DVC output holds path (the output itself or a file inside it)."""
-    rel = path.resolve().relative_to(data_dir.resolve()).as_posix()
+VERSIONS = {"value_model_versions": "value_models"}  # folders of kept versions -> their asset
+
+
+def artifact_of_path(path: Path, data_dir: Path) -> tuple[str, Path]:
+    """The asset whose output holds path (the output itself or a file inside it), and that
+    output's folder or file: the current one, or a kept version (value_model_versions/<md5>)."""
+    try:
+        rel = path.resolve().relative_to(data_dir.resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"{path} is not inside the data folder {data_dir}") from None
+    parts = rel.split("/")
+    if parts[0] in VERSIONS and len(parts) >= 2:
+        return VERSIONS[parts[0]], data_dir / parts[0] / parts[1]
     for asset, out in ASSET_OUTPUTS.items():
         if rel == out or rel.startswith(out + "/"):
-            return asset
+            return asset, data_dir / out
     raise ValueError(f"{path} is not inside any asset's output under {data_dir}")
 
 
@@ -84,8 +94,8 @@ def lineage(target: str, data_dir: Path) -> dict:
     try:
         path = Path(target)
         if path.exists():
-            asset = asset_of_path(path, data_dir)
-            rows = chain(conn, asset, md5=dvc_md5(data_dir / ASSET_OUTPUTS[asset]))
+            asset, artifact = artifact_of_path(path, data_dir)
+            rows = chain(conn, asset, md5=dvc_md5(artifact))
         else:
             found = _rows(conn, "SELECT asset FROM lineage WHERE run_id = ? ORDER BY created_at DESC", [target])
             if not found:
@@ -136,10 +146,22 @@ def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
     try:
         runs = {}
         for run in (run_a, run_b):
-            rows = _rows(conn, "SELECT asset, output_md5, params, git_sha FROM lineage WHERE run_id = ?", [run])
+            rows = _rows(conn, "SELECT * FROM lineage WHERE run_id = ?", [run])
             if not rows:
                 raise ValueError(f"run {run!r} has no lineage rows in {data_dir / 'metrics.duckdb'}")
-            runs[run] = {r["asset"]: r for r in rows}
+            state = {r["asset"]: {**r, "role": "reused" if r.get("reused_from") else "materialized"} for r in rows}
+            # What the run read without materializing it (an upstream asset outside its job)
+            # belongs to its state too: the diff then shows those as unchanged or changed inputs.
+            seen: set = set()
+            for r in rows:
+                for name, md5 in json.loads(r["inputs"]).items():
+                    if name.startswith("source:"):
+                        continue
+                    for up in chain(conn, name, md5=md5, seen=seen):
+                        if up["asset"] not in state and "missing" not in up:
+                            state[up["asset"]] = {**up, "params": json.dumps(up["params"], sort_keys=True),
+                                                  "role": "input"}
+            runs[run] = state
         metrics = {run: {r["metric"]: r["value"] for r in _rows(
             conn, "SELECT metric, value FROM metrics WHERE run_id = ? AND asset = 'evaluation' AND method IS NULL",
             [run])} for run in (run_a, run_b)}
@@ -148,7 +170,8 @@ def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
     assets = []
     for asset in sorted(set(runs[run_a]) | set(runs[run_b])):
         a, b = runs[run_a].get(asset), runs[run_b].get(asset)
-        entry = {"asset": asset, "md5_a": a and a["output_md5"], "md5_b": b and b["output_md5"]}
+        entry = {"asset": asset, "md5_a": a and a["output_md5"], "md5_b": b and b["output_md5"],
+                 "role_a": a and a["role"], "role_b": b and b["role"]}
         entry["data"] = "only in one run" if not (a and b) else (
             "unchanged" if a["output_md5"] == b["output_md5"] else "changed")
         if a and b:
@@ -164,7 +187,8 @@ def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
 def print_diff(result: dict) -> None:
     print(f"{result['run_a']} -> {result['run_b']}")
     for e in result["assets"]:
-        line = f"  {e['asset']:18s} data {e['data']:9s} md5 {e['md5_a']} -> {e['md5_b']}"
+        line = (f"  {e['asset']:20s} data {e['data']:9s} md5 {e['md5_a']} -> {e['md5_b']}"
+                f"  ({e['role_a'] or '-'} / {e['role_b'] or '-'})")
         if e.get("code"):
             line += f"  code {e['code']}"
         print(line)

@@ -90,7 +90,8 @@ def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, c
     assert by_asset["rollouts"]["data"] == "changed"
     assert by_asset["rollouts"]["params"]["max_new_tokens"] == [24, 12]
     assert by_asset["value_models"]["data"] == "changed"
-    assert by_asset["corpus"]["data"] == "only in one run"        # the retrain did not touch it
+    # The retrain did not materialize corpus, but read it (through base_model): unchanged input.
+    assert by_asset["corpus"]["data"] == "unchanged" and by_asset["corpus"]["role_b"] == "input"
     assert main(["lineage", "--diff", run_a, run_a, "--data-dir", str(data), "--json"]) == 0
     same = _json.loads(capsys.readouterr().out)
     assert all(e["data"] == "unchanged" and not e["params"] for e in same["assets"]) and not same["metrics"]
