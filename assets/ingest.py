@@ -63,13 +63,14 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
                       "run_id": context.run_id, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         context.log.info(f"{path.name}: {len(rows)} pairs accepted (md5 {md5})")
     merged = merge_imported(existing, new_frames)
-    write_folder(folder, {
-        "pairs.parquet": merged,
-        "sources.json": sources + added,
-        # What the asset read in this run, for the blocking check (same shape as the other imports').
-        "validation.json": {"source": ", ".join(a["name"] for a in added) or "(no new files)",
-                            "n_rows": int(sum(a["n_pairs"] for a in added)), "bad_rows": [], "problems": []},
-    })
+    if added or not folder.exists():  # nothing new: the table and its data version stay as they are
+        write_folder(folder, {
+            "pairs.parquet": merged,
+            "sources.json": sources + added,
+            # What the last merge read, for the blocking check (same shape as the other imports').
+            "validation.json": {"source": ", ".join(a["name"] for a in added) or "(no files yet)",
+                                "n_rows": int(sum(a["n_pairs"] for a in added)), "bad_rows": [], "problems": []},
+        })
     metrics = {"n_pairs": len(merged), "n_files": len(sources) + len(added), "n_new_files": len(added),
                "n_new_pairs": int(sum(a["n_pairs"] for a in added))}
     return finish(context, settings, duckdb, "imported_preferences", {"files": sorted(a["md5"] for a in added)},

@@ -134,3 +134,35 @@ def test_sensor_is_on_by_default_and_targets_the_incoming_retrain():
     assert keys == {"imported_preferences", "preference_pairs", "reward_models", "dpo_model", "rollouts",
                     "value_models", "evaluation", "report"}
     assert defs.resolve_sensor_def("incoming_preferences_sensor").job_name == "incoming_retrain"
+
+
+def test_imported_preferences_merges_good_files_once_and_refuses_bad_ones(world):
+    from assets.ingest import imported_preferences, imported_preferences_suite
+    from models.artifacts import dvc_md5
+    from orchestration.resources import build_resources
+
+    resources = build_resources(world["settings"])
+    out = world["settings"].path("imported_preferences")
+
+    def merge(*files):
+        return dg.materialize([imported_preferences, imported_preferences_suite], resources=resources,
+                              instance=world["instance"], raise_on_error=False,
+                              run_config={"ops": {"imported_preferences": {"config": {"files": [str(f) for f in files]}}}})
+
+    bad = write_pairs(world["incoming"] / "bad.csv", [{**GOOD_ROWS[0], "prompt": ""}])
+    refused = merge(bad)       # launched by hand from the launchpad, past the sensor
+    assert not refused.success and not out.exists()
+    failure = [e for e in refused.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert "bad.csv" in failure.event_specific_data.error.message
+
+    good = write_pairs(world["incoming"] / "good.csv", GOOD_ROWS)
+    merged = merge(good)
+    assert merged.success and all(c.passed for c in merged.get_asset_check_evaluations())
+    table = pd.read_parquet(out / "pairs.parquet")
+    assert len(table) == 2 and set(table.source_file) == {"good.csv"}
+    assert table.pair_id.str.startswith(file_md5(good)[:8]).all()
+    version = dvc_md5(out)
+    again = merge(good)        # the same content again adds nothing
+    assert again.success and len(pd.read_parquet(out / "pairs.parquet")) == 2
+    mat = again.get_asset_materialization_events()[0].event_specific_data.materialization
+    assert mat.metadata["n_new_files"].value == 0 and dvc_md5(out) == version
