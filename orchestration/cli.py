@@ -26,7 +26,7 @@ def prepare_environment() -> None:
 
 
 def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None,
-                force: bool = False):
+                force: bool = False, run_config: dict | None = None, tags: dict | None = None):
     """Materialize assets (all when selection is None) with their checks, in the persistent instance.
     An asset whose inputs, params and code are unchanged re-uses its output unless force."""
     prepare_environment()
@@ -50,7 +50,8 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources=resources,
         instance=instance,
-        tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {})},
+        tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {}), **(tags or {})},
+        run_config=run_config,
         raise_on_error=False,
     ), settings
 
@@ -113,6 +114,53 @@ def cmd_materialize(args) -> int:
     result, settings = materialize(args.assets, args.profile, args.data_dir, args.force)
     _summarize(result, settings)
     return 0 if result.success else 1
+
+
+def cmd_ingest(args) -> int:
+    """What the incoming sensor does, for given files and without the daemon: validate each,
+    then one incoming_retrain run on those that pass."""
+    prepare_environment()
+    if args.profile:
+        os.environ["VAS_PROFILE"] = args.profile
+    if args.data_dir:
+        os.environ["VAS_DATA_DIR"] = args.data_dir
+    from models.ingest import read_incoming
+    from models.validation import ValidationRules
+    from orchestration.resources import settings_from_env
+
+    settings = settings_from_env()
+    rules = ValidationRules.from_params(settings.params()["validation"])
+    accepted, failed = [], 0
+    for name in args.files:
+        path = Path(name).resolve()
+        try:
+            rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
+        except (OSError, ValueError) as err:
+            print(f"vas ingest: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if report.success:
+            print(f"{path}: {len(rows)} pairs pass validation")
+            accepted.append(str(path))
+        else:
+            failed += 1
+            print(report.summary(), file=sys.stderr)
+            for problem in report.problems:
+                print(f"  {problem}", file=sys.stderr)
+            if quarantined:
+                print(f"  bad rows quarantined to {quarantined}", file=sys.stderr)
+    if not accepted:
+        print("vas ingest: no file passed validation; no retrain", file=sys.stderr)
+        return 1
+    from orchestration.definitions import defs
+
+    job = defs.resolve_job_def("incoming_retrain")
+    selection = sorted(k.to_user_string() for k in job.asset_layer.selected_asset_keys)
+    result, settings = materialize(selection, args.profile, args.data_dir,
+                                   run_config={"ops": {"imported_preferences": {"config": {"files": accepted}}}},
+                                   tags={"vas/incoming": ",".join(Path(a).name for a in accepted)})
+    _summarize(result, settings)
+    return 0 if result.success and not failed else 1
 
 
 def cmd_validate(args) -> int:
@@ -219,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--data-dir", default=None)
     mat.add_argument("--force", action="store_true", help="recompute even if nothing changed")
     mat.set_defaults(func=cmd_materialize)
+
+    ing = sub.add_parser("ingest", help="validate preference files and retrain on the merged data "
+                                         "(what the data/incoming sensor does, without the daemon)")
+    ing.add_argument("files", nargs="+", help="CSV, JSONL or Parquet files with prompt, chosen, rejected[, attribute]")
+    ing.add_argument("--profile", default=None)
+    ing.add_argument("--data-dir", default=None)
+    ing.set_defaults(func=cmd_ingest)
 
     val = sub.add_parser("validate", help="validate a prompts or preference-pairs file")
     val.add_argument("file")

@@ -189,3 +189,31 @@ def test_dvc_checkout_of_the_older_commit_restores_its_data(retrains):
     finally:
         sh(repo, "git", "checkout", "-q", second["commit"])
         sh(repo, DVC, "pull", "--force", "--quiet")
+
+
+def test_vas_ingest_retrains_on_good_files_and_refuses_bad_ones(smoke_world, tmp_path, monkeypatch, capsys):
+    from orchestration.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_world["data_dir"], data)
+    # The CLI sets these for the process; monkeypatch puts them back afterwards.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("VAS_DATA_DIR", str(data))
+    monkeypatch.setenv("VAS_PROFILE", "smoke")
+    prompts = pd.read_parquet(data / "prompts" / "prompts.parquet").prompt.tolist()[:6]
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"prompt": prompts[:2], "chosen": ["fine", ""], "rejected": ["bad", "worse"]}).to_csv(bad, index=False)
+    before = dvc_md5(data / "value_models")
+    assert main(["ingest", str(bad), "--data-dir", str(data), "--profile", "smoke"]) == 1
+    err = capsys.readouterr().err
+    assert "row 2" in err and "'chosen'" in err and "no retrain" in err
+    assert dvc_md5(data / "value_models") == before
+    assert json.loads((data / "imported_preferences" / "sources.json").read_text()) == []
+
+    good = preference_file(tmp_path / "good.csv", prompts, "Wonderful", "Dreadful")
+    assert main(["ingest", str(good), "--data-dir", str(data), "--profile", "smoke"]) == 0
+    assert dvc_md5(data / "value_models") != before
+    sources = json.loads((data / "imported_preferences" / "sources.json").read_text())
+    assert [s["name"] for s in sources] == ["good.csv"]
+    versions = json.loads((data / "value_model_versions" / "versions.json").read_text())
+    assert {before, dvc_md5(data / "value_models")} <= {v["md5"] for v in versions}
