@@ -1,0 +1,360 @@
+"""End to end through the Dagster UI: `dagster dev` on loopback, headless Chromium, the global asset
+graph shows every stage, "Materialize all" runs the smoke graph to SUCCESS, screenshots saved.
+
+Skipped when /usr/bin/chromium or Playwright is missing, unless VAS_REQUIRE_BROWSER=1 (CI), where a
+missing browser is a failure. Screenshots: VAS_UI_SCREENSHOT (default data/ui/ui_e2e.png) is the run
+page of the finished run; ui_asset_graph.png beside it is the graph before launching.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+# The machine has no network: never let Chromium phone home, and no GPU to use.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+SERVER_START_S = 120
+RUN_TIMEOUT_S = 600
+TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+# Asset nodes on the graph are CSS-module classes (AssetNode_assetName__<hash>); the prefix is what
+# is stable across builds. Group labels use other classes, so a group named like an asset
+# ("evaluation", "rollouts") does not count as that asset's node.
+ASSET_NODE_NAME = '[class*="AssetNode_assetName"]'
+
+
+# ---------------------------------------------------------------- prerequisites
+
+
+def _require_browser() -> None:
+    """Skip without a browser, or fail when CI said one must be there (VAS_REQUIRE_BROWSER=1)."""
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(f"{CHROMIUM} (Debian package chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright Python package (pip install -e '.[dev]')")
+    if not missing:
+        return
+    reason = "UI browser test needs " + " and ".join(missing)
+    if os.environ.get("VAS_REQUIRE_BROWSER") == "1":
+        pytest.fail(reason + "; VAS_REQUIRE_BROWSER=1 makes that an error", pytrace=False)
+    pytest.skip(reason)
+
+
+def _expected_asset_keys() -> list[str]:
+    # From the Definitions `dagster dev` loads, so a newly added asset is expected on the graph too.
+    from orchestration.definitions import defs
+
+    return sorted(key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys())
+
+
+def _expected_check_count() -> int:
+    from orchestration.definitions import defs
+
+    return len(defs.resolve_asset_graph().asset_check_keys)
+
+
+# ---------------------------------------------------------------- dagster dev
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 80) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+class DagsterUI:
+    """A `dagster dev` process group on a free loopback port with its own instance and data folder."""
+
+    def __init__(self, tmp: Path):
+        self.home = tmp / "dagster_home"
+        self.data_dir = tmp / "data"
+        self.log_path = tmp / "dagster_dev.log"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update({
+            "DAGSTER_HOME": str(self.home),
+            "DAGSTER_DISABLE_TELEMETRY": "1",
+            "DVC_NO_ANALYTICS": "1",
+            "GX_ANALYTICS_ENABLED": "False",
+            "VAS_PROFILE": "smoke",
+            # A fresh data folder: the run must never read or overwrite the repo's data/.
+            "VAS_DATA_DIR": str(self.data_dir),
+            "VAS_DEVICE": "cpu",
+            # Tiny models on 2 cores: one thread per step process avoids OpenMP threads spinning
+            # against each other across the multiprocess executor's workers.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        })
+        return env
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True)
+        self.data_dir.mkdir(parents=True)
+        # Telemetry off and the pools (one GPU user, one DuckDB writer), as `make ui` has them.
+        shutil.copy(ROOT / "orchestration" / "dagster.yaml", self.home / "dagster.yaml")
+        dagster = ROOT / ".venv" / "bin" / "dagster"
+        if not dagster.exists():  # a venv elsewhere: the dagster next to this interpreter
+            dagster = Path(shutil.which("dagster") or "dagster")
+        with open(self.log_path, "wb") as log:
+            # Own session = own process group, so teardown reaches the webserver, daemon, code
+            # server and run workers dagster dev spawns, not just the parent.
+            self.proc = subprocess.Popen(
+                [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)],
+                cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout: float = SERVER_START_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dagster dev exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"dagster dev did not answer {self.url}/server_info within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """TERM the whole group, then KILL it: dagster dev can sit in its shutdown for a long
+        time, and everything it wrote lives in the tmp folder, so nothing needs a clean exit."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # session leader: its pid is the group id
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=grace)
+        # The leader may be gone while workers of the group linger; KILL whatever is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(f"{self.url}/graphql", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            payload = json.load(resp)
+        if payload.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {payload['errors']}")
+        return payload["data"]
+
+    def run_ids(self) -> set[str]:
+        data = self.graphql("{ runsOrError { ... on Runs { results { runId } } } }")
+        return {run["runId"] for run in data["runsOrError"]["results"]}
+
+    def run(self, run_id: str) -> dict:
+        data = self.graphql(
+            """query ($runId: ID!) { runOrError(runId: $runId) { __typename
+                 ... on Run { status assetMaterializations { assetKey { path } } } } }""",
+            {"runId": run_id})
+        return data["runOrError"]
+
+
+@pytest.fixture
+def dagster_ui(tmp_path):
+    _require_browser()  # before spending a minute on the server
+    ui = DagsterUI(tmp_path)
+    try:
+        ui.start()
+        ui.wait_ready()
+    except Exception as exc:
+        ui.stop()
+        pytest.fail(f"dagster dev did not come up: {exc}\n--- {ui.log_path} (tail) ---\n"
+                    f"{_log_tail(ui.log_path)}", pytrace=False)
+    try:
+        yield ui
+    finally:
+        ui.stop()
+
+
+@pytest.fixture
+def page(dagster_ui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        # The Debian Chromium, never a downloaded one: the network is closed.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            # The "Join the Dagster community" dialog on localhost covers the graph; this is the
+            # key its Skip button sets.
+            context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+# ---------------------------------------------------------------- UI steps
+
+
+def _screenshot_paths() -> tuple[Path, Path]:
+    final = Path(os.environ.get("VAS_UI_SCREENSHOT") or ROOT / "data" / "ui" / "ui_e2e.png")
+    return final, final.with_name("ui_asset_graph.png")
+
+
+def _save_screenshot(page, dest: Path) -> None:
+    """Write atomically, so a reader never sees half a PNG (the report or a CI artifact upload)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(page.screenshot(type="png", full_page=True))
+    os.replace(tmp, dest)
+
+
+def _dismiss_community_dialog(page) -> None:
+    # Belt and braces for the init script: a later UI may rename the storage key.
+    skip = page.get_by_role("button", name="Skip", exact=True)
+    if skip.is_visible():
+        skip.click()
+
+
+def _asset_names_on_graph(page) -> list[str]:
+    return [text.strip() for text in page.locator(ASSET_NODE_NAME).all_inner_texts()]
+
+
+def _shows(label: str, name: str) -> bool:
+    """Whether a node label is this asset: zoomed out, the graph middle-truncates names longer than
+    18 characters ("impor…_preferences"), and the full name is only in a hover tooltip."""
+    if label == name:
+        return True
+    head, ellipsis, tail = label.partition("\u2026")
+    return bool(ellipsis) and len(name) > len(label) - 1 and name.startswith(head) and name.endswith(tail)
+
+
+def _missing_from_graph(labels: list[str], expected: list[str]) -> list[str]:
+    """Expected assets with no node of their own: exact labels first, then truncated ones, each
+    label used once, so two assets cannot both be vouched for by one node."""
+    left = list(labels)
+    missing = []
+    for name in sorted(expected, key=lambda n: n not in left):  # exact matches claim labels first
+        label = next((lab for lab in left if _shows(lab, name)), None)
+        if label is None:
+            missing.append(name)
+        else:
+            left.remove(label)
+    return missing
+
+
+def _open_asset_graph(page, ui: DagsterUI, expected: list[str]) -> None:
+    """The global lineage graph (Lineage in the nav, /asset-groups) with every group expanded.
+
+    Groups start collapsed into one box each; Alt+E is the graph's "Expand all groups" shortcut
+    (it toggles, and a fresh browser context starts with none expanded)."""
+    page.goto(f"{ui.url}/asset-groups")
+    # The code server imports torch and transformers before the graph can load: allow for it.
+    page.get_by_role("button", name="Materialize all").wait_for(timeout=SERVER_START_S * 1000)
+    page.wait_for_timeout(1000)  # the NUX dialog, if any, opens a moment after the page
+    _dismiss_community_dialog(page)
+    if _missing_from_graph(_asset_names_on_graph(page), expected):
+        page.keyboard.press("Alt+e")
+    deadline = time.monotonic() + 60
+    while missing := _missing_from_graph(shown := _asset_names_on_graph(page), expected):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"asset graph lacks {missing}; its nodes read {sorted(shown)}")
+        page.wait_for_timeout(500)
+
+
+def _materialize_all(page, ui: DagsterUI) -> str:
+    """Click "Materialize all" and return the id of the run it launched.
+
+    The button takes asset keys straight from the graph, never a selection string, so Dagster's
+    Python selection parser (broken here by hydra-core's antlr4 4.9 pin) is not involved. All
+    configs are optional, so it launches at once; a launchpad, if a future asset needs one, is
+    launched as it opens."""
+    before = ui.run_ids()
+    page.get_by_role("button", name="Materialize all").click()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = ui.run_ids() - before
+        if new:
+            assert len(new) == 1, f"one click launched several runs: {new}"
+            return new.pop()
+        launch = page.get_by_role("dialog").get_by_role("button", name="Launch run")
+        if launch.count() and launch.first.is_enabled():
+            launch.first.click()
+        page.wait_for_timeout(1000)
+    raise AssertionError("no run appeared within 60 s of clicking Materialize all")
+
+
+def _wait_for_run(ui: DagsterUI, run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = ui.run(run_id)
+        if run.get("status") in TERMINAL:
+            return run
+        time.sleep(5)
+    raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s: {ui.run(run_id).get('status')}")
+
+
+def _open_run_page(page, ui: DagsterUI, run_id: str, n_assets: int, n_checks: int) -> None:
+    page.goto(f"{ui.url}/runs/{run_id}")
+    # The header tags: status, how many assets and checks the run covered.
+    page.get_by_text("Success", exact=True).first.wait_for()
+    page.get_by_text(f"{n_assets} assets", exact=True).first.wait_for()
+    if n_checks:
+        page.get_by_text(f"{n_checks} checks", exact=True).first.wait_for()
+    # The event log streams in and scrolls to its end; RUN_SUCCESS there means it is complete.
+    page.get_by_text("RUN_SUCCESS", exact=True).first.wait_for()
+    page.wait_for_timeout(1000)
+
+
+# ---------------------------------------------------------------- the test
+
+
+def test_materialize_all_from_the_ui(dagster_ui, page, tmp_path):
+    expected = _expected_asset_keys()
+    final_png, graph_png = _screenshot_paths()
+    try:
+        _open_asset_graph(page, dagster_ui, expected)
+        _save_screenshot(page, graph_png)
+
+        run_id = _materialize_all(page, dagster_ui)
+        page.goto(f"{dagster_ui.url}/runs/{run_id}")  # watch it live, as a user would
+        run = _wait_for_run(dagster_ui, run_id)
+        assert run["status"] == "SUCCESS", f"run {run_id} ended {run['status']}"
+        materialized = {"/".join(m["assetKey"]["path"]) for m in run["assetMaterializations"]}
+        assert materialized == set(expected), f"materialized {sorted(materialized)}, expected {expected}"
+
+        _open_run_page(page, dagster_ui, run_id, len(expected), _expected_check_count())
+        _save_screenshot(page, final_png)
+    except BaseException:
+        # What the browser and the server saw, for a failure in CI where neither is at hand.
+        with contextlib.suppress(Exception):
+            _save_screenshot(page, tmp_path / "failure.png")
+            print(f"\nbrowser at {page.url}; screenshot {tmp_path / 'failure.png'}")
+        print(f"\n--- {dagster_ui.log_path} (tail) ---\n{_log_tail(dagster_ui.log_path)}")
+        raise
