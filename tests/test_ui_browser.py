@@ -3,7 +3,8 @@ graph shows every stage, "Materialize all" runs the smoke graph to SUCCESS, scre
 
 Skipped when /usr/bin/chromium or Playwright is missing, unless VAS_REQUIRE_BROWSER=1 (CI), where a
 missing browser is a failure. Screenshots: VAS_UI_SCREENSHOT (default data/ui/ui_e2e.png) is the run
-page of the finished run; ui_asset_graph.png beside it is the graph before launching.
+page of the finished run; ui_asset_graph.png beside it is the graph before launching, and
+ui_incoming_check.png the imported_preferences checks after the sensor took a good and a bad file.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class DagsterUI:
             # A fresh data folder: the run must never read or overwrite the repo's data/.
             "VAS_DATA_DIR": str(self.data_dir),
             "VAS_DEVICE": "cpu",
+            # Files the test drops are complete at once: the sensor need not wait for them.
+            "VAS_INCOMING_SETTLE_SECONDS": "0",
             # Tiny models on 2 cores: one thread per step process avoids OpenMP threads spinning
             # against each other across the multiprocess executor's workers.
             "OMP_NUM_THREADS": "1",
@@ -174,6 +177,19 @@ class DagsterUI:
     def run_ids(self) -> set[str]:
         data = self.graphql("{ runsOrError { ... on Runs { results { runId } } } }")
         return {run["runId"] for run in data["runsOrError"]["results"]}
+
+    def runs(self) -> list[dict]:
+        data = self.graphql("{ runsOrError { ... on Runs { results { runId jobName status "
+                            "tags { key value } } } } }")
+        return data["runsOrError"]["results"]
+
+    def check_executions(self, asset: str, check: str) -> list[dict]:
+        data = self.graphql(
+            """query ($asset: AssetKeyInput!, $check: String!) {
+                 assetCheckExecutions(assetKey: $asset, checkName: $check, limit: 20) {
+                   runId status evaluation { success description } } }""",
+            {"asset": {"path": [asset]}, "check": check})
+        return data["assetCheckExecutions"]
 
     def run(self, run_id: str) -> dict:
         data = self.graphql(
@@ -332,6 +348,37 @@ def _open_run_page(page, ui: DagsterUI, run_id: str, n_assets: int, n_checks: in
     page.wait_for_timeout(1000)
 
 
+def _incoming_files_through_the_daemon(page, ui: DagsterUI, screenshot: Path) -> None:
+    """The new-data sensor as the daemon runs it: a good and a bad file dropped into
+    data/incoming/ give one retrain (of the good one) and a failed check naming the bad one."""
+    incoming = ui.data_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    (incoming / "good.csv").write_text(
+        "prompt,chosen,rejected,attribute\n"
+        "The blender,works great and I love it.,broke after a day and is awful.,positivity\n"
+        "This lamp,is bright and sturdy and lovely.,flickers and feels cheap.,positivity\n")
+    (incoming / "bad.csv").write_text("prompt,chosen,rejected,attribute\nThe kettle,,leaks.,positivity\n")
+    deadline = time.monotonic() + 120  # the sensor ticks every 30 s
+    while not (retrains := [r for r in ui.runs() if r["jobName"] == "incoming_retrain"]):
+        assert time.monotonic() < deadline, "the sensor launched no incoming_retrain within 120 s"
+        time.sleep(3)
+    assert len(retrains) == 1, f"expected one retrain (the good file), got {retrains}"
+    tags = {t["key"]: t["value"] for t in retrains[0]["tags"]}
+    assert tags["vas/incoming"] == "good.csv" and tags["dagster/sensor_name"] == "incoming_preferences_sensor"
+    run = _wait_for_run(ui, retrains[0]["runId"])
+    assert run["status"] == "SUCCESS", f"incoming retrain ended {run['status']}"
+    executions = ui.check_executions("imported_preferences", "imported_preferences_suite")
+    rejected = [e for e in executions if e["status"] == "FAILED"]
+    assert len(rejected) == 1 and "bad.csv" in rejected[0]["evaluation"]["description"], executions
+    assert any(e["status"] == "SUCCEEDED" and e["runId"] == retrains[0]["runId"] for e in executions)
+    page.goto(f"{ui.url}/assets/imported_preferences?view=checks")
+    page.get_by_text("imported_preferences_suite").first.wait_for()
+    # The history lists the sensor's rejection of bad.csv under the retrain's passing check.
+    page.get_by_text("Execution history", exact=True).first.click()
+    page.wait_for_timeout(2000)
+    _save_screenshot(page, screenshot)
+
+
 # ---------------------------------------------------------------- the test
 
 
@@ -351,6 +398,8 @@ def test_materialize_all_from_the_ui(dagster_ui, page, tmp_path):
 
         _open_run_page(page, dagster_ui, run_id, len(expected), _expected_check_count())
         _save_screenshot(page, final_png)
+
+        _incoming_files_through_the_daemon(page, dagster_ui, final_png.with_name("ui_incoming_check.png"))
     except BaseException:
         # What the browser and the server saw, for a failure in CI where neither is at hand.
         with contextlib.suppress(Exception):
