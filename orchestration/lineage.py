@@ -177,7 +177,11 @@ def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
         if a and b:
             pa, pb = json.loads(a["params"]), json.loads(b["params"])
             entry["params"] = {k: [pa.get(k), pb.get(k)] for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
-            entry["code"] = "unchanged" if a["git_sha"] == b["git_sha"] else f"{a['git_sha'][:12]} -> {b['git_sha'][:12]}"
+            # Code is the hash of models/ and assets/ (what computes the data); the git commit
+            # also moves with docs and tests, so it is shown beside it, not instead of it.
+            ca, cb = a.get("code_version"), b.get("code_version")
+            entry["code"] = ("unchanged" if ca == cb else f"{ca} -> {cb}") if ca and cb else "unknown"
+            entry["git"] = "same" if a["git_sha"] == b["git_sha"] else f"{a['git_sha'][:12]} -> {b['git_sha'][:12]}"
         assets.append(entry)
     shared = sorted(set(metrics[run_a]) & set(metrics[run_b]))
     changes = {m: [metrics[run_a][m], metrics[run_b][m]] for m in shared if metrics[run_a][m] != metrics[run_b][m]}
@@ -190,7 +194,7 @@ def print_diff(result: dict) -> None:
         line = (f"  {e['asset']:20s} data {e['data']:9s} md5 {e['md5_a']} -> {e['md5_b']}"
                 f"  ({e['role_a'] or '-'} / {e['role_b'] or '-'})")
         if e.get("code"):
-            line += f"  code {e['code']}"
+            line += f"  code {e['code']}, git {e['git']}"
         print(line)
         for k, (x, y) in (e.get("params") or {}).items():
             print(f"  {'':18s} param {k}: {x} -> {y}")

@@ -122,6 +122,7 @@ def test_lineage_diff_reports_changed_and_unchanged_md5s(retrains, capsys):
         assert diff[asset]["data"] == "changed", asset
         assert diff[asset]["md5_a"] == retrains["first"]["md5s"][asset]
         assert diff[asset]["md5_b"] == retrains["second"]["md5s"][asset]
+        assert diff[asset]["code"] == "unchanged" and diff[asset]["git"] == "same"   # only the data moved
     for asset in ("corpus", "base_model", "prompts"):  # read by both retrains, materialized by neither
         assert diff[asset]["data"] == "unchanged" and diff[asset]["role_a"] == diff[asset]["role_b"] == "input"
         assert diff[asset]["md5_a"] == dvc_md5(retrains["data"] / ("corpus/corpus.parquet" if asset == "corpus"
