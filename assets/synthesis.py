@@ -131,6 +131,7 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
 
     profile = settings.params()
     params = resolve(profile, "prompts", config.model_dump())
+    params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output
     if (reused := reuse(context, settings, duckdb, "prompts", params, ["base_model"],
                         params["source"] or None)) is not None:
         return reused
@@ -192,6 +193,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     torch_threads()
     profile = settings.params()
     params = resolve(profile, "preference_pairs", config.model_dump())
+    params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output
     upstream = [] if params["source"] else ["base_model", "prompts"]
     imported_path = output_path(settings, "imported_preferences") / "pairs.parquet"
     if imported_path.exists():
