@@ -73,16 +73,18 @@ def code_version() -> str:
 FORCE_TAG = "vas/force"
 
 
-def lineage_inputs(settings, upstream: Iterable[str] = (), source: str | None = None) -> dict[str, str]:
-    """What an asset reads: each upstream asset's md5 now on disk, and an imported file or model folder's."""
+def lineage_inputs(settings, upstream: Iterable[str] = (), source: str | Iterable[str] | None = None
+                   ) -> dict[str, str]:
+    """What an asset reads: each upstream asset's md5 now on disk, and the md5 of each imported
+    file or model folder (source: one path or several)."""
     inputs = {name: data_version_of(settings, name) for name in upstream}
-    if source:
-        inputs[f"source:{source}"] = dvc_md5(source) if Path(source).exists() else "unhashed"
+    for path in ([source] if isinstance(source, str) else source or []):
+        inputs[f"source:{path}"] = dvc_md5(path) if Path(path).exists() else "unhashed"
     return inputs
 
 
 def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, params: dict,
-          upstream: Iterable[str] = (), source: str | None = None) -> dg.MaterializeResult | None:
+          upstream: Iterable[str] = (), source: str | Iterable[str] | None = None) -> dg.MaterializeResult | None:
     """Re-use the output on disk when an earlier run made it from the same inputs, params and
     code; returns the MaterializeResult to return, or None when the asset must be computed.
 
@@ -190,7 +192,7 @@ def finish(
     series: dict[str, list[float]] | None = None,
     metadata: dict[str, Any] | None = None,
     model_version: str | None = None,
-    source: str | None = None,
+    source: str | Iterable[str] | None = None,
     extra_rows: list[dict] | None = None,
 ) -> dg.MaterializeResult:
     """Hash outputs, record metrics and lineage in DuckDB, and return the MaterializeResult.

@@ -35,7 +35,9 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
     torch_threads()
     params = resolve(settings.params(), "reward_models", config.model_dump())
     upstream = ["preference_pairs", "base_model"]
-    if (reused := reuse(context, settings, duckdb, "reward_models", params, upstream)) is not None:
+    # A user's classifier is known by its folder's contents, not its path (re-use must see a swap).
+    sources = sorted((params.get("sources") or {}).values())
+    if (reused := reuse(context, settings, duckdb, "reward_models", params, upstream, sources)) is not None:
         return reused
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
@@ -72,4 +74,4 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                              f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
                              f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
     return finish(context, settings, duckdb, "reward_models", params, metrics,
-                  upstream=upstream, series=series)
+                  upstream=upstream, source=sources, series=series)
