@@ -36,7 +36,7 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
     import pandas as pd
 
     from models.artifacts import write_folder
-    from models.ingest import empty_imported, merge_imported, read_incoming
+    from models.ingest import empty_imported, read_incoming
     from models.validation import ValidationRules
 
     rules = ValidationRules.from_params(settings.params()["validation"])
@@ -62,7 +62,8 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
         added.append({"file": str(path), "name": path.name, "md5": md5, "n_pairs": len(rows),
                       "run_id": context.run_id, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         context.log.info(f"{path.name}: {len(rows)} pairs accepted (md5 {md5})")
-    merged = merge_imported(existing, new_frames)
+    # `known` kept each file (md5) to one merge, across runs and within this one.
+    merged = pd.concat([existing, *new_frames], ignore_index=True)
     if added or not folder.exists():  # nothing new: the table and its data version stay as they are
         write_folder(folder, {
             "pairs.parquet": merged,

@@ -51,8 +51,13 @@ def read_incoming(path: Path, rules: ValidationRules, quarantine_dir: Path
 
     A file is accepted only whole: any bad row, a missing column or no rows at all fails it
     (report.success False, bad rows quarantined), so a half-broken delivery never trains a model.
+    A file that cannot be read at all (gone, unsupported type) fails the same way, never raises.
     """
-    df, report, quarantined = import_preference_file(path, rules, quarantine_dir)
+    try:
+        df, report, quarantined = import_preference_file(path, rules, quarantine_dir)
+    except (OSError, ValueError) as exc:
+        return empty_imported(), ValidationReport(str(path), "pairs", 0, [
+            Problem(str(path), None, None, f"unreadable: {exc}")]), None
     md5 = file_md5(path)
     if report.success and len(df) == 0:
         report.problems.append(Problem(str(path), None, None, "no preference pairs in the file"))
@@ -64,10 +69,3 @@ def read_incoming(path: Path, rules: ValidationRules, quarantine_dir: Path
     rows["source_row"] = range(1, len(rows) + 1)
     return rows[list(IMPORTED_COLUMNS)], report, quarantined
 
-
-def merge_imported(existing: pd.DataFrame, new: list[pd.DataFrame]) -> pd.DataFrame:
-    """Existing rows then the new files' rows; a file (md5) already merged is not added again."""
-    known = set(existing["source_md5"])
-    frames = [existing] + [f for f in new if len(f) and f["source_md5"].iloc[0] not in known]
-    merged = pd.concat(frames, ignore_index=True) if len(frames) > 1 else existing.reset_index(drop=True)
-    return merged.drop_duplicates(subset=["source_md5", "source_row"], keep="first").reset_index(drop=True)

@@ -133,12 +133,7 @@ def cmd_ingest(args) -> int:
     accepted, failed = [], 0
     for name in args.files:
         path = Path(name).resolve()
-        try:
-            rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
-        except (OSError, ValueError) as err:
-            print(f"vas ingest: {err}", file=sys.stderr)
-            failed += 1
-            continue
+        rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
         if report.success:
             print(f"{path}: {len(rows)} pairs pass validation")
             accepted.append(str(path))

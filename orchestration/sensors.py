@@ -19,9 +19,8 @@ import os
 
 import dagster as dg
 
+from assets.ingest import CHECK_NAME
 from orchestration.resources import VasSettings
-
-CHECK_NAME = "imported_preferences_suite"  # defined in assets/ingest.py
 
 incoming_retrain = dg.define_asset_job(
     "incoming_retrain",
@@ -77,13 +76,8 @@ def incoming_preferences_sensor(context: dg.SensorEvaluationContext, settings: V
         if md5 in processed:
             continue
         processed[md5] = path.name
-        try:
-            rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
-        except (OSError, ValueError) as exc:  # unreadable: reported, never retried until it changes
-            from models.validation import Problem, ValidationReport
-
-            report = ValidationReport(str(path), "pairs", 0, [Problem(str(path), None, None, f"unreadable: {exc}")])
-            quarantined = None
+        # An unreadable file fails like a bad one, and is not retried until its content changes.
+        rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
         if report.success:
             context.log.info(f"{path.name}: {len(rows)} pairs pass validation (md5 {md5})")
             accepted.append((path, md5))

@@ -205,6 +205,8 @@ def test_vas_ingest_retrains_on_good_files_and_refuses_bad_ones(smoke_world, tmp
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"prompt": prompts[:2], "chosen": ["fine", ""], "rejected": ["bad", "worse"]}).to_csv(bad, index=False)
     before = dvc_md5(data / "value_models")
+    assert main(["ingest", str(tmp_path / "missing.csv"), "--data-dir", str(data), "--profile", "smoke"]) == 1
+    assert "unreadable" in (err := capsys.readouterr().err) and "no such file" in err
     assert main(["ingest", str(bad), "--data-dir", str(data), "--profile", "smoke"]) == 1
     err = capsys.readouterr().err
     assert "row 2" in err and "'chosen'" in err and "no retrain" in err
