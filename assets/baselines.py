@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -30,7 +30,8 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
     torch_threads()
     params = resolve(settings.params(), "dpo", config.model_dump())
     upstream = ["preference_pairs", "base_model"]
-    if (reused := reuse(context, settings, duckdb, "dpo_model", params, upstream)) is not None:
+    inputs = lineage_inputs(settings, upstream)
+    if (reused := reuse(context, settings, duckdb, "dpo_model", params, inputs)) is not None:
         return reused
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
@@ -39,5 +40,5 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
                            config_from(DPOTrainConfig, params), device=device, progress=context.log.info)
         sha = weights_sha256(tmp)
     curve = result.pop("loss_curve")
-    return finish(context, settings, duckdb, "dpo_model", params, result, upstream=upstream,
+    return finish(context, settings, duckdb, "dpo_model", params, result, inputs=inputs,
                   series={"dpo_loss": curve}, model_version=sha)

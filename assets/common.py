@@ -84,9 +84,10 @@ def lineage_inputs(settings, upstream: Iterable[str] = (), source: str | Iterabl
 
 
 def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, params: dict,
-          upstream: Iterable[str] = (), source: str | Iterable[str] | None = None) -> dg.MaterializeResult | None:
-    """Re-use the output on disk when an earlier run made it from the same inputs, params and
-    code; returns the MaterializeResult to return, or None when the asset must be computed.
+          inputs: dict[str, str]) -> dg.MaterializeResult | None:
+    """Re-use the output on disk when an earlier run made it from the same inputs (from
+    lineage_inputs), params and code; returns the MaterializeResult to return, or None when the
+    asset must be computed (and `finish` then records the same inputs).
 
     A nightly retrain with nothing new is then a few hashes, and the data versions it reports
     are the ones already in dvc.lock. The run gets lineage and metric rows of its own (copied
@@ -96,10 +97,6 @@ def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, param
         return None
     path = output_path(settings, asset)
     if not path.exists():
-        return None
-    try:
-        inputs = lineage_inputs(settings, upstream, source)
-    except FileNotFoundError:
         return None
     output_md5 = dvc_md5(path)
     sha = git_sha()
@@ -188,20 +185,19 @@ def finish(
     asset: str,
     params: dict,
     metrics: dict[str, float],
-    upstream: Iterable[str] = (),
+    inputs: dict[str, str] | None = None,
     series: dict[str, list[float]] | None = None,
     metadata: dict[str, Any] | None = None,
     model_version: str | None = None,
-    source: str | Iterable[str] | None = None,
     extra_rows: list[dict] | None = None,
 ) -> dg.MaterializeResult:
     """Hash outputs, record metrics and lineage in DuckDB, and return the MaterializeResult.
 
-    `upstream` names the assets whose outputs were read; `source` an imported file or model
-    folder, whose md5 joins the lineage inputs.
+    `inputs` is what the asset read, from lineage_inputs (taken before the work, as `reuse`
+    compared it): upstream outputs' md5s and any imported file or model folder's.
     """
     data_version = data_version_of(settings, asset)
-    inputs = lineage_inputs(settings, upstream, source)
+    inputs = inputs or {}
     rows = [metric_row(name, value) for name, value in metrics.items()]
     for name, values in (series or {}).items():
         rows += [metric_row(name, v, step=i) for i, v in enumerate(values)]

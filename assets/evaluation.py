@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.metrics_db import metric_row
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
@@ -53,7 +53,8 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     profile = settings.params()
     params = resolve(profile, "evaluation", config.model_dump())
     upstream = ["base_model", "prompts", "reward_models", "value_models", "dpo_model"]
-    if (reused := reuse(context, settings, duckdb, "evaluation", params, upstream)) is not None:
+    inputs = lineage_inputs(settings, upstream)
+    if (reused := reuse(context, settings, duckdb, "evaluation", params, inputs)) is not None:
         return reused
     device = str(pick_device(settings.device))
     base, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
@@ -85,7 +86,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     table = summary[[c for c in HEADLINE_COLUMNS if c in summary.columns]]
     context.log.info("evaluation summary:\n" + table.to_string(index=False))
     return finish(context, settings, duckdb, "evaluation", params, headline,
-                  upstream=upstream, extra_rows=rows,
+                  inputs=inputs, extra_rows=rows,
                   metadata={"headline": dg.MetadataValue.md(headline_table(summary)),
                             "summary": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))})
 

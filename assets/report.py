@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import finish, output_path, reuse
+from assets.common import finish, lineage_inputs, output_path, reuse
 from orchestration.resources import VasSettings
 
 
@@ -24,7 +24,8 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
     from models.evaluation import headline_table
     from models.report import verdict, write_report
 
-    if (reused := reuse(context, settings, duckdb, "report", {}, ["evaluation"])) is not None:
+    inputs = lineage_inputs(settings, ["evaluation"])
+    if (reused := reuse(context, settings, duckdb, "report", {}, inputs)) is not None:
         return reused
     summary = pd.read_parquet(output_path(settings, "evaluation") / "summary.parquet")
     with atomic_path(output_path(settings, "report")) as tmp:
@@ -40,5 +41,5 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
         "cost": _png_markdown(folder / "cost.png"),
         "report_file": dg.MetadataValue.path(str(folder / "report.md")),
     }
-    return finish(context, settings, duckdb, "report", {}, {"n_methods": len(summary)}, upstream=["evaluation"],
+    return finish(context, settings, duckdb, "report", {}, {"n_methods": len(summary)}, inputs=inputs,
                   metadata=metadata)

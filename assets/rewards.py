@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -37,7 +37,8 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
     upstream = ["preference_pairs", "base_model"]
     # A user's classifier is known by its folder's contents, not its path (re-use must see a swap).
     sources = sorted((params.get("sources") or {}).values())
-    if (reused := reuse(context, settings, duckdb, "reward_models", params, upstream, sources)) is not None:
+    inputs = lineage_inputs(settings, upstream, sources)
+    if (reused := reuse(context, settings, duckdb, "reward_models", params, inputs)) is not None:
         return reused
     pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
     device = str(pick_device(settings.device))
@@ -74,4 +75,4 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                              f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
                              f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
     return finish(context, settings, duckdb, "reward_models", params, metrics,
-                  upstream=upstream, source=sources, series=series)
+                  inputs=inputs, series=series)

@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, record_check, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, record_check, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -31,7 +31,8 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     torch_threads()
     params = resolve(settings.params(), "rollouts", config.model_dump())
     upstream = ["base_model", "prompts", "reward_models"]
-    if (reused := reuse(context, settings, duckdb, "rollouts", params, upstream)) is not None:
+    inputs = lineage_inputs(settings, upstream)
+    if (reused := reuse(context, settings, duckdb, "rollouts", params, inputs)) is not None:
         return reused
     device = str(pick_device(settings.device))
     model, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
@@ -56,7 +57,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
             metrics[f"{column}_mean"] = float(df[column].mean())
             metrics[f"{column}_std"] = float(df[column].std())
     return finish(context, settings, duckdb, "rollouts", params, metrics,
-                  upstream=upstream)
+                  inputs=inputs)
 
 
 @dg.asset_check(asset="rollouts", blocking=True,

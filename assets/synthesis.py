@@ -10,7 +10,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -30,7 +30,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
     from models.rewards import count_words, positivity
 
     params = resolve(settings.params(), "corpus", config.model_dump())
-    if (reused := reuse(context, settings, duckdb, "corpus", params)) is not None:
+    if (reused := reuse(context, settings, duckdb, "corpus", params, {})) is not None:
         return reused
     df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
     write_parquet(df, output_path(settings, "corpus"))
@@ -73,7 +73,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
     torch_threads()
     params = resolve(settings.params(), "base_model", config.model_dump())
     upstream, source = ([], params["source"]) if params["source"] else (["corpus"], None)
-    if (reused := reuse(context, settings, duckdb, "base_model", params, upstream, source)) is not None:
+    inputs = lineage_inputs(settings, upstream, source)
+    if (reused := reuse(context, settings, duckdb, "base_model", params, inputs)) is not None:
         return reused
     out_dir = output_path(settings, "base_model")
     metrics: dict[str, float] = {}
@@ -106,7 +107,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
         metrics.update({f"sample_{k}": v for k, v in spread.items() if k != "examples"})
     context.log.info(f"base model frozen, weights sha256 {sha[:12]}; sample spread {spread}")
     return finish(context, settings, duckdb, "base_model", params, metrics,
-                  upstream=upstream, source=source, series=series, model_version=sha,
+                  inputs=inputs, series=series, model_version=sha,
                   metadata={"weights_sha256": sha,
                             "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
 
@@ -132,8 +133,8 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
     profile = settings.params()
     params = resolve(profile, "prompts", config.model_dump())
     params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output
-    if (reused := reuse(context, settings, duckdb, "prompts", params, ["base_model"],
-                        params["source"] or None)) is not None:
+    inputs = lineage_inputs(settings, ["base_model"], params["source"] or None)
+    if (reused := reuse(context, settings, duckdb, "prompts", params, inputs)) is not None:
         return reused
     rules = ValidationRules.from_params(profile["validation"])
     prompts_path = output_path(settings, "prompts") / "prompts.parquet"
@@ -165,8 +166,7 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
         "max_prompt_tokens": int(df.n_prompt_tokens.max()),
         "mean_prompt_tokens": float(df.n_prompt_tokens.mean()),
     })
-    return finish(context, settings, duckdb, "prompts", params, metrics, upstream=["base_model"],
-                  source=params["source"] or None,
+    return finish(context, settings, duckdb, "prompts", params, metrics, inputs=inputs,
                   metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
 
 
@@ -198,8 +198,8 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     imported_path = output_path(settings, "imported_preferences") / "pairs.parquet"
     if imported_path.exists():
         upstream.append("imported_preferences")
-    if (reused := reuse(context, settings, duckdb, "preference_pairs", params, upstream,
-                        params["source"] or None)) is not None:
+    inputs = lineage_inputs(settings, upstream, params["source"] or None)
+    if (reused := reuse(context, settings, duckdb, "preference_pairs", params, inputs)) is not None:
         return reused
     rules = ValidationRules.from_params(profile["validation"])
     pairs_path = output_path(settings, "preference_pairs") / "pairs.parquet"
@@ -240,5 +240,5 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     metrics["mean_chosen_chars"] = float(df.chosen.str.len().mean())
     metrics["mean_rejected_chars"] = float(df.rejected.str.len().mean())
     return finish(context, settings, duckdb, "preference_pairs", params, metrics,
-                  upstream=upstream, source=params["source"] or None,
+                  inputs=inputs,
                   metadata={"preview": dg.MetadataValue.md(df.head(6).to_markdown(index=False))})

@@ -5,7 +5,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, output_path, reuse, torch_threads
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
@@ -34,7 +34,7 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
 
     import pandas as pd
 
-    from models.artifacts import atomic_path, dvc_md5
+    from models.artifacts import atomic_path
     from models.lm import base_model_dir, pick_device, read_manifest
     from models.rollouts import training_rollouts
     from models.value_training import ValueTrainConfig, clear_checkpoint, train_value_model
@@ -42,8 +42,9 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     torch_threads()
     params = resolve(settings.params(), "value_models", config.model_dump())
     upstream = ["rollouts", "base_model"]
-    if (reused := reuse(context, settings, duckdb, "value_models", params, upstream)) is not None:
-        keep_value_model_version(context, settings)
+    inputs = lineage_inputs(settings, upstream)
+    if (reused := reuse(context, settings, duckdb, "value_models", params, inputs)) is not None:
+        keep_value_model_version(context, settings, inputs["rollouts"])
         return reused
     rollout_dir = output_path(settings, "rollouts")
     df = pd.read_parquet(rollout_dir / "rollouts.parquet")
@@ -60,7 +61,7 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     metrics: dict[str, float] = {"device_cuda": float(device.type == "cuda")}
     series: dict[str, list[float]] = {}
     checkpoints = settings.path(".checkpoints", "value_models")
-    rollouts_md5 = dvc_md5(rollout_dir)
+    rollouts_md5 = inputs["rollouts"]
     with LogToDagster(context), atomic_path(output_path(settings, "value_models")) as tmp:
         tmp.mkdir()
         for attribute in sorted(stats):
@@ -89,21 +90,21 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     # The models are saved: checkpoints only served a run that might have been killed.
     for name in list(checkpoints.glob("*")):
         clear_checkpoint(name)
-    version = keep_value_model_version(context, settings)
-    return finish(context, settings, duckdb, "value_models", params, metrics, upstream=upstream,
+    version = keep_value_model_version(context, settings, rollouts_md5)
+    return finish(context, settings, duckdb, "value_models", params, metrics, inputs=inputs,
                   series=series, metadata={"version_path": dg.MetadataValue.path(str(version))})
 
 
-def keep_value_model_version(context, settings):
+def keep_value_model_version(context, settings, rollouts_md5: str):
     """Every value-model version the pipeline produced stays in data/value_model_versions/<md5>/
     (listed in versions.json with the run that made it); data/value_models is the current one."""
     from datetime import datetime, timezone
 
-    from assets.common import code_version, data_version_of, git_sha
+    from assets.common import code_version, git_sha
     from models.artifacts import keep_version
 
     record = {"run_id": context.run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "rollouts_md5": data_version_of(settings, "rollouts"), "git_sha": git_sha(),
+              "rollouts_md5": rollouts_md5, "git_sha": git_sha(),
               "code_version": code_version()}
     version = keep_version(output_path(settings, "value_models"), settings.path(VERSIONS_DIR), record)
     context.log.info(f"value models version {version.name} kept in {version.parent}")

@@ -167,18 +167,3 @@ def test_imported_preferences_merges_good_files_once_and_refuses_bad_ones(world)
     mat = again.get_asset_materialization_events()[0].event_specific_data.materialization
     assert mat.metadata["n_new_files"].value == 0 and dvc_md5(out) == version
 
-
-def test_lineage_inputs_hash_every_source_by_content(tmp_path):
-    from assets.common import lineage_inputs
-    from models.artifacts import dvc_md5
-
-    settings = VasSettings(profile="smoke", data_dir=str(tmp_path / "data"), device="cpu")
-    a, b = tmp_path / "rm_a", tmp_path / "rm_b.bin"
-    a.mkdir()
-    (a / "model.safetensors").write_bytes(b"weights-1")
-    b.write_bytes(b"other")
-    inputs = lineage_inputs(settings, [], [str(a), str(b)])
-    assert inputs == {f"source:{a}": dvc_md5(a), f"source:{b}": dvc_md5(b)}
-    (a / "model.safetensors").write_bytes(b"weights-2")   # same path, new contents: a new input
-    assert lineage_inputs(settings, [], [str(a)])[f"source:{a}"] != inputs[f"source:{a}"]
-    assert lineage_inputs(settings, [], str(b)) == {f"source:{b}": dvc_md5(b)}

@@ -96,3 +96,20 @@ def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, c
     same = _json.loads(capsys.readouterr().out)
     assert all(e["data"] == "unchanged" and not e["params"] for e in same["assets"]) and not same["metrics"]
     assert main(["lineage", "--diff", run_a, "--data-dir", str(data)]) == 2
+
+
+def test_lineage_inputs_hash_every_source_by_content(tmp_path):
+    from assets.common import lineage_inputs
+    from models.artifacts import dvc_md5
+    from orchestration.resources import VasSettings
+
+    settings = VasSettings(profile="smoke", data_dir=str(tmp_path / "data"), device="cpu")
+    a, b = tmp_path / "rm_a", tmp_path / "rm_b.bin"
+    a.mkdir()
+    (a / "model.safetensors").write_bytes(b"weights-1")
+    b.write_bytes(b"other")
+    inputs = lineage_inputs(settings, [], [str(a), str(b)])
+    assert inputs == {f"source:{a}": dvc_md5(a), f"source:{b}": dvc_md5(b)}
+    (a / "model.safetensors").write_bytes(b"weights-2")   # same path, new contents: a new input
+    assert lineage_inputs(settings, [], [str(a)])[f"source:{a}"] != inputs[f"source:{a}"]
+    assert lineage_inputs(settings, [], str(b)) == {f"source:{b}": dvc_md5(b)}
