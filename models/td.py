@@ -17,24 +17,28 @@ import torch
 
 def lambda_returns(values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor,
                    lam: float = 0.95, gamma: float = 1.0) -> torch.Tensor:
-    """values (B, T) at action positions, rewards (B,), action_mask (B, T) -> targets (B, T).
+    """values (B, T, *E) at action positions, rewards (B, *E), action_mask (B, T) -> targets (B, T, *E).
 
     Action positions need not be contiguous or aligned across rows (left or right padding);
     targets are 0 where action_mask is 0. Values should come from a frozen copy of V (detached).
+    Trailing dims E are carried along: scalar values have none, histograms (the distributional
+    head, models/distributional.py) have one.
     """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    mask = action_mask.bool()
+    trailing = (1,) * (values.dim() - 2)                            # broadcast (B,) masks over E
+    mask = action_mask.bool().reshape(*action_mask.shape, *trailing)
     values = values.detach().float()
+    rewards = rewards.float()
     targets = torch.zeros_like(values)
-    next_value = torch.zeros_like(rewards, dtype=torch.float32)   # u_{j+1}
-    next_target = torch.zeros_like(next_value)                     # y_{j+1}
-    seen_later = torch.zeros_like(mask[:, 0])                      # has this row an action after t?
+    next_value = torch.zeros_like(rewards)                          # u_{j+1}
+    next_target = torch.zeros_like(next_value)                      # y_{j+1}
+    seen_later = torch.zeros_like(mask[:, 0])                       # has this row an action after t?
     for t in range(values.shape[1] - 1, -1, -1):
         bootstrapped = gamma * ((1 - lam) * next_value + lam * next_target)
-        y = torch.where(seen_later, bootstrapped, rewards.float())
+        y = torch.where(seen_later, bootstrapped, rewards)
         active = mask[:, t]
         targets[:, t] = torch.where(active, y, 0.0)
         next_value = torch.where(active, values[:, t], next_value)

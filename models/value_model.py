@@ -8,7 +8,16 @@ Two parameterizations share one interface:
 - `qhead`: head Linear(H, vocab) read at s's last token gives Q(s, ·) for every token at once, so
   decoding costs one value forward per generated token.
 
-The head starts at zero, so an untrained value model changes nothing: VAS with it is base sampling.
+- `distributional`: head Linear(H, n_bins) read like `scalar`, giving a histogram over reward
+  bins for V(s·a) (models/distributional.py): its mean is the paper's value, its soft value
+  (1/beta)·log E[exp(beta·R)] makes token-level decoding the exact sequence-level tilt.
+- `distributional_qhead`: the histogram of Q(s, a) for every token from one forward, factorized
+  so the head stays small for real vocabularies: logits(s, a) = M(h_s) · f_a with
+  M: Linear(H, n_bins x rank) and a token factor f_a of size rank (a vocab x bins head would
+  hold vocab·n_bins·H weights). Decoding costs one value forward per token, like `qhead`.
+
+The head starts at zero, so an untrained value model changes nothing: VAS with it is base
+sampling (a zero distributional head is a uniform histogram, the same for every candidate).
 Dropout is off everywhere: TD targets come from the same network and must be deterministic.
 Files are Hugging Face format (backbone) + `value_head.safetensors` + `value_config.json`.
 """
@@ -16,15 +25,19 @@ Files are Hugging Face format (backbone) + `value_head.safetensors` + `value_con
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from models.distributional import Support, support_from, value_of
 from models.sampling import positions
 
-PARAMETERIZATIONS = ("scalar", "qhead")
+PARAMETERIZATIONS = ("scalar", "qhead", "distributional", "distributional_qhead")
+DISTRIBUTIONAL = ("distributional", "distributional_qhead")
+PER_TOKEN_HEADS = ("qhead", "distributional_qhead")     # Q(s, ·) for all tokens from s's hidden state
 HEAD_FILE = "value_head.safetensors"
 CONFIG_FILE = "value_config.json"
 
@@ -68,7 +81,8 @@ def _load_backbone(directory: str | Path, trust_remote_code: bool):
 class ValueModel(nn.Module):
     """V (scalar) or Q(s, ·) (qhead) of the frozen base policy, on a causal-LM backbone."""
 
-    def __init__(self, backbone: nn.Module, parameterization: str = "scalar"):
+    def __init__(self, backbone: nn.Module, parameterization: str = "scalar", support: Support | None = None,
+                 rank: int = 16):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; known: {', '.join(PARAMETERIZATIONS)}")
@@ -76,25 +90,36 @@ class ValueModel(nn.Module):
         self.backbone = backbone
         self.init_info: dict = {}            # where the backbone's weights came from, for value_config.json
         config = backbone.config
-        out = 1 if parameterization == "scalar" else config.vocab_size
+        self.support = (support or Support()) if parameterization in DISTRIBUTIONAL else None
+        self.rank = rank if parameterization == "distributional_qhead" else 0
+        out = {"scalar": 1, "qhead": config.vocab_size, "distributional": self.support and self.support.n_bins,
+               "distributional_qhead": self.support and self.support.n_bins * rank}[parameterization]
         # float32 head whatever the backbone dtype: values are small differences, TD needs precision.
         self.head = nn.Linear(config.hidden_size, out)
         nn.init.zeros_(self.head.weight)     # zero head: an untrained value model steers nothing
         nn.init.zeros_(self.head.bias)
+        if self.rank:
+            # Random, fixed by a seed of its own: with the zero head, gradients reach the head first.
+            gen = torch.Generator().manual_seed(0)
+            self.token_factors = nn.Parameter(torch.randn(config.vocab_size, rank, generator=gen) / math.sqrt(rank))
         for module in self.modules():        # belt and braces for modules that hold their own p
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+
+    @property
+    def is_distributional(self) -> bool:
+        return self.support is not None
 
     # ------------------------------------------------------------------ construction and files
 
     @classmethod
     def from_base(cls, model_dir: str | Path, parameterization: str = "scalar",
-                  trust_remote_code: bool = False) -> "ValueModel":
+                  trust_remote_code: bool = False, support: Support | None = None, rank: int = 16) -> "ValueModel":
         """A fresh value model whose backbone starts from a local HF causal LM's weights."""
         from models.lm import resolve_model_dir, weights_sha256
 
         path = resolve_model_dir(str(model_dir))
-        model = cls(_load_backbone(path, trust_remote_code), parameterization)
+        model = cls(_load_backbone(path, trust_remote_code), parameterization, support=support, rank=rank)
         # Recorded in value_config.json so an artifact says which weights it started from.
         model.init_info = {"init_from": str(model_dir), "init_weights_sha256": weights_sha256(path)}
         return model
@@ -106,13 +131,18 @@ class ValueModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory, safe_serialization=True)
-        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head, str(directory / HEAD_FILE))
+        head = dict(self.head.state_dict())
+        if self.rank:
+            head["token_factors"] = self.token_factors
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()},
+                  str(directory / HEAD_FILE))
         config = {
             "parameterization": self.parameterization,
             "hidden_size": self.backbone.config.hidden_size,
             "vocab_size": self.vocab_size,
             "head_outputs": self.head.out_features,
+            **({"support": vars(self.support)} if self.support else {}),
+            **({"rank": self.rank} if self.rank else {}),
             **self.init_info,
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -128,8 +158,14 @@ class ValueModel(nn.Module):
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path} is missing: {directory} is not a saved value model")
         config = json.loads(config_path.read_text())
-        model = cls(_load_backbone(directory, trust_remote_code), config["parameterization"])
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        support = support_from(config["support"]) if "support" in config else None
+        model = cls(_load_backbone(directory, trust_remote_code), config["parameterization"], support=support,
+                    rank=config.get("rank", 16))
+        head = load_file(str(directory / HEAD_FILE))
+        if model.rank:
+            with torch.no_grad():
+                model.token_factors.copy_(head.pop("token_factors"))
+        model.head.load_state_dict(head)
         model.init_info = {k: config[k] for k in ("init_from", "init_weights_sha256") if k in config}
         return model.to(device).eval()
 
@@ -143,35 +179,52 @@ class ValueModel(nn.Module):
 
     # ------------------------------------------------------------------ values along paths (training)
 
-    def _q_of(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """qhead: head(hidden)[token] for hidden (..., H) and tokens (...) -> (...).
+    def _per_token(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token heads: outputs for hidden (..., H) and tokens (...) that broadcast together.
 
-        Only the head rows of the tokens asked for are used, so no (..., vocab) tensor is built.
+        qhead -> (...): only the head rows of the tokens asked for are used, so no (..., vocab)
+        tensor is built. distributional_qhead -> (..., n_bins): M(h) (n_bins x rank) times f_token.
         """
-        rows = self.head.weight[tokens]                               # (..., H)
-        return (hidden.float() * rows).sum(-1) + self.head.bias[tokens]
+        if self.parameterization == "qhead":
+            rows = self.head.weight[tokens]                                           # (..., H)
+            return (hidden.float() * rows).sum(-1) + self.head.bias[tokens]
+        mix = self.head(hidden.float()).unflatten(-1, (self.support.n_bins, self.rank))   # (..., n_bins, rank)
+        return (mix * self.token_factors[tokens][..., None, :]).sum(-1)                # (..., n_bins)
 
-    def path_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    action_mask: torch.Tensor) -> torch.Tensor:
-        """u (B, T): the value of the state reached by taking token t, 0 where action_mask is 0.
+    def path_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     action_mask: torch.Tensor) -> torch.Tensor:
+        """What the head says about the state reached by taking token t, 0 where action_mask is 0:
+        (B, T) values for scalar and qhead, (B, T, n_bins) histogram logits for the distributional ones.
 
-        scalar: u[b, t] = head(h[b, t]);  qhead: u[b, t] = head(h[b, t-1])[input_ids[b, t]].
-        Positions count real tokens only, so left and right padding give the same values.
+        scalar-shaped heads read h[b, t]; per-token heads read h[b, t-1] and input_ids[b, t].
+        Positions count real tokens only, so left and right padding give the same outputs.
         """
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=positions(attention_mask)).last_hidden_state   # (B, T, H)
-        if self.parameterization == "scalar":
-            u = self.head(h.float()).squeeze(-1)                                      # (B, T)
+        if self.parameterization in PER_TOKEN_HEADS:
+            q = self._per_token(h[:, :-1], input_ids[:, 1:])                          # (B, T-1[, n_bins])
+            u = torch.cat([torch.zeros_like(q[:, :1]), q], dim=1)                     # token 0 has no state before it
         else:
-            q = self._q_of(h[:, :-1], input_ids[:, 1:])                               # (B, T-1)
-            u = torch.cat([q.new_zeros(q.shape[0], 1), q], dim=1)                     # token 0 has no state before it
+            u = self.head(h.float())                                                  # (B, T, 1 | n_bins)
+            if not self.is_distributional:
+                u = u.squeeze(-1)
+        mask = action_mask.bool().reshape(*action_mask.shape, *([1] * (u.dim() - 2)))
         # where, not a product: padding positions never leak into values or gradients.
-        return torch.where(action_mask.bool(), u, torch.zeros_like(u))
+        return torch.where(mask, u, torch.zeros_like(u))
+
+    def path_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    action_mask: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        """u (B, T): the value of the state reached by taking token t, 0 where action_mask is 0.
+        Distributional models give the mean, or the soft value at beta when beta is given."""
+        u = self.path_outputs(input_ids, attention_mask, action_mask)
+        if not self.is_distributional:
+            return u
+        return torch.where(action_mask.bool(), value_of(u, self.support, beta), 0.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 action_mask: torch.Tensor) -> torch.Tensor:
-        """path_values, so wrappers that call the module (DDP, torch.compile) train the same thing."""
-        return self.path_values(input_ids, attention_mask, action_mask)
+        """path_outputs, so wrappers that call the module (DDP, torch.compile) train the same thing."""
+        return self.path_outputs(input_ids, attention_mask, action_mask)
 
     # ------------------------------------------------------------------ decoding with a KV cache
 
@@ -182,11 +235,18 @@ class ValueModel(nn.Module):
         return ValueDecodeState(cache=out.past_key_values, mask=mask, hidden=out.last_hidden_state[:, -1])
 
     @torch.no_grad()
-    def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
-        """Q(s, a) for candidates (B, k) token ids appended to each row's prefix -> (B, k) float32."""
-        if self.parameterization == "qhead":
-            return self._q_of(state.hidden[:, None, :], candidates)                   # (B, k)
-        return self.head(self._candidate_hidden(state, candidates).float()).squeeze(-1)
+    def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        """Q(s, a) for candidates (B, k) token ids appended to each row's prefix -> (B, k) float32.
+
+        Distributional models give the mean of the histogram, or the soft value Q_beta when beta
+        is given (the decoder passes its weight); the others ignore beta."""
+        if self.parameterization in PER_TOKEN_HEADS:
+            out = self._per_token(state.hidden[:, None, :], candidates)               # (B, k[, n_bins])
+        else:
+            out = self.head(self._candidate_hidden(state, candidates).float())        # (B, k, 1 | n_bins)
+            if not self.is_distributional:
+                out = out.squeeze(-1)
+        return value_of(out, self.support, beta) if self.is_distributional else out
 
     def _candidate_hidden(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, k, H) of each candidate appended to its row's prefix, in one forward.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models.lm import pick_device
+from models.distributional import Support, distributional_lambda_returns, hl_gauss, histogram_cross_entropy
 from models.td import lambda_returns, masked_mse
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ValueTrainConfig:
-    parameterization: str = "scalar"        # "scalar" (V(s·a), as in the paper) or "qhead"
+    parameterization: str = "scalar"        # scalar (V(s·a), the paper), qhead, distributional, distributional_qhead
     train_steps: int = 600
     batch_size: int = 32
     learning_rate: float = 2e-4
@@ -40,6 +41,12 @@ class ValueTrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     prefix_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # Distributional heads: bins over standardized rewards, and the token-factor rank of the
+    # factorized distributional_qhead.
+    n_bins: int = 41
+    v_min: float = -4.0
+    v_max: float = 4.0
+    rank: int = 16
 
 
 @dataclass
@@ -146,6 +153,20 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
+def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.Tensor,
+            config: ValueTrainConfig) -> torch.Tensor:
+    """TD(lambda) loss of one batch. Targets come from the outputs as they are at the start of the
+    batch: with dropout off, the detached outputs are exactly a frozen copy's, without a second
+    forward pass. Scalar values: masked MSE to lambda-returns. Histograms: cross-entropy to the
+    distributional lambda-returns, which end at the HL-Gauss histogram of the reward."""
+    if not model.is_distributional:
+        targets = lambda_returns(outputs.detach(), rewards, actions, config.lam, config.gamma)
+        return masked_mse(outputs, targets, actions)
+    probs = torch.softmax(outputs.detach().float(), -1)
+    targets = distributional_lambda_returns(probs, hl_gauss(rewards, model.support), actions, config.lam)
+    return histogram_cross_entropy(outputs, targets, actions)
+
+
 def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, pad_id: int,
                       device: str = "auto", checkpoint_dir: str | Path | None = None,
                       progress: Callable[[str], None] = log.info):
@@ -157,7 +178,12 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     train_idx, eval_idx = split_by_group(rollouts, config.eval_fraction, config.seed)
     if not train_idx:
         raise ValueError("no training rollouts left after the held-out split; lower eval_fraction")
-    model = ValueModel.from_base(model_dir, parameterization=config.parameterization).to(dev)
+    support = Support(v_min=config.v_min, v_max=config.v_max, n_bins=config.n_bins)
+    model = ValueModel.from_base(model_dir, parameterization=config.parameterization, support=support,
+                                 rank=config.rank).to(dev)
+    if model.is_distributional and config.gamma != 1.0:
+        raise ValueError("distributional TD(lambda) needs gamma = 1: a discounted histogram is not a mixture "
+                         f"of histograms on the same bins (got gamma {config.gamma})")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     fingerprint = fingerprint_of(rollouts, config, model_dir)
@@ -175,11 +201,8 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         index = batch_indices(len(train), config.batch_size, step, config.seed)
         ids, attention, actions, rewards = (t.to(dev) for t in make_batch(train, index, pad_id))
         with autocast_for(dev):
-            values = model.path_values(ids, attention, actions)            # (B, T)
-        # Targets from V as it is at the start of this batch: with dropout off, the detached
-        # values are exactly a frozen copy's, without a second forward pass.
-        targets = lambda_returns(values.detach(), rewards, actions, config.lam, config.gamma)
-        loss = masked_mse(values, targets, actions)
+            outputs = model(ids, attention, actions)                        # (B, T) or (B, T, n_bins)
+        loss = td_loss(model, outputs, rewards, actions, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)

@@ -22,6 +22,10 @@ from models.value_model import ValueDecodeState, ValueModel
 class VASConfig:
     top_k: int = 20
     mask_outside_top_k: bool = False   # False: tokens outside the top-k keep their base logits
+    # Distributional value models: True uses the soft value Q_w = (1/w)·log E[exp(w·R)] at each
+    # model's weight w (the exact tilt pi0·exp(w·R)/Z when the values are exact); False uses the
+    # histogram's mean, the paper's VAS. Other value models ignore it.
+    soft: bool = True
 
 
 class ValueGuidance:
@@ -62,7 +66,8 @@ class ValueGuidance:
             if int(top.max()) >= model.vocab_size:
                 raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
                                  f"base model proposed token {int(top.max())}: they must share a tokenizer")
-            q = model.candidate_q(state, top.to(model.device)).to(bonus)             # (B, k)
+            q = model.candidate_q(state, top.to(model.device), beta=weight if self.config.soft else None)
+            q = q.to(bonus)                                                          # (B, k)
             bonus += weight * (q - q.mean(-1, keepdim=True))
         if self.config.mask_outside_top_k:
             steered = torch.full_like(base_logits, float("-inf"))

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
+from models.distributional import value_of
 from models.sampling import left_pad
 from models.value_model import ValueModel
 
 VOCAB = 64
-PARAMS = ["scalar", "qhead"]
+PARAMS = ["scalar", "qhead", "distributional", "distributional_qhead"]
 
 
 def tiny_causal_lm(seed: int = 0):
@@ -28,6 +29,8 @@ def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel
     with torch.no_grad():
         model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
         model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
+        if model.rank:
+            model.token_factors.copy_(torch.randn(model.token_factors.shape, generator=gen))
     return model
 
 
@@ -71,15 +74,18 @@ def action_masks(mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
 def test_fresh_value_model_outputs_exactly_zero_with_dropout_off(base_dir, parameterization):
     model = ValueModel.from_base(base_dir, parameterization)
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
-    expected_out = 1 if parameterization == "scalar" else VOCAB
-    assert model.head.out_features == expected_out
+    n_bins = 41
+    expected_out = {"scalar": 1, "qhead": VOCAB, "distributional": n_bins, "distributional_qhead": n_bins * 16}
+    assert model.head.out_features == expected_out[parameterization]
     rows = [p + c for p, c in ROWS]
     ids, mask = left_pad(rows, 1)
-    u = model.path_values(ids, mask, torch.ones_like(mask))
+    u = model.path_outputs(ids, mask, torch.ones_like(mask))
     assert torch.equal(u, torch.zeros_like(u))
     state = model.start(ids, mask)
-    q = model.candidate_q(state, torch.tensor([[3, 4]] * len(rows)))
-    assert torch.equal(q, torch.zeros_like(q))
+    for beta in (None, 4.0):
+        # A zero distributional head is a uniform histogram: every candidate gets the same value.
+        q = model.candidate_q(state, torch.tensor([[3, 4]] * len(rows)), beta=beta)
+        assert torch.equal(q - q.mean(-1, keepdim=True), torch.zeros_like(q))
     # Dropout off: in train mode (as TD training runs it) two forwards agree exactly.
     cfg = model.backbone.config
     assert cfg.resid_pdrop == cfg.embd_pdrop == cfg.attn_pdrop == 0.0
@@ -101,7 +107,7 @@ def test_backbone_starts_from_the_base_weights(base_dir):
 
 
 def test_unknown_parameterization_is_rejected(base_dir):
-    with pytest.raises(ValueError, match="scalar, qhead"):
+    with pytest.raises(ValueError, match="scalar, qhead, distributional"):
         ValueModel.from_base(base_dir, "advantage")
 
 
@@ -112,13 +118,13 @@ def test_path_values_same_for_left_right_padding_and_single_rows(value_model):
     ids_r, mask_r = right_pad(rows, 1)
     assert not mask_l.all() and not mask_r.all()           # both batches really are padded
     with torch.no_grad():
-        u_l = value_model.path_values(ids_l, mask_l, action_masks(mask_l, prompt_lens))
-        u_r = value_model.path_values(ids_r, mask_r, action_masks(mask_r, prompt_lens))
+        u_l = value_model.path_outputs(ids_l, mask_l, action_masks(mask_l, prompt_lens))
+        u_r = value_model.path_outputs(ids_r, mask_r, action_masks(mask_r, prompt_lens))
     width = ids_l.shape[1]
     for b, ((prompt, completion), row) in enumerate(zip(ROWS, rows)):
         action = torch.tensor([0] * len(prompt) + [1] * len(completion))[None]
         with torch.no_grad():
-            single = value_model.path_values(torch.tensor([row]), torch.ones_like(action), action)[0]
+            single = value_model.path_outputs(torch.tensor([row]), torch.ones_like(action), action)[0]
         torch.testing.assert_close(u_l[b, width - len(row):], single, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(u_r[b, : len(row)], single, atol=1e-5, rtol=1e-5)
         assert torch.all(u_l[b, : width - len(row)] == 0) and torch.all(u_r[b, len(row):] == 0)
@@ -126,10 +132,7 @@ def test_path_values_same_for_left_right_padding_and_single_rows(value_model):
 
         # Against the definitions, computed from scratch per prefix.
         for t in range(len(prompt), len(row)):
-            if value_model.parameterization == "scalar":
-                expected = value_model.head(hidden_of(value_model, row[: t + 1])[-1])[0]
-            else:
-                expected = value_model.head(hidden_of(value_model, row)[t - 1])[row[t]]
+            expected = reference_q(value_model, row[:t], [row[t]])[0]
             torch.testing.assert_close(single[t], expected.detach(), atol=1e-5, rtol=1e-5)
 
 
@@ -138,7 +141,7 @@ def test_path_values_carry_gradients_to_head_and_backbone(value_model):
     ids, mask = right_pad(rows, 1)
     action = action_masks(mask, [len(p) for p, _ in ROWS])
     value_model.zero_grad()
-    value_model.path_values(ids, mask, action).pow(2).sum().backward()
+    value_model.path_outputs(ids, mask, action).pow(2).sum().backward()
     assert value_model.head.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in value_model.parameters() if p.grad is not None)
     assert value_model.backbone.wte.weight.grad.abs().sum() > 0
@@ -146,18 +149,24 @@ def test_path_values_carry_gradients_to_head_and_backbone(value_model):
 
 
 def reference_q(model: ValueModel, prefix: list[int], candidates: list[int]) -> torch.Tensor:
-    """Q(prefix, c) for each candidate without any cache: scalar V(prefix·c), qhead head(h(prefix))[c]."""
+    """The head's output for each candidate without any cache, by definition: scalar V(prefix·c),
+    qhead head(h(prefix))[c], distributional the histogram logits of V(prefix·c), distributional_qhead
+    M(h(prefix)) · f_c, with M the head's output as an (n_bins, rank) matrix."""
     with torch.no_grad():
-        if model.parameterization == "scalar":
+        if model.parameterization in ("scalar", "distributional"):
             seqs = torch.tensor([prefix + [c] for c in candidates])                # (k, L+1)
             h = model.backbone(input_ids=seqs).last_hidden_state[:, -1]          # (k, H)
-            return model.head(h).squeeze(-1)
-        return model.head(hidden_of(model, prefix)[-1])[candidates]
+            out = model.head(h)
+            return out.squeeze(-1) if model.parameterization == "scalar" else out
+        if model.parameterization == "qhead":
+            return model.head(hidden_of(model, prefix)[-1])[candidates]
+        m = model.head(hidden_of(model, prefix)[-1]).view(model.support.n_bins, model.rank)
+        return torch.stack([m @ model.token_factors[c] for c in candidates])
 
 
 def test_candidate_q_with_kv_cache_matches_uncached_forward(value_model):
     # scalar scoring passes a custom 4D mask: check both attention kernels that accept one.
-    kernels = ["sdpa", "eager"] if value_model.parameterization == "scalar" else ["sdpa"]
+    kernels = ["sdpa", "eager"] if value_model.parameterization in ("scalar", "distributional") else ["sdpa"]
     try:
         for attn in kernels:
             value_model.backbone.set_attn_implementation(attn)
@@ -174,11 +183,14 @@ def check_cached_candidates(value_model):
     prefixes = [list(p) for p in prompts]
     for _ in range(3):
         candidates = torch.stack([torch.randperm(VOCAB, generator=gen)[:6] for _ in prompts])   # (B, 6)
-        q = value_model.candidate_q(state, candidates)
-        assert q.shape == (3, 6)
-        for b, prefix in enumerate(prefixes):
-            torch.testing.assert_close(q[b], reference_q(value_model, prefix, candidates[b].tolist()),
-                                       atol=1e-5, rtol=1e-5)
+        for beta in (None, 3.0):
+            q = value_model.candidate_q(state, candidates, beta=beta)
+            assert q.shape == (3, 6)
+            for b, prefix in enumerate(prefixes):
+                expected = reference_q(value_model, prefix, candidates[b].tolist())
+                if value_model.is_distributional:
+                    expected = value_of(expected, value_model.support, beta)
+                torch.testing.assert_close(q[b], expected, atol=1e-5, rtol=1e-5)
         chosen = candidates[:, 0]
         value_model.advance(state, chosen)
         for b, token in enumerate(chosen.tolist()):
@@ -202,7 +214,8 @@ def test_save_and_load_roundtrip_is_safetensors_only(value_model, tmp_path):
     ids, mask = left_pad(rows, 1)
     action = action_masks(mask, [len(p) for p, _ in ROWS])
     with torch.no_grad():
-        torch.testing.assert_close(loaded.path_values(ids, mask, action),
-                                   value_model.path_values(ids, mask, action), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.path_outputs(ids, mask, action),
+                                   value_model.path_outputs(ids, mask, action), rtol=0, atol=0)
+    assert loaded.support == value_model.support and loaded.rank == value_model.rank
     with pytest.raises(FileNotFoundError, match="value_config.json"):
         ValueModel.load(tmp_path)

@@ -42,7 +42,7 @@ CONFIG = dict(train_steps=40, batch_size=16, learning_rate=3e-3, eval_fraction=0
               prefix_lengths=(1, 2))
 
 
-@pytest.mark.parametrize("parameterization", ["scalar", "qhead"])
+@pytest.mark.parametrize("parameterization", ["scalar", "qhead", "distributional", "distributional_qhead"])
 def test_td_training_learns_values_that_predict_the_reward(base_dir, parameterization):
     config = ValueTrainConfig(parameterization=parameterization, **CONFIG)
     model, metrics = train_value_model(signal_rollouts(), base_dir, config, pad_id=1, device="cpu")
@@ -50,6 +50,39 @@ def test_td_training_learns_values_that_predict_the_reward(base_dir, parameteriz
     assert metrics["corr_prefix_1"] > 0.9          # held-out prompts: the first token decides the reward
     assert metrics["n_eval_rollouts"] > 0 and metrics["device"] == "cpu"
     assert not model.training
+
+
+def gamble_rollouts(n: int = 128, seed: int = 0) -> Rollouts:
+    """First token 5: a gamble, reward +1.5 or -1.5 at random; first token 6: a sure 0.5. The mean
+    prefers 6, the soft value at beta 3 (the tilt's) prefers the gamble."""
+    rng = np.random.default_rng(seed)
+    prompts, actions, rewards, groups = [], [], [], []
+    for i in range(n):
+        first = 5 if i % 2 else 6
+        actions.append([first] + rng.integers(10, VOCAB, size=2).tolist())
+        prompts.append([0, 2])
+        rewards.append(float(rng.choice([-1.5, 1.5])) if first == 5 else 0.5)
+        groups.append(f"p{i // 4}")
+    return Rollouts(prompts, actions, rewards, groups)
+
+
+@pytest.mark.parametrize("parameterization", ["distributional", "distributional_qhead"])
+def test_distributional_training_learns_the_spread_the_soft_value_needs(base_dir, parameterization):
+    config = ValueTrainConfig(parameterization=parameterization, **{**CONFIG, "train_steps": 60})
+    model, _ = train_value_model(gamble_rollouts(), base_dir, config, pad_id=1, device="cpu")
+    state = model.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
+    candidates = torch.tensor([[5, 6]])
+    mean = model.candidate_q(state, candidates)[0]
+    soft = model.candidate_q(state, candidates, beta=3.0)[0]
+    assert float(mean[1]) > float(mean[0])            # E[R]: 0.5 beats 0
+    assert float(soft[0]) > float(soft[1])            # (1/3) log E exp(3R) = 1.5 - log(2)/3 ~ 1.27 beats 0.5
+    assert abs(float(mean[0])) < 0.3 and abs(float(mean[1]) - 0.5) < 0.3
+
+
+def test_distributional_training_needs_gamma_one(base_dir):
+    config = ValueTrainConfig(parameterization="distributional", gamma=0.9, **CONFIG)
+    with pytest.raises(ValueError, match="gamma = 1"):
+        train_value_model(signal_rollouts(), base_dir, config, pad_id=1, device="cpu")
 
 
 def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, tmp_path):
