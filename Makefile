@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run test ui bench repro clean-data
+.PHONY: setup dvc-remote run study test ui bench repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ dvc-remote: setup
 run: setup dvc-remote
 	$(BIN)/vas run --profile $${VAS_PROFILE:-default}
 	$(BIN)/dvc push --quiet && echo "data versions pushed to $(DVC_REMOTE) (dvc checkout restores them)"
+
+## Seed study (after `make run`): retrain rollouts, value models and evaluation once per seed under
+## data/study/seed_<s>/, aggregate across seeds into data/study/; the report's verdict then uses it.
+SEEDS ?= 0 1 2
+study: setup
+	$(BIN)/vas study --profile $${VAS_PROFILE:-default} --seeds $(SEEDS)
 
 ## Run the test suite (integration tests use the smoke profile).
 test: setup

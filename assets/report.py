@@ -22,19 +22,25 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
 
     from models.artifacts import atomic_path
     from models.evaluation import headline_table
-    from models.report import verdict, write_report
+    from models.report import report_verdict, write_report
 
-    inputs = lineage_inputs(settings, ["evaluation"])
+    # The verdict comes from the seed study (`vas study`) when there is one: its files are inputs.
+    study_dir = settings.path("study")
+    study = [str(study_dir / f) for f in ("aggregate.parquet", "study.parquet")] \
+        if (study_dir / "aggregate.parquet").exists() else []
+    inputs = lineage_inputs(settings, ["evaluation"], source=study)
     if (reused := reuse(context, settings, duckdb, "report", {}, inputs)) is not None:
         return reused
     summary = pd.read_parquet(output_path(settings, "evaluation") / "summary.parquet")
     with atomic_path(output_path(settings, "report")) as tmp:
         tmp.mkdir()
-        write_report(summary, tmp)
+        text = report_verdict(summary, study_dir if study else None)
+        write_report(summary, tmp, verdict_text=text)
     folder = output_path(settings, "report")
-    context.log.info(verdict(summary))
+    context.log.info(text)
     metadata = {
-        "verdict": verdict(summary),
+        "verdict": text,
+        "verdict_from": "seed study" if study else "single run",
         "headline": dg.MetadataValue.md(headline_table(summary)),
         "frontier": _png_markdown(folder / "frontier.png"),
         "composition": _png_markdown(folder / "composition.png"),

@@ -130,14 +130,27 @@ def verdict(summary: pd.DataFrame) -> str:
             f"per sample.")
 
 
-def write_report(summary: pd.DataFrame, directory: str | Path) -> dict[str, Path]:
+def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None) -> str:
+    """The report's verdict: across seeds from the seed study (`vas study`) when study_dir holds
+    its aggregate, else this run's verdict, said to be a single run (one seed)."""
+    study_dir = Path(study_dir) if study_dir is not None else None
+    if study_dir is not None and (study_dir / "aggregate.parquet").exists() and (study_dir / "study.parquet").exists():
+        from models.study import lift_ratio, ratio_sentence
+
+        ratio = lift_ratio(pd.read_parquet(study_dir / "study.parquet"))
+        return (f"From the seed study ({study_dir}, seeds {', '.join(str(s['seed']) for s in ratio['per_seed'])}): "
+                f"{ratio_sentence(ratio)} This run alone: {verdict(summary)}")
+    return f"Single run (one seed): {verdict(summary)} `make study` gives a verdict across seeds."
+
+
+def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
         "composition": composition_figure(summary, directory / "composition.png"),
         "cost": cost_figure(summary, directory / "cost.png"),
     }
-    text = f"# VAS evaluation\n\n{verdict(summary)}\n\n{headline_table(summary)}\n"
+    text = f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n{headline_table(summary)}\n"
     (directory / "report.md").write_text(text, encoding="utf-8")
     paths["report"] = directory / "report.md"
     return paths

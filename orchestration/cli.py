@@ -26,9 +26,11 @@ def prepare_environment() -> None:
 
 
 def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None,
-                force: bool = False, run_config: dict | None = None, tags: dict | None = None):
+                force: bool = False, run_config: dict | None = None, tags: dict | None = None,
+                seed: int | None = None):
     """Materialize assets (all when selection is None) with their checks, in the persistent instance.
-    An asset whose inputs, params and code are unchanged re-uses its output unless force."""
+    An asset whose inputs, params and code are unchanged re-uses its output unless force.
+    seed replaces the profile's seed for every asset of the run (`vas study`)."""
     prepare_environment()
     if profile:
         os.environ["VAS_PROFILE"] = profile
@@ -38,9 +40,9 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
 
     from assets.common import FORCE_TAG
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import build_resources
+    from orchestration.resources import build_resources, settings_from_env
 
-    resources = build_resources()
+    resources = build_resources(settings_from_env(seed))
     settings = resources["settings"]
     instance = dg.DagsterInstance.get()
     # Selections are built as objects: dvc pins antlr4 4.9 (through hydra), which cannot load
@@ -50,7 +52,8 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources=resources,
         instance=instance,
-        tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {}), **(tags or {})},
+        tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {}),
+              **({"vas/seed": str(seed)} if seed is not None else {}), **(tags or {})},
         run_config=run_config,
         raise_on_error=False,
     ), settings
@@ -156,6 +159,126 @@ def cmd_ingest(args) -> int:
                                    tags={"vas/incoming": ",".join(Path(a).name for a in accepted)})
     _summarize(result, settings)
     return 0 if result.success and not failed else 1
+
+
+# What `vas study` retrains per seed; the outputs upstream of them are copied from the main run.
+STUDY_RETRAINS = ["rollouts", "value_models", "evaluation"]
+
+
+def study_upstream() -> dict[str, str]:
+    """The assets upstream of STUDY_RETRAINS (not retrained by the study) and their outputs."""
+    import dagster as dg
+
+    from assets.common import ASSET_OUTPUTS
+    from orchestration.definitions import defs
+
+    keys = dg.AssetSelection.assets(*STUDY_RETRAINS).upstream().resolve(defs.resolve_asset_graph())
+    names = {k.to_user_string() for k in keys} - set(STUDY_RETRAINS)
+    return {name: path for name, path in ASSET_OUTPUTS.items() if name in names}
+
+
+def _copy_upstream(settings, folder: Path, outputs: dict[str, str]) -> None:
+    """Put the main run's outputs the study does not retrain into a seed's data folder."""
+    for relative in outputs.values():
+        source, target = settings.path(relative), folder / relative
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+
+
+def cmd_study(args) -> int:
+    """Retrain rollouts, value models and evaluation once per seed on the main run's upstream
+    outputs, under data/study/seed_<s>/; aggregate the evaluation summaries across seeds
+    (data/study/), record them in the main DuckDB (asset seed_study) and refresh the report."""
+    import json
+    from datetime import datetime, timezone
+
+    seeds = list(dict.fromkeys(args.seeds))
+    if not seeds:
+        print("vas study: give at least one seed (--seeds 0 1 2)", file=sys.stderr)
+        return 2
+    prepare_environment()
+    if args.profile:
+        os.environ["VAS_PROFILE"] = args.profile
+    if args.data_dir:
+        os.environ["VAS_DATA_DIR"] = args.data_dir
+    import pandas as pd
+
+    from assets.common import ASSET_OUTPUTS, git_sha
+    from assets.metrics_db import metric_row, write_rows
+    from models.artifacts import atomic_path, dvc_md5
+    from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
+    from orchestration.resources import duckdb_for, settings_from_env
+
+    settings = settings_from_env()
+    upstream = study_upstream()
+    missing = [path for path in upstream.values() if not settings.path(path).exists()]
+    if missing:
+        print(f"vas study: the study re-uses the main run's outputs, but {', '.join(missing)} "
+              f"{'is' if len(missing) == 1 else 'are'} missing under {settings.root}: run `make run` "
+              f"(or `vas run`) first", file=sys.stderr)
+        return 2
+    summaries = []
+    for seed in seeds:
+        folder = settings.path("study", f"seed_{seed}")
+        _copy_upstream(settings, folder, upstream)
+        print(f"\nseed {seed}: retraining {', '.join(STUDY_RETRAINS)} in {folder}")
+        result, seed_settings = materialize(STUDY_RETRAINS, settings.profile, str(folder), args.force,
+                                            tags={"vas/study": "true"}, seed=seed)
+        _summarize(result, seed_settings)
+        if not result.success:
+            print(f"vas study: seed {seed} FAILED: see the run log in the Dagster UI (`make ui`)", file=sys.stderr)
+            return 1
+        summary = pd.read_parquet(folder / ASSET_OUTPUTS["evaluation"] / "summary.parquet")
+        summaries.append(summary.assign(seed=seed))
+    # materialize() pointed the process at the last seed's folder: the rest is the main run's.
+    os.environ["VAS_DATA_DIR"] = settings.data_dir
+
+    per_seed = pd.concat(summaries, ignore_index=True)
+    per_seed = per_seed[["seed", *[c for c in per_seed.columns if c != "seed"]]]
+    table, ratio = aggregate(per_seed), lift_ratio(per_seed)
+    text = study_markdown(table, ratio)
+    out = settings.path("study")
+    for name, frame in (("study.parquet", per_seed), ("aggregate.parquet", table)):
+        with atomic_path(out / name) as tmp:
+            frame.to_parquet(tmp, index=False)
+    (out / "study.md").write_text(text, encoding="utf-8")
+
+    rows = []
+    for _, row in table.iterrows():
+        method_params = {"method": row.method, **json.loads(row.params)}
+        for metric in [m for m in STUDY_METRICS if m in table]:
+            for stat, column in (("seed_mean", metric), ("seed_sd", f"{metric}_sd")):
+                if pd.notna(row[column]):
+                    rows.append(metric_row(f"{metric}/{stat}", row[column], split="eval", method=row.method,
+                                           params=method_params))
+        rows.append(metric_row("n_seeds", row.n_seeds, split="eval", method=row.method, params=method_params))
+    for key in ("ratio_mean", "ratio_sd", "cost_vs_bon_mean", "cost_vs_bon_sd"):
+        if pd.notna(ratio[key]):
+            rows.append(metric_row(f"vas_bon_lift_{key}", ratio[key], split="eval"))
+    for s in ratio["per_seed"]:
+        if pd.notna(s["ratio"]):
+            rows.append(metric_row("vas_bon_lift_ratio", s["ratio"], split="eval", method="vas",
+                                   params={"seed": s["seed"], **json.loads(s["vas_params"])}))
+    run_id = f"study-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    with duckdb_for(settings).get_connection() as conn:
+        write_rows(conn, run_id=run_id, asset="seed_study", metrics=rows,
+                   params={"seeds": seeds, "profile": settings.profile, "retrained": STUDY_RETRAINS},
+                   data_version=dvc_md5(out / "study.parquet"), model_version=None, git_sha=git_sha())
+    print(f"\n{text}")
+    print(f"per-seed summaries {out / 'study.parquet'}, aggregate {out / 'aggregate.parquet'}, "
+          f"{out / 'study.md'}; DuckDB run {run_id} (asset seed_study) in {settings.path('metrics.duckdb')}")
+    if settings.path(ASSET_OUTPUTS["evaluation"]).exists():
+        result, _ = materialize(["report"], settings.profile, settings.data_dir)
+        if not result.success:
+            print("vas study: the report did not refresh: see the run log", file=sys.stderr)
+            return 1
+        print(f"report verdict now from the study: {settings.path(ASSET_OUTPUTS['report'], 'report.md')}")
+    return 0
 
 
 def cmd_validate(args) -> int:
@@ -269,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--profile", default=None)
     ing.add_argument("--data-dir", default=None)
     ing.set_defaults(func=cmd_ingest)
+
+    stu = sub.add_parser("study", help="retrain rollouts, value models and evaluation per seed and aggregate "
+                                       "the evaluation across seeds (data/study/)")
+    stu.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    stu.add_argument("--profile", default=None)
+    stu.add_argument("--data-dir", default=None, help="the main run's data folder (default: data/)")
+    stu.add_argument("--force", action="store_true", help="recompute each seed even if nothing changed")
+    stu.set_defaults(func=cmd_study)
 
     val = sub.add_parser("validate", help="validate a prompts or preference-pairs file")
     val.add_argument("file")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -18,9 +19,13 @@ class VasSettings(dg.ConfigurableResource):
     data_dir: str = "data"            # relative paths resolve against the project root
     params_file: str = str(PARAMS_FILE)
     device: str = "auto"              # "auto" picks CUDA when present, else CPU
+    seed: Optional[int] = None        # replaces the profile's seed (`vas study`); None keeps it
 
     def params(self) -> dict:
-        return load_profile(self.profile, self.params_file)
+        params = load_profile(self.profile, self.params_file)
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return params
 
     @property
     def root(self) -> Path:
@@ -31,11 +36,12 @@ class VasSettings(dg.ConfigurableResource):
         return self.root.joinpath(*parts)
 
 
-def settings_from_env() -> VasSettings:
+def settings_from_env(seed: int | None = None) -> VasSettings:
     return VasSettings(
         profile=active_profile(),
         data_dir=os.environ.get("VAS_DATA_DIR", "data"),
         device=os.environ.get("VAS_DEVICE", "auto"),
+        seed=seed,
     )
 
 

@@ -1,0 +1,153 @@
+"""The seed study: the evaluation summary of several seeds, aggregated into a verdict that holds
+across seeds (mean and sample sd), and the VAS-vs-Best-of-N lift ratio per seed.
+
+Pure pandas on per-seed evaluation summaries (models.evaluation.summarize, plus a `seed`
+column); no Dagster here. `vas study` produces the frames, the report reads the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+# Per-seed summary columns aggregated across seeds (those present).
+STUDY_METRICS = ["gold_positivity_mean", "learned_positivity_mean", "gold_conciseness_mean", "kl_nats_mean",
+                 "distinct_2", "base_forwards_per_sample", "mean_tokens"]
+# A VAS row competes only if its distinct-2 is at least this share of Best-of-max-N's: reward bought
+# by collapsing diversity does not count.
+MIN_DISTINCT_FRACTION = 0.8
+
+
+def _sd(values) -> float:
+    """Sample standard deviation (ddof=1); NaN with fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, params): each metric's mean across seeds (same column name) and its
+    sample sd (`<metric>_sd`, ddof=1), the param_* columns, and n_seeds."""
+    if "seed" not in per_seed:
+        raise KeyError("per_seed needs a `seed` column (one evaluation summary per seed, concatenated)")
+    metrics = [c for c in STUDY_METRICS if c in per_seed]
+    param_columns = [c for c in per_seed.columns if c.startswith("param_")]
+    rows = []
+    for (method, params), group in per_seed.groupby(["method", "params"], sort=False):
+        row = {"method": method, "params": params, "n_seeds": int(group.seed.nunique())}
+        row.update({c: group[c].iloc[0] for c in param_columns})
+        for column in metrics:
+            row[column] = float(group[column].mean())
+            row[f"{column}_sd"] = _sd(group[column])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _one_seed(summary: pd.DataFrame, min_distinct_fraction: float) -> dict:
+    """Base, Best-of-max-N and the best eligible VAS row of one seed's summary, and the lift ratio."""
+    base = summary[summary.method == "base"]
+    bon = summary[summary.method == "bon"]
+    if base.empty or bon.empty:
+        raise ValueError("each seed's summary needs a base row and Best-of-N rows")
+    base_gold = float(base.gold_positivity_mean.iloc[0])
+    ref = bon.loc[bon.param_n.idxmax()]
+    vas = summary[summary.method == "vas"]
+    eligible = vas[vas.distinct_2 >= min_distinct_fraction * ref.distinct_2]
+    out = {"base_gold": base_gold, "bon_n": int(ref.param_n), "bon_gold": float(ref.gold_positivity_mean),
+           "bon_distinct_2": float(ref.distinct_2), "n_vas_rows": len(vas), "n_vas_eligible": len(eligible),
+           "vas_params": None, "vas_gold": float("nan"), "vas_distinct_2": float("nan"),
+           "ratio": float("nan"), "cost_vs_bon": float("nan")}
+    if eligible.empty:
+        return out
+    best = eligible.loc[eligible.gold_positivity_mean.idxmax()]
+    bon_lift = out["bon_gold"] - base_gold
+    out.update(vas_params=best.params, vas_gold=float(best.gold_positivity_mean),
+               vas_distinct_2=float(best.distinct_2),
+               ratio=(float(best.gold_positivity_mean) - base_gold) / bon_lift if bon_lift > 0 else float("nan"),
+               cost_vs_bon=float(best.base_forwards_per_sample) / float(ref.base_forwards_per_sample))
+    return out
+
+
+def lift_ratio(per_seed: pd.DataFrame, min_distinct_fraction: float = MIN_DISTINCT_FRACTION) -> dict:
+    """Per seed: (best VAS gold-positivity lift over base) / (Best-of-max-N's lift), where the best
+    VAS row is the highest gold positivity among method "vas" rows whose distinct-2 is at least
+    min_distinct_fraction x Best-of-max-N's; its params; and its cost relative to Best-of-max-N
+    (base-model forwards per sample). Then mean and sd (ddof=1) of ratio and cost across the seeds
+    where a ratio exists (a seed with no eligible VAS row, or no Best-of-N lift, has NaN)."""
+    if "seed" not in per_seed:
+        raise KeyError("per_seed needs a `seed` column (one evaluation summary per seed, concatenated)")
+    seeds = []
+    for seed, summary in per_seed.groupby("seed", sort=True):
+        seeds.append({"seed": int(seed), **_one_seed(summary, min_distinct_fraction)})
+    ratios = [s["ratio"] for s in seeds if math.isfinite(s["ratio"])]
+    costs = [s["cost_vs_bon"] for s in seeds if math.isfinite(s["cost_vs_bon"])]
+    return {
+        "per_seed": seeds,
+        "n_seeds": len(seeds),
+        "n_with_ratio": len(ratios),
+        "bon_n": max(s["bon_n"] for s in seeds),
+        "min_distinct_fraction": min_distinct_fraction,
+        "ratio_mean": float(np.mean(ratios)) if ratios else float("nan"),
+        "ratio_sd": _sd(ratios),
+        "cost_vs_bon_mean": float(np.mean(costs)) if costs else float("nan"),
+        "cost_vs_bon_sd": _sd(costs),
+    }
+
+
+def _label(method: str, params: str | None) -> str:
+    values = json.loads(params) if params else {}
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "attribute")
+    return f"{method} {shown}".strip()
+
+
+def _pm(mean: float, sd: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" + ("" if not math.isfinite(sd) else f" ± {sd:.{digits}f}")
+
+
+def ratio_sentence(ratio: dict) -> str:
+    """One sentence: the lift ratio across seeds, what it compares, and what VAS costs."""
+    n, bon = ratio["n_seeds"], f"Best-of-{ratio['bon_n']}"
+    if not ratio["n_with_ratio"]:
+        no_lift = sum(s["bon_gold"] <= s["base_gold"] for s in ratio["per_seed"])
+        no_vas = sum(s["n_vas_eligible"] == 0 for s in ratio["per_seed"])
+        return (f"Across {n} seed(s): no lift ratio ({bon} did not lift gold positivity over base in {no_lift} "
+                f"seed(s); no VAS setting kept distinct-2 at {ratio['min_distinct_fraction']:g}x {bon}'s in "
+                f"{no_vas}).")
+    picks = "; ".join(f"seed {s['seed']}: {s['ratio']:.2f} ({_label('vas', s['vas_params'])})"
+                      for s in ratio["per_seed"])
+    missing = ratio["n_seeds"] - ratio["n_with_ratio"]
+    return (f"Across {n} seeds: the best VAS setting whose distinct-2 stays at least "
+            f"{ratio['min_distinct_fraction']:g}x {bon}'s reaches ratio mean ± sd = "
+            f"{_pm(ratio['ratio_mean'], ratio['ratio_sd'], 2)} of {bon}'s gold-positivity lift over base, at "
+            f"{_pm(ratio['cost_vs_bon_mean'], ratio['cost_vs_bon_sd'])}x its base-model forwards per sample "
+            f"({picks})."
+            + (f" {missing} seed(s) had no eligible VAS setting." if missing else ""))
+
+
+def study_markdown(aggregate: pd.DataFrame, ratio: dict) -> str:
+    """The study as markdown: the lift-ratio verdict, then mean ± sd across seeds per method."""
+    lines = ["# VAS seed study", "", ratio_sentence(ratio), "",
+             "Mean ± sd (ddof=1) across seeds of each seed's evaluation summary.", "",
+             "| method | seeds | gold positivity | learned positivity | gold conciseness | KL (nats) | distinct-2 "
+             "| base forwards / sample |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def cell(row, column: str, digits: int = 3) -> str:
+        if column not in row or pd.isna(row[column]):
+            return ""
+        return _pm(row[column], row.get(f"{column}_sd", float("nan")), digits)
+
+    for _, row in aggregate.iterrows():
+        lines.append(f"| {_label(row.method, row.params)} | {int(row.n_seeds)} | {cell(row, 'gold_positivity_mean')} | "
+                     f"{cell(row, 'learned_positivity_mean')} | {cell(row, 'gold_conciseness_mean')} | "
+                     f"{cell(row, 'kl_nats_mean', 2)} | {cell(row, 'distinct_2')} | "
+                     f"{cell(row, 'base_forwards_per_sample', 1)} |")
+    lines += ["", "| seed | base gold | Best-of-N gold | best eligible VAS | VAS gold | lift ratio | cost vs Best-of-N |",
+              "|---|---|---|---|---|---|---|"]
+    for s in ratio["per_seed"]:
+        vas = _label("vas", s["vas_params"]) if s["vas_params"] else "none eligible"
+        lines.append(f"| {s['seed']} | {s['base_gold']:.3f} | {s['bon_gold']:.3f} (N={s['bon_n']}) | {vas} | "
+                     f"{s['vas_gold']:.3f} | {s['ratio']:.2f} | {s['cost_vs_bon']:.3f} |")
+    return "\n".join(lines) + "\n"
