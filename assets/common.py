@@ -28,6 +28,7 @@ ASSET_OUTPUTS: dict[str, str] = {
     "value_models": "value_models",
     "dpo_model": "dpo_model",
     "evaluation": "eval",
+    "value_error": "value_error",
     "report": "report",
 }
 

@@ -79,7 +79,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     for _, row in summary.iterrows():
         method_params = {"method": row.method, **json.loads(row.params)}
         for column, value in row.items():
-            if column in ("method", "params", "n_samples") or column.startswith("param_") or pd.isna(value):
+            if column in ("method", "params", "family", "n_samples") or column.startswith("param_") or pd.isna(value):
                 continue
             rows.append(metric_row(column, float(value), split="eval", method=row.method, params=method_params))
     headline = headline_numbers(summary)
@@ -103,13 +103,15 @@ def headline_numbers(summary) -> dict[str, float]:
         out[f"bon{int(top.param_n)}/gold_positivity"] = top.gold_positivity_mean
         out[f"bon{int(top.param_n)}/kl_nats"] = top.kl_nats_mean
         out[f"bon{int(top.param_n)}/seconds_per_sample"] = top.seconds_per_sample
-    for parameterization, group in summary[summary.method == "vas"].groupby("param_parameterization"):
+    for family, group in summary[summary.method.isin(["vas", "vas_rerank"])].groupby("family"):
         best = group.loc[group.gold_positivity_mean.idxmax()]
-        out[f"vas_{parameterization}/best_beta"] = best.param_beta
-        out[f"vas_{parameterization}/gold_positivity"] = best.gold_positivity_mean
-        out[f"vas_{parameterization}/gold_positivity_ci95"] = best.gold_positivity_ci95
-        out[f"vas_{parameterization}/kl_nats"] = best.kl_nats_mean
-        out[f"vas_{parameterization}/seconds_per_sample"] = best.seconds_per_sample
+        key = family.lower().replace("vas ", "vas_").replace(" + rerank, beta ", "_rerank_b").replace(" ", "_")
+        out[f"{key}/best_{'n' if best.method == 'vas_rerank' else 'beta'}"] = \
+            best.param_n if best.method == "vas_rerank" else best.param_beta
+        out[f"{key}/gold_positivity"] = best.gold_positivity_mean
+        out[f"{key}/gold_positivity_ci95"] = best.gold_positivity_ci95
+        out[f"{key}/kl_nats"] = best.kl_nats_mean
+        out[f"{key}/seconds_per_sample"] = best.seconds_per_sample
     dpo = summary[summary.method == "dpo"]
     if len(dpo):
         out["dpo/gold_positivity"] = dpo.iloc[0].gold_positivity_mean

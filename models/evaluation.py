@@ -1,8 +1,11 @@
-"""Evaluation: base sampling, Best-of-N, VAS over a beta sweep and a composition grid.
+"""Evaluation: base sampling, Best-of-N, VAS over a beta sweep, VAS + rerank and a composition grid.
 
 Every method samples the same held-out prompts with the same seed. Best-of-N draws its N
 candidates as N seeded base samplings (candidate 0 uses the shared seed, so Best-of-1 is base
-sampling token for token) and keeps the one the learned reward scores highest.
+sampling token for token) and keeps the one the learned reward scores highest. VAS + rerank does
+the same with N VAS samples: its cost is N VAS samples, and its KL to pi0 is estimated as the
+selected samples' mean log pi_vas(y)/pi0(y) plus the Best-of-N term log N - (N-1)/N (the chain
+rule KL(rr||pi0) = E_rr[log rr/pi_vas] + E_rr[log pi_vas/pi0], the first term bounded by it).
 """
 
 from __future__ import annotations
@@ -32,8 +35,13 @@ class EvalConfig:
     bon_attribute: str = "positivity"            # Best-of-N picks by this learned reward
     steer_attribute: str = "positivity"          # the beta sweep steers with this value model
     betas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    parameterizations: tuple[str, ...] = ("scalar", "qhead")
+    parameterizations: tuple[str, ...] = ("scalar", "qhead")   # distributional ones run soft and mean
     compose_weights: tuple[float, ...] = (0.0, 2.0, 4.0)   # grid over positivity x conciseness
+    compose_parameterization: str = "scalar"
+    # VAS + rerank: N VAS samples at each beta, the best by the learned reward (empty: skipped).
+    rerank_parameterization: str = "distributional_qhead"
+    rerank_betas: tuple[float, ...] = (2.0,)
+    rerank_ns: tuple[int, ...] = (2, 4, 8)
     top_k: int = 20
     max_new_tokens: int = 80
     temperature: float = 1.0
@@ -77,8 +85,24 @@ def _frame(prompts: pd.DataFrame, gen, method: str, params: dict) -> pd.DataFram
         "completion": gen.texts,
         "n_tokens": gen.n_tokens,
         "kl_nats": gen.kl_nats,
+        "log_ratio": gen.log_ratio or [0.0] * len(gen.texts),
         "finished": gen.finished,
     })
+
+
+def family_of(method: str, params: dict) -> str:
+    """The curve a summary row belongs to: Best-of-N along N, a VAS decoder along beta, VAS +
+    rerank at one beta along N."""
+    if method in ("vas", "vas_rerank"):
+        label = f"VAS {params['parameterization']}"
+        if "soft" in params:
+            label += " soft" if params["soft"] else " mean"
+        return label + (f" + rerank, beta {params['beta']:g}" if method == "vas_rerank" else "")
+    return {"bon": "Best-of-N", "dpo": "DPO"}.get(method, method)
+
+
+def is_distributional(parameterization: str) -> bool:
+    return parameterization.startswith("distributional")
 
 
 class Evaluator:
@@ -151,19 +175,48 @@ class Evaluator:
             runs.append(MethodRun("bon", {"n": n}, frame, wall, n * tokens))
         return runs
 
-    def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict) -> MethodRun:
+    def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str) -> float:
+        """Base forward + value forwards per token, in base-model units (value forwards scale by
+        size): scalar-shaped heads score the k candidates and the chosen token, per-token heads
+        read one forward."""
         models = self.value_models[parameterization]
-        vas_config = VASConfig(top_k=self.config.top_k)
-        start = time.perf_counter()
-        gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), models, weights, self.sampling(),
-                         vas_config=vas_config, device=self.device)
-        seconds = time.perf_counter() - start
-        frame = self.score(_frame(self.prompts, gen, method, params))
-        # Base forward + value forwards per token, in base-model units (value forwards scale by size).
         active = [models[a] for a, w in weights.items() if w]
         ratio = sum(sum(p.numel() for p in m.parameters()) for m in active) / self.base_params
-        per_token = 1 + ratio * ((self.config.top_k + 1) if parameterization == "scalar" else 1)
+        scalar_shaped = parameterization in ("scalar", "distributional")
+        return 1 + ratio * ((self.config.top_k + 1) if scalar_shaped else 1)
+
+    def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
+                soft: bool = True, seed_offset: int = 0) -> MethodRun:
+        vas_config = VASConfig(top_k=self.config.top_k, soft=soft)
+        start = time.perf_counter()
+        gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.value_models[parameterization],
+                         weights, self.sampling(seed_offset), vas_config=vas_config, device=self.device)
+        seconds = time.perf_counter() - start
+        frame = self.score(_frame(self.prompts, gen, method, params))
+        per_token = self.vas_forwards_per_token(weights, parameterization)
         return MethodRun(method, params, frame, seconds, float(frame.n_tokens.mean()) * per_token)
+
+    def run_vas_rerank(self, beta: float, parameterization: str) -> list[MethodRun]:
+        """N VAS samples per prompt draw (seeds shared + 0..N-1, so candidate 0 is plain VAS), the
+        best by the learned reward Best-of-N uses; one pool of max(N) serves every N."""
+        c = self.config
+        attribute = c.steer_attribute
+        soft = is_distributional(parameterization)
+        params = {"beta": beta, "parameterization": parameterization, "attribute": attribute,
+                  **({"soft": True} if soft else {})}
+        pool = [self.run_vas({attribute: beta}, parameterization, "vas_rerank", params, soft=soft, seed_offset=k)
+                for k in range(max(c.rerank_ns))]
+        scores = np.stack([f.frame[f"learned_{c.bon_attribute}"].to_numpy() for f in pool])   # (n_max, S)
+        runs = []
+        for n in c.rerank_ns:
+            best = scores[:n].argmax(0)                                                   # (S,)
+            frame = pd.concat([pool[b].frame.iloc[[i]] for i, b in enumerate(best)], ignore_index=True)
+            frame["params"] = json.dumps({**params, "n": n}, sort_keys=True)
+            frame["kl_nats"] = frame["log_ratio"] + bon_kl(n)
+            runs.append(MethodRun("vas_rerank", {**params, "n": n}, frame, sum(r.seconds for r in pool[:n]),
+                                  sum(r.forwards_per_sample for r in pool[:n])))
+        self.progress(f"VAS + rerank ({parameterization}, beta={beta}): done")
+        return runs
 
     def run_dpo(self) -> MethodRun:
         """The DPO policy, sampled by the same loop: its path KL to pi0 is exact."""
@@ -185,17 +238,24 @@ class Evaluator:
         for parameterization in c.parameterizations:
             if c.steer_attribute not in self.value_models.get(parameterization, {}):
                 continue
-            for beta in c.betas:
-                runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas",
-                                         {"beta": beta, "parameterization": parameterization,
-                                          "attribute": c.steer_attribute}))
-                self.progress(f"VAS {parameterization} beta={beta}: done")
-        scalar = self.value_models.get("scalar", {})
-        if {"positivity", "conciseness"} <= set(scalar):
+            # Distributional models serve both decoders: the soft value (exact tilt) and the mean (the paper's).
+            for soft in ((True, False) if is_distributional(parameterization) else (True,)):
+                for beta in c.betas:
+                    params = {"beta": beta, "parameterization": parameterization, "attribute": c.steer_attribute}
+                    if is_distributional(parameterization):
+                        params["soft"] = soft
+                    runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params, soft=soft))
+                    self.progress(f"VAS {family_of('vas', params)} beta={beta}: done")
+        if c.steer_attribute in self.value_models.get(c.rerank_parameterization, {}):
+            for beta in c.rerank_betas:
+                runs += self.run_vas_rerank(beta, c.rerank_parameterization)
+        grid_models = self.value_models.get(c.compose_parameterization, {})
+        if {"positivity", "conciseness"} <= set(grid_models):
             for w_pos in c.compose_weights:
                 for w_con in c.compose_weights:
                     weights = {"positivity": w_pos, "conciseness": w_con}
-                    runs.append(self.run_vas(weights, "scalar", "compose", {"weights": weights}))
+                    runs.append(self.run_vas(weights, c.compose_parameterization, "compose",
+                                             {"weights": weights, "parameterization": c.compose_parameterization}))
             self.progress("composition grid: done")
         return runs
 
@@ -207,7 +267,8 @@ def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
     rows = []
     for run in runs:
         f = run.frame
-        row = {"method": run.method, "params": json.dumps(run.params, sort_keys=True), "n_samples": len(f)}
+        row = {"method": run.method, "params": json.dumps(run.params, sort_keys=True),
+               "family": family_of(run.method, run.params), "n_samples": len(f)}
         row.update({f"param_{k}": v for k, v in run.params.items() if not isinstance(v, dict)})
         for column in [c for c in f.columns if c.startswith(("gold_", "learned_"))]:
             values = f[column].to_numpy(dtype=np.float64)
@@ -235,7 +296,7 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
     picks.append(bon[bon.param_n.isin([16, 128])] if "param_n" in bon else bon.iloc[0:0])
     picks.append(summary[summary.method == "dpo"])
     bon_kl = bon.kl_nats_mean.max() if len(bon) else None
-    for _, group in summary[summary.method == "vas"].groupby("param_parameterization"):
+    for _, group in summary[summary.method == "vas"].groupby("family"):
         chosen = {group.gold_positivity_mean.idxmax()}
         if bon_kl is not None:
             chosen.add((group.kl_nats_mean - bon_kl).abs().idxmin())

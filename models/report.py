@@ -35,8 +35,10 @@ def _families(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
     bon = summary[summary.method == "bon"]
     if len(bon):
         out.append(("Best-of-N", bon.sort_values("param_n"), "param_n"))
-    for p, group in summary[summary.method == "vas"].groupby("param_parameterization"):
-        out.append((f"VAS {p}", group.sort_values("param_beta"), "param_beta"))
+    for label, group in summary[summary.method == "vas"].groupby("family"):
+        out.append((label, group.sort_values("param_beta"), "param_beta"))
+    for label, group in summary[summary.method == "vas_rerank"].groupby("family"):
+        out.append((label, group.sort_values("param_n"), "param_n"))
     return out
 
 
@@ -60,7 +62,7 @@ def frontier_figure(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel("KL(pi || pi0), nats")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Reward vs KL (labels: N for Best-of-N, beta for VAS; bars: 95% CI)")
+    axes[0].set_title("Reward vs KL (labels: N for Best-of-N and rerank, beta for VAS; bars: 95% CI)")
     axes[1].legend(loc="lower right", fontsize=8)
     return _save(plt, fig, path)
 
@@ -124,7 +126,8 @@ def verdict(summary: pd.DataFrame) -> str:
     reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
     ratio = best.seconds_per_sample / ref.seconds_per_sample
     what = "reaches" if reaches else "falls short of"
-    return (f"VAS ({best.param_parameterization}, beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
+    name = best.family if "family" in best else f"VAS {best.param_parameterization}"
+    return (f"{name} (beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
             f"gold positivity ({best.gold_positivity_mean:.3f} ± {best.gold_positivity_ci95:.3f} vs "
             f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}) at {ratio:.3f}x its decode time "
             f"per sample.")
@@ -143,7 +146,22 @@ def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None) -
     return f"Single run (one seed): {verdict(summary)} `make study` gives a verdict across seeds."
 
 
-def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None) -> dict[str, Path]:
+def value_error_section(value_error: pd.DataFrame | None) -> str:
+    """The value-error table (models.value_error metrics) as a report section; "" without one."""
+    if value_error is None or value_error.empty:
+        return ""
+    from models.value_error import markdown_table
+
+    return ("\n## Value error against Monte-Carlo estimates\n\n"
+            "Each value model's Q(s, a) at prefixes of held-out pi0 completions, for pi0's top candidate "
+            "tokens, against the mean (and soft value at beta) of pi0 continuations' standardized learned "
+            "reward. `mc_noise_mse` is the floor an exact model would show (MC standard error squared), "
+            "`target_var` the mse of the best constant guess; `spearman` is the mean over states of the "
+            "rank correlation across candidates.\n\n" + markdown_table(value_error) + "\n")
+
+
+def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,
+                 value_error: pd.DataFrame | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
@@ -151,6 +169,7 @@ def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str
         "cost": cost_figure(summary, directory / "cost.png"),
     }
     text = f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n{headline_table(summary)}\n"
+    text += value_error_section(value_error)
     (directory / "report.md").write_text(text, encoding="utf-8")
     paths["report"] = directory / "report.md"
     return paths

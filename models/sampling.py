@@ -33,6 +33,9 @@ class Generation:
     base_logprobs: list[list[float]]    # log pi0(token | prefix) at temperature 1, per sampled token
     finished: list[bool]                # ended with EOS rather than hitting max_new_tokens
     kl_nats: list[float] = field(default_factory=list)   # sum over steps of KL(pi_t || pi0_t)
+    # log pi(y) - log pi0(y) of the sampled path (both at the sampling temperature): its mean over
+    # samples is a Monte-Carlo estimate of the KL; per sample it is what reranking needs.
+    log_ratio: list[float] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> list[int]:
@@ -130,6 +133,7 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
         steering.start(ids, mask)
     logits = lm.last_hidden_logits
     kl = torch.zeros(batch, device=device)
+    log_ratio = torch.zeros(batch, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens_out = torch.full((batch, config.max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
@@ -143,6 +147,10 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
             steered = base_logits
         probs = torch.softmax(steered / config.temperature, dim=-1)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
+        if steering is not None:
+            ratio = (torch.log_softmax(steered / config.temperature, -1)
+                     - torch.log_softmax(base_logits / config.temperature, -1)).gather(1, token[:, None]).squeeze(1)
+            log_ratio += torch.where(done, 0.0, ratio)
         token = torch.where(done, torch.full_like(token, pad), token)
         logprobs_out[:, step] = torch.log_softmax(base_logits, -1).gather(1, token[:, None]).squeeze(1)
         tokens_out[:, step] = token
@@ -163,7 +171,7 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
         logprobs.append(logprobs_out[i, :n].tolist())
     # Not stripped: prompt + text is exactly the sampled sequence (the leading space is a token).
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist(), kl.tolist())
+    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist(), kl.tolist(), log_ratio.tolist())
 
 
 @torch.no_grad()
@@ -189,4 +197,5 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
         base_logprobs=[lp for g in parts for lp in g.base_logprobs],
         finished=[f for g in parts for f in g.finished],
         kl_nats=[k for g in parts for k in g.kl_nats],
+        log_ratio=[r for g in parts for r in g.log_ratio],
     )

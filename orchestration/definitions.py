@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import baselines, evaluation, ingest, report, rewards, rollouts, synthesis, training, validation
+from assets import (baselines, evaluation, ingest, report, rewards, rollouts, synthesis, training, validation,
+                    value_error)
 from orchestration.resources import build_resources
 from orchestration.schedules import full_pipeline, nightly_retrain, nightly_retrain_schedule
 from orchestration.sensors import incoming_preferences_sensor, incoming_retrain
 
-ALL_ASSETS = dg.load_assets_from_modules([ingest, synthesis, rewards, rollouts, training, baselines, evaluation, report])
+ALL_ASSETS = dg.load_assets_from_modules([ingest, synthesis, rewards, rollouts, training, baselines, evaluation,
+                                         value_error, report])
 ALL_CHECKS = dg.load_asset_checks_from_modules([ingest, validation, rollouts])
 
 defs = dg.Definitions(

@@ -10,13 +10,14 @@ full_pipeline = dg.define_asset_job(
     description="Materialize the whole VAS graph on the active profile (VAS_PROFILE).",
 )
 
-# Fresh rollouts from the frozen base model, value models refitted on them, then evaluated.
-RETRAIN_ASSETS = ["rollouts", "value_models", "evaluation", "report"]
+# Fresh rollouts from the frozen base model, value models refitted on them, then evaluated
+# (decoding, and the value models' error against Monte-Carlo estimates) and reported.
+RETRAIN_ASSETS = ["rollouts", "value_models", "evaluation", "value_error", "report"]
 
 nightly_retrain = dg.define_asset_job(
     "nightly_retrain",
     selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
-    description="Retrain: rollouts -> value_models -> evaluation -> report, on the current data.",
+    description="Retrain: rollouts -> value_models -> evaluation, value_error -> report, on the current data.",
 )
 
 nightly_retrain_schedule = dg.ScheduleDefinition(

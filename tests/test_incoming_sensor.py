@@ -132,7 +132,7 @@ def test_sensor_is_on_by_default_and_targets_the_incoming_retrain():
     job = defs.resolve_job_def("incoming_retrain")
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
     assert keys == {"imported_preferences", "preference_pairs", "reward_models", "dpo_model", "rollouts",
-                    "value_models", "evaluation", "report"}
+                    "value_models", "evaluation", "value_error", "report"}
     assert defs.resolve_sensor_def("incoming_preferences_sensor").job_name == "incoming_retrain"
 
 

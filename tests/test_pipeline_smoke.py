@@ -16,7 +16,7 @@ from orchestration.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model", "report",
-          "evaluation"]
+          "evaluation", "value_error"]
 
 
 def test_definitions_load():
@@ -220,6 +220,31 @@ def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
     samples = pd.read_parquet(data / "eval" / "samples.parquet")
     dpo = samples[samples.method == "dpo"]
     assert len(dpo) == (samples.method == "base").sum() and (dpo.kl_nats > 0).all()
+
+
+def test_value_error_against_monte_carlo_per_model_and_target(smoke_world):
+    from orchestration.profiles import load_profile
+
+    data = smoke_world["data_dir"]
+    metrics = pd.read_parquet(data / "value_error" / "value_error.parquet")
+    params = load_profile("smoke")["value_error"]
+    models = sorted(p.name for p in (data / "value_models").iterdir())
+    targets = ["mean", *[f"soft_beta_{float(b)}" for b in params["betas"]]]
+    # One row per (value model, target), and every error is a number.
+    assert sorted(zip(metrics.model, metrics.target)) == sorted((m, t) for m in models for t in targets)
+    assert np.isfinite(metrics.mse).all() and (metrics.mc_noise_mse >= 0).all()
+    assert (metrics.n_pairs == metrics.n_states * params["n_candidates"]).all()
+    pairs = pd.read_parquet(data / "value_error" / "pairs.parquet")
+    assert len(pairs) == metrics[metrics.target == "mean"].n_pairs.sum()
+    assert {"prefix_text", "candidate_token", "mc_mean", "mc_se_mean", "est_mean"} <= set(pairs.columns)
+    assert "## Value error against Monte-Carlo estimates" in (data / "report" / "report.md").read_text()
+    con = duckdb.connect(str(data / "metrics.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT method, params FROM metrics WHERE run_id = ? AND asset = 'value_error' "
+                           "AND metric = 'mse'", [smoke_world["result"].run_id]).fetchall()
+    finally:
+        con.close()
+    assert len(rows) == len(metrics) and {m for m, _ in rows} == set(models)
 
 
 def test_headline_table_picks_the_rows_to_compare(smoke_world):

@@ -2,12 +2,14 @@ import json
 
 import pandas as pd
 
+from models.evaluation import family_of
 from models.report import composition_figure, verdict, write_report
 
 
 def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:
     def row(method, params, gold, ci, kl, seconds, **extra):
-        return {"method": method, "params": json.dumps(params, sort_keys=True), "gold_positivity_mean": gold,
+        return {"method": method, "params": json.dumps(params, sort_keys=True), "family": family_of(method, params),
+                "gold_positivity_mean": gold,
                 "gold_positivity_ci95": ci, "learned_positivity_mean": gold, "learned_positivity_ci95": ci,
                 "gold_conciseness_mean": 0.7, "gold_conciseness_ci95": 0.02, "kl_nats_mean": kl,
                 "gold_positivity_winrate": 0.6, "distinct_2": 0.3, "seconds_per_sample": seconds, **extra}
@@ -45,3 +47,15 @@ def test_verdict_is_computed_from_the_intervals():
 def test_composition_figure_without_a_grid_says_so(tmp_path):
     path = composition_figure(summary(0.3, 0.05, with_compose=False), tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_has_the_value_error_table_when_given(tmp_path):
+    errors = pd.DataFrame([{"model": m, "parameterization": p, "attribute": "positivity", "target": t,
+                            "mse": 0.25, "spearman": 0.5, "n_states": 4, "n_pairs": 32, "n_ranked_states": 4,
+                            "mc_noise_mse": 0.01, "target_var": 0.5}
+                           for m, p in (("positivity", "scalar"), ("positivity.qhead", "qhead"))
+                           for t in ("mean", "soft_beta_1.0")])
+    text = write_report(summary(0.3, 0.05), tmp_path, value_error=errors)["report"].read_text()
+    assert "## Value error against Monte-Carlo estimates" in text
+    assert "| positivity.qhead | soft_beta_1.0 |" in text and "0.250" in text
+    assert "Value error" not in write_report(summary(0.3, 0.05), tmp_path)["report"].read_text()

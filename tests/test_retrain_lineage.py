@@ -159,13 +159,13 @@ def test_unchanged_nightly_retrain_reuses_everything(retrains):
 
     data = retrains["data"]
     n_versions = len(json.loads((data / "value_model_versions" / "versions.json").read_text()))
-    before = {a: dvc_md5(data / a) for a in ("rollouts", "value_models", "eval", "report")}
+    before = {a: dvc_md5(data / a) for a in ("rollouts", "value_models", "eval", "value_error", "report")}
     result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=nightly_retrain.selection,
                             resources=retrains["resources"], instance=retrains["instance"])
     assert result.success
     events = {e.asset_key.to_user_string(): e.event_specific_data.materialization
               for e in result.get_asset_materialization_events()}
-    assert set(events) == {"rollouts", "value_models", "evaluation", "report"}
+    assert set(events) == {"rollouts", "value_models", "evaluation", "value_error", "report"}
     for asset, mat in events.items():
         assert mat.metadata["reused_from_run"].value == retrains["second"]["result"].run_id, asset
     assert {a: dvc_md5(data / a) for a in before} == before

@@ -11,7 +11,7 @@ def test_nightly_retrain_job_covers_rollouts_to_report():
 
     job = defs.resolve_job_def("nightly_retrain")
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-    assert keys == {"rollouts", "value_models", "evaluation", "report"}
+    assert keys == {"rollouts", "value_models", "evaluation", "value_error", "report"}
 
 
 def test_schedule_is_off_by_default_and_runs_the_retrain_at_two():

@@ -1,0 +1,68 @@
+"""Group `evaluation`: each value model's error against Monte-Carlo estimates of its own target."""
+
+from typing import Optional
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
+from assets.metrics_db import metric_row
+from orchestration.profiles import config_from, resolve
+from orchestration.resources import VasSettings
+
+METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
+
+
+class ValueErrorAssetConfig(dg.Config):
+    n_prompts: Optional[int] = None
+    prefix_lengths: Optional[list[int]] = None
+    n_candidates: Optional[int] = None
+    n_continuations: Optional[int] = None
+    betas: Optional[list[float]] = None
+
+
+@dg.asset(group_name="evaluation", deps=["base_model", "prompts", "reward_models", "value_models"],
+          kinds={"pytorch", "parquet"}, pool="gpu",
+          description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
+                      "and soft values), at prefixes of held-out completions: mse, Spearman over pi0's top "
+                      "candidates, and the MC noise floor; data/value_error/.")
+def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig, settings: VasSettings,
+                duckdb: DuckDBResource) -> dg.MaterializeResult:
+    import pandas as pd
+
+    from models.artifacts import write_folder
+    from models.lm import load_frozen_base, pick_device
+    from models.reward_model import load_reward_models
+    from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
+
+    torch_threads()
+    profile = settings.params()
+    params = resolve(profile, "value_error", config.model_dump())
+    upstream = ["base_model", "prompts", "reward_models", "value_models"]
+    inputs = lineage_inputs(settings, upstream)
+    if (reused := reuse(context, settings, duckdb, "value_error", params, inputs)) is not None:
+        return reused
+    device = str(pick_device(settings.device))
+    base, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
+    prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
+    prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
+    scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
+    models = load_scored_models(output_path(settings, "value_models"), device=device)
+    with LogToDagster(context):
+        metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
+                                              config_from(ValueErrorConfig, params), device=device)
+    write_folder(output_path(settings, "value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
+
+    rows = [metric_row(column, float(row[column]), split="eval", method=row.model,
+                       params={"target": row.target, "parameterization": row.parameterization,
+                               "attribute": row.attribute})
+            for _, row in metrics.iterrows() for column in METRIC_COLUMNS if pd.notna(row[column])]
+    mean = metrics[metrics.target == "mean"]
+    headline = {f"{row.model}/mean_{column}": float(row[column])
+                for _, row in mean.iterrows() for column in ("mse", "spearman") if pd.notna(row[column])}
+    headline["mc_noise_mse"] = float(mean.mc_noise_mse.mean())
+    table = markdown_table(metrics)
+    context.log.info("value error against Monte-Carlo estimates:\n" + table)
+    return finish(context, settings, duckdb, "value_error", params, headline, inputs=inputs, extra_rows=rows,
+                  metadata={"value_error": dg.MetadataValue.md(table),
+                            "n_states": int(mean.n_states.max()), "n_pairs": int(mean.n_pairs.max())})

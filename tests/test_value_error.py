@@ -1,0 +1,206 @@
+"""Value error against Monte-Carlo estimates: the MC targets, the id-based sampler, the metrics
+(an oracle scores mse 0 and Spearman 1, its negation Spearman -1), skipped states, bad input."""
+
+import math
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from models.sampling import SamplingConfig, encode_prompts, sample
+from models.value_error import (ScoredModel, ValueErrorConfig, draw_states, evaluate_value_error, mc_statistics,
+                                rank_correlation, sample_from_ids, soft_target)
+
+PROMPTS = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
+                        "prompt": ["a b", "c", "d e f", "b", "a a", "f c"]})
+
+
+def random_gpt2(vocab_size: int, seed: int, init: float, eos: int, pad: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, initializer_range=init,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="module")
+def small():
+    """V = 8: a word-level tokenizer and a random base model; the reward counts words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "e": 6, "f": 7}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
+                                        pad_token="<pad>", padding_side="left")
+    base = random_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
+
+    def reward(prompts, completions):
+        """More `a`s is better, `b`s are bad: a hand-made learned reward."""
+        return [c.split().count("a") - 0.5 * c.split().count("b") for c in completions]
+
+    return types.SimpleNamespace(base=base, tokenizer=tokenizer, scorers={"count": reward})
+
+
+class Oracle:
+    """A fake value model that knows the MC targets: start/candidate_q/advance over id prefixes."""
+
+    is_distributional = True
+
+    def __init__(self, pairs: pd.DataFrame, sign: float = 1.0):
+        self.values = {(tuple(r["prefix_ids"]), r["candidate_id"]): r for r in pairs.to_dict("records")}
+        self.sign = sign
+
+    def start(self, ids, mask):
+        return [tuple(row[m.bool()].tolist()) for row, m in zip(ids.cpu(), mask.cpu())]
+
+    def candidate_q(self, state, candidates, beta=None):
+        column = "mc_mean" if beta is None else f"mc_{soft_target(beta)}"
+        return torch.tensor([[self.sign * self.values[(prefix, a)][column] for a in row]
+                             for prefix, row in zip(state, candidates.tolist())], dtype=torch.float64)
+
+    def advance(self, state, tokens):
+        raise AssertionError("not needed: every state is encoded from scratch")
+
+
+class Constant(Oracle):
+    is_distributional = False
+
+    def __init__(self):
+        pass
+
+    def candidate_q(self, state, candidates, beta=None):
+        return torch.zeros(candidates.shape)
+
+
+CONFIG = ValueErrorConfig(n_prompts=4, prefix_lengths=(0, 2), n_candidates=4, n_continuations=8,
+                          betas=(1e-4, 2.0), max_new_tokens=6, seed=0, batch_size=16)
+
+
+def run(small, models, config=CONFIG):
+    return evaluate_value_error(small.base, small.tokenizer, PROMPTS, small.scorers, models, config)
+
+
+def test_soft_value_is_between_mean_and_max_and_tends_to_the_mean():
+    rewards = np.random.default_rng(0).normal(size=(5, 64))
+    stats = mc_statistics(rewards, [1e-6, 1.0, 50.0])
+    mean = rewards.mean(1)
+    assert np.allclose(stats["mc_mean"], mean)
+    assert np.allclose(stats["mc_se_mean"], rewards.std(1, ddof=1) / 8)
+    assert np.allclose(stats[f"mc_{soft_target(1e-6)}"], mean, atol=1e-5)
+    assert (stats[f"mc_{soft_target(1.0)}"] > mean).all()                     # Jensen
+    assert np.allclose(stats[f"mc_{soft_target(50.0)}"], rewards.max(1), atol=0.1)
+    # Exact rewards (one value repeated): every target is that value, with no noise.
+    flat = mc_statistics(np.full((2, 4), 0.3), [2.0])
+    assert np.allclose(flat[f"mc_{soft_target(2.0)}"], 0.3) and np.allclose(flat["mc_se_mean"], 0)
+
+
+def test_id_sampler_is_the_base_sampler(small):
+    """Sampling from id prefixes draws what models.sampling draws from the same prompts and seed."""
+    prompts = PROMPTS.prompt.tolist()
+    gen = sample(small.base, small.tokenizer, prompts, SamplingConfig(max_new_tokens=7, seed=5))
+    generator = torch.Generator().manual_seed(5)
+    ids = sample_from_ids(small.base, encode_prompts(small.tokenizer, prompts), [7] * len(prompts), 0, 1, generator)
+    assert ids == gen.completion_ids
+    short = sample_from_ids(small.base, encode_prompts(small.tokenizer, prompts), [2, 0, 1, 2, 0, 3], 0, 1,
+                            torch.Generator().manual_seed(5))
+    assert [len(c) <= b for c, b in zip(short, [2, 0, 1, 2, 0, 3])] == [True] * 6 and short[1] == short[4] == []
+
+
+def test_mc_soft_value_at_tiny_beta_approaches_the_mc_mean(small):
+    _, pairs = run(small, [ScoredModel("zero", Constant(), "count", "scalar")])
+    tiny = pairs[f"mc_{soft_target(1e-4)}"]
+    assert np.allclose(tiny, pairs.mc_mean, atol=1e-3)
+    assert (pairs[f"mc_{soft_target(2.0)}"] >= pairs.mc_mean - 1e-12).all()
+    # Ending the completion is exact: the EOS candidate's continuations are all empty.
+    eos = pairs[pairs.is_eos]
+    assert len(eos) and (eos.mc_se_mean == 0).all()
+
+
+def test_oracle_scores_zero_error_and_perfect_ranking(small):
+    stats = {"mean": 0.5, "std": 2.0}
+    _, truth = run(small, [ScoredModel("zero", Constant(), "count", "scalar", stats)])
+    # The standardized targets: (count - 0.5) / 2.
+    assert truth.mc_mean.min() < truth.mc_mean.max()
+    models = [ScoredModel("oracle", Oracle(truth), "count", "distributional", stats),
+              ScoredModel("negated", Oracle(truth, sign=-1.0), "count", "distributional", stats),
+              ScoredModel("zero", Constant(), "count", "scalar", stats)]
+    metrics, pairs = run(small, models)
+    metrics = metrics.set_index(["model", "target"])
+    assert set(metrics.index.get_level_values("target")) == {"mean", soft_target(1e-4), soft_target(2.0)}
+    for target in ("mean", soft_target(2.0)):
+        assert metrics.loc[("oracle", target), "mse"] < 1e-10
+        assert metrics.loc[("oracle", target), "spearman"] == pytest.approx(1.0)
+        assert metrics.loc[("negated", target), "spearman"] == pytest.approx(-1.0)
+        assert metrics.loc[("zero", target), "spearman"] == 0.0    # a constant ranks nothing
+    zero = metrics.loc[("zero", "mean")]
+    assert zero.mse == pytest.approx(float((truth.mc_mean ** 2).mean()))
+    # The noise floor: the mean squared standard error of the MC means.
+    assert zero.mc_noise_mse == pytest.approx(float((truth.mc_se_mean ** 2).mean()))
+    assert zero.n_pairs == len(truth) and zero.n_states == truth.state_id.nunique()
+    assert zero.n_pairs == zero.n_states * CONFIG.n_candidates
+    # A non-distributional model's soft estimate is its mean: the point of measuring it.
+    z = pairs[pairs.model == "zero"]
+    assert (z[f"est_{soft_target(2.0)}"] == z.est_mean).all()
+
+
+def test_states_shorter_than_the_prefix_are_skipped(small):
+    config = ValueErrorConfig(n_prompts=6, prefix_lengths=(0, 3, 5, 6, 50), max_new_tokens=6, seed=2)
+    states = draw_states(small.base, small.tokenizer, PROMPTS, config)
+    gen = sample(small.base, small.tokenizer, PROMPTS.prompt.tolist(), SamplingConfig(max_new_tokens=6, seed=2))
+    by_prompt = {}
+    for s in states:
+        by_prompt.setdefault(s.prompt_id, []).append(s.prefix_len)
+        assert s.ids[:len(s.prompt_ids)] == encode_prompts(small.tokenizer, [s.prompt])[0]
+    for pid, completion in zip(PROMPTS.prompt_id, gen.completion_ids):
+        # L = 6 leaves no room for an action within max_new_tokens = 6; L = 50 is never reached.
+        expected = [length for length in (0, 3, 5) if length <= len(completion)]
+        assert by_prompt.get(pid, []) == expected
+        for s in states:
+            if s.prompt_id == pid:
+                assert s.completion_prefix == completion[:s.prefix_len]
+    assert any(len(c) < 5 for c in gen.completion_ids), "the test needs a completion that is too short"
+
+
+def test_bad_input_is_refused_with_a_clear_message(small):
+    zero = [ScoredModel("zero", Constant(), "count", "scalar")]
+    with pytest.raises(ValueError, match="n_continuations must be >= 2"):
+        run(small, zero, ValueErrorConfig(n_continuations=1))
+    with pytest.raises(ValueError, match="betas must be > 0"):
+        run(small, zero, ValueErrorConfig(betas=(0.0,)))
+    with pytest.raises(ValueError, match="no learned reward model for attribute"):
+        run(small, [ScoredModel("zero", Constant(), "positivity", "scalar")], CONFIG)
+
+
+def test_rank_correlation_is_spearman():
+    x = pd.Series([1.0, 2.0, 3.0, 4.0])
+    assert rank_correlation(x, x ** 3) == pytest.approx(1.0)
+    assert rank_correlation(x, -np.exp(x)) == pytest.approx(-1.0)
+    assert rank_correlation(x, pd.Series([2.0, 1.0, 4.0, 3.0])) == pytest.approx(0.6)
+    assert rank_correlation(x, pd.Series([0.0] * 4)) == 0.0
+    assert not math.isnan(rank_correlation(x, pd.Series([1.0, 1.0, 2.0, 2.0])))
+
+
+def test_real_value_models_are_measured(small, tmp_path):
+    """ValueModel through the decode interface: scalar ignores beta, distributional does not."""
+    from models.value_model import ValueModel
+
+    small.base.save_pretrained(tmp_path)
+    models = []
+    for parameterization in ("scalar", "distributional"):
+        model = ValueModel.from_base(tmp_path, parameterization)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * 0.3)
+        models.append(ScoredModel(parameterization, model.eval(), "count", parameterization))
+    metrics, pairs = run(small, models)
+    assert len(metrics) == 2 * 3 and np.isfinite(metrics.mse).all()
+    scalar, dist = pairs[pairs.model == "scalar"], pairs[pairs.model == "distributional"]
+    assert (scalar[f"est_{soft_target(2.0)}"] == scalar.est_mean).all()
+    assert not np.allclose(dist[f"est_{soft_target(2.0)}"], dist.est_mean)
+    assert np.allclose(dist[f"est_{soft_target(1e-4)}"], dist.est_mean, atol=1e-3)
