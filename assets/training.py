@@ -25,7 +25,7 @@ class ValueModelsConfig(dg.Config):
     parameterization: Optional[str] = None
 
 
-@dg.asset(group_name="training", deps=["rollouts", "base_model"], kinds={"pytorch"}, pool="gpu",
+@dg.asset(group_name="training", deps=["rollouts", "base_model", "reward_models"], kinds={"pytorch"}, pool="gpu",
           description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
                       "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
 def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, settings: VasSettings,
@@ -41,7 +41,7 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
 
     torch_threads()
     params = resolve(settings.params(), "value_models", config.model_dump())
-    upstream = ["rollouts", "base_model"]
+    upstream = ["rollouts", "base_model", "reward_models"]
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "value_models", params, inputs)) is not None:
         keep_value_model_version(context, settings, inputs["rollouts"])
@@ -67,9 +67,14 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
         for attribute in sorted(stats):
             data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
             for parameterization in parameterizations:
+                extra_for = params["extra_attributes"]
+                if parameterization != primary and extra_for and attribute not in extra_for:
+                    continue
                 name = value_model_name(attribute, parameterization, primary)
                 train_config = config_from(ValueTrainConfig, params, parameterization=parameterization)
-                model, result = train_value_model(data, model_dir, train_config, pad_id=tokenizer.pad_token_id,
+                init_dir = backbone_init_dir(params["backbone_init"], model_dir,
+                                             output_path(settings, "reward_models") / attribute)
+                model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=context.log.info)
                 model.save(tmp / name)
@@ -93,6 +98,17 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     version = keep_value_model_version(context, settings, rollouts_md5)
     return finish(context, settings, duckdb, "value_models", params, metrics, inputs=inputs,
                   series=series, metadata={"version_path": dg.MetadataValue.path(str(version))})
+
+
+def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir):
+    """Where a value model's backbone starts: the base model's body (the paper starts from an LM
+    of the base tokenizer), or the body of the reward model it learns to predict, whose features
+    already encode that reward (as RLHF critics start from the reward model)."""
+    if backbone_init == "base":
+        return base_dir
+    if backbone_init == "reward_model":
+        return reward_model_dir
+    raise ValueError(f"value_models.backbone_init must be 'base' or 'reward_model', got {backbone_init!r}")
 
 
 def keep_value_model_version(context, settings, rollouts_md5: str):

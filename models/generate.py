@@ -67,8 +67,10 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
              top_k: int = 20, temperature: float = 1.0, max_new_tokens: int = 80, data_dir: str | Path = "data",
              base_model_dir: str | Path | None = None, value_model_dirs: Mapping[str, str] | None = None,
              reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto",
-             mask_outside_top_k: bool = False, batch_size: int = 64) -> list[dict]:
+             mask_outside_top_k: bool = False, batch_size: int = 64, soft: bool = True) -> list[dict]:
     """n VAS completions per prompt, weights per attribute; one dict per completion, in prompt order.
+    soft: distributional value models steer with the soft value at their weight (the exact tilt);
+    False uses their mean (the paper's VAS).
 
     Each dict: prompt, completion, kl_nats, n_tokens, and learned_<attribute> per reward model found.
     """
@@ -94,7 +96,7 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     gen = vas_sample(base, tokenizer, expanded, value_models, active,
                      SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                     batch_size=batch_size),
-                     VASConfig(top_k=top_k, mask_outside_top_k=mask_outside_top_k), device=dev)
+                     VASConfig(top_k=top_k, mask_outside_top_k=mask_outside_top_k, soft=soft), device=dev)
     rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt}
             for p, c, kl, nt in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens)]
     for name, scores in learned_rewards(expanded, gen.texts, data_dir, reward_model_dirs, str(dev)).items():

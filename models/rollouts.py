@@ -28,12 +28,15 @@ class RolloutConfig:
 
 
 def sample_rollouts(model, tokenizer, prompts: pd.DataFrame, config: RolloutConfig, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """prompts: columns prompt_id, prompt. One row per (prompt, sample)."""
+                    progress: Callable[[str], None] | None = None, steering=None) -> pd.DataFrame:
+    """prompts: columns prompt_id, prompt. One row per (prompt, sample). steering (a
+    models.sampling.Steering, e.g. VAS guidance) samples another policy than pi0; base_logprobs
+    stay pi0's."""
     repeated = prompts.loc[prompts.index.repeat(config.samples_per_prompt)].reset_index(drop=True)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                               seed=config.seed, batch_size=config.batch_size)
-    gen = sample(model, tokenizer, repeated.prompt.tolist(), sampling, device=device, progress=progress)
+    gen = sample(model, tokenizer, repeated.prompt.tolist(), sampling, device=device, progress=progress,
+                 steering=steering)
     return pd.DataFrame({
         "prompt_id": repeated.prompt_id,
         "prompt": repeated.prompt,

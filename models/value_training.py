@@ -41,11 +41,12 @@ class ValueTrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     prefix_lengths: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    # Distributional heads: bins over standardized rewards, and the token-factor rank of the
-    # factorized distributional_qhead.
+    # Distributional heads: n_bins over [v_min, v_max] in standardized reward units; None takes the
+    # training rewards' own range. The soft value at a large beta is decided by the top bins, so
+    # bins no reward can reach would only collect spurious mass that the soft value then amplifies.
     n_bins: int = 41
-    v_min: float = -4.0
-    v_max: float = 4.0
+    v_min: float | None = None
+    v_max: float | None = None
     rank: int = 16
 
 
@@ -153,6 +154,16 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
+def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:
+    """The bins of a distributional head: the configured range, or the rewards' own range (the
+    outer bin centres sit half a bin inside it, where HL-Gauss puts the extreme rewards)."""
+    low = config.v_min if config.v_min is not None else min(rollouts.rewards)
+    high = config.v_max if config.v_max is not None else max(rollouts.rewards)
+    if not high > low:
+        high = low + 1.0                     # every reward equal: any non-empty range holds them
+    return Support(v_min=float(low), v_max=float(high), n_bins=config.n_bins)
+
+
 def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.Tensor,
             config: ValueTrainConfig) -> torch.Tensor:
     """TD(lambda) loss of one batch. Targets come from the outputs as they are at the start of the
@@ -169,8 +180,11 @@ def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.
 
 def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, pad_id: int,
                       device: str = "auto", checkpoint_dir: str | Path | None = None,
-                      progress: Callable[[str], None] = log.info):
-    """Returns (value model on CPU in eval mode, metrics)."""
+                      progress: Callable[[str], None] = log.info, init_model=None):
+    """Returns (value model on CPU in eval mode, metrics).
+
+    The model starts from model_dir's weights with a zero head, or, given init_model, from a copy
+    of that value model (a second round fitted on new rollouts, as iterated VAS does)."""
     from models.value_model import ValueModel
 
     dev = pick_device(device)
@@ -178,9 +192,13 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     train_idx, eval_idx = split_by_group(rollouts, config.eval_fraction, config.seed)
     if not train_idx:
         raise ValueError("no training rollouts left after the held-out split; lower eval_fraction")
-    support = Support(v_min=config.v_min, v_max=config.v_max, n_bins=config.n_bins)
-    model = ValueModel.from_base(model_dir, parameterization=config.parameterization, support=support,
-                                 rank=config.rank).to(dev)
+    if init_model is not None:
+        import copy
+
+        model = copy.deepcopy(init_model).to(dev)
+    else:
+        model = ValueModel.from_base(model_dir, parameterization=config.parameterization,
+                                     support=support_for(rollouts, config), rank=config.rank).to(dev)
     if model.is_distributional and config.gamma != 1.0:
         raise ValueError("distributional TD(lambda) needs gamma = 1: a discounted histogram is not a mixture "
                          f"of histograms on the same bins (got gamma {config.gamma})")

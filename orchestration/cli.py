@@ -321,7 +321,7 @@ def cmd_generate(args) -> int:
     try:
         rows = generate(args.prompt, dict(args.weight), n=args.n, seed=args.seed, top_k=args.top_k,
                         temperature=args.temperature, max_new_tokens=args.max_new_tokens, data_dir=data_dir,
-                        value_model_dirs=dict(args.value_model), device=args.device)
+                        value_model_dirs=dict(args.value_model), device=args.device, soft=not args.mean)
     except (ValueError, FileNotFoundError) as err:   # bad weights or missing models: say what to do
         print(f"vas generate: {err}", file=sys.stderr)
         return 2
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--value-model", action="append", type=_assignment, default=[], metavar="ATTR=PATH",
                      help="use the value model saved at PATH for ATTR; repeatable")
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    gen.add_argument("--mean", action="store_true",
+                     help="steer distributional value models by their mean (the paper's VAS), not the soft value")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     gen.set_defaults(func=cmd_generate)
     lin = sub.add_parser("lineage", help="which data, params and code produced an artifact or run")

@@ -147,11 +147,14 @@ def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
 
     root = smoke_world["data_dir"] / "value_models"
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["conciseness", "conciseness.qhead", "positivity", "positivity.qhead"]
+    # The primary parameterization for every attribute, the extra one (scalar) for positivity only.
+    assert names == ["conciseness", "positivity", "positivity.scalar"]
     meta = json.loads((root / "positivity" / "vas_value.json").read_text())
-    assert meta["parameterization"] == "scalar" and meta["reward"] == "learned_positivity"
+    assert meta["parameterization"] == "distributional_qhead" and meta["reward"] == "learned_positivity"
     assert meta["base_weights_sha256"] == read_manifest(smoke_world["data_dir"] / "base_model")["weights_sha256"]
-    assert ValueModel.load(root / "positivity.qhead").parameterization == "qhead"
+    loaded = ValueModel.load(root / "positivity")
+    assert loaded.parameterization == "distributional_qhead" and loaded.support.n_bins == 41
+    assert ValueModel.load(root / "positivity.scalar").parameterization == "scalar"
     assert not list((smoke_world["data_dir"] / ".checkpoints").rglob("progress.json"))   # cleared after saving
 
 
@@ -160,7 +163,7 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     expected = {"method", "params", "prompt_id", "prompt", "completion", "n_tokens", "kl_nats",
                 "gold_positivity", "gold_conciseness", "learned_positivity", "learned_conciseness"}
     assert expected <= set(samples.columns)
-    assert set(samples.method) == {"base", "bon", "vas", "compose", "dpo"}
+    assert set(samples.method) == {"base", "bon", "vas", "vas_rerank", "compose", "dpo"}
     for params in samples.params:
         json.loads(params)
     key = ["prompt_id", "draw"]
@@ -175,6 +178,14 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
         assert group.sort_values(key).completion.tolist() == base.completion.tolist()
     steered = samples[(samples.method == "vas") & samples.params.str.contains('"beta": 2.0')]
     assert (steered.kl_nats >= 0).all()
+    # Soft and mean decoding of the distributional model are both there, and differ.
+    soft = steered[steered.params.str.contains('"soft": true')].sort_values(key)
+    mean = steered[steered.params.str.contains('"soft": false')].sort_values(key)
+    assert len(soft) == len(mean) == len(base) and soft.completion.tolist() != mean.completion.tolist()
+    # VAS + rerank: KL = the kept sample's log pi/pi0 + log N - (N-1)/N.
+    rerank = samples[samples.method == "vas_rerank"]
+    assert len(rerank) == len(base)
+    assert np.allclose(rerank.kl_nats, rerank.log_ratio + np.log(2) - 0.5)
 
 
 def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
@@ -200,16 +211,31 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
 
 def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
-    from bench.decode import main as bench_main
+    from bench.decode import KEYS, main as bench_main
 
     data = smoke_world["data_dir"]
     assert bench_main(["--data-dir", str(data), "--prompts", "4", "--batch-size", "4", "--max-new-tokens", "4",
                        "--value-train-steps", "2", "--device", "cpu"]) == 0
     result = json.loads((data / "bench" / "decode.json").read_text())
-    for key in ("base_tokens_per_s", "vas_scalar_tokens_per_s", "vas_qhead_tokens_per_s", "bon16_tokens_per_s",
-                "bon128_tokens_per_s", "value_train_tokens_per_s"):
+    for key in KEYS:
         assert result[key] > 0
     assert result["device"] == "cpu"
+
+
+@pytest.mark.parametrize("what", ["compute", "iterate"])
+def test_frontier_benchmark_runs(smoke_world, what):
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.frontier import main as frontier_main
+
+    data = smoke_world["data_dir"]
+    assert frontier_main([what, "--data-dir", str(data), "--samples-per-prompt", "1", "2", "--steps", "2",
+                          "--top-k", "3", "--betas", "2"]) == 0
+    rows = json.loads((data / "bench" / f"frontier_{what}.json").read_text())["rows"]
+    # compute: 2 rollout budgets x 1 step count x 1 top-k x 1 beta; iterate: 2 rounds x 1 beta.
+    assert len(rows) == 2 and all(r["kl_nats"] >= 0 and np.isfinite(r["learned"]) for r in rows)
+    if what == "compute":
+        n_train = len(pd.read_parquet(data / "prompts" / "prompts.parquet").query("split == 'train'"))
+        assert [r["rollouts"] for r in rows] == [n_train, 2 * n_train]
 
 
 def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
@@ -253,6 +279,7 @@ def test_headline_table_picks_the_rows_to_compare(smoke_world):
     summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
     rows = headline_rows(summary)
     assert set(rows.method) == {"base", "dpo", "vas"}          # smoke has no Best-of-16/128
-    assert set(rows[rows.method == "vas"].param_parameterization) == {"scalar", "qhead"}
+    assert set(rows[rows.method == "vas"].family) == {"VAS scalar", "VAS distributional_qhead soft",
+                                                      "VAS distributional_qhead mean"}
     table = headline_table(summary)
     assert table.count("\n") == len(rows) + 1 and table.startswith("| method |")

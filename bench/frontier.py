@@ -1,0 +1,160 @@
+"""What the value estimate's compute buys, and whether a second (iterated) round moves the frontier.
+
+Two measurements on a materialized default world (`make run` first), side by side in one run:
+
+    python bench/frontier.py compute    # rollouts x training steps x top-k -> soft-VAS frontier points
+    python bench/frontier.py iterate    # round 2 fitted on soft-VAS rollouts of round 1 (IVO-style)
+
+Every point is soft VAS with a distributional_qhead value model of the steered attribute, trained
+with the profile's value_models settings; the eval prompts, seed and scoring are the
+evaluation asset's. Results print as a markdown table and go to data/bench/frontier_<what>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class World:
+    """The frozen base model, prompts, learned reward and value-training settings of a data folder."""
+
+    def __init__(self, data: Path, attribute: str, profile: str | None = None):
+        import pandas as pd
+
+        from models.lm import base_model_dir, load_frozen_base
+        from models.reward_model import load_reward_models
+        from orchestration.profiles import load_profile
+
+        self.data, self.attribute = data, attribute
+        self.base, self.tokenizer, _ = load_frozen_base(data / "base_model", device="cpu")
+        self.base_dir = base_model_dir(data / "base_model")
+        prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
+        self.train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
+        self.eval_prompts = prompts[prompts.split == "eval"].prompt.tolist()
+        self.scorer = load_reward_models(data / "reward_models")[attribute]
+        self.stats = json.loads((data / "rollouts" / "reward_stats.json").read_text())[attribute]
+        self.profile = load_profile(profile)
+
+    def rollouts(self, samples_per_prompt: int, steering=None):
+        """Scored rollouts (DataFrame) of pi0, or of a steered policy."""
+        from models.rollouts import RolloutConfig, sample_rollouts
+
+        config = RolloutConfig(samples_per_prompt=samples_per_prompt, batch_size=256,
+                               max_new_tokens=self.profile["rollouts"]["max_new_tokens"])
+        df = sample_rollouts(self.base, self.tokenizer, self.train_prompts, config, steering=steering)
+        df[f"learned_{self.attribute}"] = self.scorer(df.prompt.tolist(), df.completion.tolist())
+        return df
+
+    def train(self, df, train_steps: int, init_model=None):
+        from assets.training import backbone_init_dir
+        from models.rollouts import training_rollouts
+        from models.value_training import ValueTrainConfig, train_value_model
+        from orchestration.profiles import config_from
+
+        params = self.profile["value_models"]
+        config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]},
+                             parameterization="distributional_qhead", train_steps=train_steps)
+        data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
+        init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute)
+        start = time.perf_counter()
+        model, _ = train_value_model(data, init_dir, config, pad_id=self.tokenizer.pad_token_id, device="cpu",
+                                     progress=lambda _: None, init_model=init_model)
+        return model.eval(), time.perf_counter() - start
+
+    def point(self, model, beta: float, top_k: int) -> dict:
+        """Soft VAS on the eval prompts: learned and gold reward, exact KL, distinct-2."""
+        import numpy as np
+
+        from models.evaluation import distinct_n
+        from models.rewards import score_gold
+        from models.sampling import SamplingConfig
+        from models.vas import VASConfig, vas_sample
+
+        config = SamplingConfig(max_new_tokens=self.profile["evaluation"]["max_new_tokens"],
+                                seed=self.profile["seed"], batch_size=128)
+        gen = vas_sample(self.base, self.tokenizer, self.eval_prompts, {"r": model}, {"r": beta}, config,
+                         VASConfig(top_k=top_k, soft=True))
+        return {"beta": beta, "top_k": top_k,
+                "learned": float(np.mean(self.scorer(self.eval_prompts, gen.texts))),
+                "gold": float(np.mean(score_gold(gen.texts, [self.attribute])[self.attribute])),
+                "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts)}
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def compute(world: World, args) -> list[dict]:
+    """Rollouts (samples per training prompt) x training steps, each at every top-k and beta."""
+    pool = world.rollouts(max(args.samples_per_prompt))
+    rows = []
+    for spp in args.samples_per_prompt:
+        df = pool[pool.sample_idx < spp].reset_index(drop=True)
+        for steps in args.steps:
+            model, seconds = world.train(df, steps)
+            for top_k in args.top_k:
+                for beta in args.betas:
+                    rows.append({"rollouts": len(df), "per_prompt": spp, "steps": steps,
+                                 "train_s": round(seconds, 1), **world.point(model, beta, top_k)})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def iterate(world: World, args) -> list[dict]:
+    """Round 1 on pi0's rollouts; round 2 continues it on rollouts drawn with round 1's soft VAS."""
+    from models.value_model import ValueModel
+    from models.vas import ValueGuidance, VASConfig
+
+    first = ValueModel.load(world.data / "value_models" / world.attribute).eval()
+    steering = ValueGuidance({"r": first}, {"r": args.rollout_beta}, VASConfig(top_k=args.top_k[0], soft=True))
+    df = world.rollouts(args.samples_per_prompt[0], steering=steering)
+    second, seconds = world.train(df, args.steps[0], init_model=first)
+    rows = []
+    for name, model in (("round 1 (pi0 rollouts)", first), ("round 2 (soft-VAS rollouts)", second)):
+        for beta in args.betas:
+            rows.append({"value model": name, **world.point(model, beta, args.top_k[0])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["compute", "iterate"])
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--attribute", default="positivity")
+    parser.add_argument("--profile", default=None, help="params.yaml profile (default: $VAS_PROFILE or default)")
+    parser.add_argument("--samples-per-prompt", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--steps", type=int, nargs="+", default=[450, 900])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[10, 40])
+    parser.add_argument("--betas", type=float, nargs="+", default=[16.0])
+    parser.add_argument("--rollout-beta", type=float, default=16.0, help="iterate: beta of round 1's rollouts")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from models.artifacts import write_json
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    world = World(Path(args.data_dir), args.attribute, args.profile)
+    started = time.perf_counter()
+    rows = compute(world, args) if args.what == "compute" else iterate(world, args)
+    columns = list(rows[0])
+    print(f"\n{args.what}: {time.perf_counter() - started:.0f} s\n" + table(rows, columns))
+    out = Path(args.data_dir) / "bench" / f"frontier_{args.what}.json"
+    write_json({"rows": rows, "settings": vars(args)}, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
