@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run study test ui bench repro clean-data
+.PHONY: setup dvc-remote run study test ui bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ clean-data:
 ## Decode-cost benchmark (needs a materialized pipeline): VAS vs base vs Best-of-N, side by side.
 bench: setup
 	$(BIN)/python bench/decode.py
+
+## What value-model compute buys (rollouts x steps x top-k), and a second, iterated VAS round.
+frontier: setup
+	$(BIN)/python bench/frontier.py compute
+	$(BIN)/python bench/frontier.py iterate --betas 8 16 32
 
 ## Reproduce the pipeline stage by stage with DVC (each stage materializes through Dagster).
 repro: setup

@@ -23,7 +23,7 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
 
     from models.artifacts import atomic_path
     from models.evaluation import headline_table
-    from models.report import report_verdict, write_report
+    from models.report import report_verdict, targets_section, write_report
     from models.value_error import markdown_table
 
     # The verdict comes from the seed study (`vas study`) when there is one: its files are inputs.
@@ -38,7 +38,8 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
     with atomic_path(output_path(settings, "report")) as tmp:
         tmp.mkdir()
         text = report_verdict(summary, study_dir if study else None)
-        write_report(summary, tmp, verdict_text=text, value_error=value_error)
+        per_seed = pd.read_parquet(study_dir / "study.parquet") if study else None
+        write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed)
     folder = output_path(settings, "report")
     context.log.info(text)
     metadata = {
@@ -49,6 +50,7 @@ def report(context: dg.AssetExecutionContext, settings: VasSettings, duckdb: Duc
         "composition": _png_markdown(folder / "composition.png"),
         "cost": _png_markdown(folder / "cost.png"),
         "value_error": dg.MetadataValue.md(markdown_table(value_error)),
+        "targets": dg.MetadataValue.md(targets_section(summary, per_seed, value_error)),
         "report_file": dg.MetadataValue.path(str(folder / "report.md")),
     }
     return finish(context, settings, duckdb, "report", {}, {"n_methods": len(summary)}, inputs=inputs,

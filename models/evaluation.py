@@ -289,8 +289,8 @@ def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
 
 
 def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
-    """The rows a reader compares first: base, Best-of-16/128, DPO, and per VAS parameterization
-    the beta with the best gold positivity and the one whose KL is closest to Best-of-128's."""
+    """The rows a reader compares first: base, Best-of-16/128, DPO, per VAS decoder the beta with
+    the best gold positivity and the one whose KL is closest to Best-of-128's, and VAS + rerank."""
     picks = [summary[summary.method == "base"]]
     bon = summary[summary.method == "bon"]
     picks.append(bon[bon.param_n.isin([16, 128])] if "param_n" in bon else bon.iloc[0:0])
@@ -301,24 +301,29 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
         if bon_kl is not None:
             chosen.add((group.kl_nats_mean - bon_kl).abs().idxmin())
         picks.append(group.loc[sorted(chosen)])
+    picks.append(summary[summary.method == "vas_rerank"])
     return pd.concat(picks)
 
 
 def headline_table(summary: pd.DataFrame) -> str:
-    """Markdown table of headline_rows: gold rewards with 95% CI, KL, win rate, diversity, cost."""
+    """Markdown table of headline_rows: gold rewards with 95% CI, learned reward, KL, win rate,
+    diversity, and cost against Best-of-128 in wall time and in base-model forwards."""
     rows = headline_rows(summary)
     bon128 = summary[(summary.method == "bon") & (summary.get("param_n") == summary.get("param_n").max())] \
         if "param_n" in summary else summary.iloc[0:0]
     ref_cost = float(bon128.seconds_per_sample.iloc[0]) if len(bon128) else float("nan")
-    lines = ["| method | gold positivity | gold conciseness | KL (nats) | win vs base | distinct-2 | s/sample "
-             "| cost vs BoN-128 |", "|---|---|---|---|---|---|---|---|"]
+    ref_fwd = float(bon128.base_forwards_per_sample.iloc[0]) \
+        if len(bon128) and "base_forwards_per_sample" in bon128 else float("nan")
+    lines = ["| method | gold positivity | gold conciseness | learned positivity | KL (nats) | win vs base "
+             "| distinct-2 | s/sample | cost vs BoN-128 | forwards vs BoN-128 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in rows.iterrows():
         params = json.loads(r.params)
         label = r.method + ("" if not params else " " + ", ".join(f"{k}={v}" for k, v in params.items()
                                                                    if k != "attribute"))
+        forwards = r.get("base_forwards_per_sample", float("nan"))
         lines.append(
             f"| {label} | {r.gold_positivity_mean:.3f} ± {r.gold_positivity_ci95:.3f} | "
-            f"{r.gold_conciseness_mean:.3f} ± {r.gold_conciseness_ci95:.3f} | {r.kl_nats_mean:.2f} | "
-            f"{r.gold_positivity_winrate:.2f} | {r.distinct_2:.3f} | {r.seconds_per_sample:.4f} | "
-            f"{r.seconds_per_sample / ref_cost:.3f} |")
+            f"{r.gold_conciseness_mean:.3f} ± {r.gold_conciseness_ci95:.3f} | {r.learned_positivity_mean:.3f} | "
+            f"{r.kl_nats_mean:.2f} | {r.gold_positivity_winrate:.2f} | {r.distinct_2:.3f} | "
+            f"{r.seconds_per_sample:.4f} | {r.seconds_per_sample / ref_cost:.3f} | {forwards / ref_fwd:.3f} |")
     return "\n".join(lines)

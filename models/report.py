@@ -62,7 +62,14 @@ def frontier_figure(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel("KL(pi || pi0), nats")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
-    axes[0].set_title("Reward vs KL (labels: N for Best-of-N and rerank, beta for VAS; bars: 95% CI)")
+    # The frontier is read where Best-of-N lives; far-off high-beta points would squash it.
+    bon = summary[summary.method == "bon"]
+    limit = 2 * float(bon.kl_nats_mean.max()) if len(bon) and bon.kl_nats_mean.max() > 0 else None
+    hidden = int((summary.kl_nats_mean > limit).sum()) if limit else 0
+    for ax in axes if limit else ():
+        ax.set_xlim(-0.1, limit)
+    axes[0].set_title("Reward vs KL (labels: N for Best-of-N and rerank, beta for VAS; bars: 95% CI)"
+                      + (f"\n{hidden} point(s) beyond {limit:.1f} nats not shown" if hidden else ""), fontsize=10)
     axes[1].legend(loc="lower right", fontsize=8)
     return _save(plt, fig, path)
 
@@ -160,8 +167,21 @@ def value_error_section(value_error: pd.DataFrame | None) -> str:
             "rank correlation across candidates.\n\n" + markdown_table(value_error) + "\n")
 
 
+def targets_section(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None,
+                    value_error: pd.DataFrame | None = None) -> str:
+    """The product's targets (models/targets.py) on this run and, from a seed study, per seed."""
+    from models import targets
+
+    if not (summary.method == "bon").any():
+        return ""
+    text = "\n" + targets.markdown(targets.check(summary), "Targets (this run)", value_error)
+    if per_seed is not None:
+        text += "\n" + targets.study_markdown(per_seed)
+    return text
+
+
 def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,
-                 value_error: pd.DataFrame | None = None) -> dict[str, Path]:
+                 value_error: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
@@ -169,6 +189,7 @@ def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str
         "cost": cost_figure(summary, directory / "cost.png"),
     }
     text = f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n{headline_table(summary)}\n"
+    text += targets_section(summary, per_seed, value_error)
     text += value_error_section(value_error)
     (directory / "report.md").write_text(text, encoding="utf-8")
     paths["report"] = directory / "report.md"

@@ -212,6 +212,7 @@ def cmd_study(args) -> int:
     from assets.metrics_db import metric_row, write_rows
     from models.artifacts import atomic_path, dvc_md5
     from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
+    from models.targets import study_markdown as targets_markdown
     from orchestration.resources import duckdb_for, settings_from_env
 
     settings = settings_from_env()
@@ -241,7 +242,7 @@ def cmd_study(args) -> int:
     per_seed = pd.concat(summaries, ignore_index=True)
     per_seed = per_seed[["seed", *[c for c in per_seed.columns if c != "seed"]]]
     table, ratio = aggregate(per_seed), lift_ratio(per_seed)
-    text = study_markdown(table, ratio)
+    text = study_markdown(table, ratio) + "\n" + targets_markdown(per_seed)
     out = settings.path("study")
     for name, frame in (("study.parquet", per_seed), ("aggregate.parquet", table)):
         with atomic_path(out / name) as tmp:

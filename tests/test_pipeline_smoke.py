@@ -278,7 +278,7 @@ def test_headline_table_picks_the_rows_to_compare(smoke_world):
 
     summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
     rows = headline_rows(summary)
-    assert set(rows.method) == {"base", "dpo", "vas"}          # smoke has no Best-of-16/128
+    assert set(rows.method) == {"base", "dpo", "vas", "vas_rerank"}          # smoke has no Best-of-16/128
     assert set(rows[rows.method == "vas"].family) == {"VAS scalar", "VAS distributional_qhead soft",
                                                       "VAS distributional_qhead mean"}
     table = headline_table(summary)

@@ -12,7 +12,8 @@ def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.Dat
                 "gold_positivity_mean": gold,
                 "gold_positivity_ci95": ci, "learned_positivity_mean": gold, "learned_positivity_ci95": ci,
                 "gold_conciseness_mean": 0.7, "gold_conciseness_ci95": 0.02, "kl_nats_mean": kl,
-                "gold_positivity_winrate": 0.6, "distinct_2": 0.3, "seconds_per_sample": seconds, **extra}
+                "gold_positivity_winrate": 0.6, "distinct_2": 0.3, "seconds_per_sample": seconds,
+                "base_forwards_per_sample": seconds * 1000, **extra}
 
     rows = [row("base", {}, 0.1, 0.05, 0.0, 0.01)]
     rows += [row("bon", {"n": n}, 0.1 + 0.1 * i, 0.04, 0.5 * i, 0.01 * n, param_n=n)
@@ -32,6 +33,7 @@ def test_report_files_and_table(tmp_path):
         data = paths[name].read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     text = paths["report"].read_text()
+    assert "## Targets (this run)" in text and "Best-of-128" in text
     assert "| base |" in text and "| bon n=128 |" in text and "| dpo |" in text
     # VAS cost relative to Best-of-128: 0.02 / 1.28
     assert f"{0.02 / 1.28:.3f}" in text
