@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--attribute", default="positivity")
     parser.add_argument("--value-train-steps", type=int, default=30)
     parser.add_argument("--device", default="auto")

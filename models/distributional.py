@@ -54,7 +54,8 @@ class Support:
 def hl_gauss(values: torch.Tensor, support: Support) -> torch.Tensor:
     """values (...) -> histograms (..., n_bins) summing to 1: the mass of N(value, sigma) on each
     bin, renormalized over the support. Values are clamped to the outer bin centres first, so a
-    reward beyond the support lands on the edge bin instead of being cut in half."""
+    reward beyond the support lands on the edge bin instead of being cut in half. A support padded
+    by 3 sigmas beyond the rewards (value_training.support_for) never truncates one."""
     centers = support.centers(values.device, torch.float64)
     y = values.double().clamp(float(centers[0]), float(centers[-1]))[..., None]          # (..., 1)
     sigma = support.sigma_ratio * support.width

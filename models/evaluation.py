@@ -42,7 +42,7 @@ class EvalConfig:
     rerank_parameterization: str = "distributional_qhead"
     rerank_betas: tuple[float, ...] = (2.0,)
     rerank_ns: tuple[int, ...] = (2, 4, 8)
-    top_k: int = 20
+    top_k: int = VASConfig.top_k
     max_new_tokens: int = 80
     temperature: float = 1.0
     batch_size: int = 128
@@ -309,8 +309,8 @@ def headline_table(summary: pd.DataFrame) -> str:
     """Markdown table of headline_rows: gold rewards with 95% CI, learned reward, KL, win rate,
     diversity, and cost against Best-of-128 in wall time and in base-model forwards."""
     rows = headline_rows(summary)
-    bon128 = summary[(summary.method == "bon") & (summary.get("param_n") == summary.get("param_n").max())] \
-        if "param_n" in summary else summary.iloc[0:0]
+    bon = summary[summary.method == "bon"]
+    bon128 = bon[bon.param_n == bon.param_n.max()] if "param_n" in bon else bon
     ref_cost = float(bon128.seconds_per_sample.iloc[0]) if len(bon128) else float("nan")
     ref_fwd = float(bon128.base_forwards_per_sample.iloc[0]) \
         if len(bon128) and "base_forwards_per_sample" in bon128 else float("nan")

@@ -64,7 +64,7 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
 
 
 def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int = 4, seed: int = 0,
-             top_k: int = 20, temperature: float = 1.0, max_new_tokens: int = 80, data_dir: str | Path = "data",
+             top_k: int | None = None, temperature: float = 1.0, max_new_tokens: int = 80, data_dir: str | Path = "data",
              base_model_dir: str | Path | None = None, value_model_dirs: Mapping[str, str] | None = None,
              reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto",
              mask_outside_top_k: bool = False, batch_size: int = 64, soft: bool = True) -> list[dict]:
@@ -96,7 +96,8 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     gen = vas_sample(base, tokenizer, expanded, value_models, active,
                      SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                     batch_size=batch_size),
-                     VASConfig(top_k=top_k, mask_outside_top_k=mask_outside_top_k, soft=soft), device=dev)
+                     VASConfig(top_k=top_k or VASConfig.top_k, mask_outside_top_k=mask_outside_top_k, soft=soft),
+                     device=dev)
     rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt}
             for p, c, kl, nt in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens)]
     for name, scores in learned_rewards(expanded, gen.texts, data_dir, reward_model_dirs, str(dev)).items():

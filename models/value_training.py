@@ -155,12 +155,17 @@ def autocast_for(device: torch.device):
 
 
 def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:
-    """The bins of a distributional head: the configured range, or the rewards' own range (the
-    outer bin centres sit half a bin inside it, where HL-Gauss puts the extreme rewards)."""
-    low = config.v_min if config.v_min is not None else min(rollouts.rewards)
-    high = config.v_max if config.v_max is not None else max(rollouts.rewards)
+    """The bins of a distributional head: the configured range, or the rewards' own range padded by
+    3 HL-Gauss sigmas on each side. Without the padding the Gaussian of a reward at the edge is cut
+    off and renormalized, so the best rewards' histograms lose the spread every other reward's
+    has, and their soft values, which grow with that spread, come out too low."""
+    sigmas = 3 * Support.sigma_ratio                       # padding per side, in bin widths
+    low, high = min(rollouts.rewards), max(rollouts.rewards)
     if not high > low:
         high = low + 1.0                     # every reward equal: any non-empty range holds them
+    width = (high - low) / max(config.n_bins - 2 * sigmas, 1.0)
+    low = config.v_min if config.v_min is not None else low - sigmas * width
+    high = config.v_max if config.v_max is not None else high + sigmas * width
     return Support(v_min=float(low), v_max=float(high), n_bins=config.n_bins)
 
 

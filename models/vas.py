@@ -20,7 +20,7 @@ from models.value_model import ValueDecodeState, ValueModel
 
 @dataclass
 class VASConfig:
-    top_k: int = 20
+    top_k: int = 40           # the default profile's evaluation.top_k: what is evaluated is what runs
     mask_outside_top_k: bool = False   # False: tokens outside the top-k keep their base logits
     # Distributional value models: True uses the soft value Q_w = (1/w)·log E[exp(w·R)] at each
     # model's weight w (the exact tilt pi0·exp(w·R)/Z when the values are exact); False uses the
@@ -67,8 +67,9 @@ class ValueGuidance:
                 raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
                                  f"base model proposed token {int(top.max())}: they must share a tokenizer")
             q = model.candidate_q(state, top.to(model.device), beta=weight if self.config.soft else None)
-            q = q.to(bonus)                                                          # (B, k)
-            bonus += weight * (q - q.mean(-1, keepdim=True))
+            # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
+            q = q.double()                                                           # (B, k)
+            bonus += (weight * (q - q.mean(-1, keepdim=True))).to(bonus)
         if self.config.mask_outside_top_k:
             steered = torch.full_like(base_logits, float("-inf"))
             return steered.scatter(1, top, base_logits.gather(1, top) + bonus)

@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="value model weight (beta) per reward attribute, e.g. positivity=2; repeatable")
     gen.add_argument("--n", type=int, default=4, help="completions per prompt")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--top-k", type=int, default=20)
+    gen.add_argument("--top-k", type=int, default=None, help="base-model candidates steered per token (default 40)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--max-new-tokens", type=int, default=80)
     gen.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")

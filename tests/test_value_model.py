@@ -219,3 +219,15 @@ def test_save_and_load_roundtrip_is_safetensors_only(value_model, tmp_path):
     assert loaded.support == value_model.support and loaded.rank == value_model.rank
     with pytest.raises(FileNotFoundError, match="value_config.json"):
         ValueModel.load(tmp_path)
+
+
+def test_untrained_distributional_head_steers_nothing_at_large_k_and_asymmetric_support(base_dir):
+    from models.distributional import Support
+    from models.vas import ValueGuidance, VASConfig
+
+    model = ValueModel.from_base(base_dir, "distributional_qhead", support=Support(v_min=-1.13, v_max=1.9))
+    guidance = ValueGuidance({"p": model}, {"p": 32.0}, VASConfig(top_k=40))
+    ids, mask = left_pad([[0, 5, 6], [0, 7]], 1)
+    guidance.start(ids, mask)
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(guidance.adjust(logits), logits)

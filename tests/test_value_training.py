@@ -144,3 +144,21 @@ def test_training_rollouts_append_eos_when_finished_and_standardize():
     assert data.action_ids == [[7, 8, 0], [9]]
     assert data.rewards == [1.0, -1.0]
     assert data.prompt_ids == [[0, 3], [0, 4]] and data.groups == ["a", "b"]
+
+
+def test_support_pads_the_reward_range_so_edge_rewards_keep_their_spread():
+    from models.distributional import Support, hl_gauss, soft_value
+    from models.value_training import support_for
+
+    data = Rollouts([[0]] * 3, [[5]] * 3, [-1.0, 0.2, 1.5], ["a", "b", "c"])
+    support = support_for(data, ValueTrainConfig(n_bins=41))
+    pad = 3 * Support.sigma_ratio * support.width
+    assert support.v_min == pytest.approx(-1.0 - pad) and support.v_max == pytest.approx(1.5 + pad)
+    assert support.width == pytest.approx(2.5 / (41 - 4.5))
+    # Every reward's histogram is a whole Gaussian: the soft value's offset above the reward is the
+    # same at the edges as in the middle (so centring over candidates removes it).
+    hist = hl_gauss(torch.tensor([-1.0, 0.2, 1.5]), support)
+    offsets = soft_value(hist.log(), support, 16.0) - torch.tensor([-1.0, 0.2, 1.5])
+    assert float(offsets.max() - offsets.min()) < 0.01
+    # Explicit bounds win.
+    assert support_for(data, ValueTrainConfig(v_min=-4.0, v_max=4.0)).v_min == -4.0
