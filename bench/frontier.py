@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: $VAS_PROFILE or default)")
     parser.add_argument("--samples-per-prompt", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--steps", type=int, nargs="+", default=[450, 900, 1350])
-    parser.add_argument("--top-k", type=int, nargs="+", default=[10, 40])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[40, 10],
+                        help="compute: every value; iterate: the first")
     parser.add_argument("--betas", type=float, nargs="+", default=[16.0])
     parser.add_argument("--rollout-beta", type=float, default=16.0, help="iterate: beta of round 1's rollouts")
     args = parser.parse_args(argv)
