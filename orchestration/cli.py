@@ -330,7 +330,11 @@ def cmd_generate(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     weights = ", ".join(f"{k}={v:g}" for k, v in args.weight) or "none (base sampling)"
-    print(f"weights: {weights}; top-k {args.top_k}, temperature {args.temperature:g}, seed {args.seed}")
+    from models.vas import VASConfig
+
+    decoder = "mean values" if args.mean else "soft values"
+    print(f"weights: {weights}; top-k {args.top_k or VASConfig.top_k}, {decoder}, temperature {args.temperature:g}, "
+          f"seed {args.seed}")
     for i, row in enumerate(rows):
         if i % args.n == 0:
             print(f"\nprompt: {row['prompt']}")
