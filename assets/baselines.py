@@ -27,7 +27,7 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
     from models.dpo import DPOTrainConfig, train_dpo
     from models.lm import base_model_dir, pick_device, weights_sha256
 
-    torch_threads()
+    torch_threads(settings)
     params = resolve(settings.params(), "dpo", config.model_dump())
     upstream = ["preference_pairs", "base_model"]
     inputs = lineage_inputs(settings, upstream)

@@ -119,35 +119,20 @@ def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, param
     return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(output_md5))
 
 
-def torch_threads(threads: int | None = None) -> None:
-    """A fixed intra-op thread count and deterministic kernels, so the same seed, data and code
-    give the same numbers when re-run: CPU reductions are split by thread count, so a count that
-    followed the machine's cores would change the floats from one machine to the next.
-
-    threads: the count; by default params.yaml's top-level `threads` of the running asset's
-    profile (the active profile outside an asset).
-    """
+def torch_threads(settings) -> None:
+    """A fixed intra-op thread count (params.yaml's top-level `threads` for the settings' profile)
+    and deterministic kernels, so the same seed, data and code give the same numbers when re-run:
+    CPU reductions are split by thread count, so a count that followed the machine's cores would
+    change the floats from one machine to the next."""
     import os
 
     import torch
 
-    if threads is None:
-        threads = int(_current_params().get("threads", 2))
-    torch.set_num_threads(max(1, int(threads)))
+    torch.set_num_threads(max(1, int(settings.params()["threads"])))
     # cuBLAS is deterministic only with a fixed workspace; read when CUDA initializes.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-
-
-def _current_params() -> dict:
-    """The profile of the asset being executed (its `settings` resource), else the active one."""
-    from orchestration.profiles import load_profile
-
-    try:
-        return dg.AssetExecutionContext.get().resources.settings.params()
-    except (dg.DagsterError, AttributeError):
-        return load_profile()
 
 
 class DagsterLogHandler(logging.Handler):

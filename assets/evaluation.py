@@ -49,7 +49,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     from models.reward_model import load_reward_models
     from models.rewards import GOLD_REWARDS
 
-    torch_threads()
+    torch_threads(settings)
     profile = settings.params()
     params = resolve(profile, "evaluation", config.model_dump())
     upstream = ["base_model", "prompts", "reward_models", "value_models", "dpo_model"]

@@ -32,7 +32,7 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                                      save_reward_model, train_reward_model)
     from models.rewards import GOLD_REWARDS
 
-    torch_threads()
+    torch_threads(settings)
     params = resolve(settings.params(), "reward_models", config.model_dump())
     upstream = ["preference_pairs", "base_model"]
     # A user's classifier is known by its folder's contents, not its path (re-use must see a swap).

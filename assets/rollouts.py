@@ -28,7 +28,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     from models.rewards import GOLD_REWARDS
     from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, score_rollouts
 
-    torch_threads()
+    torch_threads(settings)
     params = resolve(settings.params(), "rollouts", config.model_dump())
     upstream = ["base_model", "prompts", "reward_models"]
     inputs = lineage_inputs(settings, upstream)

@@ -70,7 +70,7 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
                            train_tiny_lm, weights_sha256, write_manifest)
     from models.probe import sample_spread
 
-    torch_threads()
+    torch_threads(settings)
     params = resolve(settings.params(), "base_model", config.model_dump())
     upstream, source = ([], params["source"]) if params["source"] else (["corpus"], None)
     inputs = lineage_inputs(settings, upstream, source)
@@ -190,7 +190,7 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     from models.preferences import PairSynthesisConfig, synthesize_pairs
     from models.validation import ValidationRules, import_preference_file, validate_pairs
 
-    torch_threads()
+    torch_threads(settings)
     profile = settings.params()
     params = resolve(profile, "preference_pairs", config.model_dump())
     params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output

@@ -37,9 +37,9 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     from models.artifacts import atomic_path
     from models.lm import base_model_dir, pick_device, read_manifest
     from models.rollouts import training_rollouts
-    from models.value_training import ValueTrainConfig, clear_checkpoint, train_value_model
+    from models.value_training import ValueTrainConfig, backbone_init_dir, clear_checkpoint, train_value_model
 
-    torch_threads()
+    torch_threads(settings)
     params = resolve(settings.params(), "value_models", config.model_dump())
     upstream = ["rollouts", "base_model", "reward_models"]
     inputs = lineage_inputs(settings, upstream)
@@ -98,17 +98,6 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
     version = keep_value_model_version(context, settings, rollouts_md5)
     return finish(context, settings, duckdb, "value_models", params, metrics, inputs=inputs,
                   series=series, metadata={"version_path": dg.MetadataValue.path(str(version))})
-
-
-def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir):
-    """Where a value model's backbone starts: the base model's body (the paper starts from an LM
-    of the base tokenizer), or the body of the reward model it learns to predict, whose features
-    already encode that reward (as RLHF critics start from the reward model)."""
-    if backbone_init == "base":
-        return base_dir
-    if backbone_init == "reward_model":
-        return reward_model_dir
-    raise ValueError(f"value_models.backbone_init must be 'base' or 'reward_model', got {backbone_init!r}")
 
 
 def keep_value_model_version(context, settings, rollouts_md5: str):

@@ -35,7 +35,7 @@ def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig
     from models.reward_model import load_reward_models
     from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
 
-    torch_threads()
+    torch_threads(settings)
     profile = settings.params()
     params = resolve(profile, "value_error", config.model_dump())
     upstream = ["base_model", "prompts", "reward_models", "value_models"]

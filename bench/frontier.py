@@ -53,9 +53,8 @@ class World:
         return df
 
     def train(self, df, train_steps: int, init_model=None):
-        from assets.training import backbone_init_dir
         from models.rollouts import training_rollouts
-        from models.value_training import ValueTrainConfig, train_value_model
+        from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
         from orchestration.profiles import config_from
 
         params = self.profile["value_models"]

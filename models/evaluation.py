@@ -23,6 +23,7 @@ import pandas as pd
 from models.rewards import score_gold
 from models.dpo import PolicySteering
 from models.sampling import SamplingConfig, sample
+from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.vas import VASConfig, vas_sample
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def family_of(method: str, params: dict) -> str:
 
 
 def is_distributional(parameterization: str) -> bool:
-    return parameterization.startswith("distributional")
+    return parameterization in DISTRIBUTIONAL
 
 
 class Evaluator:
@@ -182,8 +183,7 @@ class Evaluator:
         models = self.value_models[parameterization]
         active = [models[a] for a, w in weights.items() if w]
         ratio = sum(sum(p.numel() for p in m.parameters()) for m in active) / self.base_params
-        scalar_shaped = parameterization in ("scalar", "distributional")
-        return 1 + ratio * ((self.config.top_k + 1) if scalar_shaped else 1)
+        return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
                 soft: bool = True, seed_offset: int = 0) -> MethodRun:

@@ -20,10 +20,11 @@ import math
 import numpy as np
 import pandas as pd
 
+from models.study import MIN_DISTINCT_FRACTION
+
 KL_POINTS = (1.0, 2.0, 4.0)
 LIFT_SHARE, LIFT_COST = 0.95, 1 / 16
 RERANK_COST = 1 / 8
-MIN_DISTINCT_FRACTION = 0.8
 
 
 def interpolate(kl: np.ndarray, values: np.ndarray, at: float) -> float:

@@ -154,6 +154,17 @@ def autocast_for(device: torch.device):
     return nullcontext()
 
 
+def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir):
+    """Where a value model's backbone starts: the base model's body (the paper starts from an LM
+    of the base tokenizer), or the body of the reward model it learns to predict, whose features
+    already encode that reward (as RLHF critics start from the reward model)."""
+    if backbone_init == "base":
+        return base_dir
+    if backbone_init == "reward_model":
+        return reward_model_dir
+    raise ValueError(f"value_models.backbone_init must be 'base' or 'reward_model', got {backbone_init!r}")
+
+
 def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:
     """The bins of a distributional head: the configured range, or the rewards' own range padded by
     3 HL-Gauss sigmas on each side. Without the padding the Gaussian of a reward at the edge is cut

@@ -25,17 +25,22 @@ def prepare_environment() -> None:
         shutil.copy(PROJECT_ROOT / "orchestration" / "dagster.yaml", home / "dagster.yaml")
 
 
+def use_profile(profile: str | None, data_dir: str | None) -> None:
+    """Quiet environment, then the profile and data folder every later settings_from_env() sees."""
+    prepare_environment()
+    if profile:
+        os.environ["VAS_PROFILE"] = profile
+    if data_dir:
+        os.environ["VAS_DATA_DIR"] = data_dir
+
+
 def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None,
                 force: bool = False, run_config: dict | None = None, tags: dict | None = None,
                 seed: int | None = None):
     """Materialize assets (all when selection is None) with their checks, in the persistent instance.
     An asset whose inputs, params and code are unchanged re-uses its output unless force.
     seed replaces the profile's seed for every asset of the run (`vas study`)."""
-    prepare_environment()
-    if profile:
-        os.environ["VAS_PROFILE"] = profile
-    if data_dir:
-        os.environ["VAS_DATA_DIR"] = data_dir
+    use_profile(profile, data_dir)
     import dagster as dg
 
     from assets.common import FORCE_TAG
@@ -122,11 +127,7 @@ def cmd_materialize(args) -> int:
 def cmd_ingest(args) -> int:
     """What the incoming sensor does, for given files and without the daemon: validate each,
     then one incoming_retrain run on those that pass."""
-    prepare_environment()
-    if args.profile:
-        os.environ["VAS_PROFILE"] = args.profile
-    if args.data_dir:
-        os.environ["VAS_DATA_DIR"] = args.data_dir
+    use_profile(args.profile, args.data_dir)
     from models.ingest import read_incoming
     from models.validation import ValidationRules
     from orchestration.resources import settings_from_env
@@ -201,11 +202,7 @@ def cmd_study(args) -> int:
     if not seeds:
         print("vas study: give at least one seed (--seeds 0 1 2)", file=sys.stderr)
         return 2
-    prepare_environment()
-    if args.profile:
-        os.environ["VAS_PROFILE"] = args.profile
-    if args.data_dir:
-        os.environ["VAS_DATA_DIR"] = args.data_dir
+    use_profile(args.profile, args.data_dir)
     import pandas as pd
 
     from assets.common import ASSET_OUTPUTS, git_sha
