@@ -6,8 +6,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
-from orchestration.profiles import config_from, resolve
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
+from models.profiles import config_from, resolve
 
 
 class DPOModelConfig(dg.Config):

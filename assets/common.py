@@ -13,7 +13,7 @@ import dagster as dg
 
 from assets.metrics_db import copy_metrics, find_reusable, metric_row, write_rows
 from models.artifacts import dvc_md5
-from orchestration.profiles import PROJECT_ROOT
+from models.profiles import PROJECT_ROOT
 
 # Each asset's one output under the data folder (a file, or a folder for several files);
 # dvc.yaml lists the same path as the stage's out, so data version == the md5 in dvc.lock.

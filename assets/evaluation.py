@@ -7,8 +7,8 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.metrics_db import metric_row
-from orchestration.profiles import config_from, resolve
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
+from models.profiles import config_from, resolve
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
                     "gold_conciseness_ci95", "learned_positivity_mean", "kl_nats_mean", "gold_positivity_winrate",

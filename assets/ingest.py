@@ -13,8 +13,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import finish, output_path
+from assets.resources import VasSettings
 from assets.validation import problems_table, run_suite_check
-from orchestration.resources import VasSettings
 
 GROUP = "ingest"
 CHECK_NAME = "imported_preferences_suite"

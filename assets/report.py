@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import finish, lineage_inputs, output_path, reuse
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
 
 
 def _png_markdown(path) -> dg.MetadataValue:

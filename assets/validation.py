@@ -12,7 +12,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from assets.common import output_path, record_check
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
 
 MAX_PROBLEMS_SHOWN = 50
 DATA_FILES = {"prompts": "prompts.parquet", "preference_pairs": "pairs.parquet",

@@ -7,8 +7,8 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.metrics_db import metric_row
-from orchestration.profiles import config_from, resolve
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
+from models.profiles import config_from, resolve
 
 METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
 

@@ -29,8 +29,8 @@ class World:
         import pandas as pd
 
         from models.lm import base_model_dir, load_frozen_base
+        from models.profiles import load_profile
         from models.reward_model import load_reward_models
-        from orchestration.profiles import load_profile
 
         self.data, self.attribute = data, attribute
         self.base, self.tokenizer, _ = load_frozen_base(data / "base_model", device="cpu")
@@ -53,9 +53,9 @@ class World:
         return df
 
     def train(self, df, train_steps: int, init_model=None):
+        from models.profiles import config_from
         from models.rollouts import training_rollouts
         from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
-        from orchestration.profiles import config_from
 
         params = self.profile["value_models"]
         config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]},

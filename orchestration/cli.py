@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestration.profiles import PROJECT_ROOT
+from models.profiles import PROJECT_ROOT
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
 QUIET_ENV = {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "False"}
@@ -44,8 +44,8 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
     import dagster as dg
 
     from assets.common import FORCE_TAG
+    from assets.resources import build_resources, settings_from_env
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import build_resources, settings_from_env
 
     resources = build_resources(settings_from_env(seed))
     settings = resources["settings"]
@@ -128,9 +128,9 @@ def cmd_ingest(args) -> int:
     """What the incoming sensor does, for given files and without the daemon: validate each,
     then one incoming_retrain run on those that pass."""
     use_profile(args.profile, args.data_dir)
+    from assets.resources import settings_from_env
     from models.ingest import read_incoming
     from models.validation import ValidationRules
-    from orchestration.resources import settings_from_env
 
     settings = settings_from_env()
     rules = ValidationRules.from_params(settings.params()["validation"])
@@ -207,10 +207,10 @@ def cmd_study(args) -> int:
 
     from assets.common import ASSET_OUTPUTS, git_sha
     from assets.metrics_db import metric_row, write_rows
+    from assets.resources import duckdb_for, settings_from_env
     from models.artifacts import atomic_path, dvc_md5
     from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
     from models.targets import study_markdown as targets_markdown
-    from orchestration.resources import duckdb_for, settings_from_env
 
     settings = settings_from_env()
     upstream = study_upstream()
@@ -281,8 +281,8 @@ def cmd_study(args) -> int:
 
 def cmd_validate(args) -> int:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from models.profiles import load_profile
     from models.validation import ValidationRules, cli_validate
-    from orchestration.profiles import load_profile
 
     rules = ValidationRules.from_params(load_profile(args.profile)["validation"])
     return cli_validate(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from assets.common import ASSET_OUTPUTS
-from orchestration.profiles import PROJECT_ROOT
+from models.profiles import PROJECT_ROOT
 
 
 def _rows(conn, sql: str, args: list) -> list[dict]:

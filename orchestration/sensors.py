@@ -20,7 +20,7 @@ import os
 import dagster as dg
 
 from assets.ingest import CHECK_NAME
-from orchestration.resources import VasSettings
+from assets.resources import VasSettings
 
 incoming_retrain = dg.define_asset_job(
     "incoming_retrain",

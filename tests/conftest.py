@@ -30,8 +30,8 @@ def smoke_world(tmp_path_factory):
     """The whole graph materialized once on the smoke profile into a fresh data folder."""
     import dagster as dg
 
+    from assets.resources import VasSettings, build_resources
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import VasSettings, build_resources
 
     data_dir = tmp_path_factory.mktemp("smoke-data")
     settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu")

@@ -32,8 +32,8 @@ def test_forced_rematerialization_reproduces_outputs_exactly(smoke_world, tmp_pa
     import dagster as dg
 
     from assets.common import FORCE_TAG
+    from assets.resources import VasSettings, build_resources
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import VasSettings, build_resources
 
     data = tmp_path / "data"
     shutil.copytree(smoke_world["data_dir"], data)
@@ -59,8 +59,8 @@ FRESH_PROCESS = """
 import sys
 import dagster as dg
 from assets.common import FORCE_TAG
+from assets.resources import VasSettings, build_resources
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-from orchestration.resources import VasSettings, build_resources
 
 settings = VasSettings(profile="smoke", data_dir=sys.argv[1], device="cpu")
 result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(*sys.argv[2:]),
@@ -75,7 +75,7 @@ def test_rematerialization_in_a_fresh_process_reproduces_outputs_exactly(smoke_w
     import subprocess
     import sys
 
-    from orchestration.profiles import PROJECT_ROOT
+    from models.profiles import PROJECT_ROOT
 
     data = tmp_path / "data"
     shutil.copytree(smoke_world["data_dir"], data)

@@ -6,11 +6,11 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from assets.resources import VasSettings, build_resources
 from assets.synthesis import BaseModelConfig, PreferencePairsConfig
 from models.artifacts import file_md5
 from orchestration.cli import main as vas_main
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-from orchestration.resources import VasSettings, build_resources
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from assets.resources import VasSettings
 from models.artifacts import file_md5
-from orchestration.resources import VasSettings
 from orchestration.sensors import CHECK_NAME, incoming_preferences_sensor
 
 GOOD_ROWS = [
@@ -138,8 +138,8 @@ def test_sensor_is_on_by_default_and_targets_the_incoming_retrain():
 
 def test_imported_preferences_merges_good_files_once_and_refuses_bad_ones(world):
     from assets.ingest import imported_preferences, imported_preferences_suite
+    from assets.resources import build_resources
     from models.artifacts import dvc_md5
-    from orchestration.resources import build_resources
 
     resources = build_resources(world["settings"])
     out = world["settings"].path("imported_preferences")

@@ -12,7 +12,7 @@ import pytest
 from assets.common import ASSET_OUTPUTS, output_path
 from models.artifacts import dvc_md5
 from models.lm import read_manifest, weights_sha256
-from orchestration.profiles import PROJECT_ROOT
+from models.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model", "report",
@@ -249,7 +249,7 @@ def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
 
 
 def test_value_error_against_monte_carlo_per_model_and_target(smoke_world):
-    from orchestration.profiles import load_profile
+    from models.profiles import load_profile
 
     data = smoke_world["data_dir"]
     metrics = pd.read_parquet(data / "value_error" / "value_error.parquet")

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from models.artifacts import dvc_md5
-from orchestration.profiles import PROJECT_ROOT
+from models.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +49,8 @@ def preference_file(path: Path, prompts: list[str], chosen: str, rejected: str) 
 
 @pytest.fixture(scope="module")
 def retrains(smoke_world, tmp_path_factory):
+    from assets.resources import VasSettings, build_resources
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import VasSettings, build_resources
     from orchestration.sensors import incoming_preferences_sensor, incoming_retrain
 
     repo = tmp_path_factory.mktemp("repo")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from models.preferences import bradley_terry_prob, label_pairs
+from models.profiles import load_profile, resolve
 from models.rewards import conciseness, count_words, gold_reward, positivity, score_gold
-from orchestration.profiles import load_profile, resolve
 
 
 def test_positivity_orders_sentiment():

@@ -70,10 +70,10 @@ def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, c
     import json as _json
     import shutil
 
+    from assets.resources import VasSettings, build_resources
     from assets.rollouts import RolloutsConfig
     from orchestration.cli import main
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.resources import VasSettings, build_resources
 
     data = tmp_path / "data"
     shutil.copytree(smoke_world["data_dir"], data)
@@ -100,8 +100,8 @@ def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, c
 
 def test_lineage_inputs_hash_every_source_by_content(tmp_path):
     from assets.common import lineage_inputs
+    from assets.resources import VasSettings
     from models.artifacts import dvc_md5
-    from orchestration.resources import VasSettings
 
     settings = VasSettings(profile="smoke", data_dir=str(tmp_path / "data"), device="cpu")
     a, b = tmp_path / "rm_a", tmp_path / "rm_b.bin"

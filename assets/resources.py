@@ -9,7 +9,7 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from orchestration.profiles import PARAMS_FILE, PROJECT_ROOT, active_profile, load_profile
+from models.profiles import PARAMS_FILE, PROJECT_ROOT, active_profile, load_profile
 
 
 class VasSettings(dg.ConfigurableResource):
