@@ -8,6 +8,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 
 class DPOModelConfig(dg.Config):
@@ -16,7 +17,7 @@ class DPOModelConfig(dg.Config):
     beta: Optional[float] = None
 
 
-@dg.asset(group_name="evaluation", deps=["preference_pairs", "base_model"], kinds={"pytorch", "huggingface"},
+@dg.asset(group_name="evaluation", deps=STAGES["dpo_model"].upstream, kinds={"pytorch", "huggingface"},
           pool="gpu", description="The paper's baseline: a copy of the base model trained with TRL's DPO on the "
                                   "preference pairs of one attribute. The frozen base model is not touched.")
 def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, settings: VasSettings,
@@ -29,7 +30,7 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
 
     torch_threads(settings)
     params = resolve(settings.params(), "dpo", config.model_dump())
-    upstream = ["preference_pairs", "base_model"]
+    upstream = list(STAGES["dpo_model"].upstream)
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "dpo_model", params, inputs)) is not None:
         return reused

@@ -14,27 +14,13 @@ import dagster as dg
 from assets.metrics_db import copy_metrics, find_reusable, metric_row, write_rows
 from models.artifacts import dvc_md5
 from models.profiles import PROJECT_ROOT
-
-# Each asset's one output under the data folder (a file, or a folder for several files);
-# dvc.yaml lists the same path as the stage's out, so data version == the md5 in dvc.lock.
-ASSET_OUTPUTS: dict[str, str] = {
-    "corpus": "corpus/corpus.parquet",
-    "imported_preferences": "imported_preferences",
-    "base_model": "base_model",
-    "prompts": "prompts",
-    "preference_pairs": "preference_pairs",
-    "reward_models": "reward_models",
-    "rollouts": "rollouts",
-    "value_models": "value_models",
-    "dpo_model": "dpo_model",
-    "evaluation": "eval",
-    "value_error": "value_error",
-    "report": "report",
-}
+from models.stages import output_of
 
 
 def output_path(settings, asset: str) -> Path:
-    return settings.path(ASSET_OUTPUTS[asset])
+    """An asset's output under the settings' data folder (dvc.yaml lists the same path as the
+    stage's out, so data version == the md5 in dvc.lock)."""
+    return settings.path(output_of(asset))
 
 
 def data_version_of(settings, asset: str) -> str:

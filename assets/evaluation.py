@@ -9,6 +9,7 @@ from assets.common import LogToDagster, finish, lineage_inputs, output_path, reu
 from assets.metrics_db import metric_row
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
                     "gold_conciseness_ci95", "learned_positivity_mean", "kl_nats_mean", "gold_positivity_winrate",
@@ -33,7 +34,7 @@ def load_value_models(root):
     return found
 
 
-@dg.asset(group_name="evaluation", deps=["base_model", "prompts", "reward_models", "value_models", "dpo_model"],
+@dg.asset(group_name="evaluation", deps=STAGES["evaluation"].upstream,
           kinds={"pytorch", "parquet"}, pool="gpu",
           description="Base sampling, Best-of-N (N=1..128), VAS beta sweep per parameterization and the "
                       "composition grid on held-out prompts; every sample in data/eval/samples.parquet.")
@@ -52,7 +53,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
     torch_threads(settings)
     profile = settings.params()
     params = resolve(profile, "evaluation", config.model_dump())
-    upstream = ["base_model", "prompts", "reward_models", "value_models", "dpo_model"]
+    upstream = list(STAGES["evaluation"].upstream)
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "evaluation", params, inputs)) is not None:
         return reused

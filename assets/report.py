@@ -5,6 +5,7 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import finish, lineage_inputs, output_path, reuse
 from assets.resources import VasSettings
+from models.stages import STAGES
 
 
 def _png_markdown(path) -> dg.MetadataValue:
@@ -14,7 +15,7 @@ def _png_markdown(path) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{data})")
 
 
-@dg.asset(group_name="evaluation", deps=["evaluation", "value_error"], kinds={"python"}, pool="duckdb_writer",
+@dg.asset(group_name="evaluation", deps=STAGES["report"].upstream, kinds={"python"}, pool="duckdb_writer",
           description="Reward-vs-KL frontier, composition grid and cost plots, and the headline table with "
                       "a computed verdict: does VAS reach Best-of-128, and at what cost; the value models' "
                       "error against Monte-Carlo estimates.")

@@ -8,6 +8,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 
 class RewardModelsConfig(dg.Config):
@@ -17,7 +18,7 @@ class RewardModelsConfig(dg.Config):
     sources: Optional[dict[str, str]] = None
 
 
-@dg.asset(group_name="rewards", deps=["preference_pairs", "base_model"], kinds={"pytorch", "huggingface"},
+@dg.asset(group_name="rewards", deps=STAGES["reward_models"].upstream, kinds={"pytorch", "huggingface"},
           pool="gpu", description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
                                   "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
 def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig, settings: VasSettings,
@@ -34,7 +35,7 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
 
     torch_threads(settings)
     params = resolve(settings.params(), "reward_models", config.model_dump())
-    upstream = ["preference_pairs", "base_model"]
+    upstream = list(STAGES["reward_models"].upstream)
     # A user's classifier is known by its folder's contents, not its path (re-use must see a swap).
     sources = sorted((params.get("sources") or {}).values())
     inputs = lineage_inputs(settings, upstream, sources)

@@ -8,6 +8,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, record_check, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 
 class RolloutsConfig(dg.Config):
@@ -15,7 +16,7 @@ class RolloutsConfig(dg.Config):
     max_new_tokens: Optional[int] = None
 
 
-@dg.asset(group_name="rollouts", deps=["base_model", "prompts", "reward_models"], kinds={"pytorch", "parquet"},
+@dg.asset(group_name="rollouts", deps=STAGES["rollouts"].upstream, kinds={"pytorch", "parquet"},
           pool="gpu", description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
                                   "learned and gold reward scores.")
 def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings: VasSettings,
@@ -30,7 +31,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
 
     torch_threads(settings)
     params = resolve(settings.params(), "rollouts", config.model_dump())
-    upstream = ["base_model", "prompts", "reward_models"]
+    upstream = list(STAGES["rollouts"].upstream)
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "rollouts", params, inputs)) is not None:
         return reused

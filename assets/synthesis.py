@@ -13,6 +13,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 GROUP = "synthesis"
 
@@ -58,7 +59,7 @@ class BaseModelConfig(dg.Config):
     learning_rate: Optional[float] = None
 
 
-@dg.asset(group_name=GROUP, deps=["corpus"], kinds={"pytorch", "huggingface"}, pool="gpu",
+@dg.asset(group_name=GROUP, deps=STAGES["base_model"].upstream, kinds={"pytorch", "huggingface"}, pool="gpu",
           description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, settings: VasSettings,
                duckdb: DuckDBResource) -> dg.MaterializeResult:
@@ -118,7 +119,7 @@ class PromptsConfig(dg.Config):
     n_eval: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, deps=["base_model"], kinds={"parquet"}, pool="duckdb_writer",
+@dg.asset(group_name=GROUP, deps=STAGES["prompts"].upstream, kinds={"parquet"}, pool="duckdb_writer",
           description="Train/eval prompt splits: review openings, or the user's file of prompts.")
 def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: VasSettings,
             duckdb: DuckDBResource) -> dg.MaterializeResult:
@@ -176,7 +177,7 @@ class PreferencePairsConfig(dg.Config):
     max_new_tokens: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, deps=["base_model", "prompts", "imported_preferences"], kinds={"pytorch", "parquet"},
+@dg.asset(group_name=GROUP, deps=STAGES["preference_pairs"].upstream, kinds={"pytorch", "parquet"},
           pool="gpu",
           description="Preference pairs per reward attribute: base-model completion pairs with noisy "
                       "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected); "

@@ -8,8 +8,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
-
-VERSIONS_DIR = "value_model_versions"  # under the data folder
+from models.stages import STAGES
 
 
 def value_model_name(attribute: str, parameterization: str, primary: str) -> str:
@@ -25,7 +24,7 @@ class ValueModelsConfig(dg.Config):
     parameterization: Optional[str] = None
 
 
-@dg.asset(group_name="training", deps=["rollouts", "base_model", "reward_models"], kinds={"pytorch"}, pool="gpu",
+@dg.asset(group_name="training", deps=STAGES["value_models"].upstream, kinds={"pytorch"}, pool="gpu",
           description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
                       "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
 def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, settings: VasSettings,
@@ -41,7 +40,7 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
 
     torch_threads(settings)
     params = resolve(settings.params(), "value_models", config.model_dump())
-    upstream = ["rollouts", "base_model", "reward_models"]
+    upstream = list(STAGES["value_models"].upstream)
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "value_models", params, inputs)) is not None:
         keep_value_model_version(context, settings, inputs["rollouts"])
@@ -111,6 +110,7 @@ def keep_value_model_version(context, settings, rollouts_md5: str):
     record = {"run_id": context.run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "rollouts_md5": rollouts_md5, "git_sha": git_sha(),
               "code_version": code_version()}
-    version = keep_version(output_path(settings, "value_models"), settings.path(VERSIONS_DIR), record)
+    version = keep_version(output_path(settings, "value_models"), settings.path(STAGES["value_models"].versions),
+                           record)
     context.log.info(f"value models version {version.name} kept in {version.parent}")
     return version

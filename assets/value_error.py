@@ -9,6 +9,7 @@ from assets.common import LogToDagster, finish, lineage_inputs, output_path, reu
 from assets.metrics_db import metric_row
 from assets.resources import VasSettings
 from models.profiles import config_from, resolve
+from models.stages import STAGES
 
 METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
 
@@ -21,7 +22,7 @@ class ValueErrorAssetConfig(dg.Config):
     betas: Optional[list[float]] = None
 
 
-@dg.asset(group_name="evaluation", deps=["base_model", "prompts", "reward_models", "value_models"],
+@dg.asset(group_name="evaluation", deps=STAGES["value_error"].upstream,
           kinds={"pytorch", "parquet"}, pool="gpu",
           description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
                       "and soft values), at prefixes of held-out completions: mse, Spearman over pi0's top "
@@ -38,7 +39,7 @@ def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig
     torch_threads(settings)
     profile = settings.params()
     params = resolve(profile, "value_error", config.model_dump())
-    upstream = ["base_model", "prompts", "reward_models", "value_models"]
+    upstream = list(STAGES["value_error"].upstream)
     inputs = lineage_inputs(settings, upstream)
     if (reused := reuse(context, settings, duckdb, "value_error", params, inputs)) is not None:
         return reused

@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from models.stages import output_of
+
 log = logging.getLogger(__name__)
 
-VALUE_MODELS = "value_models"
-REWARD_MODELS = "reward_models"
+VALUE_MODELS = output_of("value_models")
+REWARD_MODELS = output_of("reward_models")
 
 
 def _subdirs(root: Path) -> dict[str, Path]:
@@ -87,7 +89,7 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     _check_weights(weights, available, data_dir)   # before loading anything: fail fast on a typo
 
     dev = pick_device(device)
-    base, tokenizer, _ = load_frozen_base(base_model_dir or data_dir / "base_model", device=str(dev))
+    base, tokenizer, _ = load_frozen_base(base_model_dir or data_dir / output_of("base_model"), device=str(dev))
     # Weight-0 models are not even loaded: they would not be run.
     active = {name: float(w) for name, w in weights.items() if float(w) != 0.0}
     value_models = {name: ValueModel.load(available[name], device=dev) for name in active}

@@ -170,12 +170,12 @@ def study_upstream() -> dict[str, str]:
     """The assets upstream of STUDY_RETRAINS (not retrained by the study) and their outputs."""
     import dagster as dg
 
-    from assets.common import ASSET_OUTPUTS
+    from models.stages import STAGES
     from orchestration.definitions import defs
 
     keys = dg.AssetSelection.assets(*STUDY_RETRAINS).upstream().resolve(defs.resolve_asset_graph())
     names = {k.to_user_string() for k in keys} - set(STUDY_RETRAINS)
-    return {name: path for name, path in ASSET_OUTPUTS.items() if name in names}
+    return {name: stage.output for name, stage in STAGES.items() if name in names}
 
 
 def _copy_upstream(settings, folder: Path, outputs: dict[str, str]) -> None:
@@ -205,10 +205,11 @@ def cmd_study(args) -> int:
     use_profile(args.profile, args.data_dir)
     import pandas as pd
 
-    from assets.common import ASSET_OUTPUTS, git_sha
+    from assets.common import git_sha
     from assets.metrics_db import metric_row, write_rows
     from assets.resources import duckdb_for, settings_from_env
     from models.artifacts import atomic_path, dvc_md5
+    from models.stages import output_of
     from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
     from models.targets import study_markdown as targets_markdown
 
@@ -231,7 +232,7 @@ def cmd_study(args) -> int:
         if not result.success:
             print(f"vas study: seed {seed} FAILED: see the run log in the Dagster UI (`make ui`)", file=sys.stderr)
             return 1
-        summary = pd.read_parquet(folder / ASSET_OUTPUTS["evaluation"] / "summary.parquet")
+        summary = pd.read_parquet(folder / output_of("evaluation") / "summary.parquet")
         summaries.append(summary.assign(seed=seed))
     # materialize() pointed the process at the last seed's folder: the rest is the main run's.
     os.environ["VAS_DATA_DIR"] = settings.data_dir
@@ -270,12 +271,12 @@ def cmd_study(args) -> int:
     print(f"\n{text}")
     print(f"per-seed summaries {out / 'study.parquet'}, aggregate {out / 'aggregate.parquet'}, "
           f"{out / 'study.md'}; DuckDB run {run_id} (asset seed_study) in {settings.path('metrics.duckdb')}")
-    if settings.path(ASSET_OUTPUTS["evaluation"]).exists():
+    if settings.path(output_of("evaluation")).exists():
         result, _ = materialize(["report"], settings.profile, settings.data_dir)
         if not result.success:
             print("vas study: the report did not refresh: see the run log", file=sys.stderr)
             return 1
-        print(f"report verdict now from the study: {settings.path(ASSET_OUTPUTS['report'], 'report.md')}")
+        print(f"report verdict now from the study: {settings.path(output_of('report'), 'report.md')}")
     return 0
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from assets.common import ASSET_OUTPUTS
 from models.profiles import PROJECT_ROOT
+from models.stages import STAGES
 
 
 def _rows(conn, sql: str, args: list) -> list[dict]:
@@ -19,7 +19,7 @@ def _rows(conn, sql: str, args: list) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-VERSIONS = {"value_model_versions": "value_models"}  # folders of kept versions -> their asset
+VERSIONS = {s.versions: name for name, s in STAGES.items() if s.versions}  # folders of kept versions -> their asset
 
 
 def artifact_of_path(path: Path, data_dir: Path) -> tuple[str, Path]:
@@ -32,7 +32,8 @@ def artifact_of_path(path: Path, data_dir: Path) -> tuple[str, Path]:
     parts = rel.split("/")
     if parts[0] in VERSIONS and len(parts) >= 2:
         return VERSIONS[parts[0]], data_dir / parts[0] / parts[1]
-    for asset, out in ASSET_OUTPUTS.items():
+    for asset, stage in STAGES.items():
+        out = stage.output
         if rel == out or rel.startswith(out + "/"):
             return asset, data_dir / out
     raise ValueError(f"{path} is not inside any asset's output under {data_dir}")
@@ -107,7 +108,7 @@ def lineage(target: str, data_dir: Path) -> dict:
             rows = chain(conn, asset, run_id=target)
         lock = dvc_lock_md5s()
         for row in rows:
-            out = ASSET_OUTPUTS.get(row["asset"])
+            out = STAGES[row["asset"]].output if row["asset"] in STAGES else None
             on_disk = data_dir / out if out else None
             row["md5_on_disk"] = dvc_md5(on_disk) if on_disk is not None and on_disk.exists() else None
             row["md5_dvc_lock"] = lock.get(f"data/{out}") if data_dir.resolve() == (PROJECT_ROOT / "data").resolve() else None

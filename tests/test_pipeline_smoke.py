@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from assets.common import ASSET_OUTPUTS, output_path
+from assets.common import output_path
 from models.artifacts import dvc_md5
 from models.lm import read_manifest, weights_sha256
 from models.profiles import PROJECT_ROOT
+from models.stages import STAGES
 
 pytestmark = pytest.mark.integration
 ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model", "report",
@@ -124,9 +125,9 @@ def test_outputs_match_dvc_yaml():
     import yaml
 
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
-    for asset, out in ASSET_OUTPUTS.items():
+    for asset, stage in STAGES.items():
         outs = [o if isinstance(o, str) else next(iter(o)) for o in stages[asset]["outs"]]
-        assert outs == [f"data/{out}"]
+        assert outs == [f"data/{stage.output}"]
         assert f"vas materialize {asset}" in stages[asset]["cmd"]
 
 

@@ -1,0 +1,81 @@
+"""The pipeline's stages, declared once: one entry per asset.
+
+Everything that names an asset's output, inputs, parameters or code is derived from here: the
+Dagster assets' deps and code versions (assets/), the lineage inputs and re-use key, the output
+folders `vas generate` and `vas lineage` read, and dvc.yaml (tests/test_stages.py checks that
+dvc.yaml's stages say exactly what these entries say).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                       # the asset key and the dvc.yaml stage
+    output: str                     # its one output under the data folder (a file or a folder)
+    upstream: tuple[str, ...] = ()  # assets whose outputs it reads
+    section: str | None = None      # its params.yaml section, resolved with the shared seed
+    also_params: tuple[str, ...] = ()  # other params.yaml sections that decide its output
+    code: tuple[str, ...] = ()      # the source files (or folders) that compute it
+    versions: str | None = None     # folder under the data folder keeping every past output
+    persist: bool = False           # the output accumulates across runs: DVC must not delete it first
+
+    @property
+    def params(self) -> list[str]:
+        """The params.yaml keys the output depends on (dvc.yaml's `params:`)."""
+        return (["seed", self.section] if self.section else []) + list(self.also_params)
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("imported_preferences", "imported_preferences", also_params=("validation",), persist=True,
+          code=("models/ingest.py", "models/validation.py", "assets/ingest.py")),
+    Stage("corpus", "corpus/corpus.parquet", section="corpus",
+          code=("models/corpus.py", "assets/synthesis.py")),
+    Stage("base_model", "base_model", upstream=("corpus",), section="base_model",
+          code=("models/lm.py", "models/probe.py", "models/sampling.py", "assets/synthesis.py")),
+    Stage("prompts", "prompts", upstream=("base_model",), section="prompts", also_params=("validation",),
+          code=("models/corpus.py", "models/validation.py", "assets/synthesis.py", "assets/validation.py")),
+    Stage("preference_pairs", "preference_pairs", upstream=("imported_preferences", "base_model", "prompts"),
+          section="preference_pairs", also_params=("validation",),
+          code=("models/preferences.py", "models/rewards.py", "models/sampling.py", "models/validation.py",
+                "assets/synthesis.py", "assets/validation.py")),
+    Stage("reward_models", "reward_models", upstream=("preference_pairs", "base_model"), section="reward_models",
+          code=("models/reward_model.py", "assets/rewards.py")),
+    Stage("rollouts", "rollouts", upstream=("base_model", "prompts", "reward_models"), section="rollouts",
+          code=("models/rollouts.py", "models/sampling.py", "models/validation.py", "assets/rollouts.py")),
+    Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models"),
+          section="value_models", versions="value_model_versions",
+          code=("models/distributional.py", "models/value_model.py", "models/value_training.py", "models/td.py",
+                "assets/training.py")),
+    Stage("evaluation", "eval", upstream=("base_model", "prompts", "reward_models", "value_models", "dpo_model"),
+          section="evaluation",
+          code=("models/evaluation.py", "models/vas.py", "models/sampling.py", "assets/evaluation.py")),
+    Stage("value_error", "value_error", upstream=("base_model", "prompts", "reward_models", "value_models"),
+          section="value_error",
+          code=("models/value_error.py", "models/value_model.py", "models/sampling.py", "assets/value_error.py")),
+    Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",
+          code=("models/dpo.py", "assets/baselines.py")),
+    Stage("report", "report", upstream=("evaluation", "value_error"),
+          code=("models/report.py", "assets/report.py")),
+)}
+
+
+def output_of(asset: str) -> str:
+    """An asset's output path under the data folder."""
+    return STAGES[asset].output
+
+
+def dvc_stage(stage: Stage, dagster_home: str = "${dagster_home}") -> dict:
+    """The dvc.yaml stage this entry describes: materialize the asset through Dagster; its deps
+    are its upstream outputs, then its code; its params are the `default` profile's."""
+    entry: dict = {
+        "cmd": f"DAGSTER_HOME=$PWD/{dagster_home} vas materialize {stage.name} --profile default",
+        "deps": [f"data/{STAGES[up].output}" for up in stage.upstream] + list(stage.code),
+    }
+    if stage.params:
+        entry["params"] = [f"default.{key}" for key in stage.params]
+    out = f"data/{stage.output}"
+    entry["outs"] = [{out: {"persist": True}} if stage.persist else out]
+    return entry
