@@ -3,12 +3,9 @@
 from typing import Optional
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
-from assets.resources import VasSettings
-from models.profiles import config_from, resolve
-from models.stages import STAGES
+from assets.stage import Produced, StageRun, pipeline_asset
+from models.profiles import config_from
 
 
 class DPOModelConfig(dg.Config):
@@ -17,29 +14,21 @@ class DPOModelConfig(dg.Config):
     beta: Optional[float] = None
 
 
-@dg.asset(group_name="evaluation", deps=STAGES["dpo_model"].upstream, kinds={"pytorch", "huggingface"},
-          pool="gpu", description="The paper's baseline: a copy of the base model trained with TRL's DPO on the "
-                                  "preference pairs of one attribute. The frozen base model is not touched.")
-def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, settings: VasSettings,
-              duckdb: DuckDBResource) -> dg.MaterializeResult:
+@pipeline_asset("dpo_model", DPOModelConfig, group_name="evaluation", kinds={"pytorch", "huggingface"}, pool="gpu",
+                description="The paper's baseline: a copy of the base model trained with TRL's DPO on the "
+                            "preference pairs of one attribute. The frozen base model is not touched.")
+def dpo_model(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import atomic_path
     from models.dpo import DPOTrainConfig, train_dpo
     from models.lm import base_model_dir, pick_device, weights_sha256
 
-    torch_threads(settings)
-    params = resolve(settings.params(), "dpo", config.model_dump())
-    upstream = list(STAGES["dpo_model"].upstream)
-    inputs = lineage_inputs(settings, upstream)
-    if (reused := reuse(context, settings, duckdb, "dpo_model", params, inputs)) is not None:
-        return reused
-    pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
-    device = str(pick_device(settings.device))
-    with LogToDagster(context), atomic_path(output_path(settings, "dpo_model")) as tmp:
-        result = train_dpo(pairs, base_model_dir(output_path(settings, "base_model")), tmp,
-                           config_from(DPOTrainConfig, params), device=device, progress=context.log.info)
+    pairs = pd.read_parquet(run.path("preference_pairs") / "pairs.parquet")
+    device = str(pick_device(run.settings.device))
+    with atomic_path(run.path("dpo_model")) as tmp:
+        result = train_dpo(pairs, base_model_dir(run.path("base_model")), tmp,
+                           config_from(DPOTrainConfig, run.params), device=device, progress=run.log.info)
         sha = weights_sha256(tmp)
     curve = result.pop("loss_curve")
-    return finish(context, settings, duckdb, "dpo_model", params, result, inputs=inputs,
-                  series={"dpo_loss": curve}, model_version=sha)
+    return Produced(result, series={"dpo_loss": curve}, model_version=sha)

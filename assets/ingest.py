@@ -12,8 +12,8 @@ from typing import List
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import finish, output_path
 from assets.resources import VasSettings
+from assets.stage import Produced, StageRun, pipeline_asset
 from assets.validation import problems_table, run_suite_check
 
 GROUP = "ingest"
@@ -24,11 +24,12 @@ class ImportedPreferencesConfig(dg.Config):
     files: List[str] = []  # incoming files to merge in this run (paths); none: keep what was merged
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, pool="duckdb_writer",
-          description="Every preference pair delivered through data/incoming/ and accepted by validation, "
-                      "with the md5, name and row of its file; merged into preference_pairs.")
-def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPreferencesConfig,
-                         settings: VasSettings, duckdb: DuckDBResource) -> dg.MaterializeResult:
+# Never re-used: each run merges the files it is given (a file already merged is skipped).
+@pipeline_asset("imported_preferences", ImportedPreferencesConfig, reusable=False, group_name=GROUP,
+                kinds={"parquet"}, pool="duckdb_writer",
+                description="Every preference pair delivered through data/incoming/ and accepted by validation, "
+                            "with the md5, name and row of its file; merged into preference_pairs.")
+def imported_preferences(run: StageRun) -> Produced:
     import json
     from datetime import datetime, timezone
     from pathlib import Path
@@ -39,15 +40,15 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
     from models.ingest import empty_imported, read_incoming
     from models.validation import ValidationRules
 
-    rules = ValidationRules.from_params(settings.params()["validation"])
-    folder = output_path(settings, "imported_preferences")
+    rules = ValidationRules.from_params(run.params["validation"])
+    folder = run.path("imported_preferences")
     existing = pd.read_parquet(folder / "pairs.parquet") if (folder / "pairs.parquet").exists() else empty_imported()
     sources = json.loads((folder / "sources.json").read_text()) if (folder / "sources.json").exists() else []
     known = {s["md5"] for s in sources}
     new_frames, added = [], []
-    for name in config.files:
+    for name in run.config.files:
         path = Path(name)
-        rows, report, quarantined = read_incoming(path, rules, settings.path("quarantine"))
+        rows, report, quarantined = read_incoming(path, rules, run.settings.path("quarantine"))
         if not report.success:
             # The sensor screens files first; this guards a file launched by hand from the launchpad.
             raise dg.Failure(description=f"{report.summary()}; nothing was merged",
@@ -55,13 +56,13 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
                                        "quarantine_file": str(quarantined)})
         md5 = rows["source_md5"].iloc[0]
         if md5 in known:
-            context.log.info(f"{path.name}: already merged (md5 {md5}), skipped")
+            run.log.info(f"{path.name}: already merged (md5 {md5}), skipped")
             continue
         known.add(md5)
         new_frames.append(rows)
         added.append({"file": str(path), "name": path.name, "md5": md5, "n_pairs": len(rows),
-                      "run_id": context.run_id, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        context.log.info(f"{path.name}: {len(rows)} pairs accepted (md5 {md5})")
+                      "run_id": run.context.run_id, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        run.log.info(f"{path.name}: {len(rows)} pairs accepted (md5 {md5})")
     # `known` kept each file (md5) to one merge, across runs and within this one.
     merged = pd.concat([existing, *new_frames], ignore_index=True)
     if added or not folder.exists():  # nothing new: the table and its data version stay as they are
@@ -74,9 +75,10 @@ def imported_preferences(context: dg.AssetExecutionContext, config: ImportedPref
         })
     metrics = {"n_pairs": len(merged), "n_files": len(sources) + len(added), "n_new_files": len(added),
                "n_new_pairs": int(sum(a["n_pairs"] for a in added))}
-    return finish(context, settings, duckdb, "imported_preferences", {"files": sorted(a["md5"] for a in added)},
-                  metrics, metadata={"new_files": dg.MetadataValue.json(added),
-                                     "preview": dg.MetadataValue.md(merged.tail(6).to_markdown(index=False))})
+    # What this materialization is made of: the files it merged (the merged table is its output).
+    return Produced(metrics, params={"files": sorted(a["md5"] for a in added)},
+                    metadata={"new_files": dg.MetadataValue.json(added),
+                              "preview": dg.MetadataValue.md(merged.tail(6).to_markdown(index=False))})
 
 
 @dg.asset_check(asset="imported_preferences", name=CHECK_NAME, blocking=True,

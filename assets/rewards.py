@@ -3,12 +3,9 @@
 from typing import Optional
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
-from assets.resources import VasSettings
-from models.profiles import config_from, resolve
-from models.stages import STAGES
+from assets.stage import Produced, StageRun, pipeline_asset
+from models.profiles import config_from
 
 
 class RewardModelsConfig(dg.Config):
@@ -18,11 +15,16 @@ class RewardModelsConfig(dg.Config):
     sources: Optional[dict[str, str]] = None
 
 
-@dg.asset(group_name="rewards", deps=STAGES["reward_models"].upstream, kinds={"pytorch", "huggingface"},
-          pool="gpu", description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
-                                  "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
-def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig, settings: VasSettings,
-                  duckdb: DuckDBResource) -> dg.MaterializeResult:
+def _classifiers(settings, params) -> list[str]:
+    """A user's classifier is known by its folder's contents, not its path (re-use must see a swap)."""
+    return sorted((params.get("sources") or {}).values())
+
+
+@pipeline_asset("reward_models", RewardModelsConfig, sources=_classifiers, group_name="rewards",
+                kinds={"pytorch", "huggingface"}, pool="gpu",
+                description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
+                            "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
+def reward_models(run: StageRun) -> Produced:
     import shutil
 
     import pandas as pd
@@ -33,25 +35,18 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                                      save_reward_model, train_reward_model)
     from models.rewards import GOLD_REWARDS
 
-    torch_threads(settings)
-    params = resolve(settings.params(), "reward_models", config.model_dump())
-    upstream = list(STAGES["reward_models"].upstream)
-    # A user's classifier is known by its folder's contents, not its path (re-use must see a swap).
-    sources = sorted((params.get("sources") or {}).values())
-    inputs = lineage_inputs(settings, upstream, sources)
-    if (reused := reuse(context, settings, duckdb, "reward_models", params, inputs)) is not None:
-        return reused
-    pairs = pd.read_parquet(output_path(settings, "preference_pairs") / "pairs.parquet")
-    device = str(pick_device(settings.device))
+    params = run.params
+    pairs = pd.read_parquet(run.path("preference_pairs") / "pairs.parquet")
+    device = str(pick_device(run.settings.device))
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
-    with LogToDagster(context), atomic_path(output_path(settings, "reward_models")) as tmp:
+    with atomic_path(run.path("reward_models")) as tmp:
         tmp.mkdir()
         for attribute, group in pairs.groupby("attribute", sort=True):
             group = group.reset_index(drop=True)
             source = (params.get("sources") or {}).get(attribute)
             if source:
-                context.log.info(f"reward model {attribute}: using sequence classifier {source}")
+                run.log.info(f"reward model {attribute}: using sequence classifier {source}")
                 shutil.copytree(source, tmp / attribute)
                 scorer = load_reward_model(tmp / attribute, device=device)
                 acc = pair_accuracy(scorer(group.prompt.tolist(), group.chosen.tolist()),
@@ -59,10 +54,10 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
                 metrics[f"{attribute}/heldout_accuracy"] = acc
                 eval_pairs = group
             else:
-                context.log.info(f"reward model {attribute}: training on {len(group)} pairs")
+                run.log.info(f"reward model {attribute}: training on {len(group)} pairs")
                 model, tokenizer, train = train_reward_model(
-                    group, output_path(settings, "base_model"), config_from(RewardTrainConfig, params), device=device,
-                    progress=context.log.info)
+                    group, run.path("base_model"), config_from(RewardTrainConfig, params), device=device,
+                    progress=run.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]
                 series[f"{attribute}/train_loss"] = train["loss_curve"][::5]
@@ -72,8 +67,7 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
             if attribute in GOLD_REWARDS:
                 # The ceiling: how often the gold reward itself agrees with the noisy labels.
                 metrics[f"{attribute}/gold_ceiling_accuracy"] = gold_ceiling_accuracy(eval_pairs, attribute)
-            context.log.info(f"reward model {attribute}: held-out accuracy "
+            run.log.info(f"reward model {attribute}: held-out accuracy "
                              f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
                              f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
-    return finish(context, settings, duckdb, "reward_models", params, metrics,
-                  inputs=inputs, series=series)
+    return Produced(metrics, series=series)

@@ -5,10 +5,10 @@ from typing import Optional
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, lineage_inputs, output_path, record_check, reuse, torch_threads
+from assets.common import output_path, record_check
 from assets.resources import VasSettings
-from models.profiles import config_from, resolve
-from models.stages import STAGES
+from assets.stage import Produced, StageRun, pipeline_asset
+from models.profiles import config_from
 
 
 class RolloutsConfig(dg.Config):
@@ -16,11 +16,10 @@ class RolloutsConfig(dg.Config):
     max_new_tokens: Optional[int] = None
 
 
-@dg.asset(group_name="rollouts", deps=STAGES["rollouts"].upstream, kinds={"pytorch", "parquet"},
-          pool="gpu", description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
-                                  "learned and gold reward scores.")
-def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings: VasSettings,
-             duckdb: DuckDBResource) -> dg.MaterializeResult:
+@pipeline_asset("rollouts", RolloutsConfig, group_name="rollouts", kinds={"pytorch", "parquet"}, pool="gpu",
+                description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
+                            "learned and gold reward scores.")
+def rollouts(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import write_folder
@@ -29,24 +28,17 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     from models.rewards import GOLD_REWARDS
     from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, score_rollouts
 
-    torch_threads(settings)
-    params = resolve(settings.params(), "rollouts", config.model_dump())
-    upstream = list(STAGES["rollouts"].upstream)
-    inputs = lineage_inputs(settings, upstream)
-    if (reused := reuse(context, settings, duckdb, "rollouts", params, inputs)) is not None:
-        return reused
-    device = str(pick_device(settings.device))
-    model, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
-    prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
+    params = run.params
+    device = str(pick_device(run.settings.device))
+    model, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
+    prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
     train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
-    with LogToDagster(context):
-        df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params), device=device,
-                             progress=context.log.info)
-    scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
+    df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params), device=device,
+                         progress=run.log.info)
+    scorers = load_reward_models(run.path("reward_models"), device=device)
     df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])
     stats = {a: reward_stats(df, f"learned_{a}") for a in scorers}
-    write_folder(output_path(settings, "rollouts"),
-                 {"rollouts.parquet": df, "reward_stats.json": stats, "params.json": params})
+    write_folder(run.path("rollouts"), {"rollouts.parquet": df, "reward_stats.json": stats, "params.json": params})
     metrics = {
         "n_rollouts": len(df),
         "n_prompts": int(df.prompt_id.nunique()),
@@ -57,8 +49,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
         if column.startswith(("learned_", "gold_")):
             metrics[f"{column}_mean"] = float(df[column].mean())
             metrics[f"{column}_std"] = float(df[column].std())
-    return finish(context, settings, duckdb, "rollouts", params, metrics,
-                  inputs=inputs)
+    return Produced(metrics)
 
 
 @dg.asset_check(asset="rollouts", blocking=True,

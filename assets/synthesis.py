@@ -8,12 +8,10 @@ prompts, a file of preference pairs. Either way the outputs land under the data 
 from typing import Optional
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
-from assets.resources import VasSettings
-from models.profiles import config_from, resolve
-from models.stages import STAGES
+from assets.common import output_path
+from assets.stage import Produced, StageRun, pipeline_asset
+from models.profiles import config_from
 
 GROUP = "synthesis"
 
@@ -22,19 +20,17 @@ class CorpusConfig(dg.Config):
     n_reviews: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"}, pool="duckdb_writer",
-          description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
-def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: VasSettings,
-           duckdb: DuckDBResource) -> dg.MaterializeResult:
+@pipeline_asset("corpus", CorpusConfig, group_name=GROUP, kinds={"python", "parquet"},
+                pool="duckdb_writer",
+                description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
+def corpus(run: StageRun) -> Produced:
     from models.artifacts import write_parquet
     from models.corpus import CorpusConfig as GeneratorConfig, generate_corpus
     from models.rewards import count_words, positivity
 
-    params = resolve(settings.params(), "corpus", config.model_dump())
-    if (reused := reuse(context, settings, duckdb, "corpus", params, {})) is not None:
-        return reused
+    params = run.params
     df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
-    write_parquet(df, output_path(settings, "corpus"))
+    write_parquet(df, run.path("corpus"))
     sample = df.text.head(2000).tolist()
     pos = positivity(sample)
     words = [count_words(t) for t in df.text]
@@ -47,9 +43,8 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
         "positivity_std": (sum((p - mean_pos) ** 2 for p in pos) / len(pos)) ** 0.5,
         "distinct_texts": int(df.text.nunique()),
     }
-    context.log.info(f"corpus: {len(df)} reviews, mean {metrics['mean_words']:.1f} words")
-    return finish(context, settings, duckdb, "corpus", params, metrics,
-                  metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+    run.log.info(f"corpus: {len(df)} reviews, mean {metrics['mean_words']:.1f} words")
+    return Produced(metrics, metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
 
 
 class BaseModelConfig(dg.Config):
@@ -59,10 +54,16 @@ class BaseModelConfig(dg.Config):
     learning_rate: Optional[float] = None
 
 
-@dg.asset(group_name=GROUP, deps=STAGES["base_model"].upstream, kinds={"pytorch", "huggingface"}, pool="gpu",
-          description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
-def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, settings: VasSettings,
-               duckdb: DuckDBResource) -> dg.MaterializeResult:
+def _source(settings, params) -> str | None:
+    """The user's file or model that replaces the embedded world's, if any."""
+    return params["source"] or None
+
+
+@pipeline_asset("base_model", BaseModelConfig, sources=_source,
+                upstream=lambda settings, params: [] if params["source"] else ["corpus"], group_name=GROUP,
+                kinds={"pytorch", "huggingface"}, pool="gpu",
+                description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
+def base_model(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import atomic_path
@@ -71,27 +72,21 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
                            train_tiny_lm, weights_sha256, write_manifest)
     from models.probe import sample_spread
 
-    torch_threads(settings)
-    params = resolve(settings.params(), "base_model", config.model_dump())
-    upstream, source = ([], params["source"]) if params["source"] else (["corpus"], None)
-    inputs = lineage_inputs(settings, upstream, source)
-    if (reused := reuse(context, settings, duckdb, "base_model", params, inputs)) is not None:
-        return reused
-    out_dir = output_path(settings, "base_model")
+    params, settings = run.params, run.settings
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
-    with LogToDagster(context), atomic_path(out_dir) as tmp:
+    with atomic_path(run.path("base_model")) as tmp:
         tmp.mkdir()
         if params["source"]:
             model_dir = resolve_model_dir(params["source"], params["allow_download"])
             source = str(model_dir.resolve()) if model_dir.exists() and not params["allow_download"] else params["source"]
             sha = weights_sha256(model_dir)
-            context.log.info(f"pinning base model {params['source']} (weights sha256 {sha[:12]})")
+            run.log.info(f"pinning base model {params['source']} (weights sha256 {sha[:12]})")
             write_manifest(tmp, {"embedded": False, "source": source, "weights_sha256": sha,
                                  "trust_remote_code": params["trust_remote_code"],
                                  "allow_download": params["allow_download"]})
         else:
-            texts = pd.read_parquet(output_path(settings, "corpus")).text.tolist()
+            texts = pd.read_parquet(run.path("corpus")).text.tolist()
             model, tokenizer, train = train_tiny_lm(texts, config_from(TinyLMConfig, params), device=settings.device)
             save_pretrained(model, tokenizer, tmp)
             sha = weights_sha256(tmp)
@@ -106,11 +101,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
         spread = sample_spread(model, tokenizer, openings, params["probe_samples"],
                                params["probe_max_new_tokens"], params["seed"])
         metrics.update({f"sample_{k}": v for k, v in spread.items() if k != "examples"})
-    context.log.info(f"base model frozen, weights sha256 {sha[:12]}; sample spread {spread}")
-    return finish(context, settings, duckdb, "base_model", params, metrics,
-                  inputs=inputs, series=series, model_version=sha,
-                  metadata={"weights_sha256": sha,
-                            "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
+    run.log.info(f"base model frozen, weights sha256 {sha[:12]}; sample spread {spread}")
+    return Produced(metrics, series=series, model_version=sha,
+                    metadata={"weights_sha256": sha,
+                              "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
 
 
 class PromptsConfig(dg.Config):
@@ -119,10 +113,10 @@ class PromptsConfig(dg.Config):
     n_eval: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, deps=STAGES["prompts"].upstream, kinds={"parquet"}, pool="duckdb_writer",
-          description="Train/eval prompt splits: review openings, or the user's file of prompts.")
-def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: VasSettings,
-            duckdb: DuckDBResource) -> dg.MaterializeResult:
+@pipeline_asset("prompts", PromptsConfig, sources=_source, group_name=GROUP, kinds={"parquet"},
+                pool="duckdb_writer",
+                description="Train/eval prompt splits: review openings, or the user's file of prompts.")
+def prompts(run: StageRun) -> Produced:
     import pandas as pd
     from transformers import AutoTokenizer
 
@@ -131,14 +125,9 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
     from models.lm import base_model_dir
     from models.validation import ValidationRules, import_prompt_file, validate_prompts
 
-    profile = settings.params()
-    params = resolve(profile, "prompts", config.model_dump())
-    params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output
-    inputs = lineage_inputs(settings, ["base_model"], params["source"] or None)
-    if (reused := reuse(context, settings, duckdb, "prompts", params, inputs)) is not None:
-        return reused
-    rules = ValidationRules.from_params(profile["validation"])
-    prompts_path = output_path(settings, "prompts") / "prompts.parquet"
+    params, settings = run.params, run.settings
+    rules = ValidationRules.from_params(params["validation"])
+    prompts_path = run.path("prompts") / "prompts.parquet"
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
@@ -146,7 +135,7 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
                                                      n_eval=params["n_eval"], seed=params["seed"])
         metrics["n_quarantined"] = len(report.bad_rows)
         if quarantined is not None:
-            context.log.warning(f"{len(report.bad_rows)} bad prompt rows quarantined to {quarantined}")
+            run.log.warning(f"{len(report.bad_rows)} bad prompt rows quarantined to {quarantined}")
     else:
         openings = generate_openings(params["n_train"] + params["n_eval"], params["seed"] + 1)
         df = pd.DataFrame({
@@ -157,7 +146,7 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
         report = validate_prompts(df, str(prompts_path), rules)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir(settings.path("base_model")))
     df["n_prompt_tokens"] = [len(ids) for ids in tokenizer(df.prompt.tolist(), add_special_tokens=False)["input_ids"]]
-    write_folder(output_path(settings, "prompts"), {
+    write_folder(run.path("prompts"), {
         "prompts.parquet": df,
         "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
     })
@@ -167,8 +156,7 @@ def prompts(context: dg.AssetExecutionContext, config: PromptsConfig, settings: 
         "max_prompt_tokens": int(df.n_prompt_tokens.max()),
         "mean_prompt_tokens": float(df.n_prompt_tokens.mean()),
     })
-    return finish(context, settings, duckdb, "prompts", params, metrics, inputs=inputs,
-                  metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+    return Produced(metrics, metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
 
 
 class PreferencePairsConfig(dg.Config):
@@ -177,13 +165,20 @@ class PreferencePairsConfig(dg.Config):
     max_new_tokens: Optional[int] = None
 
 
-@dg.asset(group_name=GROUP, deps=STAGES["preference_pairs"].upstream, kinds={"pytorch", "parquet"},
-          pool="gpu",
-          description="Preference pairs per reward attribute: base-model completion pairs with noisy "
+def _preference_pairs_upstream(settings, params) -> list[str]:
+    """A user's file replaces the synthesized pairs; imported pairs are read once there are any."""
+    upstream = [] if params["source"] else ["base_model", "prompts"]
+    if (output_path(settings, "imported_preferences") / "pairs.parquet").exists():
+        upstream.append("imported_preferences")
+    return upstream
+
+
+@pipeline_asset("preference_pairs", PreferencePairsConfig, upstream=_preference_pairs_upstream,
+                sources=_source, group_name=GROUP, kinds={"pytorch", "parquet"}, pool="gpu",
+                description="Preference pairs per reward attribute: base-model completion pairs with noisy "
                       "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected); "
                       "plus every pair accepted from data/incoming/ (imported_preferences).")
-def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsConfig, settings: VasSettings,
-                     duckdb: DuckDBResource) -> dg.MaterializeResult:
+def preference_pairs(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import write_folder
@@ -191,44 +186,33 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
     from models.preferences import PairSynthesisConfig, synthesize_pairs
     from models.validation import ValidationRules, import_preference_file, validate_pairs
 
-    torch_threads(settings)
-    profile = settings.params()
-    params = resolve(profile, "preference_pairs", config.model_dump())
-    params["validation"] = profile["validation"]  # the rules decide what is kept: part of what made the output
-    upstream = [] if params["source"] else ["base_model", "prompts"]
-    imported_path = output_path(settings, "imported_preferences") / "pairs.parquet"
-    if imported_path.exists():
-        upstream.append("imported_preferences")
-    inputs = lineage_inputs(settings, upstream, params["source"] or None)
-    if (reused := reuse(context, settings, duckdb, "preference_pairs", params, inputs)) is not None:
-        return reused
-    rules = ValidationRules.from_params(profile["validation"])
-    pairs_path = output_path(settings, "preference_pairs") / "pairs.parquet"
+    params, settings = run.params, run.settings
+    rules = ValidationRules.from_params(params["validation"])
+    pairs_path = run.path("preference_pairs") / "pairs.parquet"
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
         df, report, quarantined = import_preference_file(params["source"], rules, settings.path("quarantine"))
         metrics["n_quarantined"] = len(report.bad_rows)
         if quarantined is not None:
-            context.log.warning(f"{len(report.bad_rows)} bad pair rows quarantined to {quarantined}")
+            run.log.warning(f"{len(report.bad_rows)} bad pair rows quarantined to {quarantined}")
     else:
         device = str(pick_device(settings.device))
         model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)
         train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
         train = train[train.split == "train"]
-        with LogToDagster(context):
-            df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params), device=device,
-                                  progress=context.log.info)
+        df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params), device=device,
+                              progress=run.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
         report = validate_pairs(df, str(pairs_path), rules)
-    if "imported_preferences" in upstream:
-        imported = pd.read_parquet(imported_path)
+    if "imported_preferences" in run.inputs:
+        imported = pd.read_parquet(run.path("imported_preferences") / "pairs.parquet")
         if len(imported):
-            context.log.info(f"merging {len(imported)} imported pairs from {imported.source_md5.nunique()} file(s)")
+            run.log.info(f"merging {len(imported)} imported pairs from {imported.source_md5.nunique()} file(s)")
             df = pd.concat([df, imported[list(df.columns.intersection(imported.columns))]], ignore_index=True)
         metrics["n_imported"] = len(imported)
-    write_folder(output_path(settings, "preference_pairs"), {
+    write_folder(run.path("preference_pairs"), {
         "pairs.parquet": df,
         "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
     })
@@ -240,6 +224,4 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
             metrics[f"gold_agreement_{attribute}"] = float((labelled.gold_chosen > labelled.gold_rejected).mean())
     metrics["mean_chosen_chars"] = float(df.chosen.str.len().mean())
     metrics["mean_rejected_chars"] = float(df.rejected.str.len().mean())
-    return finish(context, settings, duckdb, "preference_pairs", params, metrics,
-                  inputs=inputs,
-                  metadata={"preview": dg.MetadataValue.md(df.head(6).to_markdown(index=False))})
+    return Produced(metrics, metadata={"preview": dg.MetadataValue.md(df.head(6).to_markdown(index=False))})

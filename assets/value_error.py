@@ -3,13 +3,10 @@
 from typing import Optional
 
 import dagster as dg
-from dagster_duckdb import DuckDBResource
 
-from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.metrics_db import metric_row
-from assets.resources import VasSettings
-from models.profiles import config_from, resolve
-from models.stages import STAGES
+from assets.stage import Produced, StageRun, pipeline_asset
+from models.profiles import config_from
 
 METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
 
@@ -22,13 +19,12 @@ class ValueErrorAssetConfig(dg.Config):
     betas: Optional[list[float]] = None
 
 
-@dg.asset(group_name="evaluation", deps=STAGES["value_error"].upstream,
-          kinds={"pytorch", "parquet"}, pool="gpu",
-          description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
-                      "and soft values), at prefixes of held-out completions: mse, Spearman over pi0's top "
-                      "candidates, and the MC noise floor; data/value_error/.")
-def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig, settings: VasSettings,
-                duckdb: DuckDBResource) -> dg.MaterializeResult:
+@pipeline_asset("value_error", ValueErrorAssetConfig, group_name="evaluation", kinds={"pytorch", "parquet"},
+                pool="gpu",
+                description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
+                            "and soft values), at prefixes of held-out completions: mse, Spearman over pi0's top "
+                            "candidates, and the MC noise floor; data/value_error/.")
+def value_error(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import write_folder
@@ -36,23 +32,15 @@ def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig
     from models.reward_model import load_reward_models
     from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
 
-    torch_threads(settings)
-    profile = settings.params()
-    params = resolve(profile, "value_error", config.model_dump())
-    upstream = list(STAGES["value_error"].upstream)
-    inputs = lineage_inputs(settings, upstream)
-    if (reused := reuse(context, settings, duckdb, "value_error", params, inputs)) is not None:
-        return reused
-    device = str(pick_device(settings.device))
-    base, tokenizer, _ = load_frozen_base(output_path(settings, "base_model"), device=device)
-    prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
+    device = str(pick_device(run.settings.device))
+    base, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
+    prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
-    scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
-    models = load_scored_models(output_path(settings, "value_models"), device=device)
-    with LogToDagster(context):
-        metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
-                                              config_from(ValueErrorConfig, params), device=device)
-    write_folder(output_path(settings, "value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
+    scorers = load_reward_models(run.path("reward_models"), device=device)
+    models = load_scored_models(run.path("value_models"), device=device)
+    metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
+                                          config_from(ValueErrorConfig, run.params), device=device)
+    write_folder(run.path("value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
 
     rows = [metric_row(column, float(row[column]), split="eval", method=row.model,
                        params={"target": row.target, "parameterization": row.parameterization,
@@ -63,7 +51,7 @@ def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig
                 for _, row in mean.iterrows() for column in ("mse", "spearman") if pd.notna(row[column])}
     headline["mc_noise_mse"] = float(mean.mc_noise_mse.mean())
     table = markdown_table(metrics)
-    context.log.info("value error against Monte-Carlo estimates:\n" + table)
-    return finish(context, settings, duckdb, "value_error", params, headline, inputs=inputs, extra_rows=rows,
-                  metadata={"value_error": dg.MetadataValue.md(table),
-                            "n_states": int(mean.n_states.max()), "n_pairs": int(mean.n_pairs.max())})
+    run.log.info("value error against Monte-Carlo estimates:\n" + table)
+    return Produced(headline, extra_rows=rows,
+                    metadata={"value_error": dg.MetadataValue.md(table),
+                              "n_states": int(mean.n_states.max()), "n_pairs": int(mean.n_pairs.max())})

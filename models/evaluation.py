@@ -327,3 +327,32 @@ def headline_table(summary: pd.DataFrame) -> str:
             f"{r.kl_nats_mean:.2f} | {r.gold_positivity_winrate:.2f} | {r.distinct_2:.3f} | "
             f"{r.seconds_per_sample:.4f} | {r.seconds_per_sample / ref_cost:.3f} | {forwards / ref_fwd:.3f} |")
     return "\n".join(lines)
+
+
+def headline_numbers(summary: pd.DataFrame) -> dict[str, float]:
+    """Base vs the best VAS beta vs Best-of-128 on gold positivity, and what each costs."""
+    out: dict[str, float] = {}
+    base = summary[summary.method == "base"].iloc[0]
+    out["base/gold_positivity"] = base.gold_positivity_mean
+    out["base/gold_positivity_ci95"] = base.gold_positivity_ci95
+    bon = summary[summary.method == "bon"]
+    if len(bon):
+        top = bon.loc[bon.param_n.idxmax()]
+        out[f"bon{int(top.param_n)}/gold_positivity"] = top.gold_positivity_mean
+        out[f"bon{int(top.param_n)}/kl_nats"] = top.kl_nats_mean
+        out[f"bon{int(top.param_n)}/seconds_per_sample"] = top.seconds_per_sample
+    for family, group in summary[summary.method.isin(["vas", "vas_rerank"])].groupby("family"):
+        best = group.loc[group.gold_positivity_mean.idxmax()]
+        key = family.lower().replace("vas ", "vas_").replace(" + rerank, beta ", "_rerank_b").replace(" ", "_")
+        out[f"{key}/best_{'n' if best.method == 'vas_rerank' else 'beta'}"] = \
+            best.param_n if best.method == "vas_rerank" else best.param_beta
+        out[f"{key}/gold_positivity"] = best.gold_positivity_mean
+        out[f"{key}/gold_positivity_ci95"] = best.gold_positivity_ci95
+        out[f"{key}/kl_nats"] = best.kl_nats_mean
+        out[f"{key}/seconds_per_sample"] = best.seconds_per_sample
+    dpo = summary[summary.method == "dpo"]
+    if len(dpo):
+        out["dpo/gold_positivity"] = dpo.iloc[0].gold_positivity_mean
+        out["dpo/kl_nats"] = dpo.iloc[0].kl_nats_mean
+    out["base/seconds_per_sample"] = base.seconds_per_sample
+    return {k: float(v) for k, v in out.items()}

@@ -24,7 +24,6 @@ need not give the same ids (a top-k candidate is not always the tokenizer's own 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -344,13 +343,10 @@ def load_scored_models(root: str | Path, device="cpu") -> list[ScoredModel]:
     """Every value model under a value_models folder, with the attribute, parameterization and
     reward_stats from its vas_value.json; named by its folder. Hidden folders are skipped."""
     from models.value_model import ValueModel
+    from models.value_store import saved_value_models
 
-    found = []
-    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        meta = json.loads((folder / "vas_value.json").read_text())
-        found.append(ScoredModel(folder.name, ValueModel.load(folder, device=device), meta["attribute"],
-                                 meta["parameterization"], meta["reward_stats"]))
-    return found
+    return [ScoredModel(folder.name, ValueModel.load(folder, device=device), meta["attribute"],
+                        meta["parameterization"], meta["reward_stats"]) for folder, meta in saved_value_models(root)]
 
 
 def markdown_table(metrics: pd.DataFrame) -> str:
