@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ import dagster as dg
 from assets.metrics_db import copy_metrics, find_reusable, metric_row, write_rows
 from models.artifacts import dvc_md5
 from models.profiles import PROJECT_ROOT
-from models.stages import output_of
+from models.stages import code_version, output_of
 
 
 def output_path(settings, asset: str) -> Path:
@@ -45,17 +44,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of the code that computes assets (models/ and assets/ sources): unlike the git sha
-    it does not change when only docs, tests or the orchestration wiring change."""
-    digest = hashlib.sha256()
-    for package in ("models", "assets"):
-        for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
-            digest.update(path.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 # Run tag that turns re-use off: every selected asset is recomputed (`vas run --force`).
 FORCE_TAG = "vas/force"
 
@@ -73,7 +61,8 @@ def lineage_inputs(settings, upstream: Iterable[str] = (), source: str | Iterabl
 def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, params: dict,
           inputs: dict[str, str]) -> dg.MaterializeResult | None:
     """Re-use the output on disk when an earlier run made it from the same inputs (from
-    lineage_inputs), params and code; returns the MaterializeResult to return, or None when the
+    lineage_inputs), params and code (the asset's code_version: its own sources, so an edit
+    elsewhere leaves it re-usable); returns the MaterializeResult to return, or None when the
     asset must be computed (and `finish` then records the same inputs).
 
     A nightly retrain with nothing new is then a few hashes, and the data versions it reports
@@ -88,14 +77,14 @@ def reuse(context: dg.AssetExecutionContext, settings, duckdb, asset: str, param
     output_md5 = dvc_md5(path)
     sha = git_sha()
     with duckdb.get_connection() as conn:
-        original = find_reusable(conn, asset=asset, inputs=inputs, params=params, code_version=code_version(),
+        original = find_reusable(conn, asset=asset, inputs=inputs, params=params, code_version=code_version(asset),
                                  output_md5=output_md5)
         if original is None or original == context.run_id:
             return None
         metrics = copy_metrics(conn, from_run=original, to_run=context.run_id, asset=asset)
         write_rows(conn, run_id=context.run_id, asset=asset, metrics=[], params=params, data_version=output_md5,
                    model_version=None, git_sha=sha, keep_metrics=True,
-                   lineage={"inputs": inputs, "output_md5": output_md5, "code_version": code_version(),
+                   lineage={"inputs": inputs, "output_md5": output_md5, "code_version": code_version(asset),
                             "reused_from": original})
     context.log.info(f"{asset}: inputs, params and code unchanged since run {original}; "
                      f"re-using its output (md5 {output_md5}). Tag the run {FORCE_TAG}=true to recompute.")
@@ -167,7 +156,7 @@ def _lineage_metadata(settings, asset: str, params: dict, inputs: dict, md5: str
         "params": dg.MetadataValue.json(params),
         "inputs": dg.MetadataValue.json(inputs),
         "git_sha": sha,
-        "code_version": code_version(),
+        "code_version": code_version(asset),
         "output": dg.MetadataValue.path(str(output_path(settings, asset))),
     }
 
@@ -200,7 +189,8 @@ def finish(
     with duckdb.get_connection() as conn:
         write_rows(conn, run_id=context.run_id, asset=asset, metrics=rows, params=params,
                    data_version=data_version, model_version=model_version, git_sha=sha,
-                   lineage={"inputs": inputs, "output_md5": data_version, "code_version": code_version()})
+                   lineage={"inputs": inputs, "output_md5": data_version,
+                            "code_version": code_version(asset)})
     meta: dict[str, Any] = {name: _metadata_value(value) for name, value in metrics.items()}
     meta.update(_lineage_metadata(settings, asset, params, inputs, data_version, sha))
     for key, value in (metadata or {}).items():

@@ -18,7 +18,7 @@ from dagster_duckdb import DuckDBResource
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
 from models.profiles import resolve
-from models.stages import STAGES
+from models.stages import STAGES, code_version
 
 
 @dataclass
@@ -98,6 +98,6 @@ def pipeline_asset(name: str, config: type[dg.Config] | None = None, *,
                       inspect.Parameter("duckdb", inspect.Parameter.KEYWORD_ONLY, annotation=DuckDBResource)]
         compute.__signature__ = inspect.Signature(arguments, return_annotation=dg.MaterializeResult)
         compute.__name__ = compute.__qualname__ = name
-        return dg.asset(name=name, deps=stage.upstream, **asset_args)(compute)
+        return dg.asset(name=name, deps=stage.upstream, code_version=code_version(name), **asset_args)(compute)
 
     return decorate

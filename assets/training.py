@@ -21,12 +21,13 @@ def keep_value_model_version(run: StageRun):
     (listed in versions.json with the run that made it); data/value_models is the current one."""
     from datetime import datetime, timezone
 
-    from assets.common import code_version, git_sha
+    from assets.common import git_sha
     from models.artifacts import keep_version
+    from models.stages import code_version
 
     record = {"run_id": run.context.run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "rollouts_md5": run.inputs["rollouts"], "git_sha": git_sha(),
-              "code_version": code_version()}
+              "code_version": code_version("value_models")}
     version = keep_version(run.path("value_models"), run.settings.path(STAGES["value_models"].versions), record)
     run.log.info(f"value models version {version.name} kept in {version.parent}")
     return version

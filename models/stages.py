@@ -8,7 +8,13 @@ dvc.yaml's stages say exactly what these entries say).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from models.profiles import PROJECT_ROOT
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,25 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
 def output_of(asset: str) -> str:
     """An asset's output path under the data folder."""
     return STAGES[asset].output
+
+
+def code_hash(paths: Iterable[str], root: Path) -> str:
+    """Hash of source files under root (a folder counts as the .py files in it), by path and content."""
+    digest = hashlib.sha256()
+    for rel in paths:
+        path = root / rel
+        if not path.exists():
+            raise FileNotFoundError(f"{rel}, listed as code in models/stages.py, does not exist under {root}")
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(asset: str) -> str:
+    """The asset's code version: a hash of the source files its stage lists (dvc.yaml's code deps
+    for that stage), so an edit recomputes the assets that run that code and re-uses the rest."""
+    return code_hash(STAGES[asset].code, PROJECT_ROOT)
 
 
 def dvc_stage(stage: Stage, dagster_home: str = "${dagster_home}") -> dict:

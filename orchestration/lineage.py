@@ -178,8 +178,9 @@ def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
         if a and b:
             pa, pb = json.loads(a["params"]), json.loads(b["params"])
             entry["params"] = {k: [pa.get(k), pb.get(k)] for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)}
-            # Code is the hash of models/ and assets/ (what computes the data); the git commit
-            # also moves with docs and tests, so it is shown beside it, not instead of it.
+            # Code is the asset's code version (a hash of the sources its stage lists in
+            # models/stages.py); the git commit also moves with docs, tests and other assets'
+            # code, so it is shown beside it, not instead of it.
             ca, cb = a.get("code_version"), b.get("code_version")
             entry["code"] = ("unchanged" if ca == cb else f"{ca} -> {cb}") if ca and cb else "unknown"
             entry["git"] = "same" if a["git_sha"] == b["git_sha"] else f"{a['git_sha'][:12]} -> {b['git_sha'][:12]}"

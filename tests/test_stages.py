@@ -26,3 +26,29 @@ def test_dagster_deps_are_the_registry_upstream():
     for name, stage in STAGES.items():
         node = graph.get(next(k for k in graph.get_all_asset_keys() if k.to_user_string() == name))
         assert {k.to_user_string() for k in node.parent_keys} == set(stage.upstream), name
+
+
+def test_code_version_follows_only_the_stage_own_sources(tmp_path):
+    from models.stages import code_hash
+
+    (tmp_path / "models" / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py", "pkg/c.py"):
+        (tmp_path / "models" / name).write_text(f"# {name}\n")
+    a, b, folder = ["models/a.py"], ["models/b.py"], ["models/pkg"]
+    before = {k: code_hash(v, tmp_path) for k, v in (("a", a), ("b", b), ("folder", folder))}
+    assert len(set(before.values())) == 3
+    (tmp_path / "models" / "b.py").write_text("# b, edited\n")
+    assert code_hash(a, tmp_path) == before["a"] and code_hash(b, tmp_path) != before["b"]
+    (tmp_path / "models" / "pkg" / "d.py").write_text("# new module in a package\n")
+    assert code_hash(folder, tmp_path) != before["folder"]
+
+
+def test_every_stage_code_exists_and_assets_carry_its_version():
+    from models.stages import code_version
+    from orchestration.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        name = key.to_user_string()
+        assert all((PROJECT_ROOT / path).exists() for path in STAGES[name].code), name
+        assert graph.get(key).code_version == code_version(name)
