@@ -61,7 +61,8 @@ def imported_preferences(run: StageRun) -> Produced:
         known.add(md5)
         new_frames.append(rows)
         added.append({"file": str(path), "name": path.name, "md5": md5, "n_pairs": len(rows),
-                      "run_id": run.context.run_id, "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                      "run_id": run.context.run_id,
+                      "merged_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         run.log.info(f"{path.name}: {len(rows)} pairs accepted (md5 {md5})")
     # `known` kept each file (md5) to one merge, across runs and within this one.
     merged = pd.concat([existing, *new_frames], ignore_index=True)
