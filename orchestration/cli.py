@@ -280,12 +280,34 @@ def cmd_study(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    from models.validation import ValidationRules, cli_validate
+    from models.validation import ValidationRules
     from orchestration.profiles import load_profile
 
     rules = ValidationRules.from_params(load_profile(args.profile)["validation"])
-    return cli_validate(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
+    return validate_file(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
+
+
+def validate_file(path: str, kind: str | None = None, quarantine_dir: str | None = None, rules=None) -> int:
+    """`vas validate FILE`: print every problem as "FILE: row N, column 'C': reason", then a
+    summary line; with quarantine_dir, also write the bad rows there. Returns 0 when the file
+    passes, 1 otherwise. The file is only read."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from models.validation import check_file, printable
+
+    if not Path(path).is_file():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 1
+    try:
+        report, n_bad, written = check_file(path, kind, rules, quarantine_dir)
+    except (ValueError, OSError) as exc:
+        print(printable(str(exc)), file=sys.stderr)
+        return 1
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    if written is not None:
+        print(f"{path}: {n_bad} bad rows written to {written}")
+    return 0 if report.success else 1
 
 
 def _assignment(text: str) -> tuple[str, str]:

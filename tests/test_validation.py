@@ -14,7 +14,6 @@ from models.artifacts import file_md5
 from models.validation import (
     Problem,
     ValidationRules,
-    cli_validate,
     detect_kind,
     import_preference_file,
     import_prompt_file,
@@ -23,6 +22,7 @@ from models.validation import (
     validate_pairs,
     validate_prompts,
 )
+from orchestration.cli import validate_file
 
 RULES = ValidationRules()
 PAIR_COLUMNS = ["pair_id", "attribute", "prompt_id", "prompt", "chosen", "rejected"]
@@ -86,7 +86,7 @@ def test_good_pairs_csv_passes(tmp_path, capsys):
     assert report.statistics["evaluated_expectations"] > 10
     assert report.statistics["unsuccessful_expectations"] == 0
 
-    assert cli_validate(str(path)) == 0
+    assert validate_file(str(path)) == 0
     assert capsys.readouterr().out.strip() == f"{path}: OK, 12 rows"
 
 
@@ -99,7 +99,7 @@ def test_good_prompts_parquet_passes(tmp_path, capsys):
     report = validate_prompts(df, str(path), RULES)
     assert report.success, [str(p) for p in report.problems]
     assert report.statistics["split_counts"] == {"train": 6, "eval": 3}
-    assert cli_validate(str(path)) == 0
+    assert validate_file(str(path)) == 0
     assert "OK, 9 rows" in capsys.readouterr().out
 
 
@@ -167,7 +167,7 @@ def test_malformed_pairs_each_problem_on_its_row_and_column(malformed_pairs_csv)
 
 def test_cli_validate_names_file_row_and_column(malformed_pairs_csv, capsys):
     before = file_md5(malformed_pairs_csv)
-    assert cli_validate(str(malformed_pairs_csv)) == 1
+    assert validate_file(str(malformed_pairs_csv)) == 1
     out = capsys.readouterr().out.splitlines()
     name = str(malformed_pairs_csv)
     assert f"{name}: row 2, column 'chosen': chosen equals rejected" in out
@@ -192,7 +192,7 @@ def test_missing_required_column_is_a_file_level_problem(tmp_path, capsys):
     assert good.empty and len(bad) == 4
     assert set(bad.reason) == {"rejected: missing required column"}
 
-    assert cli_validate(str(path)) == 1
+    assert validate_file(str(path)) == 1
     assert f"{path}: column 'rejected': missing required column" in capsys.readouterr().out
 
     prompts = tmp_path / "prompts.csv"
@@ -227,7 +227,7 @@ def test_jsonl_wrong_type_and_unparsable_line(tmp_path, capsys):
     assert places[(6, "prompt")] == ["missing value"]
     assert places[(7, "chosen")] == ["missing value (null/NaN)"]
 
-    assert cli_validate(str(path)) == 1
+    assert validate_file(str(path)) == 1
     out = capsys.readouterr().out
     assert f"{path}: row 2, column 'chosen': wrong type: expected text, got integer 42" in out
     assert f"{path}: row 3: invalid JSON" in out
@@ -286,7 +286,7 @@ def test_import_quarantines_bad_rows_and_keeps_raw_file(malformed_pairs_csv, tmp
 
 def test_cli_validate_writes_quarantine_when_asked(malformed_pairs_csv, tmp_path, capsys):
     quarantine_dir = tmp_path / "q"
-    assert cli_validate(str(malformed_pairs_csv), kind="pairs", quarantine_dir=str(quarantine_dir)) == 1
+    assert validate_file(str(malformed_pairs_csv), kind="pairs", quarantine_dir=str(quarantine_dir)) == 1
     files = list(quarantine_dir.glob("bad_pairs-*.csv"))
     assert len(files) == 1
     assert f"7 bad rows written to {files[0]}" in capsys.readouterr().out
@@ -387,7 +387,7 @@ def test_parquet_nan_and_read_table_errors(tmp_path):
 
 def test_cli_validate_missing_file(tmp_path, capsys):
     missing = tmp_path / "nope.csv"
-    assert cli_validate(str(missing)) == 1
+    assert validate_file(str(missing)) == 1
     captured = capsys.readouterr()
     assert str(missing) in captured.err and captured.out == ""
 
