@@ -5,18 +5,20 @@ import json
 import dagster as dg
 import pandas as pd
 import pytest
+import yaml
 
 from assets.synthesis import BaseModelConfig, PreferencePairsConfig
 from models.artifacts import file_md5
 from orchestration.cli import main as vas_main
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+from orchestration.profiles import PARAMS_FILE
 from orchestration.resources import VasSettings, build_resources
 
 pytestmark = pytest.mark.integration
 
 
-def _materialize(data_dir, selection, run_config):
-    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu")
+def _materialize(data_dir, selection, run_config, **settings_fields):
+    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu", **settings_fields)
     return dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(*selection), resources=build_resources(settings),
                           run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
@@ -53,6 +55,37 @@ def test_malformed_preferences_fail_the_blocking_check_with_row_reasons(tmp_path
     assert sorted(bad.source_row.tolist()) == [3, 6] and bad.reason.str.len().gt(0).all()
     kept = pd.read_parquet(data_dir / "preference_pairs" / "pairs.parquet")
     assert len(kept) == len(df) - 2                     # nothing lost: kept + quarantined = input
+    assert file_md5(raw) == md5_before                  # the raw file is never modified
+
+
+def test_verbatim_repeat_is_quarantined_and_fails_the_check_unless_allowed(tmp_path):
+    df = _pairs(8)
+    df = pd.concat([df, df.iloc[[3]]], ignore_index=True)  # data row 9 repeats row 4: 1 of 9 rows
+    raw = tmp_path / "repeats.csv"
+    df.to_csv(raw, index=False)
+    md5_before = file_md5(raw)
+    run_config = dg.RunConfig(ops={"preference_pairs": PreferencePairsConfig(source=str(raw))})
+
+    def suite_check(data_dir, **settings_fields):
+        result = _materialize(data_dir, ["preference_pairs"], run_config, **settings_fields)
+        return {c.check_name: c for c in result.get_asset_check_evaluations()}["preference_pairs_suite"]
+
+    # max_quarantined_fraction 0: the repeat is quarantined and the blocking check fails on it.
+    strict = suite_check(tmp_path / "strict")
+    assert not strict.passed
+    assert strict.metadata["n_quarantined"].value == 1
+    assert "| 9 |" in strict.metadata["problems"].value and "repeats row 4" in strict.metadata["problems"].value
+    bad = pd.read_csv(next((tmp_path / "strict" / "quarantine").glob("repeats-*.csv")), keep_default_na=False)
+    assert bad.source_row.tolist() == [9] and "repeats row 4" in bad.reason.item()
+    kept = pd.read_parquet(tmp_path / "strict" / "preference_pairs" / "pairs.parquet")
+    assert len(kept) == 8 and kept.prompt.tolist() == df.prompt.tolist()[:8]  # the first occurrence stays
+
+    # A profile that allows one row in five to be quarantined: the check passes.
+    params = yaml.safe_load(PARAMS_FILE.read_text())
+    params["smoke"]["validation"]["max_quarantined_fraction"] = 0.2
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    assert suite_check(tmp_path / "allowed", params_file=str(params_file)).passed
     assert file_md5(raw) == md5_before                  # the raw file is never modified
 
 

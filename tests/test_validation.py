@@ -409,3 +409,60 @@ def test_empty_and_short_text_respects_min_text_chars():
     assert by_place(report) == {(2, "prompt"): ["too short: 1 characters after stripping whitespace (min 2)"]}
     empty = validate_pairs(df.iloc[0:0], "mem", RULES)
     assert [str(p) for p in empty.problems] == ["mem: no rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact duplicate pairs
+
+
+def test_verbatim_repeat_is_quarantined_and_the_first_kept(tmp_path, capsys):
+    path = tmp_path / "repeats.csv"
+    rows = [
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 1
+        {"prompt": "The lamp", "chosen": "bright", "rejected": "dim", "attribute": "conciseness"},          # 2
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 3 = 1
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "conciseness"},  # 4 other attribute
+        {"prompt": "The lamp", "chosen": "bright", "rejected": "dim ", "attribute": "conciseness"},         # 5 not verbatim
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 6 = 1
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    raw_md5 = file_md5(path)
+
+    good, report, qpath = import_preference_file(path, RULES, tmp_path / "q")
+    reason = "duplicate pair: repeats row 1 verbatim (same prompt, chosen, rejected and attribute)"
+    assert [(p.row, p.column, p.reason) for p in report.problems] == [(3, None, reason), (6, None, reason)]
+    assert report.bad_rows == {3, 6} and not report.success
+    # The first occurrence stays, and the same pair for another attribute is not a repeat.
+    assert good.pair_id.tolist() == ["imp-000001", "imp-000002", "imp-000004", "imp-000005"]
+    assert good.attribute.tolist() == ["positivity", "conciseness", "conciseness", "conciseness"]
+    quarantined = pd.read_csv(qpath, keep_default_na=False)
+    assert quarantined.source_row.tolist() == [3, 6]
+    assert quarantined.reason.tolist() == [reason, reason]
+    assert report.statistics["n_quarantined"] == 2
+    assert file_md5(path) == raw_md5  # the raw file is never modified
+
+    assert validate_file(str(path)) == 1
+    assert f"{path}: row 3: {reason}" in capsys.readouterr().out
+
+
+def test_repeat_without_attribute_column_and_with_distinct_ids(tmp_path):
+    # No attribute column: every row gets the default attribute, so a repeat is still one.
+    # Different pair ids do not make a repeated pair a new one.
+    path = tmp_path / "plain.jsonl"
+    pairs = good_pairs(3).drop(columns=["attribute"])
+    repeat = pairs.iloc[[1]].assign(pair_id="another-id")
+    pd.concat([pairs, repeat]).to_json(path, orient="records", lines=True)
+
+    good, report, _ = import_preference_file(path, RULES, tmp_path / "q")
+    assert [(p.row, p.reason) for p in report.problems] == [
+        (4, "duplicate pair: repeats row 2 verbatim (same prompt, chosen, rejected and attribute)")]
+    assert good.pair_id.tolist() == ["pair-0", "pair-1", "pair-2"]
+
+
+def test_stored_and_synthesized_pairs_may_repeat():
+    # Two samples may agree by chance: only files being imported are held to distinct pairs.
+    df = pd.concat([good_pairs(4), good_pairs(4).assign(pair_id=lambda d: d.pair_id + "b")], ignore_index=True)
+    assert validate_pairs(df, "mem", RULES).success
+    assert by_place(validate_pairs(df, "mem", RULES, distinct=True)) == {
+        (row, None): [f"duplicate pair: repeats row {row - 4} verbatim (same prompt, chosen, rejected and attribute)"]
+        for row in range(5, 9)}

@@ -94,7 +94,7 @@ def _check_file(path, kind: str | None, rules: ValidationRules) -> tuple[pd.Data
         if "attribute" not in df.columns:
             df["attribute"] = rules.default_attribute
             filled["attribute"] = f"default_attribute {rules.default_attribute!r}"
-        report = validate_pairs(df, source, rules)
+        report = validate_pairs(df, source, rules, distinct=True)
     else:
         if "prompt_id" not in df.columns and "prompt" in df.columns:
             df["prompt_id"] = [prompt_id_for(v) if isinstance(v, str) else f"row-{r}"
@@ -135,9 +135,10 @@ def import_preference_file(path, rules: ValidationRules, quarantine_dir
 
     Returns the good rows as (pair_id, attribute, prompt_id, prompt, chosen, rejected): a missing
     attribute column is filled with rules.default_attribute, a missing pair_id becomes
-    "imp-<source row>", a missing prompt_id the hash of the prompt text. Bad rows go to
-    quarantine_dir/<stem>-<md5[:8]>.csv with `source_row` and `reason`; the path is None when no
-    row was bad. Dataset-level problems quarantine nothing but keep report.success False.
+    "imp-<source row>", a missing prompt_id the hash of the prompt text. Bad rows (a verbatim
+    repeat of an earlier pair among them) go to quarantine_dir/<stem>-<md5[:8]>.csv with
+    `source_row` and `reason`; the path is None when no row was bad. Dataset-level problems
+    quarantine nothing but keep report.success False.
     """
     df, report, _ = _check_file(path, "pairs", rules)
     good, bad = _split(df, report)

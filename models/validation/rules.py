@@ -65,10 +65,17 @@ def validate_prompts(df: pd.DataFrame, source: str, rules: ValidationRules,
     return report
 
 
-def validate_pairs(df: pd.DataFrame, source: str, rules: ValidationRules) -> ValidationReport:
+def validate_pairs(df: pd.DataFrame, source: str, rules: ValidationRules,
+                   distinct: bool = False) -> ValidationReport:
     """Preference pairs: prompt, chosen, rejected (non-empty UTF-8 text within the length bounds,
     chosen != rejected); if present, pair_id unique, prompt_id set, attribute known and each
-    attribute at least rules.min_attribute_share of the pairs. Never raises on bad data."""
+    attribute at least rules.min_attribute_share of the pairs. Never raises on bad data.
+
+    With distinct (a file being imported), a row that repeats an earlier row's prompt, chosen,
+    rejected and attribute verbatim is a problem on the repeat: the same pair twice would weigh
+    double in the reward model. The same pair for another attribute is not a repeat. Synthesized
+    pairs are not held to this: two samples may agree by chance, and that is the model's
+    distribution, not a delivery error."""
     suite = Suite(df)
     suite.has_rows()
     texts = {}
@@ -87,6 +94,9 @@ def validate_pairs(df: pd.DataFrame, source: str, rules: ValidationRules) -> Val
     if suite.column("attribute", required=False):
         suite.in_set("attribute", tuple(rules.known_attributes), "attribute")
         counts = suite.shares("attribute", tuple(rules.known_attributes), rules.min_attribute_share)
+    if distinct and all(texts.values()):
+        pair = PAIR_REQUIRED + (("attribute",) if "attribute" in suite.present else ())
+        suite.first_occurrences(pair, "pair")
     report = suite.run(source, "pairs")
     if counts is not None:
         total = sum(n for a, n in counts.items() if a in rules.known_attributes)

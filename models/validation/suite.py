@@ -66,6 +66,20 @@ class Suite:
         self._add("row_count_exact", gx().expectations.ExpectTableRowCountToEqual(value=expected), None,
                   dataset_reasons=lambda info: [(None, f"{self.n} rows, expected {expected}")])
 
+    def first_occurrences(self, columns: tuple[str, ...], what: str) -> None:
+        """No row repeats an earlier row's values of `columns` verbatim; each repeat after the
+        first is flagged, naming the first. Rows with a value that is not text there are left to
+        the checks that explain them."""
+        first_of: dict[tuple, int] = {}
+        first: list[int | None] = []
+        for p, key in enumerate(zip(*(self.raw[c] for c in columns))):
+            first.append(first_of.setdefault(key, int(self.rows[p]))
+                         if all(isinstance(v, str) for v in key) else None)
+        named = ", ".join(columns[:-1]) + f" and {columns[-1]}" if len(columns) > 1 else columns[0]
+        self._expect_true("first_occurrence", f"{what}__first_occurrence",
+                          [None if f is None else f == int(r) for f, r in zip(first, self.rows)], None,
+                          lambda p: f"duplicate {what}: repeats row {first[p]} verbatim (same {named})")
+
     # -- columns -------------------------------------------------------------------------------
 
     def column(self, column: str, required: bool = True) -> bool:
