@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 class DPOTrainConfig:
     attribute: str = "positivity"       # whose pairs to train on
     beta: float = 0.1
-    learning_rate: float = 5e-5
-    train_steps: int = 200
+    learning_rate: float = 1e-4
+    train_steps: int = 150
     batch_size: int = 16
     max_length: int = 128
     seed: int = 0

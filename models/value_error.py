@@ -45,10 +45,10 @@ Scorer = Callable[[Sequence[str], Sequence[str]], list]
 @dataclass
 class ValueErrorConfig:
     n_prompts: int = 8                          # first n held-out prompts
-    prefix_lengths: tuple[int, ...] = (0, 2, 8)  # completion tokens in each state's prefix
+    prefix_lengths: tuple[int, ...] = (0, 4)    # completion tokens in each state's prefix
     n_candidates: int = 8                       # pi0's top-k next tokens scored at each state
     n_continuations: int = 32                   # MC samples per (state, candidate)
-    betas: tuple[float, ...] = (1.0, 4.0)       # soft-value targets
+    betas: tuple[float, ...] = (2.0, 8.0)       # soft-value targets
     max_new_tokens: int = 80                    # completion budget, as in the rollouts
     seed: int = 0
     batch_size: int = 256                       # rows per sampling / value-model batch

@@ -87,7 +87,7 @@ def test_distributional_training_needs_gamma_one(base_dir):
 
 def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, tmp_path):
     data = signal_rollouts()
-    config = ValueTrainConfig(**CONFIG)
+    config = ValueTrainConfig(parameterization="scalar", **CONFIG)
     reference, _ = train_value_model(data, base_dir, config, pad_id=1, device="cpu")
 
     class Killed(Exception):
@@ -99,7 +99,7 @@ def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, t
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Killed):
-        train_value_model(data, base_dir, ValueTrainConfig(**{**CONFIG, "train_steps": 40}), pad_id=1,
+        train_value_model(data, base_dir, ValueTrainConfig(parameterization="scalar", **{**CONFIG, "train_steps": 40}), pad_id=1,
                           device="cpu", checkpoint_dir=ckpt, progress=kill_after_step_25)
     assert (ckpt / "progress.json").exists()
     resumed, metrics = train_value_model(data, base_dir, config, pad_id=1, device="cpu", checkpoint_dir=ckpt)
