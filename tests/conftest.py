@@ -7,10 +7,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.environment import set_env  # noqa: E402 - needs the project on sys.path
+
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ["VAS_PROFILE"] = "smoke"
+set_env(profile="smoke")    # every test runs on the smoke profile unless it says otherwise
 
 
 @pytest.fixture(autouse=True, scope="session")
