@@ -28,6 +28,27 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2():
+    """Factory of small random GPT-2 LMs (seeded, in eval mode) for unit tests that need a model but
+    not a trained one. dropout=False zeroes GPT-2's dropout probabilities in the config; True keeps
+    GPT-2's defaults (a test may check that the value model turns them off)."""
+
+    def build(vocab_size: int, seed: int = 0, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+              n_positions: int = 64, eos: int = 0, pad: int | None = 1, init: float = 0.02, dropout: bool = False):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel   # heavy: only for tests that build a model
+
+        torch.manual_seed(seed)
+        no_dropout = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                            n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+                            initializer_range=init, **no_dropout)
+        return GPT2LMHeadModel(config).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def smoke_world(tmp_path_factory):
     """The whole graph materialized once on the smoke profile into a fresh data folder."""
     import dagster as dg

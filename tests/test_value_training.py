@@ -12,14 +12,9 @@ VOCAB = 32
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
+def base_dir(tmp_path_factory, tiny_gpt2):
     path = tmp_path_factory.mktemp("base")
-    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny_gpt2(VOCAB, n_layer=1, n_positions=32, dropout=True).save_pretrained(path)
     return path
 
 
