@@ -15,6 +15,13 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 set_env(profile="smoke")    # every test runs on the smoke profile unless it says otherwise
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the materialized smoke world is an integration test (`make test-fast` skips those)."""
+    for item in items:
+        if "smoke_world" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models: one intra-op thread is as fast alone and several times faster when other
