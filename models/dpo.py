@@ -37,6 +37,7 @@ def train_dpo(pairs: pd.DataFrame, model_dir, output_dir, config: DPOTrainConfig
               progress: Callable[[str], None] = log.info) -> dict:
     """Fine-tune a copy of the model in model_dir on pairs (prompt, chosen, rejected) with DPO and
     save it to output_dir in HF format (safetensors). Returns training metrics."""
+    # datasets, transformers and TRL are heavy: imported only when DPO is trained.
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer

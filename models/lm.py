@@ -189,7 +189,7 @@ def load_causal_lm(source: str | Path, trust_remote_code: bool = False, allow_do
 
     Weights load as safetensors only; remote code runs only when the caller asks for it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only when loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only when a model is loaded
 
     quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download)

@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from models.sampling import CachedLM, SamplingConfig, encode_prompts, join_prompt_completion, left_pad, sample
+from models.value_model import ValueModel
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +344,6 @@ def evaluate_value_error(base, tokenizer, prompts: pd.DataFrame, scorers: Mappin
 def load_scored_models(root: str | Path, device="cpu") -> list[ScoredModel]:
     """Every value model under a value_models folder, with the attribute, parameterization and
     reward_stats from its vas_value.json; named by its folder. Hidden folders are skipped."""
-    from models.value_model import ValueModel
-
     found = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         meta = json.loads((folder / "vas_value.json").read_text())

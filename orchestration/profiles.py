@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -57,8 +58,6 @@ def config_from(cls, params: Mapping[str, Any], section: str = "", ignore: tuple
     the dataclass holds tuples, then explicit overrides. A key the dataclass does not have is an
     error naming its path (`section.key`), so a typo in params.yaml cannot silently do nothing;
     `ignore` names the keys the caller reads itself (asset-level keys such as `source`)."""
-    import dataclasses
-
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - set(fields) - set(ignore))
     if unknown:
