@@ -37,7 +37,7 @@ def dpo_model(context: dg.AssetExecutionContext, config: DPOModelConfig, setting
     device = str(pick_device(settings.device))
     with LogToDagster(context), atomic_path(output_path(settings, "dpo_model")) as tmp:
         result = train_dpo(pairs, base_model_dir(output_path(settings, "base_model")), tmp,
-                           config_from(DPOTrainConfig, params), device=device, progress=context.log.info)
+                           config_from(DPOTrainConfig, params, "dpo"), device=device, progress=context.log.info)
         sha = weights_sha256(tmp)
     curve = result.pop("loss_curve")
     return finish(context, settings, duckdb, "dpo_model", params, result, inputs=inputs,

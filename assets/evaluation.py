@@ -67,7 +67,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, sett
             model.to(device)
     dpo, _ = load_causal_lm(output_path(settings, "dpo_model"), device=device)
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
-                          prompts, config_from(EvalConfig, params), device=device, progress=context.log.info,
+                          prompts, config_from(EvalConfig, params, "evaluation"), device=device, progress=context.log.info,
                           dpo_model=dpo)
     with LogToDagster(context):
         runs = evaluator.run_all()

@@ -60,7 +60,7 @@ def reward_models(context: dg.AssetExecutionContext, config: RewardModelsConfig,
             else:
                 context.log.info(f"reward model {attribute}: training on {len(group)} pairs")
                 model, tokenizer, train = train_reward_model(
-                    group, output_path(settings, "base_model"), config_from(RewardTrainConfig, params), device=device,
+                    group, output_path(settings, "base_model"), config_from(RewardTrainConfig, params, "reward_models", ignore=("sources",)), device=device,
                     progress=context.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]

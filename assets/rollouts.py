@@ -39,7 +39,7 @@ def rollouts(context: dg.AssetExecutionContext, config: RolloutsConfig, settings
     prompts = pd.read_parquet(output_path(settings, "prompts") / "prompts.parquet")
     train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
     with LogToDagster(context):
-        df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params), device=device,
+        df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params, "rollouts"), device=device,
                              progress=context.log.info)
     scorers = load_reward_models(output_path(settings, "reward_models"), device=device)
     df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])

@@ -32,7 +32,7 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
     params = resolve(settings.params(), "corpus", config.model_dump())
     if (reused := reuse(context, settings, duckdb, "corpus", params, {})) is not None:
         return reused
-    df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
+    df = generate_corpus(config_from(GeneratorConfig, params, "corpus"))
     write_parquet(df, output_path(settings, "corpus"))
     sample = df.text.head(2000).tolist()
     pos = positivity(sample)
@@ -49,6 +49,12 @@ def corpus(context: dg.AssetExecutionContext, config: CorpusConfig, settings: Va
     context.log.info(f"corpus: {len(df)} reviews, mean {metrics['mean_words']:.1f} words")
     return finish(context, settings, duckdb, "corpus", params, metrics,
                   metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+
+
+# base_model params this asset reads itself (a pinned model, the spread probe); the rest configure
+# TinyLMConfig.
+BASE_MODEL_OWN_KEYS = ("source", "allow_download", "trust_remote_code", "probe_prompts", "probe_samples",
+                       "probe_max_new_tokens")
 
 
 class BaseModelConfig(dg.Config):
@@ -91,7 +97,8 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, setti
                                  "allow_download": params["allow_download"]})
         else:
             texts = pd.read_parquet(output_path(settings, "corpus")).text.tolist()
-            model, tokenizer, train = train_tiny_lm(texts, config_from(TinyLMConfig, params), device=settings.device)
+            model, tokenizer, train = train_tiny_lm(texts, config_from(TinyLMConfig, params, "base_model", ignore=BASE_MODEL_OWN_KEYS),
+                                                     device=settings.device)
             save_pretrained(model, tokenizer, tmp)
             sha = weights_sha256(tmp)
             write_manifest(tmp, {"embedded": True, "source": "embedded tiny GPT-2", "weights_sha256": sha,
@@ -216,7 +223,8 @@ def preference_pairs(context: dg.AssetExecutionContext, config: PreferencePairsC
         train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
         train = train[train.split == "train"]
         with LogToDagster(context):
-            df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params), device=device,
+            df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params, "preference_pairs",
+                                                                       ignore=("source", "validation")), device=device,
                                   progress=context.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())

@@ -10,6 +10,8 @@ from orchestration.profiles import config_from, resolve
 from orchestration.resources import VasSettings
 
 VERSIONS_DIR = "value_model_versions"  # under the data folder
+# value_models params this asset reads itself; the rest configure ValueTrainConfig.
+VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "backbone_init")
 
 
 def value_model_name(attribute: str, parameterization: str, primary: str) -> str:
@@ -71,7 +73,8 @@ def value_models(context: dg.AssetExecutionContext, config: ValueModelsConfig, s
                 if parameterization != primary and extra_for and attribute not in extra_for:
                     continue
                 name = value_model_name(attribute, parameterization, primary)
-                train_config = config_from(ValueTrainConfig, params, parameterization=parameterization)
+                train_config = config_from(ValueTrainConfig, params, "value_models", ignore=VALUE_MODELS_OWN_KEYS,
+                                           parameterization=parameterization)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              output_path(settings, "reward_models") / attribute)
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,

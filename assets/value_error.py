@@ -50,7 +50,7 @@ def value_error(context: dg.AssetExecutionContext, config: ValueErrorAssetConfig
     models = load_scored_models(output_path(settings, "value_models"), device=device)
     with LogToDagster(context):
         metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
-                                              config_from(ValueErrorConfig, params), device=device)
+                                              config_from(ValueErrorConfig, params, "value_error"), device=device)
     write_folder(output_path(settings, "value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
 
     rows = [metric_row(column, float(row[column]), split="eval", method=row.model,

@@ -68,7 +68,8 @@ class World:
         from orchestration.profiles import config_from
 
         params = self.profile["value_models"]
-        config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]},
+        config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]}, "value_models",
+                             ignore=("extra_parameterizations", "extra_attributes", "backbone_init"),
                              parameterization="distributional_qhead", train_steps=train_steps)
         data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
         init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute)

@@ -101,16 +101,13 @@ def test_vas_validate_exit_codes(tmp_path, capsys):
     assert "bad.csv" in out and "row 1" in out and "chosen" in out
 
 
-def test_pinned_local_hf_model_is_hashed_not_trained(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def test_pinned_local_hf_model_is_hashed_not_trained(tmp_path, tiny_gpt2):
     from models.corpus import CorpusConfig, generate_corpus
     from models.lm import train_tokenizer, weights_sha256
 
     texts = generate_corpus(CorpusConfig(n_reviews=200)).text.tolist()
     tokenizer = train_tokenizer(texts, 300)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=64,
-                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    model = tiny_gpt2(len(tokenizer), n_embd=16, n_layer=1, eos=tokenizer.eos_token_id, pad=None, dropout=True)
     hf_dir = tmp_path / "my-hf-model"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
