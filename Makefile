@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run study test ui bench frontier repro clean-data
+.PHONY: setup dvc-remote run study test test-fast ui bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ study: setup
 ## Run the test suite (integration tests use the smoke profile).
 test: setup
 	$(BIN)/python -m pytest -q
+
+## Unit tests only (under a minute): everything but the integration tests, which materialize assets.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
 
 ## Dagster UI on loopback.
 ui: setup

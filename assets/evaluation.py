@@ -41,7 +41,8 @@ def evaluation(run: StageRun) -> Produced:
     value_models = load_value_models(run.path("value_models"), device=device)
     dpo, _ = load_causal_lm(run.path("dpo_model"), device=device)
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
-                          prompts, config_from(EvalConfig, run.params), device=device, progress=run.log.info,
+                          prompts, config_from(EvalConfig, run.params, "evaluation"), device=device,
+                          progress=run.log.info,
                           dpo_model=dpo)
     runs = evaluator.run_all()
     samples = pd.concat([r.frame for r in runs], ignore_index=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from models.profiles import PARAMS_FILE, PROJECT_ROOT, active_profile, load_profile
+from models.environment import read_env
+from models.profiles import PARAMS_FILE, PROJECT_ROOT, load_profile
 
 
 class VasSettings(dg.ConfigurableResource):
@@ -37,12 +37,8 @@ class VasSettings(dg.ConfigurableResource):
 
 
 def settings_from_env(seed: int | None = None) -> VasSettings:
-    return VasSettings(
-        profile=active_profile(),
-        data_dir=os.environ.get("VAS_DATA_DIR", "data"),
-        device=os.environ.get("VAS_DEVICE", "auto"),
-        seed=seed,
-    )
+    env = read_env()
+    return VasSettings(profile=env.profile, data_dir=env.data_dir, device=env.device, seed=seed)
 
 
 def duckdb_for(settings: VasSettings) -> DuckDBResource:

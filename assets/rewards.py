@@ -56,7 +56,8 @@ def reward_models(run: StageRun) -> Produced:
             else:
                 run.log.info(f"reward model {attribute}: training on {len(group)} pairs")
                 model, tokenizer, train = train_reward_model(
-                    group, run.path("base_model"), config_from(RewardTrainConfig, params), device=device,
+                    group, run.path("base_model"),
+                    config_from(RewardTrainConfig, params, "reward_models", ignore=("sources",)), device=device,
                     progress=run.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]

@@ -33,8 +33,8 @@ def rollouts(run: StageRun) -> Produced:
     model, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
     prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
     train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
-    df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params), device=device,
-                         progress=run.log.info)
+    df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params, "rollouts"),
+                         device=device, progress=run.log.info)
     scorers = load_reward_models(run.path("reward_models"), device=device)
     df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])
     stats = {a: reward_stats(df, f"learned_{a}") for a in scorers}

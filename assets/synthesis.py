@@ -29,7 +29,7 @@ def corpus(run: StageRun) -> Produced:
     from models.rewards import count_words, positivity
 
     params = run.params
-    df = generate_corpus(GeneratorConfig(n_reviews=params["n_reviews"], seed=params["seed"]))
+    df = generate_corpus(config_from(GeneratorConfig, params, "corpus"))
     write_parquet(df, run.path("corpus"))
     sample = df.text.head(2000).tolist()
     pos = positivity(sample)
@@ -45,6 +45,12 @@ def corpus(run: StageRun) -> Produced:
     }
     run.log.info(f"corpus: {len(df)} reviews, mean {metrics['mean_words']:.1f} words")
     return Produced(metrics, metadata={"preview": dg.MetadataValue.md(df.head(8).to_markdown(index=False))})
+
+
+# base_model params this asset reads itself (a pinned model, the spread probe); the rest configure
+# TinyLMConfig.
+BASE_MODEL_OWN_KEYS = ("source", "allow_download", "trust_remote_code", "probe_prompts", "probe_samples",
+                       "probe_max_new_tokens")
 
 
 class BaseModelConfig(dg.Config):
@@ -87,7 +93,8 @@ def base_model(run: StageRun) -> Produced:
                                  "allow_download": params["allow_download"]})
         else:
             texts = pd.read_parquet(run.path("corpus")).text.tolist()
-            model, tokenizer, train = train_tiny_lm(texts, config_from(TinyLMConfig, params), device=settings.device)
+            config = config_from(TinyLMConfig, params, "base_model", ignore=BASE_MODEL_OWN_KEYS)
+            model, tokenizer, train = train_tiny_lm(texts, config, device=settings.device)
             save_pretrained(model, tokenizer, tmp)
             sha = weights_sha256(tmp)
             write_manifest(tmp, {"embedded": True, "source": "embedded tiny GPT-2", "weights_sha256": sha,
@@ -201,8 +208,8 @@ def preference_pairs(run: StageRun) -> Produced:
         model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)
         train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
         train = train[train.split == "train"]
-        df = synthesize_pairs(model, tokenizer, train, config_from(PairSynthesisConfig, params), device=device,
-                              progress=run.log.info)
+        config = config_from(PairSynthesisConfig, params, "preference_pairs", ignore=("source", "validation"))
+        df = synthesize_pairs(model, tokenizer, train, config, device=device, progress=run.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
         report = validate_pairs(df, str(pairs_path), rules)

@@ -8,6 +8,9 @@ from assets.stage import Produced, StageRun, pipeline_asset
 from models.profiles import config_from
 from models.stages import STAGES
 
+# value_models params this asset reads itself; the rest configure ValueTrainConfig.
+VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "backbone_init")
+
 
 class ValueModelsConfig(dg.Config):
     train_steps: Optional[int] = None
@@ -74,7 +77,8 @@ def value_models(run: StageRun) -> Produced:
                 if parameterization != primary and extra_for and attribute not in extra_for:
                     continue
                 name = value_model_name(attribute, parameterization, primary)
-                train_config = config_from(ValueTrainConfig, params, parameterization=parameterization)
+                train_config = config_from(ValueTrainConfig, params, "value_models", ignore=VALUE_MODELS_OWN_KEYS,
+                                           parameterization=parameterization)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute)
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,

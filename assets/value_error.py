@@ -39,7 +39,7 @@ def value_error(run: StageRun) -> Produced:
     scorers = load_reward_models(run.path("reward_models"), device=device)
     models = load_scored_models(run.path("value_models"), device=device)
     metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
-                                          config_from(ValueErrorConfig, run.params), device=device)
+                                          config_from(ValueErrorConfig, run.params, "value_error"), device=device)
     write_folder(run.path("value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
 
     rows = [metric_row(column, float(row[column]), split="eval", method=row.model,

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     rollouts = pd.read_parquet(data / "rollouts" / "rollouts.parquet")
     column = f"learned_{args.attribute}"
     train = training_rollouts(rollouts, column, tokenizer.eos_token_id, reward_stats(rollouts, column))
-    _, metrics = train_value_model(train, data / "base_model", ValueTrainConfig(train_steps=args.value_train_steps),
+    value_config = ValueTrainConfig(parameterization="scalar", learning_rate=2e-4, train_steps=args.value_train_steps)
+    _, metrics = train_value_model(train, data / "base_model", value_config,
                                    pad_id=tokenizer.pad_token_id, device=str(device), progress=lambda _: None)
     results["value_train_tokens_per_s"] = metrics["train_tokens_per_s"]
     results["settings"] = {k: getattr(args, k) for k in ("prompts", "batch_size", "max_new_tokens", "top_k")}

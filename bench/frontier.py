@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 class World:
     """The frozen base model, prompts, learned reward and value-training settings of a data folder."""
 
-    def __init__(self, data: Path, attribute: str, profile: str | None = None):
+    def __init__(self, data: Path, attribute: str, profile: str | None = None, train_prompts: int | None = None):
         import pandas as pd
 
         from models.lm import base_model_dir, load_frozen_base
@@ -41,6 +41,16 @@ class World:
         self.scorer = load_reward_models(data / "reward_models")[attribute]
         self.stats = json.loads((data / "rollouts" / "reward_stats.json").read_text())[attribute]
         self.profile = load_profile(profile)
+        if train_prompts:
+            # More distinct training prompts than the prompts asset holds: the generator's openings
+            # after the eval ones (the eval prompts come first, so they stay the same).
+            from models.corpus import generate_openings
+
+            n_eval, seed = len(self.eval_prompts), self.profile["seed"]
+            openings = generate_openings(n_eval + train_prompts, seed + 1)
+            assert openings[:n_eval] == self.eval_prompts, "eval prompts must not move"
+            self.train_prompts = pd.DataFrame({"prompt_id": [f"p{i:05d}" for i in range(n_eval, len(openings))],
+                                               "prompt": openings[n_eval:]})
 
     def rollouts(self, samples_per_prompt: int, steering=None):
         """Scored rollouts (DataFrame) of pi0, or of a steered policy."""
@@ -58,7 +68,8 @@ class World:
         from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
         params = self.profile["value_models"]
-        config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]},
+        config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]}, "value_models",
+                             ignore=("extra_parameterizations", "extra_attributes", "backbone_init"),
                              parameterization="distributional_qhead", train_steps=train_steps)
         data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
         init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute)
@@ -99,6 +110,8 @@ def compute(world: World, args) -> list[dict]:
     rows = []
     for spp in args.samples_per_prompt:
         df = pool[pool.sample_idx < spp].reset_index(drop=True)
+        if args.max_rollouts:
+            df = df[df.prompt_id.isin(df.prompt_id.unique()[: args.max_rollouts // spp])].reset_index(drop=True)
         for steps in args.steps:
             model, seconds = world.train(df, steps)
             for top_k in args.top_k:
@@ -137,6 +150,10 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, nargs="+", default=[40, 10],
                         help="compute: every value; iterate: the first")
     parser.add_argument("--betas", type=float, nargs="+", default=[16.0])
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="distinct training prompts (default: the prompts asset's train split)")
+    parser.add_argument("--max-rollouts", type=int, default=None,
+                        help="compute: keep the first max_rollouts / samples_per_prompt prompts (fixed data size)")
     parser.add_argument("--rollout-beta", type=float, default=16.0, help="iterate: beta of round 1's rollouts")
     args = parser.parse_args(argv)
 
@@ -145,7 +162,7 @@ def main(argv=None) -> int:
     from models.artifacts import write_json
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    world = World(Path(args.data_dir), args.attribute, args.profile)
+    world = World(Path(args.data_dir), args.attribute, args.profile, args.train_prompts)
     started = time.perf_counter()
     rows = compute(world, args) if args.what == "compute" else iterate(world, args)
     columns = list(rows[0])

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 class DPOTrainConfig:
     attribute: str = "positivity"       # whose pairs to train on
     beta: float = 0.1
-    learning_rate: float = 5e-5
-    train_steps: int = 200
+    learning_rate: float = 1e-4
+    train_steps: int = 150
     batch_size: int = 16
     max_length: int = 128
     seed: int = 0
@@ -37,6 +37,7 @@ def train_dpo(pairs: pd.DataFrame, model_dir, output_dir, config: DPOTrainConfig
               progress: Callable[[str], None] = log.info) -> dict:
     """Fine-tune a copy of the model in model_dir on pairs (prompt, chosen, rejected) with DPO and
     save it to output_dir in HF format (safetensors). Returns training metrics."""
+    # datasets, transformers and TRL are heavy: imported only when DPO is trained.
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer

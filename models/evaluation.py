@@ -35,13 +35,13 @@ class EvalConfig:
     bon_ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     bon_attribute: str = "positivity"            # Best-of-N picks by this learned reward
     steer_attribute: str = "positivity"          # the beta sweep steers with this value model
-    betas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    parameterizations: tuple[str, ...] = ("scalar", "qhead")   # distributional ones run soft and mean
+    betas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    parameterizations: tuple[str, ...] = ("distributional_qhead", "scalar")   # distributional ones run soft and mean
     compose_weights: tuple[float, ...] = (0.0, 2.0, 4.0)   # grid over positivity x conciseness
-    compose_parameterization: str = "scalar"
+    compose_parameterization: str = "distributional_qhead"
     # VAS + rerank: N VAS samples at each beta, the best by the learned reward (empty: skipped).
     rerank_parameterization: str = "distributional_qhead"
-    rerank_betas: tuple[float, ...] = (2.0,)
+    rerank_betas: tuple[float, ...] = (16.0,)
     rerank_ns: tuple[int, ...] = (2, 4, 8)
     top_k: int = VASConfig.top_k
     max_new_tokens: int = 80

@@ -7,11 +7,16 @@ reward_models/<attribute>/ (used only to score what was generated).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from models.stages import output_of
+
+if TYPE_CHECKING:
+    from models.sampling import SamplingConfig
+    from models.vas import VASConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +33,7 @@ def _subdirs(root: Path) -> dict[str, Path]:
 
 def find_value_models(data_dir: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Saved value models by attribute: data_dir/value_models/<attribute>, then explicit folders."""
-    from models.value_model import CONFIG_FILE
+    from models.value_model import CONFIG_FILE   # torch: only when looking for models
 
     found = {name: p for name, p in _subdirs(Path(data_dir) / VALUE_MODELS).items() if (p / CONFIG_FILE).exists()}
     found.update({name: Path(p) for name, p in (overrides or {}).items()})
@@ -54,7 +59,7 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
     Empty when no reward models were materialized: scores are extra information, never a reason
     for generation to fail.
     """
-    from models.reward_model import load_reward_model
+    from models.reward_model import load_reward_model   # torch: only when scoring
 
     dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
     dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
@@ -65,22 +70,39 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
     return scores
 
 
-def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int = 4, seed: int = 0,
-             top_k: int | None = None, temperature: float = 1.0, max_new_tokens: int = 80, data_dir: str | Path = "data",
+def decode_configs(**decode) -> tuple[SamplingConfig, VASConfig]:
+    """The sampling and VAS settings of a decode: SamplingConfig's and VASConfig's own defaults
+    (the one place they are declared), with every argument that is not None put over them."""
+    from models.sampling import SamplingConfig   # torch: only when decoding
+    from models.vas import VASConfig
+
+    given = {k: v for k, v in decode.items() if v is not None}
+    sampling = {f.name for f in dataclasses.fields(SamplingConfig)}
+    vas = {f.name for f in dataclasses.fields(VASConfig)}
+    unknown = set(given) - sampling - vas
+    if unknown:
+        raise TypeError(f"unknown decode setting(s) {sorted(unknown)}")
+    return (SamplingConfig(**{k: v for k, v in given.items() if k in sampling}),
+            VASConfig(**{k: v for k, v in given.items() if k in vas}))
+
+
+def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int = 4, data_dir: str | Path = "data",
              base_model_dir: str | Path | None = None, value_model_dirs: Mapping[str, str] | None = None,
-             reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto",
-             mask_outside_top_k: bool = False, batch_size: int = 64, soft: bool = True) -> list[dict]:
+             reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto", **decode) -> list[dict]:
     """n VAS completions per prompt, weights per attribute; one dict per completion, in prompt order.
-    soft: distributional value models steer with the soft value at their weight (the exact tilt);
+
+    decode: SamplingConfig and VASConfig fields (seed, temperature, max_new_tokens, batch_size,
+    top_k, mask_outside_top_k, soft); None or absent keeps the decoder's default. soft (default
+    True): distributional value models steer with the soft value at their weight (the exact tilt);
     False uses their mean (the paper's VAS).
 
     Each dict: prompt, completion, kl_nats, n_tokens, and learned_<attribute> per reward model found.
     """
-    from models.lm import load_frozen_base, pick_device
-    from models.sampling import SamplingConfig
-    from models.vas import VASConfig, vas_sample
+    from models.lm import load_frozen_base, pick_device   # torch: only when decoding
+    from models.vas import vas_sample
     from models.value_model import ValueModel
 
+    sampling, vas = decode_configs(**decode)    # before loading anything: fail fast on a bad setting
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if n < 1 or not prompt_list:
         raise ValueError(f"need at least one prompt and n >= 1, got {len(prompt_list)} prompt(s) and n={n}")
@@ -95,11 +117,7 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     value_models = {name: ValueModel.load(available[name], device=dev) for name in active}
 
     expanded = [p for p in prompt_list for _ in range(n)]
-    gen = vas_sample(base, tokenizer, expanded, value_models, active,
-                     SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                    batch_size=batch_size),
-                     VASConfig(top_k=top_k or VASConfig.top_k, mask_outside_top_k=mask_outside_top_k, soft=soft),
-                     device=dev)
+    gen = vas_sample(base, tokenizer, expanded, value_models, active, sampling, vas, device=dev)
     rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt}
             for p, c, kl, nt in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens)]
     for name, scores in learned_rewards(expanded, gen.texts, data_dir, reward_model_dirs, str(dev)).items():

@@ -57,7 +57,7 @@ def read_incoming(path: Path, rules: ValidationRules, quarantine_dir: Path
         df, report, quarantined = import_preference_file(path, rules, quarantine_dir)
     except (OSError, ValueError) as exc:
         return empty_imported(), ValidationReport(str(path), "pairs", 0, [
-            Problem(str(path), None, None, f"unreadable: {exc}")]), None
+            Problem(str(path), None, None, f"unreadable: {exc}", fatal=True)]), None
     md5 = file_md5(path)
     if report.success and len(df) == 0:
         report.problems.append(Problem(str(path), None, None, "no preference pairs in the file"))

@@ -8,6 +8,7 @@ stops at the second, as in GPT-2.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from models.train_utils import pad_rows, warmup_lr
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,13 @@ class TinyLMConfig:
     n_head: int = 4
     n_embd: int = 128
     n_positions: int = 128
-    train_steps: int = 1200
+    train_steps: int = 800
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 60
     eval_fraction: float = 0.02
     seed: int = 0
+    max_grad_norm: float = 1.0
 
 
 def pick_device(prefer: str = "auto") -> torch.device:
@@ -46,6 +50,7 @@ def pick_device(prefer: str = "auto") -> torch.device:
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
     """A byte-level BPE tokenizer wrapped as a transformers fast tokenizer."""
+    # tokenizers and transformers are heavy: imported where a model is built, not with the module.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,21 +76,10 @@ def encode_reviews(tokenizer, texts: Sequence[str], max_len: int) -> list[list[i
     return [([eos] + row + [eos])[:max_len] for row in ids]
 
 
-def _batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) ids and labels with -100 on padding."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        labels[i, : len(r)] = torch.tensor(r)
-    return ids, labels
-
-
 def lm_loss(model, rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    ids, labels = _batch(rows, pad_id)
-    ids, labels = ids.to(device), labels.to(device)
-    mask = (labels != -100).long()
+    ids, mask = pad_rows(rows, pad_id, "right")
+    labels = ids.masked_fill(mask == 0, -100)           # no loss on padding
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
@@ -96,7 +90,7 @@ def train_tiny_lm(
     progress: Callable[[str], None] = log.info,
 ):
     """Train tokenizer and GPT-2 on texts. Returns (model, tokenizer, metrics dict)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel   # heavy: only when training
 
     torch.manual_seed(config.seed)
     dev = pick_device(device)
@@ -125,12 +119,6 @@ def train_tiny_lm(
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < config.warmup_steps:
-            return config.learning_rate * (step + 1) / config.warmup_steps
-        progress_frac = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
-        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_frac)))
-
     progress(f"base model: {n_params / 1e6:.2f}M parameters, {len(train_rows)} train reviews, device {dev}")
     model.train()
     losses: list[float] = []
@@ -138,14 +126,14 @@ def train_tiny_lm(
     n_tokens = 0
     for step in range(config.train_steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = warmup_lr(step, config.learning_rate, config.warmup_steps, config.train_steps, "cosine")
         idx = torch.randint(len(train_rows), (config.batch_size,), generator=gen).tolist()
         batch = [train_rows[i] for i in idx]
         n_tokens += sum(len(r) for r in batch)
         loss = lm_loss(model, batch, tokenizer.pad_token_id, dev)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
         if (step + 1) % max(1, config.train_steps // 10) == 0 or step + 1 == config.train_steps:
@@ -187,14 +175,23 @@ def save_pretrained(model, tokenizer, directory: str | Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def quiet_loading() -> None:
+    """No "Loading weights" progress bars in the run logs: transformers (and the HF hub, which it
+    switches off too) draw one per model loaded."""
+    from transformers.utils import logging as hf_logging   # heavy: only where models are loaded
+
+    hf_logging.disable_progress_bar()
+
+
 def load_causal_lm(source: str | Path, trust_remote_code: bool = False, allow_download: bool = False,
                    device: str = "cpu", dtype: torch.dtype | None = None):
     """Load a causal LM and its tokenizer from a local HF directory or a hub id (cache only by default).
 
     Weights load as safetensors only; remote code runs only when the caller asks for it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only when a model is loaded
 
+    quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download)
     tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
     if tokenizer.pad_token_id is None:
@@ -212,7 +209,7 @@ def resolve_model_dir(source: str, allow_download: bool = False) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download   # heavy: only for models outside data/
 
     try:
         return Path(snapshot_download(source, local_files_only=not allow_download))
@@ -241,14 +238,10 @@ MANIFEST_NAME = "vas_manifest.json"
 
 
 def write_manifest(directory: str | Path, manifest: dict) -> None:
-    import json
-
     Path(directory, MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(base_dir: str | Path) -> dict:
-    import json
-
     path = Path(base_dir, MANIFEST_NAME)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialize the base_model asset first")

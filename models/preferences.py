@@ -8,7 +8,7 @@ like human raters. Reward models learn from these labels only.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,7 +25,8 @@ class PairSynthesisConfig:
     max_new_tokens: int = 80
     temperature: float = 1.0
     batch_size: int = 128
-    bt_scale: dict | None = None     # attribute -> scale; 0.1 when absent
+    # attribute -> Bradley-Terry scale (0.1 for an attribute not listed)
+    bt_scale: dict | None = field(default_factory=lambda: {"positivity": 0.15, "conciseness": 0.08})
     seed: int = 0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from models.environment import read_env
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
@@ -15,7 +17,7 @@ DEFAULT_PROFILE = "default"
 
 
 def active_profile() -> str:
-    return os.environ.get("VAS_PROFILE", DEFAULT_PROFILE)
+    return read_env().profile
 
 
 def _merge(base: dict, overlay: Mapping) -> dict:
@@ -51,15 +53,20 @@ def resolve(profile: Mapping[str, Any], section: str, overrides: Mapping[str, An
     return params
 
 
-def config_from(cls, params: Mapping[str, Any], **overrides):
-    """Build a models/ config dataclass from resolved params: known fields only, YAML lists
-    turned into tuples where the dataclass holds tuples, then explicit overrides."""
-    import dataclasses
-
+def config_from(cls, params: Mapping[str, Any], section: str = "", ignore: tuple[str, ...] = (), **overrides):
+    """Build a models/ config dataclass from resolved params: YAML lists turned into tuples where
+    the dataclass holds tuples, then explicit overrides. A key the dataclass does not have is an
+    error naming its path (`section.key`), so a typo in params.yaml cannot silently do nothing;
+    `ignore` names the keys the caller reads itself (asset-level keys such as `source`)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields) - set(ignore))
+    if unknown:
+        paths = ", ".join(f"{section}.{key}" if section else key for key in unknown)
+        raise KeyError(f"unknown parameter(s) {paths} for {cls.__name__}; known: {', '.join(sorted(fields))}")
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in params:
-            value = params[f.name]
-            values[f.name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
+    for name, f in fields.items():
+        if name in params:
+            value = params[name]
+            values[name] = tuple(value) if isinstance(value, list) and isinstance(f.default, tuple) else value
     values.update(overrides)
     return cls(**values)

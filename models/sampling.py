@@ -14,6 +14,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from models.train_utils import pad_rows
+
 
 @dataclass
 class SamplingConfig:
@@ -76,13 +78,7 @@ def join_prompt_completion(prompt: str, completion: str) -> str:
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids and attention mask, padded on the left so every row ends at the last column."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad_rows(rows, pad_id, "left")
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

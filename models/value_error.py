@@ -35,6 +35,8 @@ import pandas as pd
 import torch
 
 from models.sampling import CachedLM, SamplingConfig, encode_prompts, join_prompt_completion, left_pad, sample
+from models.value_model import ValueModel
+from models.value_store import saved_value_models
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,10 @@ Scorer = Callable[[Sequence[str], Sequence[str]], list]
 @dataclass
 class ValueErrorConfig:
     n_prompts: int = 8                          # first n held-out prompts
-    prefix_lengths: tuple[int, ...] = (0, 2, 8)  # completion tokens in each state's prefix
+    prefix_lengths: tuple[int, ...] = (0, 4)    # completion tokens in each state's prefix
     n_candidates: int = 8                       # pi0's top-k next tokens scored at each state
     n_continuations: int = 32                   # MC samples per (state, candidate)
-    betas: tuple[float, ...] = (1.0, 4.0)       # soft-value targets
+    betas: tuple[float, ...] = (2.0, 8.0)       # soft-value targets
     max_new_tokens: int = 80                    # completion budget, as in the rollouts
     seed: int = 0
     batch_size: int = 256                       # rows per sampling / value-model batch
@@ -342,9 +344,6 @@ def evaluate_value_error(base, tokenizer, prompts: pd.DataFrame, scorers: Mappin
 def load_scored_models(root: str | Path, device="cpu") -> list[ScoredModel]:
     """Every value model under a value_models folder, with the attribute, parameterization and
     reward_stats from its vas_value.json; named by its folder. Hidden folders are skipped."""
-    from models.value_model import ValueModel
-    from models.value_store import saved_value_models
-
     return [ScoredModel(folder.name, ValueModel.load(folder, device=device), meta["attribute"],
                         meta["parameterization"], meta["reward_stats"]) for folder, meta in saved_value_models(root)]
 

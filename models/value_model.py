@@ -30,10 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.distributional import Support, support_from, value_of
+from models.lm import quiet_loading, resolve_model_dir, weights_sha256
 from models.sampling import positions
+from models.train_utils import dropout_off
 
 PARAMETERIZATIONS = ("scalar", "qhead", "distributional", "distributional_qhead")
 DISTRIBUTIONAL = ("distributional", "distributional_qhead")
@@ -65,8 +68,9 @@ def _load_backbone(directory: str | Path, trust_remote_code: bool):
     SDPA or eager attention are requested because candidate scoring passes a custom 4D mask,
     which both accept and flash-attention kernels do not.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel   # heavy: only when a model is built or loaded
 
+    quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)
     config = AutoConfig.from_pretrained(str(directory), **kwargs)
     _zero_dropout(config)
@@ -102,9 +106,7 @@ class ValueModel(nn.Module):
             # Random, fixed by a seed of its own: with the zero head, gradients reach the head first.
             gen = torch.Generator().manual_seed(0)
             self.token_factors = nn.Parameter(torch.randn(config.vocab_size, rank, generator=gen) / math.sqrt(rank))
-        for module in self.modules():        # belt and braces for modules that hold their own p
-            if isinstance(module, nn.Dropout):
-                module.p = 0.0
+        dropout_off(self)                    # belt and braces for modules that hold their own p
 
     @property
     def is_distributional(self) -> bool:
@@ -116,8 +118,6 @@ class ValueModel(nn.Module):
     def from_base(cls, model_dir: str | Path, parameterization: str = "scalar",
                   trust_remote_code: bool = False, support: Support | None = None, rank: int = 16) -> "ValueModel":
         """A fresh value model whose backbone starts from a local HF causal LM's weights."""
-        from models.lm import resolve_model_dir, weights_sha256
-
         path = resolve_model_dir(str(model_dir))
         model = cls(_load_backbone(path, trust_remote_code), parameterization, support=support, rank=rank)
         # Recorded in value_config.json so an artifact says which weights it started from.
@@ -126,8 +126,6 @@ class ValueModel(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """Backbone in HF format (safetensors), the head as safetensors, a small JSON config."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory, safe_serialization=True)
@@ -151,8 +149,6 @@ class ValueModel(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
              trust_remote_code: bool = False) -> "ValueModel":
         """Load what save() wrote: safetensors only, remote code only when asked."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.exists():

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,16 +22,18 @@ import torch
 from models.lm import pick_device
 from models.distributional import Support, distributional_lambda_returns, hl_gauss, histogram_cross_entropy
 from models.td import lambda_returns, masked_mse
+from models.train_utils import autocast_for, pad_rows, split_groups
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ValueTrainConfig:
-    parameterization: str = "scalar"        # scalar (V(s·a), the paper), qhead, distributional, distributional_qhead
-    train_steps: int = 600
+    # scalar (V(s·a), the paper), qhead, distributional, distributional_qhead
+    parameterization: str = "distributional_qhead"
+    train_steps: int = 900
     batch_size: int = 32
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
     lam: float = 0.95
     gamma: float = 1.0
@@ -73,15 +74,10 @@ class Rollouts:
 
 def make_batch(rollouts: Rollouts, index: Sequence[int], pad_id: int):
     """Right-padded (B, T) ids, attention mask, action mask, and (B,) rewards."""
-    seqs = [rollouts.prompt_ids[i] + rollouts.action_ids[i] for i in index]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    actions = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids, attention = pad_rows([rollouts.prompt_ids[i] + rollouts.action_ids[i] for i in index], pad_id, "right")
+    actions = torch.zeros_like(attention)
     for row, i in enumerate(index):
         n_prompt, n_act = len(rollouts.prompt_ids[i]), len(rollouts.action_ids[i])
-        ids[row, : n_prompt + n_act] = torch.tensor(seqs[row])
-        attention[row, : n_prompt + n_act] = 1
         actions[row, n_prompt : n_prompt + n_act] = 1
     rewards = torch.tensor([rollouts.rewards[i] for i in index], dtype=torch.float32)
     return ids, attention, actions, rewards
@@ -89,14 +85,7 @@ def make_batch(rollouts: Rollouts, index: Sequence[int], pad_id: int):
 
 def split_by_group(rollouts: Rollouts, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Train/eval indices; a prompt's rollouts all land on one side."""
-    groups = rollouts.groups or [str(i) for i in range(len(rollouts))]
-    unique = sorted(set(groups))
-    rng = np.random.default_rng(seed)
-    n_eval = int(round(len(unique) * eval_fraction))
-    held = set(rng.permutation(unique)[:n_eval].tolist()) if n_eval else set()
-    train = [i for i, g in enumerate(groups) if g not in held]
-    evals = [i for i, g in enumerate(groups) if g in held]
-    return train, evals
+    return split_groups(rollouts.groups or [str(i) for i in range(len(rollouts))], eval_fraction, seed)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -146,13 +135,6 @@ def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> s
 
 
 # -- training --------------------------------------------------------------------------------
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU, where bf16 is slow for small models."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
 
 def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir):
     """Where a value model's backbone starts: the base model's body (the paper starts from an LM

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from models.environment import read_env, set_env
 from models.profiles import PROJECT_ROOT
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
@@ -29,9 +30,9 @@ def use_profile(profile: str | None, data_dir: str | None) -> None:
     """Quiet environment, then the profile and data folder every later settings_from_env() sees."""
     prepare_environment()
     if profile:
-        os.environ["VAS_PROFILE"] = profile
+        set_env(profile=profile)
     if data_dir:
-        os.environ["VAS_DATA_DIR"] = data_dir
+        set_env(data_dir=data_dir)
 
 
 def materialize(selection: list[str] | None, profile: str | None, data_dir: str | None = None,
@@ -235,7 +236,7 @@ def cmd_study(args) -> int:
         summary = pd.read_parquet(folder / output_of("evaluation") / "summary.parquet")
         summaries.append(summary.assign(seed=seed))
     # materialize() pointed the process at the last seed's folder: the rest is the main run's.
-    os.environ["VAS_DATA_DIR"] = settings.data_dir
+    set_env(data_dir=settings.data_dir)
 
     per_seed = pd.concat(summaries, ignore_index=True)
     per_seed = per_seed[["seed", *[c for c in per_seed.columns if c != "seed"]]]
@@ -281,12 +282,34 @@ def cmd_study(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     from models.profiles import load_profile
-    from models.validation import ValidationRules, cli_validate
+    from models.validation import ValidationRules
 
     rules = ValidationRules.from_params(load_profile(args.profile)["validation"])
-    return cli_validate(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
+    return validate_file(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
+
+
+def validate_file(path: str, kind: str | None = None, quarantine_dir: str | None = None, rules=None) -> int:
+    """`vas validate FILE`: print every problem as "FILE: row N, column 'C': reason", then a
+    summary line; with quarantine_dir, also write the bad rows there. Returns 0 when the file
+    passes, 1 otherwise. The file is only read."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    from models.validation import check_file, printable
+
+    if not Path(path).is_file():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 1
+    try:
+        report, n_bad, written = check_file(path, kind, rules, quarantine_dir)
+    except (ValueError, OSError) as exc:
+        print(printable(str(exc)), file=sys.stderr)
+        return 1
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    if written is not None:
+        print(f"{path}: {n_bad} bad rows written to {written}")
+    return 0 if report.success else 1
 
 
 def _assignment(text: str) -> tuple[str, str]:
@@ -313,14 +336,16 @@ def _weight(text: str) -> tuple[str, float]:
 def cmd_generate(args) -> int:
     import json
 
-    from models.generate import generate
+    from models.generate import decode_configs, generate
 
-    data_dir = Path(args.data_dir or os.environ.get("VAS_DATA_DIR", "data"))
+    data_dir = Path(args.data_dir or read_env().data_dir)
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
     try:
-        rows = generate(args.prompt, dict(args.weight), n=args.n, seed=args.seed, top_k=args.top_k,
-                        temperature=args.temperature, max_new_tokens=args.max_new_tokens, data_dir=data_dir,
-                        value_model_dirs=dict(args.value_model), device=args.device, soft=not args.mean)
+        # None keeps the decoder's own default (SamplingConfig, VASConfig): declared there only.
+        decode = dict(seed=args.seed, top_k=args.top_k, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, soft=False if args.mean else None)
+        rows = generate(args.prompt, dict(args.weight), n=args.n, data_dir=data_dir,
+                        value_model_dirs=dict(args.value_model), device=args.device, **decode)
     except (ValueError, FileNotFoundError) as err:   # bad weights or missing models: say what to do
         print(f"vas generate: {err}", file=sys.stderr)
         return 2
@@ -328,11 +353,10 @@ def cmd_generate(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     weights = ", ".join(f"{k}={v:g}" for k, v in args.weight) or "none (base sampling)"
-    from models.vas import VASConfig
-
-    decoder = "mean values" if args.mean else "soft values"
-    print(f"weights: {weights}; top-k {args.top_k or VASConfig.top_k}, {decoder}, temperature {args.temperature:g}, "
-          f"seed {args.seed}")
+    sampling, vas = decode_configs(**decode)
+    decoder = "soft values" if vas.soft else "mean values"
+    print(f"weights: {weights}; top-k {vas.top_k}, {decoder}, temperature {sampling.temperature:g}, "
+          f"seed {sampling.seed}")
     for i, row in enumerate(rows):
         if i % args.n == 0:
             print(f"\nprompt: {row['prompt']}")
@@ -416,10 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight", action="append", type=_weight, default=[], metavar="ATTR=W",
                      help="value model weight (beta) per reward attribute, e.g. positivity=2; repeatable")
     gen.add_argument("--n", type=int, default=4, help="completions per prompt")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--top-k", type=int, default=None, help="base-model candidates steered per token (default 40)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--max-new-tokens", type=int, default=80)
+    # Decode settings default to None: the decoder's own defaults apply (models.sampling.SamplingConfig,
+    # models.vas.VASConfig), so they are declared once.
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: SamplingConfig's)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="base-model candidates steered per token (default: VASConfig's)")
+    gen.add_argument("--temperature", type=float, default=None, help="default: SamplingConfig's")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: SamplingConfig's")
     gen.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
     gen.add_argument("--value-model", action="append", type=_assignment, default=[], metavar="ATTR=PATH",
                      help="use the value model saved at PATH for ATTR; repeatable")

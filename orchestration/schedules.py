@@ -1,8 +1,10 @@
 """Jobs and schedules: the full graph on demand, and a nightly retrain of the value models."""
 
-import os
-
 import dagster as dg
+
+from models.environment import read_env
+
+ENV = read_env()     # read when the code location loads: a schedule's definition is fixed then
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
@@ -23,10 +25,10 @@ nightly_retrain = dg.define_asset_job(
 nightly_retrain_schedule = dg.ScheduleDefinition(
     name="nightly_retrain_schedule",
     job=nightly_retrain,
-    cron_schedule=os.environ.get("VAS_RETRAIN_CRON", "0 2 * * *"),
-    execution_timezone=os.environ.get("VAS_RETRAIN_TIMEZONE", "UTC"),
+    cron_schedule=ENV.retrain_cron,
+    execution_timezone=ENV.retrain_timezone,
     # Off until the user turns it on in the UI (Automation tab) or with VAS_RETRAIN_SCHEDULE=on.
-    default_status=(dg.DefaultScheduleStatus.RUNNING if os.environ.get("VAS_RETRAIN_SCHEDULE") == "on"
+    default_status=(dg.DefaultScheduleStatus.RUNNING if ENV.retrain_schedule == "on"
                     else dg.DefaultScheduleStatus.STOPPED),
     description="Nightly retrain at 02:00 (VAS_RETRAIN_TIMEZONE, default UTC).",
 )

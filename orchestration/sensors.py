@@ -15,12 +15,12 @@ The files themselves are never moved or modified.
 from __future__ import annotations
 
 import json
-import os
 
 import dagster as dg
 
 from assets.ingest import CHECK_NAME
 from assets.resources import VasSettings
+from models.environment import read_env
 
 incoming_retrain = dg.define_asset_job(
     "incoming_retrain",
@@ -32,7 +32,7 @@ incoming_retrain = dg.define_asset_job(
 
 def settle_seconds() -> float:
     """How long a file must sit unmodified before it is read (a copy may still be under way)."""
-    return float(os.environ.get("VAS_INCOMING_SETTLE_SECONDS", "10"))
+    return read_env().incoming_settle_seconds
 
 
 def _failed_check(path, md5: str, report, quarantined) -> dg.AssetCheckEvaluation:
@@ -57,7 +57,7 @@ def _failed_check(path, md5: str, report, quarantined) -> dg.AssetCheckEvaluatio
 @dg.sensor(
     job=incoming_retrain,
     minimum_interval_seconds=30,
-    default_status=(dg.DefaultSensorStatus.STOPPED if os.environ.get("VAS_INCOMING_SENSOR") == "off"
+    default_status=(dg.DefaultSensorStatus.STOPPED if read_env().incoming_sensor == "off"
                     else dg.DefaultSensorStatus.RUNNING),
     description="Validates preference files dropped into data/incoming/; retrains on the merged data when "
                 "they pass, records a failed imported_preferences_suite check when they do not.",

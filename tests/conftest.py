@@ -7,10 +7,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.environment import set_env  # noqa: E402 - needs the project on sys.path
+
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-os.environ["VAS_PROFILE"] = "smoke"
+set_env(profile="smoke")    # every test runs on the smoke profile unless it says otherwise
+
+
+def pytest_collection_modifyitems(items):
+    """A test on the materialized smoke world is an integration test (`make test-fast` skips those)."""
+    for item in items:
+        if "smoke_world" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,6 +32,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """Factory of small random GPT-2 LMs (seeded, in eval mode) for unit tests that need a model but
+    not a trained one. dropout=False zeroes GPT-2's dropout probabilities in the config; True keeps
+    GPT-2's defaults (a test may check that the value model turns them off)."""
+
+    def build(vocab_size: int, seed: int = 0, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+              n_positions: int = 64, eos: int = 0, pad: int | None = 1, init: float = 0.02, dropout: bool = False):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel   # heavy: only for tests that build a model
+
+        torch.manual_seed(seed)
+        no_dropout = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                            n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+                            initializer_range=init, **no_dropout)
+        return GPT2LMHeadModel(config).eval()
+
+    return build
 
 
 @pytest.fixture(scope="session")

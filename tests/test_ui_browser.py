@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from models.environment import read_env
+
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ def _require_browser() -> None:
     if not missing:
         return
     reason = "UI browser test needs " + " and ".join(missing)
-    if os.environ.get("VAS_REQUIRE_BROWSER") == "1":
+    if read_env().require_browser:
         pytest.fail(reason + "; VAS_REQUIRE_BROWSER=1 makes that an error", pytrace=False)
     pytest.skip(reason)
 
@@ -239,7 +241,7 @@ def page(dagster_ui):
 
 
 def _screenshot_paths() -> tuple[Path, Path]:
-    final = Path(os.environ.get("VAS_UI_SCREENSHOT") or ROOT / "data" / "ui" / "ui_e2e.png")
+    final = Path(read_env().ui_screenshot or ROOT / "data" / "ui" / "ui_e2e.png")
     return final, final.with_name("ui_asset_graph.png")
 
 

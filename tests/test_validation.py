@@ -14,7 +14,6 @@ from models.artifacts import file_md5
 from models.validation import (
     Problem,
     ValidationRules,
-    cli_validate,
     detect_kind,
     import_preference_file,
     import_prompt_file,
@@ -23,6 +22,7 @@ from models.validation import (
     validate_pairs,
     validate_prompts,
 )
+from orchestration.cli import validate_file
 
 RULES = ValidationRules()
 PAIR_COLUMNS = ["pair_id", "attribute", "prompt_id", "prompt", "chosen", "rejected"]
@@ -86,7 +86,7 @@ def test_good_pairs_csv_passes(tmp_path, capsys):
     assert report.statistics["evaluated_expectations"] > 10
     assert report.statistics["unsuccessful_expectations"] == 0
 
-    assert cli_validate(str(path)) == 0
+    assert validate_file(str(path)) == 0
     assert capsys.readouterr().out.strip() == f"{path}: OK, 12 rows"
 
 
@@ -99,7 +99,7 @@ def test_good_prompts_parquet_passes(tmp_path, capsys):
     report = validate_prompts(df, str(path), RULES)
     assert report.success, [str(p) for p in report.problems]
     assert report.statistics["split_counts"] == {"train": 6, "eval": 3}
-    assert cli_validate(str(path)) == 0
+    assert validate_file(str(path)) == 0
     assert "OK, 9 rows" in capsys.readouterr().out
 
 
@@ -167,7 +167,7 @@ def test_malformed_pairs_each_problem_on_its_row_and_column(malformed_pairs_csv)
 
 def test_cli_validate_names_file_row_and_column(malformed_pairs_csv, capsys):
     before = file_md5(malformed_pairs_csv)
-    assert cli_validate(str(malformed_pairs_csv)) == 1
+    assert validate_file(str(malformed_pairs_csv)) == 1
     out = capsys.readouterr().out.splitlines()
     name = str(malformed_pairs_csv)
     assert f"{name}: row 2, column 'chosen': chosen equals rejected" in out
@@ -192,7 +192,7 @@ def test_missing_required_column_is_a_file_level_problem(tmp_path, capsys):
     assert good.empty and len(bad) == 4
     assert set(bad.reason) == {"rejected: missing required column"}
 
-    assert cli_validate(str(path)) == 1
+    assert validate_file(str(path)) == 1
     assert f"{path}: column 'rejected': missing required column" in capsys.readouterr().out
 
     prompts = tmp_path / "prompts.csv"
@@ -227,7 +227,7 @@ def test_jsonl_wrong_type_and_unparsable_line(tmp_path, capsys):
     assert places[(6, "prompt")] == ["missing value"]
     assert places[(7, "chosen")] == ["missing value (null/NaN)"]
 
-    assert cli_validate(str(path)) == 1
+    assert validate_file(str(path)) == 1
     out = capsys.readouterr().out
     assert f"{path}: row 2, column 'chosen': wrong type: expected text, got integer 42" in out
     assert f"{path}: row 3: invalid JSON" in out
@@ -286,7 +286,7 @@ def test_import_quarantines_bad_rows_and_keeps_raw_file(malformed_pairs_csv, tmp
 
 def test_cli_validate_writes_quarantine_when_asked(malformed_pairs_csv, tmp_path, capsys):
     quarantine_dir = tmp_path / "q"
-    assert cli_validate(str(malformed_pairs_csv), kind="pairs", quarantine_dir=str(quarantine_dir)) == 1
+    assert validate_file(str(malformed_pairs_csv), kind="pairs", quarantine_dir=str(quarantine_dir)) == 1
     files = list(quarantine_dir.glob("bad_pairs-*.csv"))
     assert len(files) == 1
     assert f"7 bad rows written to {files[0]}" in capsys.readouterr().out
@@ -387,7 +387,7 @@ def test_parquet_nan_and_read_table_errors(tmp_path):
 
 def test_cli_validate_missing_file(tmp_path, capsys):
     missing = tmp_path / "nope.csv"
-    assert cli_validate(str(missing)) == 1
+    assert validate_file(str(missing)) == 1
     captured = capsys.readouterr()
     assert str(missing) in captured.err and captured.out == ""
 
@@ -409,3 +409,60 @@ def test_empty_and_short_text_respects_min_text_chars():
     assert by_place(report) == {(2, "prompt"): ["too short: 1 characters after stripping whitespace (min 2)"]}
     empty = validate_pairs(df.iloc[0:0], "mem", RULES)
     assert [str(p) for p in empty.problems] == ["mem: no rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact duplicate pairs
+
+
+def test_verbatim_repeat_is_quarantined_and_the_first_kept(tmp_path, capsys):
+    path = tmp_path / "repeats.csv"
+    rows = [
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 1
+        {"prompt": "The lamp", "chosen": "bright", "rejected": "dim", "attribute": "conciseness"},          # 2
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 3 = 1
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "conciseness"},  # 4 other attribute
+        {"prompt": "The lamp", "chosen": "bright", "rejected": "dim ", "attribute": "conciseness"},         # 5 not verbatim
+        {"prompt": "The kettle", "chosen": "works well", "rejected": "leaks", "attribute": "positivity"},   # 6 = 1
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    raw_md5 = file_md5(path)
+
+    good, report, qpath = import_preference_file(path, RULES, tmp_path / "q")
+    reason = "duplicate pair: repeats row 1 verbatim (same prompt, chosen, rejected and attribute)"
+    assert [(p.row, p.column, p.reason) for p in report.problems] == [(3, None, reason), (6, None, reason)]
+    assert report.bad_rows == {3, 6} and not report.success
+    # The first occurrence stays, and the same pair for another attribute is not a repeat.
+    assert good.pair_id.tolist() == ["imp-000001", "imp-000002", "imp-000004", "imp-000005"]
+    assert good.attribute.tolist() == ["positivity", "conciseness", "conciseness", "conciseness"]
+    quarantined = pd.read_csv(qpath, keep_default_na=False)
+    assert quarantined.source_row.tolist() == [3, 6]
+    assert quarantined.reason.tolist() == [reason, reason]
+    assert report.statistics["n_quarantined"] == 2
+    assert file_md5(path) == raw_md5  # the raw file is never modified
+
+    assert validate_file(str(path)) == 1
+    assert f"{path}: row 3: {reason}" in capsys.readouterr().out
+
+
+def test_repeat_without_attribute_column_and_with_distinct_ids(tmp_path):
+    # No attribute column: every row gets the default attribute, so a repeat is still one.
+    # Different pair ids do not make a repeated pair a new one.
+    path = tmp_path / "plain.jsonl"
+    pairs = good_pairs(3).drop(columns=["attribute"])
+    repeat = pairs.iloc[[1]].assign(pair_id="another-id")
+    pd.concat([pairs, repeat]).to_json(path, orient="records", lines=True)
+
+    good, report, _ = import_preference_file(path, RULES, tmp_path / "q")
+    assert [(p.row, p.reason) for p in report.problems] == [
+        (4, "duplicate pair: repeats row 2 verbatim (same prompt, chosen, rejected and attribute)")]
+    assert good.pair_id.tolist() == ["pair-0", "pair-1", "pair-2"]
+
+
+def test_stored_and_synthesized_pairs_may_repeat():
+    # Two samples may agree by chance: only files being imported are held to distinct pairs.
+    df = pd.concat([good_pairs(4), good_pairs(4).assign(pair_id=lambda d: d.pair_id + "b")], ignore_index=True)
+    assert validate_pairs(df, "mem", RULES).success
+    assert by_place(validate_pairs(df, "mem", RULES, distinct=True)) == {
+        (row, None): [f"duplicate pair: repeats row {row - 4} verbatim (same prompt, chosen, rejected and attribute)"]
+        for row in range(5, 9)}

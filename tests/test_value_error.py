@@ -17,18 +17,8 @@ PROMPTS = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
                         "prompt": ["a b", "c", "d e f", "b", "a a", "f c"]})
 
 
-def random_gpt2(vocab_size: int, seed: int, init: float, eos: int, pad: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, initializer_range=init,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
-
-
 @pytest.fixture(scope="module")
-def small():
+def small(tiny_gpt2):
     """V = 8: a word-level tokenizer and a random base model; the reward counts words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -38,7 +28,7 @@ def small():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
                                         pad_token="<pad>", padding_side="left")
-    base = random_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
+    base = tiny_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
 
     def reward(prompts, completions):
         """More `a`s is better, `b`s are bad: a hand-made learned reward."""

@@ -7,20 +7,11 @@ import torch
 
 from models.distributional import value_of
 from models.sampling import left_pad
+from models.train_utils import pad_rows
 from models.value_model import ValueModel
 
 VOCAB = 64
 PARAMS = ["scalar", "qhead", "distributional", "distributional_qhead"]
-
-
-def tiny_causal_lm(seed: int = 0):
-    """A random tiny GPT-2 with GPT-2's default dropout left on (the value model must turn it off)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=1, initializer_range=0.2)
-    return GPT2LMHeadModel(config).eval()
 
 
 def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel:
@@ -35,9 +26,10 @@ def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, tiny_gpt2):
     path = tmp_path_factory.mktemp("base")
-    tiny_causal_lm().save_pretrained(path)
+    # GPT-2's default dropout left on: the value model must turn it off.
+    tiny_gpt2(VOCAB, init=0.2, dropout=True).save_pretrained(path)
     return path
 
 
@@ -54,11 +46,6 @@ def hidden_of(model: ValueModel, row: list[int]) -> torch.Tensor:
 
 # Three (prompt, completion) rows of different lengths.
 ROWS = [([0, 5, 6, 7], [8, 9, 10]), ([0, 11], [12, 13]), ([0, 20, 21, 22, 23, 24], [25, 26])]   # 7, 4, 8 tokens
-
-
-def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = left_pad([r[::-1] for r in rows], pad_id)
-    return ids.flip(1), mask.flip(1)
 
 
 def action_masks(mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
@@ -115,7 +102,7 @@ def test_path_values_same_for_left_right_padding_and_single_rows(value_model):
     rows = [p + c for p, c in ROWS]
     prompt_lens = [len(p) for p, _ in ROWS]
     ids_l, mask_l = left_pad(rows, 1)
-    ids_r, mask_r = right_pad(rows, 1)
+    ids_r, mask_r = pad_rows(rows, 1, "right")
     assert not mask_l.all() and not mask_r.all()           # both batches really are padded
     with torch.no_grad():
         u_l = value_model.path_outputs(ids_l, mask_l, action_masks(mask_l, prompt_lens))
@@ -138,7 +125,7 @@ def test_path_values_same_for_left_right_padding_and_single_rows(value_model):
 
 def test_path_values_carry_gradients_to_head_and_backbone(value_model):
     rows = [p + c for p, c in ROWS]
-    ids, mask = right_pad(rows, 1)
+    ids, mask = pad_rows(rows, 1, "right")
     action = action_masks(mask, [len(p) for p, _ in ROWS])
     value_model.zero_grad()
     value_model.path_outputs(ids, mask, action).pow(2).sum().backward()

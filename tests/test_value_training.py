@@ -12,14 +12,9 @@ VOCAB = 32
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=1)
+def base_dir(tmp_path_factory, tiny_gpt2):
     path = tmp_path_factory.mktemp("base")
-    GPT2LMHeadModel(config).save_pretrained(path)
+    tiny_gpt2(VOCAB, n_layer=1, n_positions=32, dropout=True).save_pretrained(path)
     return path
 
 
@@ -87,7 +82,7 @@ def test_distributional_training_needs_gamma_one(base_dir):
 
 def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, tmp_path):
     data = signal_rollouts()
-    config = ValueTrainConfig(**CONFIG)
+    config = ValueTrainConfig(parameterization="scalar", **CONFIG)
     reference, _ = train_value_model(data, base_dir, config, pad_id=1, device="cpu")
 
     class Killed(Exception):
@@ -99,7 +94,7 @@ def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, t
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Killed):
-        train_value_model(data, base_dir, ValueTrainConfig(**{**CONFIG, "train_steps": 40}), pad_id=1,
+        train_value_model(data, base_dir, ValueTrainConfig(parameterization="scalar", **{**CONFIG, "train_steps": 40}), pad_id=1,
                           device="cpu", checkpoint_dir=ckpt, progress=kill_after_step_25)
     assert (ckpt / "progress.json").exists()
     resumed, metrics = train_value_model(data, base_dir, config, pad_id=1, device="cpu", checkpoint_dir=ckpt)

@@ -17,16 +17,6 @@ from models.value_model import ValueModel
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 
 
-def random_gpt2(vocab_size: int, seed: int, init: float, eos: int, pad: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, initializer_range=init,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
-
-
 def value_model_from(base_dir, parameterization: str, seed: int, std: float) -> ValueModel:
     """A value model with a random (non-zero) head, or every steering test would be trivial."""
     model = ValueModel.from_base(base_dir, parameterization)
@@ -38,12 +28,12 @@ def value_model_from(base_dir, parameterization: str, seed: int, std: float) -> 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_gpt2):
     """A tiny random base model with a real BPE tokenizer, saved as a materialized data folder,
     and two value models: `a` scalar, `b` qhead."""
     texts = generate_corpus(CorpusConfig(n_reviews=200, seed=0)).text.tolist()
     tokenizer = train_tokenizer(texts, 300)
-    base = random_gpt2(len(tokenizer), seed=0, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    base = tiny_gpt2(len(tokenizer), seed=0, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     data_dir = tmp_path_factory.mktemp("data")
     base_dir = data_dir / "base_model"
     save_pretrained(base, tokenizer, base_dir)
@@ -53,7 +43,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small():
+def small(tiny_gpt2):
     """V = 8: a word-level tokenizer, a peaked random base model and a scalar value model."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -63,7 +53,7 @@ def small():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
                                         pad_token="<pad>", padding_side="left")
-    base = random_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
+    base = tiny_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

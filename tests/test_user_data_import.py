@@ -5,18 +5,20 @@ import json
 import dagster as dg
 import pandas as pd
 import pytest
+import yaml
 
 from assets.resources import VasSettings, build_resources
 from assets.synthesis import BaseModelConfig, PreferencePairsConfig
 from models.artifacts import file_md5
+from models.profiles import PARAMS_FILE
 from orchestration.cli import main as vas_main
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
 pytestmark = pytest.mark.integration
 
 
-def _materialize(data_dir, selection, run_config):
-    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu")
+def _materialize(data_dir, selection, run_config, **settings_fields):
+    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu", **settings_fields)
     return dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(*selection), resources=build_resources(settings),
                           run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
@@ -56,6 +58,37 @@ def test_malformed_preferences_fail_the_blocking_check_with_row_reasons(tmp_path
     assert file_md5(raw) == md5_before                  # the raw file is never modified
 
 
+def test_verbatim_repeat_is_quarantined_and_fails_the_check_unless_allowed(tmp_path):
+    df = _pairs(8)
+    df = pd.concat([df, df.iloc[[3]]], ignore_index=True)  # data row 9 repeats row 4: 1 of 9 rows
+    raw = tmp_path / "repeats.csv"
+    df.to_csv(raw, index=False)
+    md5_before = file_md5(raw)
+    run_config = dg.RunConfig(ops={"preference_pairs": PreferencePairsConfig(source=str(raw))})
+
+    def suite_check(data_dir, **settings_fields):
+        result = _materialize(data_dir, ["preference_pairs"], run_config, **settings_fields)
+        return {c.check_name: c for c in result.get_asset_check_evaluations()}["preference_pairs_suite"]
+
+    # max_quarantined_fraction 0: the repeat is quarantined and the blocking check fails on it.
+    strict = suite_check(tmp_path / "strict")
+    assert not strict.passed
+    assert strict.metadata["n_quarantined"].value == 1
+    assert "| 9 |" in strict.metadata["problems"].value and "repeats row 4" in strict.metadata["problems"].value
+    bad = pd.read_csv(next((tmp_path / "strict" / "quarantine").glob("repeats-*.csv")), keep_default_na=False)
+    assert bad.source_row.tolist() == [9] and "repeats row 4" in bad.reason.item()
+    kept = pd.read_parquet(tmp_path / "strict" / "preference_pairs" / "pairs.parquet")
+    assert len(kept) == 8 and kept.prompt.tolist() == df.prompt.tolist()[:8]  # the first occurrence stays
+
+    # A profile that allows one row in five to be quarantined: the check passes.
+    params = yaml.safe_load(PARAMS_FILE.read_text())
+    params["smoke"]["validation"]["max_quarantined_fraction"] = 0.2
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    assert suite_check(tmp_path / "allowed", params_file=str(params_file)).passed
+    assert file_md5(raw) == md5_before                  # the raw file is never modified
+
+
 def test_vas_validate_exit_codes(tmp_path, capsys):
     good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
     _pairs().to_csv(good, index=False)
@@ -68,16 +101,13 @@ def test_vas_validate_exit_codes(tmp_path, capsys):
     assert "bad.csv" in out and "row 1" in out and "chosen" in out
 
 
-def test_pinned_local_hf_model_is_hashed_not_trained(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def test_pinned_local_hf_model_is_hashed_not_trained(tmp_path, tiny_gpt2):
     from models.corpus import CorpusConfig, generate_corpus
     from models.lm import train_tokenizer, weights_sha256
 
     texts = generate_corpus(CorpusConfig(n_reviews=200)).text.tolist()
     tokenizer = train_tokenizer(texts, 300)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=64,
-                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    model = tiny_gpt2(len(tokenizer), n_embd=16, n_layer=1, eos=tokenizer.eos_token_id, pad=None, dropout=True)
     hf_dir = tmp_path / "my-hf-model"
     model.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)

@@ -1,0 +1,85 @@
+"""One set of defaults: params.yaml's `default` profile. The config dataclasses of models/ declare
+the same values (so Python callers get what the pipeline runs), config_from refuses keys that
+configure nothing, and `vas generate`'s decode defaults are the decoder's own."""
+
+import dataclasses
+
+import pytest
+
+from models.corpus import CorpusConfig
+from models.dpo import DPOTrainConfig
+from models.environment import Environment, read_env
+from models.evaluation import EvalConfig
+from models.generate import decode_configs
+from models.lm import TinyLMConfig
+from models.preferences import PairSynthesisConfig
+from models.reward_model import RewardTrainConfig
+from models.rollouts import RolloutConfig
+from models.sampling import SamplingConfig
+from models.validation import ValidationRules
+from models.value_error import ValueErrorConfig
+from models.value_training import ValueTrainConfig
+from models.vas import VASConfig
+from models.profiles import config_from, load_profile
+
+SECTIONS = [(CorpusConfig, "corpus"), (TinyLMConfig, "base_model"), (PairSynthesisConfig, "preference_pairs"),
+            (RewardTrainConfig, "reward_models"), (RolloutConfig, "rollouts"), (ValueTrainConfig, "value_models"),
+            (DPOTrainConfig, "dpo"), (EvalConfig, "evaluation"), (ValueErrorConfig, "value_error"),
+            (ValidationRules, "validation")]
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+@pytest.mark.parametrize("cls,section", SECTIONS, ids=[s for _, s in SECTIONS])
+def test_dataclass_defaults_are_the_default_profile(cls, section):
+    default = load_profile("default")
+    params = {"seed": default["seed"], **default[section]}
+    checked = 0
+    for field in dataclasses.fields(cls):
+        if field.name in params:
+            want = params[field.name]
+            want = tuple(want) if isinstance(want, list) else want
+            assert _default(field) == want, f"{cls.__name__}.{field.name} != params.yaml default.{section}.{field.name}"
+            checked += 1
+    assert checked, f"no field of {cls.__name__} is in params.yaml's {section}"
+
+
+def test_decoder_defaults_are_what_the_pipeline_evaluates():
+    default = load_profile("default")
+    assert VASConfig.top_k == default["evaluation"]["top_k"]
+    assert SamplingConfig.max_new_tokens == default["rollouts"]["max_new_tokens"]
+    assert SamplingConfig.temperature == default["rollouts"]["temperature"]
+
+
+def test_decode_configs_keep_the_decoders_defaults_unless_given():
+    sampling, vas = decode_configs(seed=None, top_k=None, temperature=None, max_new_tokens=None, soft=None)
+    assert sampling == SamplingConfig() and vas == VASConfig()
+    sampling, vas = decode_configs(seed=3, top_k=5, soft=False)
+    assert (sampling.seed, vas.top_k, vas.soft) == (3, 5, False)
+    with pytest.raises(TypeError, match="top_kk"):
+        decode_configs(top_kk=5)
+
+
+def test_config_from_rejects_an_unknown_key_by_its_path():
+    params = {"seed": 0, "train_steps": 7, "lerning_rate": 0.1}
+    with pytest.raises(KeyError, match=r"value_models\.lerning_rate"):
+        config_from(ValueTrainConfig, params, "value_models")
+
+
+def test_config_from_builds_known_keys_and_skips_ignored_ones():
+    params = {"seed": 2, "train_steps": 7, "prefix_lengths": [1, 3], "backbone_init": "base"}
+    config = config_from(ValueTrainConfig, params, "value_models", ignore=("backbone_init",), lam=0.5)
+    assert (config.seed, config.train_steps, config.prefix_lengths, config.lam) == (2, 7, (1, 3), 0.5)
+
+
+def test_every_vas_variable_is_read_through_one_object(monkeypatch):
+    assert read_env({}) == Environment()
+    monkeypatch.setenv("VAS_PROFILE", "smoke")
+    monkeypatch.setenv("VAS_INCOMING_SETTLE_SECONDS", "2.5")
+    monkeypatch.setenv("VAS_REQUIRE_BROWSER", "1")
+    env = read_env()
+    assert (env.profile, env.incoming_settle_seconds, env.require_browser) == ("smoke", 2.5, True)
