@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run study test test-fast ui bench frontier repro clean-data
+.PHONY: setup dvc-remote run study test test-fast lint ui bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ test: setup
 ## Unit tests only (under a minute): everything but the integration tests, which materialize assets.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
+
+## Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: setup
+	$(BIN)/ruff check .
 
 ## Dagster UI on loopback.
 ui: setup

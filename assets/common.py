@@ -207,3 +207,19 @@ def record_check(context, settings, duckdb, check: str, asset: str, passed: bool
         write_rows(conn, run_id=context.run.run_id, asset=f"{asset}:{check}", metrics=rows, params={},
                    data_version=None, model_version=None, git_sha=git_sha())
 
+
+
+def load_held_out(run):
+    """(device, frozen base, tokenizer, held-out prompts, learned reward scorers): what every asset
+    that measures decoders or value models on the eval prompts reads first."""
+    import pandas as pd  # heavy imports stay inside: definitions load without torch
+
+    from models.lm import load_frozen_base, pick_device
+    from models.reward_model import load_reward_models
+
+    device = str(pick_device(run.settings.device))
+    base, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
+    prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
+    prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
+    scorers = load_reward_models(run.path("reward_models"), device=device)
+    return device, base, tokenizer, prompts, scorers

@@ -4,6 +4,7 @@ from typing import Optional
 
 import dagster as dg
 
+from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.profiles import config_from
@@ -28,16 +29,11 @@ def evaluation(run: StageRun) -> Produced:
 
     from models.artifacts import write_folder
     from models.evaluation import EvalConfig, Evaluator, headline_numbers, headline_table, summarize
-    from models.lm import load_causal_lm, load_frozen_base, pick_device
-    from models.reward_model import load_reward_models
+    from models.lm import load_causal_lm
     from models.rewards import GOLD_REWARDS
     from models.value_store import load_value_models
 
-    device = str(pick_device(run.settings.device))
-    base, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
-    prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
-    prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
-    scorers = load_reward_models(run.path("reward_models"), device=device)
+    device, base, tokenizer, prompts, scorers = load_held_out(run)
     value_models = load_value_models(run.path("value_models"), device=device)
     dpo, _ = load_causal_lm(run.path("dpo_model"), device=device)
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],

@@ -31,8 +31,14 @@ def reward_models(run: StageRun) -> Produced:
 
     from models.artifacts import atomic_path
     from models.lm import pick_device
-    from models.reward_model import (RewardTrainConfig, gold_ceiling_accuracy, load_reward_model, pair_accuracy,
-                                     save_reward_model, train_reward_model)
+    from models.reward_model import (
+        RewardTrainConfig,
+        gold_ceiling_accuracy,
+        load_reward_model,
+        pair_accuracy,
+        save_reward_model,
+        train_reward_model,
+    )
     from models.rewards import GOLD_REWARDS
 
     params = run.params

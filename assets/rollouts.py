@@ -56,11 +56,11 @@ def rollouts(run: StageRun) -> Produced:
                 description="GX: no empty completions, finite scores, counts as configured.")
 def rollouts_suite(context: dg.AssetCheckExecutionContext, settings: VasSettings,
                    duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    import json
+
     import pandas as pd
 
     from models.validation import validate_rollouts
-
-    import json
 
     folder = output_path(settings, "rollouts")
     # The parameters this materialization resolved (a launchpad override included), not the profile's.

@@ -25,7 +25,8 @@ class CorpusConfig(dg.Config):
                 description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
 def corpus(run: StageRun) -> Produced:
     from models.artifacts import write_parquet
-    from models.corpus import CorpusConfig as GeneratorConfig, generate_corpus
+    from models.corpus import CorpusConfig as GeneratorConfig
+    from models.corpus import generate_corpus
     from models.rewards import count_words, positivity
 
     params = run.params
@@ -74,8 +75,15 @@ def base_model(run: StageRun) -> Produced:
 
     from models.artifacts import atomic_path
     from models.corpus import generate_openings
-    from models.lm import (TinyLMConfig, load_frozen_base, resolve_model_dir, save_pretrained,
-                           train_tiny_lm, weights_sha256, write_manifest)
+    from models.lm import (
+        TinyLMConfig,
+        load_frozen_base,
+        resolve_model_dir,
+        save_pretrained,
+        train_tiny_lm,
+        weights_sha256,
+        write_manifest,
+    )
     from models.probe import sample_spread
 
     params, settings = run.params, run.settings
@@ -114,6 +122,15 @@ def base_model(run: StageRun) -> Produced:
                               "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
 
 
+def _import_source(run: StageRun, importer, rules, what: str, **kwargs):
+    """The user's file (params `source`) instead of synthesis: (rows kept, validation report, where
+    the bad rows went or None, metrics). The raw file is never modified."""
+    df, report, quarantined = importer(run.params["source"], rules, run.settings.path("quarantine"), **kwargs)
+    if quarantined is not None:
+        run.log.warning(f"{len(report.bad_rows)} bad {what} rows quarantined to {quarantined}")
+    return df, report, quarantined, {"n_quarantined": len(report.bad_rows)}
+
+
 class PromptsConfig(dg.Config):
     source: Optional[str] = None
     n_train: Optional[int] = None
@@ -138,11 +155,8 @@ def prompts(run: StageRun) -> Produced:
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
-        df, report, quarantined = import_prompt_file(params["source"], rules, settings.path("quarantine"),
-                                                     n_eval=params["n_eval"], seed=params["seed"])
-        metrics["n_quarantined"] = len(report.bad_rows)
-        if quarantined is not None:
-            run.log.warning(f"{len(report.bad_rows)} bad prompt rows quarantined to {quarantined}")
+        df, report, quarantined, metrics = _import_source(run, import_prompt_file, rules, "prompt",
+                                                          n_eval=params["n_eval"], seed=params["seed"])
     else:
         openings = generate_openings(params["n_train"] + params["n_eval"], params["seed"] + 1)
         df = pd.DataFrame({
@@ -199,10 +213,7 @@ def preference_pairs(run: StageRun) -> Produced:
     metrics: dict[str, float] = {}
     quarantined = None
     if params["source"]:
-        df, report, quarantined = import_preference_file(params["source"], rules, settings.path("quarantine"))
-        metrics["n_quarantined"] = len(report.bad_rows)
-        if quarantined is not None:
-            run.log.warning(f"{len(report.bad_rows)} bad pair rows quarantined to {quarantined}")
+        df, report, quarantined, metrics = _import_source(run, import_preference_file, rules, "pair")
     else:
         device = str(pick_device(settings.device))
         model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)

@@ -4,6 +4,7 @@ from typing import Optional
 
 import dagster as dg
 
+from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.profiles import config_from
@@ -28,15 +29,9 @@ def value_error(run: StageRun) -> Produced:
     import pandas as pd
 
     from models.artifacts import write_folder
-    from models.lm import load_frozen_base, pick_device
-    from models.reward_model import load_reward_models
     from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
 
-    device = str(pick_device(run.settings.device))
-    base, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
-    prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
-    prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
-    scorers = load_reward_models(run.path("reward_models"), device=device)
+    device, base, tokenizer, prompts, scorers = load_held_out(run)
     models = load_scored_models(run.path("value_models"), device=device)
     metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
                                           config_from(ValueErrorConfig, run.params, "value_error"), device=device)

@@ -10,7 +10,6 @@ data/bench/decode.json. Needs a materialized pipeline (`make run`, or VAS_PROFIL
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -20,8 +20,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from models.rewards import score_gold
 from models.dpo import PolicySteering
+from models.rewards import score_gold
 from models.sampling import SamplingConfig, sample
 from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.vas import VASConfig, vas_sample

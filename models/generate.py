@@ -33,7 +33,7 @@ def _subdirs(root: Path) -> dict[str, Path]:
 
 def find_value_models(data_dir: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:
     """Saved value models by attribute: data_dir/value_models/<attribute>, then explicit folders."""
-    from models.value_model import CONFIG_FILE   # torch: only when looking for models
+    from models.value_model import CONFIG_FILE  # torch: only when looking for models
 
     found = {name: p for name, p in _subdirs(Path(data_dir) / VALUE_MODELS).items() if (p / CONFIG_FILE).exists()}
     found.update({name: Path(p) for name, p in (overrides or {}).items()})
@@ -59,7 +59,7 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
     Empty when no reward models were materialized: scores are extra information, never a reason
     for generation to fail.
     """
-    from models.reward_model import load_reward_model   # torch: only when scoring
+    from models.reward_model import load_reward_model  # torch: only when scoring
 
     dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
     dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
@@ -73,7 +73,7 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
 def decode_configs(**decode) -> tuple[SamplingConfig, VASConfig]:
     """The sampling and VAS settings of a decode: SamplingConfig's and VASConfig's own defaults
     (the one place they are declared), with every argument that is not None put over them."""
-    from models.sampling import SamplingConfig   # torch: only when decoding
+    from models.sampling import SamplingConfig  # torch: only when decoding
     from models.vas import VASConfig
 
     given = {k: v for k, v in decode.items() if v is not None}
@@ -98,9 +98,9 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
 
     Each dict: prompt, completion, kl_nats, n_tokens, and learned_<attribute> per reward model found.
     """
-    from models.lm import load_frozen_base, pick_device   # torch: only when decoding
-    from models.vas import vas_sample
+    from models.lm import load_frozen_base, pick_device  # torch: only when decoding
     from models.value_model import ValueModel
+    from models.vas import vas_sample
 
     sampling, vas = decode_configs(**decode)    # before loading anything: fail fast on a bad setting
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)

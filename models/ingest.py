@@ -14,8 +14,16 @@ from pathlib import Path
 import pandas as pd
 
 from models.artifacts import file_md5
-from models.validation import (CSV_SUFFIXES, JSONL_SUFFIXES, PAIR_OUTPUT_COLUMNS, PARQUET_SUFFIXES,
-                               Problem, ValidationReport, ValidationRules, import_preference_file)
+from models.validation import (
+    CSV_SUFFIXES,
+    JSONL_SUFFIXES,
+    PAIR_OUTPUT_COLUMNS,
+    PARQUET_SUFFIXES,
+    Problem,
+    ValidationReport,
+    ValidationRules,
+    import_preference_file,
+)
 
 SUPPORTED_SUFFIXES = CSV_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
 IMPORTED_COLUMNS = (*PAIR_OUTPUT_COLUMNS, "source_md5", "source_file", "source_row")

@@ -90,7 +90,7 @@ def train_tiny_lm(
     progress: Callable[[str], None] = log.info,
 ):
     """Train tokenizer and GPT-2 on texts. Returns (model, tokenizer, metrics dict)."""
-    from transformers import GPT2Config, GPT2LMHeadModel   # heavy: only when training
+    from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only when training
 
     torch.manual_seed(config.seed)
     dev = pick_device(device)
@@ -178,7 +178,7 @@ def save_pretrained(model, tokenizer, directory: str | Path) -> None:
 def quiet_loading() -> None:
     """No "Loading weights" progress bars in the run logs: transformers (and the HF hub, which it
     switches off too) draw one per model loaded."""
-    from transformers.utils import logging as hf_logging   # heavy: only where models are loaded
+    from transformers.utils import logging as hf_logging  # heavy: only where models are loaded
 
     hf_logging.disable_progress_bar()
 
@@ -189,7 +189,7 @@ def load_causal_lm(source: str | Path, trust_remote_code: bool = False, allow_do
 
     Weights load as safetensors only; remote code runs only when the caller asks for it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer   # heavy: only when a model is loaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when a model is loaded
 
     quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download)
@@ -209,7 +209,7 @@ def resolve_model_dir(source: str, allow_download: bool = False) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download   # heavy: only for models outside data/
+    from huggingface_hub import snapshot_download  # heavy: only for models outside data/
 
     try:
         return Path(snapshot_download(source, local_files_only=not allow_download))

@@ -197,7 +197,7 @@ def reward_model_from_base(base_dir: str | Path):
     The base loads through `load_frozen_base`, which refuses weights changed since they were
     pinned. Returns (model, tokenizer) on CPU.
     """
-    from transformers import AutoModelForSequenceClassification   # heavy: only when a model is built
+    from transformers import AutoModelForSequenceClassification  # heavy: only when a model is built
 
     lm, tokenizer, manifest = load_frozen_base(base_dir)
     config = copy.deepcopy(lm.config)
@@ -369,7 +369,7 @@ def load_reward_model(directory, device="cpu", trust_remote_code: bool = False, 
     Works for models saved by `save_reward_model` and for any user-supplied classifier saved
     locally; never downloads, loads safetensors only, runs remote code only when asked.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer   # heavy: only when loading
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: only when loading
 
     quiet_loading()
     path = Path(directory).expanduser()

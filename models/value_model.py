@@ -68,7 +68,7 @@ def _load_backbone(directory: str | Path, trust_remote_code: bool):
     SDPA or eager attention are requested because candidate scoring passes a custom 4D mask,
     which both accept and flash-attention kernels do not.
     """
-    from transformers import AutoConfig, AutoModel   # heavy: only when a model is built or loaded
+    from transformers import AutoConfig, AutoModel  # heavy: only when a model is built or loaded
 
     quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=True)

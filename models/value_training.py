@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from models.distributional import Support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
 from models.lm import pick_device
-from models.distributional import Support, distributional_lambda_returns, hl_gauss, histogram_cross_entropy
 from models.td import lambda_returns, masked_mse
 from models.train_utils import autocast_for, pad_rows, split_groups
 

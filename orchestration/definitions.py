@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import (baselines, evaluation, ingest, report, rewards, rollouts, synthesis, training, validation,
-                    value_error)
+from assets import baselines, evaluation, ingest, report, rewards, rollouts, synthesis, training, validation, value_error
 from assets.resources import build_resources
 from orchestration.schedules import full_pipeline, nightly_retrain, nightly_retrain_schedule
 from orchestration.sensors import incoming_preferences_sensor, incoming_retrain

@@ -43,7 +43,7 @@ def tiny_gpt2():
     def build(vocab_size: int, seed: int = 0, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
               n_positions: int = 64, eos: int = 0, pad: int | None = 1, init: float = 0.02, dropout: bool = False):
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel   # heavy: only for tests that build a model
+        from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only for tests that build a model
 
         torch.manual_seed(seed)
         no_dropout = {} if dropout else dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -51,6 +51,24 @@ def tiny_gpt2():
                             n_head=n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
                             initializer_range=init, **no_dropout)
         return GPT2LMHeadModel(config).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """Factory of whitespace word-level tokenizers over a given vocabulary (token -> id), so a
+    test writes its texts as the very tokens its tiny model sees."""
+
+    def build(vocab: dict[str, int], *, eos: str = "<eos>", pad: str = "<pad>", unk: str | None = None,
+              bos: str | None = None, padding_side: str = "right"):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast  # heavy: only for tests that need it
+
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=unk or pad))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+                                       padding_side=padding_side)
 
     return build
 

@@ -13,6 +13,7 @@ from models.evaluation import EvalConfig
 from models.generate import decode_configs
 from models.lm import TinyLMConfig
 from models.preferences import PairSynthesisConfig
+from models.profiles import config_from, load_profile
 from models.reward_model import RewardTrainConfig
 from models.rollouts import RolloutConfig
 from models.sampling import SamplingConfig
@@ -20,7 +21,6 @@ from models.validation import ValidationRules
 from models.value_error import ValueErrorConfig
 from models.value_training import ValueTrainConfig
 from models.vas import VASConfig
-from models.profiles import config_from, load_profile
 
 SECTIONS = [(CorpusConfig, "corpus"), (TinyLMConfig, "base_model"), (PairSynthesisConfig, "preference_pairs"),
             (RewardTrainConfig, "reward_models"), (RolloutConfig, "rollouts"), (ValueTrainConfig, "value_models"),

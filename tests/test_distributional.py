@@ -7,11 +7,9 @@ import types
 import pytest
 import torch
 
-from models.distributional import (Support, distributional_lambda_returns, hl_gauss, mean_value, soft_value,
-                                   value_of)
+from models.distributional import Support, distributional_lambda_returns, hl_gauss, mean_value, soft_value, value_of
 from models.sampling import SamplingConfig, sample
 from models.vas import ValueGuidance, VASConfig
-
 
 # ---------------------------------------------------------------- soft values
 
@@ -167,14 +165,8 @@ def decoded(beta: float, soft: bool) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tree_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"a": 0, "b": 1, "c": 2, "<eos>": EOS, "x": PROMPT_TOKEN}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+def tree_tokenizer(word_tokenizer):
+    return word_tokenizer({"a": 0, "b": 1, "c": 2, "<eos>": EOS, "x": PROMPT_TOKEN}, pad="<eos>")
 
 
 @pytest.mark.parametrize("beta", [0.5, 2.0, -1.0])

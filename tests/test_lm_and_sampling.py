@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from models.corpus import CorpusConfig, generate_corpus, generate_openings
-from models.lm import (TinyLMConfig, load_causal_lm, load_frozen_base, save_pretrained, train_tiny_lm,
-                       weights_sha256, write_manifest)
+from models.lm import (
+    TinyLMConfig,
+    load_frozen_base,
+    save_pretrained,
+    train_tiny_lm,
+    weights_sha256,
+    write_manifest,
+)
 from models.rewards import count_words, positivity
 from models.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad, positions, sample
 

@@ -16,8 +16,8 @@ from models.profiles import PROJECT_ROOT
 from models.stages import STAGES
 
 pytestmark = pytest.mark.integration
-ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts", "value_models", "dpo_model", "report",
-          "evaluation", "value_error"]
+ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts",
+          "value_models", "dpo_model", "report", "evaluation", "value_error"]
 
 
 def test_definitions_load():
@@ -212,7 +212,8 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
 
 def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
-    from bench.decode import KEYS, main as bench_main
+    from bench.decode import KEYS
+    from bench.decode import main as bench_main
 
     data = smoke_world["data_dir"]
     assert bench_main(["--data-dir", str(data), "--prompts", "4", "--batch-size", "4", "--max-new-tokens", "4",

@@ -7,10 +7,18 @@ import torch
 
 from models.corpus import NEGATIVE, POSITIVE, CorpusConfig, generate_corpus, generate_openings
 from models.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
+from models.reward_model import (
+    RewardScorer,
+    RewardTrainConfig,
+    encode_texts,
+    gold_ceiling_accuracy,
+    load_reward_model,
+    pair_accuracy,
+    save_reward_model,
+    split_by_prompt,
+    train_reward_model,
+)
 from models.rewards import conciseness
-from models.reward_model import (RewardScorer, RewardTrainConfig, encode_texts, gold_ceiling_accuracy,
-                                 load_reward_model, pair_accuracy, save_reward_model, split_by_prompt,
-                                 train_reward_model)
 from models.sampling import join_prompt_completion
 
 QUIET = lambda _: None  # noqa: E731

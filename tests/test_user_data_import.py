@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 def _materialize(data_dir, selection, run_config, **settings_fields):
     settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu", **settings_fields)
-    return dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(*selection), resources=build_resources(settings),
-                          run_config=run_config, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    return dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets(*selection),
+                          resources=build_resources(settings), run_config=run_config,
+                          instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
 
 def _pairs(n=12):

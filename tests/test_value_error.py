@@ -10,24 +10,26 @@ import pytest
 import torch
 
 from models.sampling import SamplingConfig, encode_prompts, sample
-from models.value_error import (ScoredModel, ValueErrorConfig, draw_states, evaluate_value_error, mc_statistics,
-                                rank_correlation, sample_from_ids, soft_target)
+from models.value_error import (
+    ScoredModel,
+    ValueErrorConfig,
+    draw_states,
+    evaluate_value_error,
+    mc_statistics,
+    rank_correlation,
+    sample_from_ids,
+    soft_target,
+)
 
 PROMPTS = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
                         "prompt": ["a b", "c", "d e f", "b", "a a", "f c"]})
 
 
 @pytest.fixture(scope="module")
-def small(tiny_gpt2):
+def small(tiny_gpt2, word_tokenizer):
     """V = 8: a word-level tokenizer and a random base model; the reward counts words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<eos>": 0, "<pad>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "e": 6, "f": 7}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
-                                        pad_token="<pad>", padding_side="left")
+    tokenizer = word_tokenizer(vocab, bos="<eos>", padding_side="left")
     base = tiny_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
 
     def reward(prompts, completions):

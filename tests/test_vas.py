@@ -11,8 +11,8 @@ import torch
 from models.corpus import CorpusConfig, generate_corpus
 from models.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
 from models.sampling import SamplingConfig, encode_prompts, left_pad, sample
-from models.vas import ValueGuidance, VASConfig, vas_sample
 from models.value_model import ValueModel
+from models.vas import ValueGuidance, VASConfig, vas_sample
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 
@@ -43,16 +43,10 @@ def world(tmp_path_factory, tiny_gpt2):
 
 
 @pytest.fixture(scope="module")
-def small(tiny_gpt2):
+def small(tiny_gpt2, word_tokenizer):
     """V = 8: a word-level tokenizer, a peaked random base model and a scalar value model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<eos>": 0, "<pad>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "e": 6, "f": 7}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<eos>", eos_token="<eos>",
-                                        pad_token="<pad>", padding_side="left")
+    tokenizer = word_tokenizer(vocab, bos="<eos>", padding_side="left")
     base = tiny_gpt2(8, seed=3, init=0.4, eos=0, pad=1)
     import tempfile
 

@@ -23,12 +23,26 @@ prepared frame and its checks), ``rules`` (what each table must satisfy), ``quar
 (importing a file: bad rows out, good rows on).
 """
 
-from models.validation.quarantine import (check_file, import_preference_file, import_prompt_file, quarantine_path,
-                                          split_quarantine, write_quarantine)
+from models.validation.quarantine import (
+                                          check_file,
+                                          import_preference_file,
+                                          import_prompt_file,
+                                          quarantine_path,
+                                          split_quarantine,
+                                          write_quarantine,
+)
 from models.validation.readers import CSV_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, detect_kind, read_table
 from models.validation.report import Problem, ValidationReport
-from models.validation.rules import (PAIR_OUTPUT_COLUMNS, PAIR_REQUIRED, PROMPT_COLUMNS, SPLITS, ValidationRules,
-                                     validate_pairs, validate_prompts, validate_rollouts)
+from models.validation.rules import (
+                                          PAIR_OUTPUT_COLUMNS,
+                                          PAIR_REQUIRED,
+                                          PROMPT_COLUMNS,
+                                          SPLITS,
+                                          ValidationRules,
+                                          validate_pairs,
+                                          validate_prompts,
+                                          validate_rollouts,
+)
 from models.validation.text import printable, prompt_id_for
 
 __all__ = [

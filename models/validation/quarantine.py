@@ -11,8 +11,7 @@ import pandas as pd
 from models.artifacts import file_md5, write_csv
 from models.validation.readers import ROW, detect_kind, read_table, source_rows
 from models.validation.report import Problem, ValidationReport
-from models.validation.rules import (PAIR_OUTPUT_COLUMNS, PROMPT_COLUMNS, SPLITS, ValidationRules, validate_pairs,
-                                     validate_prompts)
+from models.validation.rules import PAIR_OUTPUT_COLUMNS, PROMPT_COLUMNS, SPLITS, ValidationRules, validate_pairs, validate_prompts
 from models.validation.text import printable, prompt_id_for
 
 _KINDS = {"prompts": "prompts", "prompt": "prompts", "pairs": "pairs", "preference_pairs": "pairs",
