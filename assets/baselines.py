@@ -3,8 +3,10 @@
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import atomic_path
 from models.profiles import config_from
 
 
@@ -18,9 +20,7 @@ class DPOModelConfig(dg.Config):
                 description="The paper's baseline: a copy of the base model trained with TRL's DPO on the "
                             "preference pairs of one attribute. The frozen base model is not touched.")
 def dpo_model(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import atomic_path
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.dpo import DPOTrainConfig, train_dpo
     from models.lm import base_model_dir, pick_device, weights_sha256
 

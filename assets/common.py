@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
 import dagster as dg
+import pandas as pd
 
 from assets.metrics_db import copy_metrics, find_reusable, metric_row, write_rows
 from models.artifacts import dvc_md5
@@ -99,8 +101,8 @@ def torch_threads(settings) -> None:
     and deterministic kernels, so the same seed, data and code give the same numbers when re-run:
     CPU reductions are split by thread count, so a count that followed the machine's cores would
     change the floats from one machine to the next."""
-    import os
 
+    # torch loads here and in the assets that use it: `dagster dev` loads these definitions without torch
     import torch
 
     torch.set_num_threads(max(1, int(settings.params()["threads"])))
@@ -212,7 +214,6 @@ def record_check(context, settings, duckdb, check: str, asset: str, passed: bool
 def load_held_out(run):
     """(device, frozen base, tokenizer, held-out prompts, learned reward scorers): what every asset
     that measures decoders or value models on the eval prompts reads first."""
-    import pandas as pd  # heavy imports stay inside: definitions load without torch
 
     from models.lm import load_frozen_base, pick_device
     from models.reward_model import load_reward_models

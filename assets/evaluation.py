@@ -1,13 +1,18 @@
 """Group `evaluation`: every method on the held-out prompts, same seeds; all samples stored."""
 
+import json
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
 from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import write_folder
 from models.profiles import config_from
+from models.rewards import GOLD_REWARDS
+from models.value_store import load_value_models
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
                     "gold_conciseness_ci95", "learned_positivity_mean", "kl_nats_mean", "gold_positivity_winrate",
@@ -23,15 +28,9 @@ class EvaluationConfig(dg.Config):
                 description="Base sampling, Best-of-N (N=1..128), VAS beta sweep per parameterization and the "
                             "composition grid on held-out prompts; every sample in data/eval/samples.parquet.")
 def evaluation(run: StageRun) -> Produced:
-    import json
-
-    import pandas as pd
-
-    from models.artifacts import write_folder
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.evaluation import EvalConfig, Evaluator, headline_numbers, headline_table, summarize
     from models.lm import load_causal_lm
-    from models.rewards import GOLD_REWARDS
-    from models.value_store import load_value_models
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     value_models = load_value_models(run.path("value_models"), device=device)

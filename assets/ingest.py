@@ -7,14 +7,21 @@ models and evaluation retrain on them. A file that fails never gets here: the se
 a failed `imported_preferences_suite` check with its reasons instead.
 """
 
+import json
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import List
 
 import dagster as dg
+import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
 from assets.validation import problems_table, run_suite_check
+from models.artifacts import write_folder
+from models.ingest import empty_imported, read_incoming
+from models.validation import ValidationRules
 
 GROUP = "ingest"
 CHECK_NAME = "imported_preferences_suite"
@@ -30,16 +37,6 @@ class ImportedPreferencesConfig(dg.Config):
                 description="Every preference pair delivered through data/incoming/ and accepted by validation, "
                             "with the md5, name and row of its file; merged into preference_pairs.")
 def imported_preferences(run: StageRun) -> Produced:
-    import json
-    from datetime import datetime, timezone
-    from pathlib import Path
-
-    import pandas as pd
-
-    from models.artifacts import write_folder
-    from models.ingest import empty_imported, read_incoming
-    from models.validation import ValidationRules
-
     rules = ValidationRules.from_params(run.params["validation"])
     folder = run.path("imported_preferences")
     existing = pd.read_parquet(folder / "pairs.parquet") if (folder / "pairs.parquet").exists() else empty_imported()

@@ -1,13 +1,15 @@
 """Group `evaluation`: the report: frontier and composition plots and the headline table, in the UI."""
 
+import base64
+
 import dagster as dg
+import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import atomic_path
 
 
 def _png_markdown(path) -> dg.MetadataValue:
-    import base64
-
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return dg.MetadataValue.md(f"![{path.stem}](data:image/png;base64,{data})")
 
@@ -25,9 +27,7 @@ def study_files(settings) -> list[str]:
                             "a computed verdict: does VAS reach Best-of-128, and at what cost; the value models' "
                             "error against Monte-Carlo estimates.")
 def report(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import atomic_path
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.evaluation import headline_table
     from models.report import report_verdict, targets_section, write_report
     from models.value_error import markdown_table

@@ -1,11 +1,15 @@
 """Group `rewards`: one Bradley-Terry reward model per attribute, learned from preference_pairs only."""
 
+import shutil
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import atomic_path
 from models.profiles import config_from
+from models.rewards import GOLD_REWARDS
 
 
 class RewardModelsConfig(dg.Config):
@@ -25,11 +29,7 @@ def _classifiers(settings, params) -> list[str]:
                 description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
                             "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
 def reward_models(run: StageRun) -> Produced:
-    import shutil
-
-    import pandas as pd
-
-    from models.artifacts import atomic_path
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.lm import pick_device
     from models.reward_model import (
         RewardTrainConfig,
@@ -39,7 +39,6 @@ def reward_models(run: StageRun) -> Produced:
         save_reward_model,
         train_reward_model,
     )
-    from models.rewards import GOLD_REWARDS
 
     params = run.params
     pairs = pd.read_parquet(run.path("preference_pairs") / "pairs.parquet")

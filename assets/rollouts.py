@@ -1,14 +1,19 @@
 """Group `rollouts`: K completions per training prompt from the frozen base model, scored by every reward."""
 
+import json
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from assets.common import output_path, record_check
 from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import write_folder
 from models.profiles import config_from
+from models.rewards import GOLD_REWARDS
+from models.validation import validate_rollouts
 
 
 class RolloutsConfig(dg.Config):
@@ -20,12 +25,9 @@ class RolloutsConfig(dg.Config):
                 description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
                             "learned and gold reward scores.")
 def rollouts(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import write_folder
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.lm import load_frozen_base, pick_device
     from models.reward_model import load_reward_models
-    from models.rewards import GOLD_REWARDS
     from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, score_rollouts
 
     params = run.params
@@ -56,12 +58,6 @@ def rollouts(run: StageRun) -> Produced:
                 description="GX: no empty completions, finite scores, counts as configured.")
 def rollouts_suite(context: dg.AssetCheckExecutionContext, settings: VasSettings,
                    duckdb: DuckDBResource) -> dg.AssetCheckResult:
-    import json
-
-    import pandas as pd
-
-    from models.validation import validate_rollouts
-
     folder = output_path(settings, "rollouts")
     # The parameters this materialization resolved (a launchpad override included), not the profile's.
     params = json.loads((folder / "params.json").read_text())

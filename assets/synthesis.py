@@ -8,10 +8,16 @@ prompts, a file of preference pairs. Either way the outputs land under the data 
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
 from assets.common import output_path
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import atomic_path, write_folder, write_parquet
+from models.corpus import CorpusConfig as GeneratorConfig
+from models.corpus import generate_corpus, generate_openings
 from models.profiles import config_from
+from models.rewards import count_words, positivity
+from models.validation import ValidationRules, import_preference_file, import_prompt_file, validate_pairs, validate_prompts
 
 GROUP = "synthesis"
 
@@ -24,11 +30,6 @@ class CorpusConfig(dg.Config):
                 pool="duckdb_writer",
                 description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
 def corpus(run: StageRun) -> Produced:
-    from models.artifacts import write_parquet
-    from models.corpus import CorpusConfig as GeneratorConfig
-    from models.corpus import generate_corpus
-    from models.rewards import count_words, positivity
-
     params = run.params
     df = generate_corpus(config_from(GeneratorConfig, params, "corpus"))
     write_parquet(df, run.path("corpus"))
@@ -71,10 +72,8 @@ def _source(settings, params) -> str | None:
                 kinds={"pytorch", "huggingface"}, pool="gpu",
                 description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
 def base_model(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import atomic_path
-    from models.corpus import generate_openings
+    # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
+    # loads these definitions without torch
     from models.lm import (
         TinyLMConfig,
         load_frozen_base,
@@ -141,13 +140,9 @@ class PromptsConfig(dg.Config):
                 pool="duckdb_writer",
                 description="Train/eval prompt splits: review openings, or the user's file of prompts.")
 def prompts(run: StageRun) -> Produced:
-    import pandas as pd
     from transformers import AutoTokenizer
 
-    from models.artifacts import write_folder
-    from models.corpus import generate_openings
     from models.lm import base_model_dir
-    from models.validation import ValidationRules, import_prompt_file, validate_prompts
 
     params, settings = run.params, run.settings
     rules = ValidationRules.from_params(params["validation"])
@@ -200,12 +195,8 @@ def _preference_pairs_upstream(settings, params) -> list[str]:
                       "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected); "
                       "plus every pair accepted from data/incoming/ (imported_preferences).")
 def preference_pairs(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import write_folder
     from models.lm import load_frozen_base, pick_device
     from models.preferences import PairSynthesisConfig, synthesize_pairs
-    from models.validation import ValidationRules, import_preference_file, validate_pairs
 
     params, settings = run.params, run.settings
     rules = ValidationRules.from_params(params["validation"])

@@ -1,12 +1,18 @@
 """Group `training`: one value model per reward attribute, fitted by TD(lambda) on the rollouts."""
 
+import json
+from datetime import datetime, timezone
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
+from assets.common import git_sha
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import atomic_path, keep_version
 from models.profiles import config_from
-from models.stages import STAGES
+from models.stages import STAGES, code_version
+from models.value_store import META_FILE, value_model_name
 
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "backbone_init")
@@ -22,12 +28,6 @@ class ValueModelsConfig(dg.Config):
 def keep_value_model_version(run: StageRun):
     """Every value-model version the pipeline produced stays in data/value_model_versions/<md5>/
     (listed in versions.json with the run that made it); data/value_models is the current one."""
-    from datetime import datetime, timezone
-
-    from assets.common import git_sha
-    from models.artifacts import keep_version
-    from models.stages import code_version
-
     record = {"run_id": run.context.run_id, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "rollouts_md5": run.inputs["rollouts"], "git_sha": git_sha(),
               "code_version": code_version("value_models")}
@@ -41,14 +41,10 @@ def keep_value_model_version(run: StageRun):
                 description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
                             "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
 def value_models(run: StageRun) -> Produced:
-    import json
-
-    import pandas as pd
-
-    from models.artifacts import atomic_path
+    # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
+    # loads these definitions without torch
     from models.lm import base_model_dir, pick_device, read_manifest
     from models.rollouts import training_rollouts
-    from models.value_store import META_FILE, value_model_name
     from models.value_training import ValueTrainConfig, backbone_init_dir, clear_checkpoint, train_value_model
 
     params = run.params

@@ -9,10 +9,12 @@ import stops the downstream stages and shows the raw file's row-level reasons in
 import json
 
 import dagster as dg
+import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from assets.common import output_path, record_check
 from assets.resources import VasSettings
+from models.validation import Problem, ValidationRules, validate_pairs, validate_prompts
 
 MAX_PROBLEMS_SHOWN = 50
 DATA_FILES = {"prompts": "prompts.parquet", "preference_pairs": "pairs.parquet",
@@ -31,10 +33,6 @@ def problems_table(problems: list[dict]) -> str:
 
 def run_suite_check(context, settings: VasSettings, duckdb: DuckDBResource, asset: str, kind: str,
                     extra_problems=None, allow_empty: bool = False) -> dg.AssetCheckResult:
-    import pandas as pd
-
-    from models.validation import Problem, ValidationRules, validate_pairs, validate_prompts
-
     rules_params = settings.params()["validation"]
     rules = ValidationRules.from_params(rules_params)
     data_path = output_path(settings, asset) / DATA_FILES[asset]

@@ -3,10 +3,12 @@
 from typing import Optional
 
 import dagster as dg
+import pandas as pd
 
 from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
+from models.artifacts import write_folder
 from models.profiles import config_from
 
 METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
@@ -26,9 +28,7 @@ class ValueErrorAssetConfig(dg.Config):
                             "and soft values), at prefixes of held-out completions: mse, Spearman over pi0's top "
                             "candidates, and the MC noise floor; data/value_error/.")
 def value_error(run: StageRun) -> Produced:
-    import pandas as pd
-
-    from models.artifacts import write_folder
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)

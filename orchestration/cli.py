@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+from assets.metrics_db import metric_row, write_rows
 from models.environment import read_env, set_env
-from models.profiles import PROJECT_ROOT
+from models.generate import decode_configs, generate
+from models.profiles import PROJECT_ROOT, load_profile
+from models.stages import STAGES, output_of
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
 QUIET_ENV = {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "False"}
@@ -42,6 +48,8 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
     An asset whose inputs, params and code are unchanged re-uses its output unless force.
     seed replaces the profile's seed for every asset of the run (`vas study`)."""
     use_profile(profile, data_dir)
+    # dagster, pandas and the asset graph load inside the commands that need them: `vas --help` starts at once,
+    # and QUIET_ENV is set before dagster loads
     import dagster as dg
 
     from assets.common import FORCE_TAG
@@ -171,7 +179,6 @@ def study_upstream() -> dict[str, str]:
     """The assets upstream of STUDY_RETRAINS (not retrained by the study) and their outputs."""
     import dagster as dg
 
-    from models.stages import STAGES
     from orchestration.definitions import defs
 
     keys = dg.AssetSelection.assets(*STUDY_RETRAINS).upstream().resolve(defs.resolve_asset_graph())
@@ -196,9 +203,6 @@ def cmd_study(args) -> int:
     """Retrain rollouts, value models and evaluation once per seed on the main run's upstream
     outputs, under data/study/seed_<s>/; aggregate the evaluation summaries across seeds
     (data/study/), record them in the main DuckDB (asset seed_study) and refresh the report."""
-    import json
-    from datetime import datetime, timezone
-
     seeds = list(dict.fromkeys(args.seeds))
     if not seeds:
         print("vas study: give at least one seed (--seeds 0 1 2)", file=sys.stderr)
@@ -207,10 +211,8 @@ def cmd_study(args) -> int:
     import pandas as pd
 
     from assets.common import git_sha
-    from assets.metrics_db import metric_row, write_rows
     from assets.resources import duckdb_for, settings_from_env
     from models.artifacts import atomic_path, dvc_md5
-    from models.stages import output_of
     from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
     from models.targets import study_markdown as targets_markdown
 
@@ -282,7 +284,6 @@ def cmd_study(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from models.profiles import load_profile
     from models.validation import ValidationRules
 
     rules = ValidationRules.from_params(load_profile(args.profile)["validation"])
@@ -321,8 +322,6 @@ def _assignment(text: str) -> tuple[str, str]:
 
 def _weight(text: str) -> tuple[str, float]:
     """--weight ATTR=NUMBER, e.g. positivity=2."""
-    import math
-
     name, value = _assignment(text)
     try:
         weight = float(value)
@@ -334,10 +333,6 @@ def _weight(text: str) -> tuple[str, float]:
 
 
 def cmd_generate(args) -> int:
-    import json
-
-    from models.generate import decode_configs, generate
-
     data_dir = Path(args.data_dir or read_env().data_dir)
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
     try:
@@ -367,8 +362,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    import json
-
     from orchestration.lineage import diff_runs, lineage, print_diff, print_lineage
 
     data_dir = Path(args.data_dir) if args.data_dir else PROJECT_ROOT / "data"

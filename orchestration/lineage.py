@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import duckdb
+import yaml
+
+from models.artifacts import dvc_md5
 from models.profiles import PROJECT_ROOT
 from models.stages import STAGES
 
@@ -41,8 +45,6 @@ def artifact_of_path(path: Path, data_dir: Path) -> tuple[str, Path]:
 
 def dvc_lock_md5s(lock_file: Path = PROJECT_ROOT / "dvc.lock") -> dict[str, str]:
     """out path -> md5, from dvc.lock."""
-    import yaml
-
     if not lock_file.exists():
         return {}
     stages = yaml.safe_load(lock_file.read_text()).get("stages", {})
@@ -87,10 +89,6 @@ def scored(conn, value_models_md5: str) -> list[dict]:
 
 
 def lineage(target: str, data_dir: Path) -> dict:
-    import duckdb
-
-    from models.artifacts import dvc_md5
-
     conn = duckdb.connect(str(data_dir / "metrics.duckdb"), read_only=True)
     try:
         path = Path(target)
@@ -141,8 +139,6 @@ def print_lineage(result: dict) -> None:
 
 def diff_runs(run_a: str, run_b: str, data_dir: Path) -> dict:
     """What changed between two runs: per asset the md5, params and code, then the metrics."""
-    import duckdb
-
     conn = duckdb.connect(str(data_dir / "metrics.duckdb"), read_only=True)
     try:
         runs = {}

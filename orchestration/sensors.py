@@ -20,7 +20,11 @@ import dagster as dg
 
 from assets.ingest import CHECK_NAME
 from assets.resources import VasSettings
+from assets.validation import problems_table
+from models.artifacts import file_md5
 from models.environment import read_env
+from models.ingest import incoming_files, read_incoming
+from models.validation import ValidationRules
 
 incoming_retrain = dg.define_asset_job(
     "incoming_retrain",
@@ -36,8 +40,6 @@ def settle_seconds() -> float:
 
 
 def _failed_check(path, md5: str, report, quarantined) -> dg.AssetCheckEvaluation:
-    from assets.validation import problems_table
-
     problems = [vars(p) for p in report.problems]
     metadata = {
         "file": str(path),
@@ -63,10 +65,6 @@ def _failed_check(path, md5: str, report, quarantined) -> dg.AssetCheckEvaluatio
                 "they pass, records a failed imported_preferences_suite check when they do not.",
 )
 def incoming_preferences_sensor(context: dg.SensorEvaluationContext, settings: VasSettings):
-    from models.artifacts import file_md5
-    from models.ingest import incoming_files, read_incoming
-    from models.validation import ValidationRules
-
     processed: dict[str, str] = json.loads(context.cursor) if context.cursor else {}  # md5 -> file name
     folder = settings.path("incoming")
     rules = ValidationRules.from_params(settings.params()["validation"])
