@@ -8,6 +8,7 @@ dvc.yaml's stages say exactly what these entries say).
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ class Stage:
     upstream: tuple[str, ...] = ()  # assets whose outputs it reads
     section: str | None = None      # its params.yaml section, resolved with the shared seed
     also_params: tuple[str, ...] = ()  # other params.yaml sections that decide its output
-    code: tuple[str, ...] = ()      # the source files (or folders) that compute it
+    code: tuple[str, ...] = ()      # the source files (or folders) it calls; code_files adds their imports
     versions: str | None = None     # folder under the data folder keeping every past output
     persist: bool = False           # the output accumulates across runs: DVC must not delete it first
 
@@ -77,6 +78,51 @@ def output_of(asset: str) -> str:
     return STAGES[asset].output
 
 
+def _python_files(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
+
+
+def _module_path(module: str, root: Path) -> str | None:
+    """models.x.y -> 'models/x' when models/x is a package (a folder counts as one unit), else
+    'models/x.py'; None for anything outside models/."""
+    parts = module.split(".")
+    if parts[0] != "models" or len(parts) < 2:
+        return None
+    if (root / "models" / parts[1]).is_dir():
+        return f"models/{parts[1]}"
+    return f"models/{parts[1]}.py" if (root / "models" / f"{parts[1]}.py").exists() else None
+
+
+def _models_imported_by(rel: str, root: Path) -> set[str]:
+    """The models/ modules a source file (or every file of a folder) imports, at any depth of the file."""
+    found: set[str] = set()
+    for file in _python_files(root / rel):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from models import targets` names a module too
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found.update(path for name in names if (path := _module_path(name, root)) and path != rel)
+    return found
+
+
+def code_files(listed: Iterable[str], root: Path = PROJECT_ROOT) -> list[str]:
+    """A stage's code: the files it lists, then every models/ module those import, transitively, so
+    an edit to a helper two imports away still counts. Imports are followed from models/ files
+    only: an asset module's own plumbing (assets/common.py, the registry, params resolution) decides
+    how a stage runs and what lineage records, not what it computes."""
+    listed = list(listed)
+    seen, todo = set(listed), [p for p in listed if p.startswith("models/")]
+    while todo:
+        for path in sorted(_models_imported_by(todo.pop(), root) - seen):
+            seen.add(path)
+            todo.append(path)
+    return listed + sorted(seen - set(listed))
+
+
 def code_hash(paths: Iterable[str], root: Path) -> str:
     """Hash of source files under root (a folder counts as the .py files in it), by path and content."""
     digest = hashlib.sha256()
@@ -84,16 +130,16 @@ def code_hash(paths: Iterable[str], root: Path) -> str:
         path = root / rel
         if not path.exists():
             raise FileNotFoundError(f"{rel}, listed as code in models/stages.py, does not exist under {root}")
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+        for file in _python_files(path):
             digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
 def code_version(asset: str) -> str:
-    """The asset's code version: a hash of the source files its stage lists (dvc.yaml's code deps
-    for that stage), so an edit recomputes the assets that run that code and re-uses the rest."""
-    return code_hash(STAGES[asset].code, PROJECT_ROOT)
+    """The asset's code version: a hash of its stage's code files (dvc.yaml's code deps for that
+    stage), so an edit recomputes the assets that run that code and re-uses the rest."""
+    return code_hash(code_files(STAGES[asset].code), PROJECT_ROOT)
 
 
 def dvc_stage(stage: Stage, dagster_home: str = "${dagster_home}") -> dict:
@@ -101,7 +147,7 @@ def dvc_stage(stage: Stage, dagster_home: str = "${dagster_home}") -> dict:
     are its upstream outputs, then its code; its params are the `default` profile's."""
     entry: dict = {
         "cmd": f"DAGSTER_HOME=$PWD/{dagster_home} vas materialize {stage.name} --profile default",
-        "deps": [f"data/{STAGES[up].output}" for up in stage.upstream] + list(stage.code),
+        "deps": [f"data/{STAGES[up].output}" for up in stage.upstream] + code_files(stage.code),
     }
     if stage.params:
         entry["params"] = [f"default.{key}" for key in stage.params]
