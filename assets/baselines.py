@@ -7,7 +7,6 @@ import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path
-from models.profiles import config_from
 
 
 class DPOModelConfig(dg.Config):
@@ -28,7 +27,7 @@ def dpo_model(run: StageRun) -> Produced:
     device = str(pick_device(run.settings.device))
     with atomic_path(run.path("dpo_model")) as tmp:
         result = train_dpo(pairs, base_model_dir(run.path("base_model")), tmp,
-                           config_from(DPOTrainConfig, run.params, "dpo"), device=device, progress=run.log.info)
+                           run.config_for(DPOTrainConfig), device=device, progress=run.log.info)
         sha = weights_sha256(tmp)
     curve = result.pop("loss_curve")
     return Produced(result, series={"dpo_loss": curve}, model_version=sha)

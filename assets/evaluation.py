@@ -10,7 +10,6 @@ from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
-from models.profiles import config_from
 from models.rewards import GOLD_REWARDS
 from models.value_store import load_value_models
 
@@ -36,7 +35,7 @@ def evaluation(run: StageRun) -> Produced:
     value_models = load_value_models(run.path("value_models"), device=device)
     dpo, _ = load_causal_lm(run.path("dpo_model"), device=device)
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
-                          prompts, config_from(EvalConfig, run.params, "evaluation"), device=device,
+                          prompts, run.config_for(EvalConfig), device=device,
                           progress=run.log.info,
                           dpo_model=dpo)
     runs = evaluator.run_all()

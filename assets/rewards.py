@@ -8,7 +8,6 @@ import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path
-from models.profiles import config_from
 from models.rewards import GOLD_REWARDS
 
 
@@ -62,7 +61,7 @@ def reward_models(run: StageRun) -> Produced:
                 run.log.info(f"reward model {attribute}: training on {len(group)} pairs")
                 model, tokenizer, train = train_reward_model(
                     group, run.path("base_model"),
-                    config_from(RewardTrainConfig, params, "reward_models", ignore=("sources",)), device=device,
+                    run.config_for(RewardTrainConfig, ignore=("sources",)), device=device,
                     progress=run.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]

@@ -11,7 +11,6 @@ from assets.common import output_path, record_check
 from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
-from models.profiles import config_from
 from models.rewards import GOLD_REWARDS
 from models.validation import validate_rollouts
 
@@ -35,7 +34,7 @@ def rollouts(run: StageRun) -> Produced:
     model, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)
     prompts = pd.read_parquet(run.path("prompts") / "prompts.parquet")
     train_prompts = prompts[prompts.split == "train"].reset_index(drop=True)
-    df = sample_rollouts(model, tokenizer, train_prompts, config_from(RolloutConfig, params, "rollouts"),
+    df = sample_rollouts(model, tokenizer, train_prompts, run.config_for(RolloutConfig),
                          device=device, progress=run.log.info)
     scorers = load_reward_models(run.path("reward_models"), device=device)
     df = score_rollouts(df, scorers, [a for a in scorers if a in GOLD_REWARDS])

@@ -17,7 +17,7 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import LogToDagster, finish, lineage_inputs, output_path, reuse, torch_threads
 from assets.resources import VasSettings
-from models.profiles import resolve
+from models.profiles import config_from, resolve
 from models.stages import STAGES, code_version
 
 
@@ -30,10 +30,16 @@ class StageRun:
     params: dict
     inputs: dict[str, str]
     config: Optional[dg.Config] = None    # the launchpad config (its fields are in params already)
+    stage: str = ""                        # the asset's name, its entry in models/stages.py
 
     @property
     def log(self):
         return self.context.log
+
+    def config_for(self, cls: type, ignore: tuple[str, ...] = (), **overrides):
+        """A models/ config dataclass from this stage's params section; an unknown key fails with
+        its path (models.profiles.config_from), keys the asset reads itself go in `ignore`."""
+        return config_from(cls, self.params, STAGES[self.stage].section, ignore=ignore, **overrides)
 
     def path(self, asset: str) -> Path:
         """An asset's output under this run's data folder."""
@@ -78,7 +84,7 @@ def pipeline_asset(name: str, config: type[dg.Config] | None = None, *,
                 params[section] = profile[section]
             inputs = lineage_inputs(settings, upstream(settings, params) if upstream else stage.upstream,
                                     sources(settings, params) if sources else None)
-            run = StageRun(context, settings, params, inputs, run_config)
+            run = StageRun(context, settings, params, inputs, run_config, stage=name)
             if reusable and (reused := reuse(context, settings, duckdb, name, params, run.inputs)) is not None:
                 if on_reuse:
                     on_reuse(run)

@@ -15,7 +15,6 @@ from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, write_folder, write_parquet
 from models.corpus import CorpusConfig as GeneratorConfig
 from models.corpus import generate_corpus, generate_openings
-from models.profiles import config_from
 from models.rewards import count_words, positivity
 from models.validation import ValidationRules, import_preference_file, import_prompt_file, validate_pairs, validate_prompts
 
@@ -30,8 +29,7 @@ class CorpusConfig(dg.Config):
                 pool="duckdb_writer",
                 description="Seeded synthetic product reviews, from harsh to glowing and terse to rambling.")
 def corpus(run: StageRun) -> Produced:
-    params = run.params
-    df = generate_corpus(config_from(GeneratorConfig, params, "corpus"))
+    df = generate_corpus(run.config_for(GeneratorConfig))
     write_parquet(df, run.path("corpus"))
     sample = df.text.head(2000).tolist()
     pos = positivity(sample)
@@ -100,7 +98,7 @@ def base_model(run: StageRun) -> Produced:
                                  "allow_download": params["allow_download"]})
         else:
             texts = pd.read_parquet(run.path("corpus")).text.tolist()
-            config = config_from(TinyLMConfig, params, "base_model", ignore=BASE_MODEL_OWN_KEYS)
+            config = run.config_for(TinyLMConfig, ignore=BASE_MODEL_OWN_KEYS)
             model, tokenizer, train = train_tiny_lm(texts, config, device=settings.device)
             save_pretrained(model, tokenizer, tmp)
             sha = weights_sha256(tmp)
@@ -210,7 +208,7 @@ def preference_pairs(run: StageRun) -> Produced:
         model, tokenizer, _ = load_frozen_base(settings.path("base_model"), device=device)
         train = pd.read_parquet(settings.path("prompts", "prompts.parquet"))
         train = train[train.split == "train"]
-        config = config_from(PairSynthesisConfig, params, "preference_pairs", ignore=("source", "validation"))
+        config = run.config_for(PairSynthesisConfig, ignore=("source", "validation"))
         df = synthesize_pairs(model, tokenizer, train, config, device=device, progress=run.log.info)
         metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())

@@ -10,7 +10,6 @@ import pandas as pd
 from assets.common import git_sha
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
-from models.profiles import config_from
 from models.stages import STAGES, code_version
 from models.value_store import META_FILE, value_model_name
 
@@ -73,8 +72,8 @@ def value_models(run: StageRun) -> Produced:
                 if parameterization != primary and extra_for and attribute not in extra_for:
                     continue
                 name = value_model_name(attribute, parameterization, primary)
-                train_config = config_from(ValueTrainConfig, params, "value_models", ignore=VALUE_MODELS_OWN_KEYS,
-                                           parameterization=parameterization)
+                train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
+                                              parameterization=parameterization)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute)
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,

@@ -9,7 +9,6 @@ from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
-from models.profiles import config_from
 
 METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
 
@@ -34,7 +33,7 @@ def value_error(run: StageRun) -> Produced:
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     models = load_scored_models(run.path("value_models"), device=device)
     metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
-                                          config_from(ValueErrorConfig, run.params, "value_error"), device=device)
+                                          run.config_for(ValueErrorConfig), device=device)
     write_folder(run.path("value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
 
     rows = [metric_row(column, float(row[column]), split="eval", method=row.model,
