@@ -30,15 +30,33 @@ def _merge(base: dict, overlay: Mapping) -> dict:
     return merged
 
 
+def _unknown_keys(default: Mapping, overlay: Mapping, path: str = "") -> list[str]:
+    """Keys of a profile's overrides that `default` does not have, as dotted paths. Inside a map
+    that is empty in `default` (free-form, e.g. reward_models.sources) any key is allowed."""
+    unknown = []
+    for key, value in overlay.items():
+        where = f"{path}{key}"
+        if key not in default:
+            unknown.append(where)
+        elif isinstance(value, Mapping) and isinstance(default[key], Mapping) and default[key]:
+            unknown += _unknown_keys(default[key], value, where + ".")
+    return unknown
+
+
 def load_profile(name: str | None = None, params_file: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """All parameters of a profile: `default` with the profile's overrides merged in."""
+    """All parameters of a profile: `default` with the profile's overrides merged in. `default` is
+    complete, so an override naming a key it lacks is a typo, and an error, not a silent no-op."""
     name = name or active_profile()
     with open(params_file, encoding="utf-8") as handle:
         profiles = yaml.safe_load(handle)
     if name not in profiles:
         known = ", ".join(sorted(profiles))
         raise KeyError(f"unknown profile {name!r} in {params_file}; known: {known}")
-    return _merge(profiles[DEFAULT_PROFILE], profiles[name] or {})
+    overlay = profiles[name] or {}
+    if unknown := _unknown_keys(profiles[DEFAULT_PROFILE], overlay):
+        raise KeyError(f"profile {name!r} in {params_file} sets parameter(s) the default profile does not have: "
+                       f"{', '.join(unknown)}")
+    return _merge(profiles[DEFAULT_PROFILE], overlay)
 
 
 def resolve(profile: Mapping[str, Any], section: str, overrides: Mapping[str, Any] | None = None) -> dict:

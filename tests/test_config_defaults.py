@@ -83,3 +83,17 @@ def test_every_vas_variable_is_read_through_one_object(monkeypatch):
     monkeypatch.setenv("VAS_REQUIRE_BROWSER", "1")
     env = read_env()
     assert (env.profile, env.incoming_settle_seconds, env.require_browser) == ("smoke", 2.5, True)
+
+
+def test_a_profile_override_with_a_key_default_lacks_is_an_error(tmp_path):
+    from models.profiles import load_profile
+
+    params = tmp_path / "params.yaml"
+    params.write_text("default:\n  seed: 0\n  prompts: {n_train: 4, n_eval: 2}\n  reward_models: {sources: {}}\n"
+                      "mine:\n  prompts: {n_trian: 8}\n"
+                      "ok:\n  prompts: {n_train: 8}\n  reward_models: {sources: {positivity: /models/rm}}\n")
+    with pytest.raises(KeyError, match=r"prompts\.n_trian"):
+        load_profile("mine", params)
+    ok = load_profile("ok", params)      # free-form maps (empty in default) take any key
+    assert ok["prompts"] == {"n_train": 8, "n_eval": 2}
+    assert ok["reward_models"]["sources"] == {"positivity": "/models/rm"}
