@@ -21,6 +21,15 @@ class ValueErrorAssetConfig(dg.Config):
     betas: Optional[list[float]] = None
 
 
+def value_error_config(run: StageRun):
+    """The value_error section, with the completion budget of the rollouts the value models were fitted
+    on (one declaration: rollouts.max_new_tokens), so the MC targets are values of the same pi0 episodes."""
+    from models.value_error import ValueErrorConfig
+
+    return run.config_for(ValueErrorConfig, ignore=("rollouts",),
+                          max_new_tokens=int(run.params["rollouts"]["max_new_tokens"]))
+
+
 @pipeline_asset("value_error", ValueErrorAssetConfig, group_name="evaluation", kinds={"pytorch", "parquet"},
                 pool="gpu",
                 description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
@@ -28,12 +37,12 @@ class ValueErrorAssetConfig(dg.Config):
                             "candidates, and the MC noise floor; data/value_error/.")
 def value_error(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.value_error import ValueErrorConfig, evaluate_value_error, load_scored_models, markdown_table
+    from models.value_error import evaluate_value_error, load_scored_models, markdown_table
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     models = load_scored_models(run.path("value_models"), device=device)
     metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
-                                          run.config_for(ValueErrorConfig), device=device)
+                                          value_error_config(run), device=device)
     write_folder(run.path("value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})
 
     rows = [metric_row(column, float(row[column]), split="eval", method=row.model,

@@ -63,7 +63,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           code=("models/evaluation.py", "models/vas.py", "models/sampling.py", "models/value_store.py",
                 "models/train_utils.py", "assets/evaluation.py")),
     Stage("value_error", "value_error", upstream=("base_model", "prompts", "reward_models", "value_models"),
-          section="value_error",
+          section="value_error", also_params=("rollouts",),   # its completion budget is the rollouts'
           code=("models/value_error.py", "models/value_model.py", "models/value_store.py", "models/sampling.py",
                 "models/train_utils.py", "assets/value_error.py")),
     Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",

@@ -53,6 +53,9 @@ def test_decoder_defaults_are_what_the_pipeline_evaluates():
     assert VASConfig.top_k == default["evaluation"]["top_k"]
     assert SamplingConfig.max_new_tokens == default["rollouts"]["max_new_tokens"]
     assert SamplingConfig.temperature == default["rollouts"]["temperature"]
+    # value_error's MC targets run episodes as long as the rollouts' (it takes rollouts.max_new_tokens)
+    assert ValueErrorConfig.max_new_tokens == default["rollouts"]["max_new_tokens"]
+    assert "max_new_tokens" not in default["value_error"]
 
 
 def test_decode_configs_keep_the_decoders_defaults_unless_given():
