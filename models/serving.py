@@ -25,7 +25,8 @@ from models.generate import VALUE_MODELS, decode_configs, decode_rows, find_valu
 from models.sampling import encode_prompts
 from models.stages import output_of
 
-MAX_N = 64                  # completions per request
+MAX_N = 64                  # completions per prompt
+MAX_ROWS = 256              # completions per request (prompts x n)
 OWNED_BY = "vas"
 
 
@@ -86,6 +87,8 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
         req.n = _number(body["n"], "n", integer=True)
         if not 1 <= req.n <= MAX_N:
             raise ServingError(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
+    if len(prompts) * req.n > MAX_ROWS:
+        raise ServingError(f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions per request", "n")
     if body.get("max_tokens") is not None:
         req.max_tokens = _number(body["max_tokens"], "max_tokens", integer=True)
         if req.max_tokens < 1:
@@ -192,9 +195,9 @@ class Engine:
         return req
 
     def complete(self, req: Request) -> dict:
-        """The full /v1/completions response body of a parsed request (refreshes the value models first)."""
-        version = self.refresh()
+        """The full /v1/completions response body of a request parsed against the current value models."""
         values = self.values      # this request's version, whatever a later refresh does
+        version = values.version
         sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
                                        **req.decode)
         active = {name: w for name, w in req.weights.items() if w != 0.0}

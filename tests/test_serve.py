@@ -175,10 +175,38 @@ def test_the_openai_client_over_http(served, http_server):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="vas", prompt=PROMPT, max_tokens=-1)
 
-    # Concurrent requests, each with its own prompt and weights, get what they get one at a time.
-    requests = [dict(prompt=f"{PROMPT} {word}", seed=i, max_tokens=8, extra_body={"vas": {"weights": {name: w}}})
-                for i, (word, w) in enumerate([("good", 0), ("bad", 3), ("long", 1), ("short", 6)])]
+    # 16 concurrent requests, each with its own prompt, weights and seed, get what they get one at a time.
+    words = ["good", "bad", "long", "short"]
+    requests = [dict(prompt=f"{PROMPT} {words[i % 4]} {i}", seed=i, max_tokens=8,
+                     extra_body={"vas": {"weights": {name: [0, 3, 1, 6][i % 4]}}}) for i in range(16)]
     one_at_a_time = [client.completions.create(model="vas", **r).choices[0].text for r in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: client.completions.create(model="vas", **r).choices[0].text, requests))
     assert together == one_at_a_time
+
+
+def test_a_hot_swap_mid_traffic_loses_no_request(served, http_server):
+    import openai
+
+    from models.artifacts import atomic_path
+
+    client = openai.OpenAI(base_url=http_server, api_key="unused", max_retries=0, timeout=60)
+    root = served["data_dir"] / "value_models"
+    body = dict(model="vas", prompt=PROMPT, max_tokens=6, extra_body={"vas": {"weights": {reward_names(served)[0]: 2}}})
+    before = client.completions.create(**body).model_extra["vas"]["value_model_version"]
+
+    def swap():
+        time.sleep(0.2)
+        with atomic_path(root) as tmp:
+            shutil.copytree(root, tmp)
+            meta = next(tmp.glob("*/vas_value.json"))
+            meta.write_text(json.dumps({**json.loads(meta.read_text()), "note": "mid-traffic"}))
+
+    with ThreadPoolExecutor(8) as pool:
+        swapped = pool.submit(swap)
+        replies = list(pool.map(lambda seed: client.completions.create(seed=seed, **body), range(24)))
+        swapped.result()
+    after = client.completions.create(seed=0, **body).model_extra["vas"]["value_model_version"]
+    assert after != before
+    assert {r.model_extra["vas"]["value_model_version"] for r in replies} <= {before, after}
+    assert all(r.choices[0].text is not None and r.choices[0].model_extra["vas"]["kl_nats"] >= 0 for r in replies)
