@@ -128,15 +128,15 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
 
 
 def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
-                sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping) -> list[dict]:
+                sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None) -> list[dict]:
     """One VAS completion per prompt (repeat a prompt for several), each scored by every learned
     reward model: the decode of `vas generate` and of `vas serve`.
 
     Each dict: prompt, completion, kl_nats, n_tokens, finished, completion_ids and
-    learned_<attribute> per scorer."""
+    learned_<attribute> per scorer. watch: told each step's tokens while decoding (models.vas.Watched)."""
     from models.vas import vas_sample
 
-    gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device)
+    gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device, watch=watch)
     rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids}
             for p, c, kl, nt, f, ids in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens, gen.finished,
                                              gen.completion_ids)]

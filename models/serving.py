@@ -7,7 +7,8 @@ models.generate.decode_rows, the decode of `vas generate`.
 
 The value models are re-read between requests when data/value_models changes (a retrain replaced
 it): `Engine.refresh` compares a cheap stat fingerprint, loads the new folder fully, then swaps
-one reference, so a request uses one version from start to end. The Engine is not thread-safe:
+one reference, so a request uses one version from start to end. Streaming is live: chunks leave as
+the decode draws each token (a row's last token comes with its final chunk). The Engine is not thread-safe:
 the server calls it from one worker thread at a time (an asyncio.Lock in orchestration/serve.py).
 """
 
@@ -19,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 from models.generate import VALUE_MODELS, decode_configs, decode_rows, find_value_models, reward_scorers
 from models.sampling import encode_prompts
@@ -52,6 +53,7 @@ class Request:
     stream: bool = False
     weights: dict[str, float] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)    # top_k, soft: None keeps VASConfig's default
+    head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
 
 
 def _number(value, param: str, integer: bool = False) -> float:
@@ -82,7 +84,9 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
     for name, off in UNSUPPORTED.items():
         if body.get(name) not in off:
             raise ServingError(f"{name} is not supported by this server", name, "unsupported_parameter")
-    req = Request(prompts=prompts, stream=bool(body.get("stream") or False))
+    req = Request(prompts=prompts, stream=bool(body.get("stream") or False),
+                  head={"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                        "model": model_id})
     if body.get("n") is not None:
         req.n = _number(body["n"], "n", integer=True)
         if not 1 <= req.n <= MAX_N:
@@ -179,11 +183,12 @@ class Engine:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
 
     def handle(self, body: Any) -> dict:
-        """A /v1/completions body -> its full response (internal ids included: see `public`)."""
-        self.refresh()
-        return self.complete(self.parse(body))
+        """A /v1/completions body -> its full response, without streaming."""
+        return self.complete(self.prepare(body))
 
-    def parse(self, body: Any) -> Request:
+    def prepare(self, body: Any) -> Request:
+        """The request, checked against the value models current now (re-read if they changed)."""
+        self.refresh()
         req = parse_request(body, self.model_id, set(self.values.models))
         for i, ids in enumerate(encode_prompts(self.tokenizer, req.prompts)):
             if len(ids) >= self.context_length:
@@ -194,53 +199,67 @@ class Engine:
                                    f"context length of {self.context_length}", "max_tokens", "context_length_exceeded")
         return req
 
-    def complete(self, req: Request) -> dict:
-        """The full /v1/completions response body of a request parsed against the current value models."""
+    def complete(self, req: Request, watch=None) -> dict:
+        """The /v1/completions response body of a prepared request. watch: told each decode step's
+        tokens (streaming)."""
         values = self.values      # this request's version, whatever a later refresh does
-        version = values.version
         sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
                                        **req.decode)
         active = {name: w for name, w in req.weights.items() if w != 0.0}
         expanded = [p for p in req.prompts for _ in range(req.n)]
         rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
-                           sampling, vas, self.device, self.scorers)
+                           sampling, vas, self.device, self.scorers, watch=watch)
         choices = [{"index": i, "text": row["completion"], "logprobs": None,
                     "finish_reason": "stop" if row["finished"] else "length",
                     "vas": {"kl_nats": row["kl_nats"], "n_tokens": row["n_tokens"],
-                            "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")}},
-                    "_ids": row["completion_ids"]}
+                            "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")}}}
                    for i, row in enumerate(rows)]
         prompt_tokens = sum(len(ids) for ids in encode_prompts(self.tokenizer, req.prompts))
         completion_tokens = sum(row["n_tokens"] for row in rows)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_id, "choices": choices,
+        return {**req.head, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens},
-                "vas": {"value_model_version": version, "weights": req.weights, "seed": req.seed,
+                "vas": {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
                         "top_k": vas.top_k, "soft": vas.soft}}
 
-    def stream_chunks(self, response: dict) -> Iterator[dict]:
-        """A completed response as OpenAI stream chunks: one per generated token and choice (the text a
-        token adds, held back while it ends in half a UTF-8 character), then a last chunk per choice with
-        its finish_reason and vas fields, then one with the usage. The decode runs first, whole: the chunks
-        replay it token by token."""
-        head = {k: response[k] for k in ("id", "object", "created", "model")}
+    def stream(self, req: Request, emit: Callable[[dict], None]) -> None:
+        """Decode a prepared request, emitting OpenAI stream chunks as tokens are drawn: per choice the
+        text each token adds (held back while it ends in half a UTF-8 character), then a last chunk per
+        choice with the rest of its text, finish_reason and vas fields, then one with the usage."""
+        tokens = TokenStream(self.tokenizer, req.head, emit)
+        response = self.complete(req, watch=tokens)
         for choice in response["choices"]:
-            ids, sent = choice["_ids"], ""
-            for t in range(1, len(ids) + 1):
-                text = self.tokenizer.decode(ids[:t], skip_special_tokens=True)
-                if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
-                    continue
-                yield {**head, "choices": [{"index": choice["index"], "text": text[len(sent):], "logprobs": None,
-                                            "finish_reason": None}]}
-                sent = text
-            yield {**head, "choices": [{"index": choice["index"], "text": choice["text"][len(sent):], "logprobs": None,
-                                        "finish_reason": choice["finish_reason"],
-                                        "vas": {**choice["vas"], **response["vas"]}}]}
-        yield {**head, "choices": [], "usage": response["usage"]}
+            rest = choice["text"][len(tokens.sent.get(choice["index"], "")):]
+            emit({**req.head, "choices": [{**choice, "text": rest, "vas": {**choice["vas"], **response["vas"]}}]})
+        emit({**req.head, "choices": [], "usage": response["usage"]})
 
 
-def public(response: dict) -> dict:
-    """The response without the internal token ids of each choice."""
-    return {**response, "choices": [{k: v for k, v in c.items() if k != "_ids"} for c in response["choices"]]}
+class TokenStream:
+    """Turns the tokens a decode feeds, step by step and batch by batch, into text chunks per choice
+    (a models.vas.Watched watcher). A row's tokens end at its first EOS."""
 
+    def __init__(self, tokenizer, head: dict, emit: Callable[[dict], None]):
+        self.tokenizer, self.head, self.emit = tokenizer, head, emit
+        self.offset = self.size = 0
+        self.ids: dict[int, list[int]] = {}
+        self.sent: dict[int, str] = {}
+        self.ended: set[int] = set()
+
+    def start(self, batch_size: int) -> None:
+        self.offset, self.size = self.offset + self.size, batch_size
+
+    def tokens(self, fed: list[int]) -> None:
+        for j, token in enumerate(fed):
+            row = self.offset + j
+            if row in self.ended:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.ended.add(row)
+                continue
+            self.ids.setdefault(row, []).append(token)
+            text, sent = self.tokenizer.decode(self.ids[row], skip_special_tokens=True), self.sent.get(row, "")
+            if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
+                continue
+            self.emit({**self.head, "choices": [{"index": row, "text": text[len(sent):], "logprobs": None,
+                                                 "finish_reason": None}]})
+            self.sent[row] = text

@@ -4,7 +4,8 @@
 models.serving. Concurrency: one asyncio.Lock serializes access to the model (one decode at a
 time, requests wait their turn in arrival order), and each decode runs in a worker thread
 (anyio.to_thread) so the event loop keeps accepting and answering requests meanwhile. A request
-therefore never shares a batch with another, and its rows are its own.
+therefore never shares a batch with another, and its rows are its own. A streamed request holds
+the lock until its decode ends, and its chunks leave as the tokens are drawn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from models.serving import Engine, ServingError, public
+from models.serving import Engine, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param=
 def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="VAS", description="Value Augmented Sampling, OpenAI-compatible completions")
     lock = asyncio.Lock()
+    running: set[asyncio.Task] = set()     # streaming decodes in flight (a task needs a reference)
 
     @app.exception_handler(ServingError)
     async def bad_request(_, err: ServingError):
@@ -60,16 +62,41 @@ def create_app(engine: Engine) -> FastAPI:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as err:
             raise ServingError(f"the request body is not valid JSON: {err}") from None
-        stream = isinstance(body, dict) and bool(body.get("stream"))
-        async with lock:
-            response = await anyio.to_thread.run_sync(engine.handle, body)
-            # The tokenizer is the model's too: chunks are cut under the lock, sent after it.
-            chunks = await anyio.to_thread.run_sync(lambda: list(engine.stream_chunks(response))) if stream else None
-        if not stream:
-            return public(response)
+        if not (isinstance(body, dict) and body.get("stream")):
+            async with lock:
+                return await anyio.to_thread.run_sync(engine.handle, body)
+        return await streamed(body)
 
-        def events():
-            for chunk in chunks:
+    async def streamed(body) -> StreamingResponse:
+        """Server-sent events as the decode draws tokens. The lock is taken here and released by the
+        decode task when it ends, whether or not the client is still reading."""
+        await lock.acquire()
+        try:
+            req = await anyio.to_thread.run_sync(engine.prepare, body)   # a bad request: 4xx, not a stream
+        except BaseException:
+            lock.release()
+            raise
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(chunk) -> None:       # called from the worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        async def decode():
+            try:
+                await anyio.to_thread.run_sync(engine.stream, req, emit)
+            except Exception as err:
+                log.exception("streamed request failed")
+                emit(ServingError(f"internal error: {type(err).__name__}", status=500, kind="server_error").body())
+            finally:
+                emit(None)
+                lock.release()
+
+        task = asyncio.create_task(decode())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+        async def events():
+            while (chunk := await queue.get()) is not None:
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 

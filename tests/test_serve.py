@@ -109,6 +109,25 @@ def test_non_finite_or_non_numeric_weights_and_bad_json_are_400(served, raw):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_streaming_sends_sse_chunks_that_add_up_to_the_completion(served):
+    names = reward_names(served)
+    request = dict(n=2, max_tokens=12, seed=4, vas={"weights": {names[0]: 3}})
+    whole = post(served["client"], **request).json()
+    response = post(served["client"], stream=True, **request)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n") if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[-1]["usage"] == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == choice["index"]]
+        assert len(mine) > 2                                   # token by token
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"] and mine[-1]["vas"]["kl_nats"] == choice["vas"]["kl_nats"]
+    bad = post(served["client"], stream=True, max_tokens=-1)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
 def test_a_new_value_model_version_is_picked_up_without_restart(served):
     from models.artifacts import atomic_path, dvc_md5
 
