@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run study test test-fast lint ui bench frontier repro clean-data
+.PHONY: setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ lint: setup
 ## Dagster UI on loopback.
 ui: setup
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
+
+## OpenAI-compatible VAS server on loopback (PORT=8000 by default).
+serve: setup
+	$(BIN)/vas serve --host 127.0.0.1 --port $${PORT:-8000}
 
 clean-data:
 	rm -rf data/corpus data/base_model data/prompts data/preference_pairs data/quarantine data/metrics.duckdb

@@ -51,6 +51,16 @@ def _check_weights(weights: Mapping[str, float], available: Mapping[str, Path], 
         )
 
 
+def reward_scorers(data_dir: str | Path, reward_model_dirs: Mapping[str, str] | None = None,
+                   device: str = "cpu") -> dict:
+    """Every available learned reward model, {attribute: scorer}, loaded once (the server keeps them)."""
+    from models.reward_model import load_reward_model  # torch: only when scoring
+
+    dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
+    dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
+    return {name: load_reward_model(path, device=device) for name, path in dirs.items()}
+
+
 def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir: str | Path,
                     reward_model_dirs: Mapping[str, str] | None = None,
                     device: str = "cpu") -> dict[str, list[float]]:
@@ -59,15 +69,11 @@ def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir
     Empty when no reward models were materialized: scores are extra information, never a reason
     for generation to fail.
     """
-    from models.reward_model import load_reward_model  # torch: only when scoring
+    return score_all(reward_scorers(data_dir, reward_model_dirs, device), prompts, completions)
 
-    dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
-    dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
-    scores = {}
-    for name, path in dirs.items():
-        scorer = load_reward_model(path, device=device)
-        scores[name] = [float(s) for s in scorer(list(prompts), list(completions))]
-    return scores
+
+def score_all(scorers: Mapping, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[float]]:
+    return {name: [float(s) for s in scorer(list(prompts), list(completions))] for name, scorer in scorers.items()}
 
 
 def decode_configs(**decode) -> tuple[SamplingConfig, VASConfig]:
@@ -100,7 +106,6 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     """
     from models.lm import load_frozen_base, pick_device  # torch: only when decoding
     from models.value_model import ValueModel
-    from models.vas import vas_sample
 
     sampling, vas = decode_configs(**decode)    # before loading anything: fail fast on a bad setting
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -117,10 +122,25 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     value_models = {name: ValueModel.load(available[name], device=dev) for name in active}
 
     expanded = [p for p in prompt_list for _ in range(n)]
-    gen = vas_sample(base, tokenizer, expanded, value_models, active, sampling, vas, device=dev)
-    rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt}
-            for p, c, kl, nt in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens)]
-    for name, scores in learned_rewards(expanded, gen.texts, data_dir, reward_model_dirs, str(dev)).items():
+    scorers = reward_scorers(data_dir, reward_model_dirs, str(dev))
+    rows = decode_rows(base, tokenizer, expanded, value_models, active, sampling, vas, dev, scorers)
+    return [{k: v for k, v in row.items() if k not in ("finished", "completion_ids")} for row in rows]
+
+
+def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
+                sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None) -> list[dict]:
+    """One VAS completion per prompt (repeat a prompt for several), each scored by every learned
+    reward model: the decode of `vas generate` and of `vas serve`.
+
+    Each dict: prompt, completion, kl_nats, n_tokens, finished, completion_ids and
+    learned_<attribute> per scorer. watch: told each step's tokens while decoding (models.vas.Watched)."""
+    from models.vas import vas_sample
+
+    gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device, watch=watch)
+    rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids}
+            for p, c, kl, nt, f, ids in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens, gen.finished,
+                                             gen.completion_ids)]
+    for name, scores in score_all(scorers, gen.prompts, gen.texts).items():
         for row, score in zip(rows, scores):
             row[f"learned_{name}"] = score
     return rows

@@ -81,11 +81,33 @@ class ValueGuidance:
             model.advance(state, tokens.to(model.device))
 
 
+class Watched:
+    """A Steering that reports, per step, the tokens the sampler feeds the base model (streaming):
+    watch.start(batch_size) per prompt batch, watch.tokens(list of ids) per step. The sampler stops
+    before feeding a row's last token, so the watcher never sees it. Steers exactly as `steering`."""
+
+    def __init__(self, steering, watch):
+        self.steering, self.watch = steering, watch
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.watch.start(ids.shape[0])
+        self.steering.start(ids, mask)
+
+    def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
+        return self.steering.adjust(base_logits)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.watch.tokens(tokens.tolist())
+        self.steering.advance(tokens)
+
+
 def vas_sample(base_model, tokenizer, prompts: Sequence[str], value_models: Mapping[str, ValueModel],
                weights: Mapping[str, float], sampling_config: SamplingConfig,
                vas_config: VASConfig | None = None, device: torch.device | str = "cpu",
-               progress: Callable[[str], None] | None = None) -> Generation:
-    """Sample with VAS: the base sampler steered by the weighted value models. kl_nats is exact."""
+               progress: Callable[[str], None] | None = None, watch=None) -> Generation:
+    """Sample with VAS: the base sampler steered by the weighted value models. kl_nats is exact.
+    watch: an object told each step's tokens as they are drawn (see Watched), or None."""
     guidance = ValueGuidance(value_models, weights, vas_config)
-    return sample(base_model, tokenizer, prompts, sampling_config, device=device, steering=guidance,
+    steering = guidance if watch is None else Watched(guidance, watch)
+    return sample(base_model, tokenizer, prompts, sampling_config, device=device, steering=steering,
                   progress=progress)

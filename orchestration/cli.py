@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -361,6 +362,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from orchestration.serve import serve  # fastapi, torch: only when serving
+
+    data_dir = Path(args.data_dir or read_env().data_dir)
+    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    logging.basicConfig(level=logging.INFO)
+    serve(data_dir, host=args.host, port=args.port, device=args.device, model_id=args.model_name)
+    return 0
+
+
 def cmd_lineage(args) -> int:
     from orchestration.lineage import diff_runs, lineage, print_diff, print_lineage
 
@@ -448,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="steer distributional value models by their mean (the paper's VAS), not the soft value")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/models with per-request VAS weights")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
+    srv.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    srv.add_argument("--model-name", default="vas", help="the model id clients ask for (default: vas)")
+    srv.set_defaults(func=cmd_serve)
     lin = sub.add_parser("lineage", help="which data, params and code produced an artifact or run")
     lin.add_argument("target", nargs="+",
                      help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id; "

@@ -1,0 +1,265 @@
+"""The request logic of `vas serve`, in plain Python (the FastAPI app in orchestration/serve.py
+only moves JSON in and out): OpenAI /v1/completions requests -> VAS completions.
+
+Steering travels in an extra request field, {"vas": {"weights": {...}, "top_k": 20, "soft": true}};
+without it (or with every weight 0) a request gets plain base sampling. Decoding is
+models.generate.decode_rows, the decode of `vas generate`.
+
+The value models are re-read between requests when data/value_models changes (a retrain replaced
+it): `Engine.refresh` compares a cheap stat fingerprint, loads the new folder fully, then swaps
+one reference, so a request uses one version from start to end. Streaming is live: chunks leave as
+the decode draws each token (a row's last token comes with its final chunk). The Engine is not thread-safe:
+the server calls it from one worker thread at a time (an asyncio.Lock in orchestration/serve.py).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from models.generate import VALUE_MODELS, decode_configs, decode_rows, find_value_models, reward_scorers
+from models.sampling import encode_prompts
+from models.stages import output_of
+
+MAX_N = 64                  # completions per prompt
+MAX_ROWS = 256              # completions per request (prompts x n)
+OWNED_BY = "vas"
+
+
+class ServingError(ValueError):
+    """A bad request: becomes an OpenAI error body {"error": {message, type, param, code}} with status."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.param, self.code, self.status, self.kind = param, code, status, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Request:
+    prompts: list[str]
+    n: int = 1
+    max_tokens: int = 16           # OpenAI's default for /v1/completions
+    temperature: float = 1.0
+    seed: int = 0
+    stream: bool = False
+    weights: dict[str, float] = field(default_factory=dict)
+    decode: dict[str, Any] = field(default_factory=dict)    # top_k, soft: None keeps VASConfig's default
+    head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
+
+
+def _number(value, param: str, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise ServingError(f"{param} must be {'an integer' if integer else 'a number'}, got {value!r}", param)
+    if not math.isfinite(value):
+        raise ServingError(f"{param} must be finite, got {value!r}", param)
+    return int(value) if integer else float(value)
+
+
+# Fields of the OpenAI protocol this server does not implement, with the values that mean "off":
+# any other value is refused, never silently ignored.
+UNSUPPORTED = {"stop": (None,), "logprobs": (None,), "echo": (None, False), "suffix": (None,), "logit_bias": (None,),
+               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+
+
+def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
+    """A /v1/completions JSON body -> Request, or a ServingError naming the bad parameter."""
+    if not isinstance(body, dict):
+        raise ServingError("the request body must be a JSON object")
+    if body.get("model") != model_id:
+        raise ServingError(f"the model {body.get('model')!r} does not exist; this server serves {model_id!r}",
+                           "model", "model_not_found", status=404)
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ServingError("prompt must be a string or a non-empty list of strings", "prompt")
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) not in off:
+            raise ServingError(f"{name} is not supported by this server", name, "unsupported_parameter")
+    req = Request(prompts=prompts, stream=bool(body.get("stream") or False),
+                  head={"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                        "model": model_id})
+    if body.get("n") is not None:
+        req.n = _number(body["n"], "n", integer=True)
+        if not 1 <= req.n <= MAX_N:
+            raise ServingError(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
+    if len(prompts) * req.n > MAX_ROWS:
+        raise ServingError(f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions per request", "n")
+    if body.get("max_tokens") is not None:
+        req.max_tokens = _number(body["max_tokens"], "max_tokens", integer=True)
+        if req.max_tokens < 1:
+            raise ServingError(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
+    if body.get("temperature") is not None:
+        req.temperature = _number(body["temperature"], "temperature")
+        if req.temperature <= 0:
+            raise ServingError("temperature must be > 0 (greedy decoding is not implemented)", "temperature")
+    # No seed: a fresh one, reported in the response so the request can be replayed.
+    req.seed = _number(body["seed"], "seed", integer=True) if body.get("seed") is not None else secrets.randbelow(2**31)
+    vas = body.get("vas") or {}
+    if not isinstance(vas, dict):
+        raise ServingError("vas must be an object such as {\"weights\": {\"positivity\": 2}}", "vas")
+    weights = vas.get("weights") or {}
+    if not isinstance(weights, dict):
+        raise ServingError("vas.weights must map reward names to numbers", "vas.weights")
+    for name, w in weights.items():
+        if name not in known_rewards:
+            raise ServingError(f"unknown reward {name!r}; known: {', '.join(sorted(known_rewards)) or 'none'}",
+                               "vas.weights", "unknown_reward")
+        req.weights[name] = _number(w, f"vas.weights.{name}")
+    if vas.get("top_k") is not None:
+        req.decode["top_k"] = _number(vas["top_k"], "vas.top_k", integer=True)
+        if req.decode["top_k"] < 1:
+            raise ServingError("vas.top_k must be at least 1", "vas.top_k")
+    if vas.get("soft") is not None:
+        req.decode["soft"] = bool(vas["soft"])
+    unknown = sorted(set(vas) - {"weights", "top_k", "soft"})
+    if unknown:
+        raise ServingError(f"unknown vas setting(s) {unknown}; known: weights, top_k, soft", "vas")
+    return req
+
+
+def folder_fingerprint(root: Path) -> tuple:
+    """A cheap marker of a folder's content: (path, size, mtime, inode) of every file under it.
+    A retrain replaces the folder by a rename, so every entry changes."""
+    if not root.is_dir():
+        return ()
+    return tuple(sorted((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, st.st_ino)
+                        for p in root.rglob("*") if p.is_file() for st in [p.stat()]))
+
+
+@dataclass(frozen=True)
+class ValueModels:
+    """One loaded version of data/value_models: swapped as a whole, never changed in place."""
+
+    version: str
+    fingerprint: tuple
+    models: dict
+
+
+class Engine:
+    """The loaded base model, reward scorers and current value models, and the completion logic."""
+
+    def __init__(self, data_dir: str | Path, device: str = "auto", model_id: str = "vas"):
+        from models.lm import load_frozen_base, pick_device
+
+        self.data_dir = Path(data_dir)
+        self.model_id = model_id
+        self.device = pick_device(device)
+        self.base, self.tokenizer, _ = load_frozen_base(self.data_dir / output_of("base_model"), device=str(self.device))
+        config = self.base.config
+        self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+        self.scorers = reward_scorers(self.data_dir, device=str(self.device))
+        self.values = ValueModels("none", (), {})
+        self.refresh()
+
+    def refresh(self) -> str:
+        """Load data/value_models again if it changed since the last request; the version in use.
+        A folder caught mid-replacement keeps the version already loaded (the next request retries)."""
+        from models.artifacts import dvc_md5
+        from models.value_model import ValueModel
+
+        root = self.data_dir / VALUE_MODELS
+        fingerprint = folder_fingerprint(root)
+        if fingerprint == self.values.fingerprint:
+            return self.values.version
+        try:
+            models = {name: ValueModel.load(path, device=self.device) for name, path in find_value_models(self.data_dir).items()}
+            version = dvc_md5(root).removesuffix(".dir") if models else "none"
+        except (FileNotFoundError, NotADirectoryError):
+            return self.values.version
+        if fingerprint == folder_fingerprint(root):    # unchanged while loading: a whole version
+            self.values = ValueModels(version, fingerprint, models)
+        return self.values.version
+
+    def models_body(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
+
+    def handle(self, body: Any) -> dict:
+        """A /v1/completions body -> its full response, without streaming."""
+        return self.complete(self.prepare(body))
+
+    def prepare(self, body: Any) -> Request:
+        """The request, checked against the value models current now (re-read if they changed)."""
+        self.refresh()
+        req = parse_request(body, self.model_id, set(self.values.models))
+        for i, ids in enumerate(encode_prompts(self.tokenizer, req.prompts)):
+            if len(ids) >= self.context_length:
+                raise ServingError(f"prompt {i} has {len(ids)} tokens; the context length is {self.context_length}",
+                                   "prompt", "context_length_exceeded")
+            if len(ids) + req.max_tokens > self.context_length:
+                raise ServingError(f"prompt {i} ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds the "
+                                   f"context length of {self.context_length}", "max_tokens", "context_length_exceeded")
+        return req
+
+    def complete(self, req: Request, watch=None) -> dict:
+        """The /v1/completions response body of a prepared request. watch: told each decode step's
+        tokens (streaming)."""
+        values = self.values      # this request's version, whatever a later refresh does
+        sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
+                                       **req.decode)
+        active = {name: w for name, w in req.weights.items() if w != 0.0}
+        expanded = [p for p in req.prompts for _ in range(req.n)]
+        rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
+                           sampling, vas, self.device, self.scorers, watch=watch)
+        choices = [{"index": i, "text": row["completion"], "logprobs": None,
+                    "finish_reason": "stop" if row["finished"] else "length",
+                    "vas": {"kl_nats": row["kl_nats"], "n_tokens": row["n_tokens"],
+                            "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")}}}
+                   for i, row in enumerate(rows)]
+        prompt_tokens = sum(len(ids) for ids in encode_prompts(self.tokenizer, req.prompts))
+        completion_tokens = sum(row["n_tokens"] for row in rows)
+        return {**req.head, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "vas": {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
+                        "top_k": vas.top_k, "soft": vas.soft}}
+
+    def stream(self, req: Request, emit: Callable[[dict], None]) -> None:
+        """Decode a prepared request, emitting OpenAI stream chunks as tokens are drawn: per choice the
+        text each token adds (held back while it ends in half a UTF-8 character), then a last chunk per
+        choice with the rest of its text, finish_reason and vas fields, then one with the usage."""
+        tokens = TokenStream(self.tokenizer, req.head, emit)
+        response = self.complete(req, watch=tokens)
+        for choice in response["choices"]:
+            rest = choice["text"][len(tokens.sent.get(choice["index"], "")):]
+            emit({**req.head, "choices": [{**choice, "text": rest, "vas": {**choice["vas"], **response["vas"]}}]})
+        emit({**req.head, "choices": [], "usage": response["usage"]})
+
+
+class TokenStream:
+    """Turns the tokens a decode feeds, step by step and batch by batch, into text chunks per choice
+    (a models.vas.Watched watcher). A row's tokens end at its first EOS."""
+
+    def __init__(self, tokenizer, head: dict, emit: Callable[[dict], None]):
+        self.tokenizer, self.head, self.emit = tokenizer, head, emit
+        self.offset = self.size = 0
+        self.ids: dict[int, list[int]] = {}
+        self.sent: dict[int, str] = {}
+        self.ended: set[int] = set()
+
+    def start(self, batch_size: int) -> None:
+        self.offset, self.size = self.offset + self.size, batch_size
+
+    def tokens(self, fed: list[int]) -> None:
+        for j, token in enumerate(fed):
+            row = self.offset + j
+            if row in self.ended:
+                continue
+            if token == self.tokenizer.eos_token_id:
+                self.ended.add(row)
+                continue
+            self.ids.setdefault(row, []).append(token)
+            text, sent = self.tokenizer.decode(self.ids[row], skip_special_tokens=True), self.sent.get(row, "")
+            if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
+                continue
+            self.emit({**self.head, "choices": [{"index": row, "text": text[len(sent):], "logprobs": None,
+                                                 "finish_reason": None}]})
+            self.sent[row] = text

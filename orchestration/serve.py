@@ -1,0 +1,113 @@
+"""`vas serve`: VAS behind an OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+/v1/models and /v1/completions (streaming too) in the OpenAI protocol; the request logic is
+models.serving. Concurrency: one asyncio.Lock serializes access to the model (one decode at a
+time, requests wait their turn in arrival order), and each decode runs in a worker thread
+(anyio.to_thread) so the event loop keeps accepting and answering requests meanwhile. A request
+therefore never shares a batch with another, and its rows are its own. A streamed request holds
+the lock until its decode ends, and its chunks leave as the tokens are drawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from models.serving import Engine, ServingError
+
+log = logging.getLogger(__name__)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(ServingError(message, param, code, status, kind).body(), status_code=status)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="VAS", description="Value Augmented Sampling, OpenAI-compatible completions")
+    lock = asyncio.Lock()
+    running: set[asyncio.Task] = set()     # streaming decodes in flight (a task needs a reference)
+
+    @app.exception_handler(ServingError)
+    async def bad_request(_, err: ServingError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, err: HTTPException):
+        return error(err.status_code, str(err.detail), code=str(err.status_code))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, err: RequestValidationError):
+        return error(400, f"invalid request: {err.errors()}")
+
+    @app.exception_handler(Exception)
+    async def crash(_, err: Exception):
+        # Logged here with its traceback; the client gets a message, never the traceback.
+        log.exception("request failed")
+        return error(500, f"internal error: {type(err).__name__}", kind="server_error")
+
+    @app.get("/v1/models")
+    async def models():
+        return engine.models_body()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ServingError(f"the request body is not valid JSON: {err}") from None
+        if not (isinstance(body, dict) and body.get("stream")):
+            async with lock:
+                return await anyio.to_thread.run_sync(engine.handle, body)
+        return await streamed(body)
+
+    async def streamed(body) -> StreamingResponse:
+        """Server-sent events as the decode draws tokens. The lock is taken here and released by the
+        decode task when it ends, whether or not the client is still reading."""
+        await lock.acquire()
+        try:
+            req = await anyio.to_thread.run_sync(engine.prepare, body)   # a bad request: 4xx, not a stream
+        except BaseException:
+            lock.release()
+            raise
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(chunk) -> None:       # called from the worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+
+        async def decode():
+            try:
+                await anyio.to_thread.run_sync(engine.stream, req, emit)
+            except Exception as err:
+                log.exception("streamed request failed")
+                emit(ServingError(f"internal error: {type(err).__name__}", status=500, kind="server_error").body())
+            finally:
+                emit(None)
+                lock.release()
+
+        task = asyncio.create_task(decode())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+        async def events():
+            while (chunk := await queue.get()) is not None:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", model_id: str = "vas") -> None:
+    import uvicorn
+
+    engine = Engine(data_dir, device=device, model_id=model_id)
+    log.info(f"serving {model_id} from {data_dir} (value models {engine.values.version}) on http://{host}:{port}/v1")
+    uvicorn.run(create_app(engine), host=host, port=port)
