@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
+.PHONY: bench-serve setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ serve: setup
 
 clean-data:
 	rm -rf data/corpus data/base_model data/prompts data/preference_pairs data/quarantine data/metrics.duckdb
+
+## Serving throughput (needs a materialized pipeline): base vs VAS, one at a time vs concurrent.
+bench-serve: setup
+	$(BIN)/python bench/serve.py
 
 ## Decode-cost benchmark (needs a materialized pipeline): VAS vs base vs Best-of-N, side by side.
 bench: setup

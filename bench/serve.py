@@ -1,0 +1,108 @@
+"""Serving throughput of `vas serve`, measured side by side in one run (`make run` first).
+
+Starts the server in-process on a free loopback port (uvicorn, the same app `vas serve` runs) and
+sends the same requests with the official openai client, one at a time and C at a time:
+plain base sampling and VAS steering positivity. Prints completion tokens per second and the
+ratios, and writes data/bench/serve.json.
+
+    python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 8] [--max-tokens 48]
+
+The server decodes one request at a time (one asyncio lock), so concurrency buys no throughput
+beyond overlapping HTTP and scoring with decoding; this measures what that costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path):
+    import uvicorn
+
+    from models.serving import Engine
+    from orchestration.serve import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(Engine(data_dir, device="cpu")), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}/v1"
+
+
+def run_batch(client, prompts: list[str], max_tokens: int, concurrency: int, steering: dict | None) -> dict:
+    """Send one request per prompt, `concurrency` in flight; completion tokens per second."""
+    def one(i: int):
+        extra = {"vas": steering} if steering else None
+        r = client.completions.create(model="vas", prompt=prompts[i], max_tokens=max_tokens, seed=i, extra_body=extra)
+        return r.usage.completion_tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, range(len(prompts))))
+    seconds = time.perf_counter() - start
+    return {"requests": len(prompts), "concurrency": concurrency, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "requests_per_s": round(len(prompts) / seconds, 2)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--beta", type=float, default=16.0, help="VAS weight on positivity")
+    args = parser.parse_args(argv)
+
+    import pandas as pd
+    from openai import OpenAI
+
+    from models.artifacts import write_json
+
+    data = Path(args.data_dir)
+    prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
+    prompts = prompts[prompts.split == "eval"].prompt.tolist()[: args.requests]
+    server, thread, url = start_server(data)
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    try:
+        rows = {}
+        for name, steering in (("base", None), ("vas", {"weights": {"positivity": args.beta}})):
+            for concurrency in (1, args.concurrency):
+                rows[f"{name}_c{concurrency}"] = run_batch(client, prompts, args.max_tokens, concurrency, steering)
+                print(name, rows[f"{name}_c{concurrency}"], flush=True)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    c = args.concurrency
+    ratios = {f"base_c{c}_vs_c1": rows[f"base_c{c}"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
+              f"vas_c{c}_vs_c1": rows[f"vas_c{c}"]["tokens_per_s"] / rows["vas_c1"]["tokens_per_s"],
+              "vas_vs_base_c1": rows["vas_c1"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"]}
+    for key, value in ratios.items():
+        print(f"  {key}: x{value:.2f}")
+    out = data / "bench" / "serve.json"
+    write_json({"rows": rows, "ratios": ratios, "settings": vars(args)}, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
