@@ -14,39 +14,13 @@ beyond overlapping HTTP and scoring with decoding; this measures what that costs
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(data_dir: Path):
-    import uvicorn
-
-    from models.serving import Engine
-    from orchestration.serve import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Engine(data_dir, device="cpu")), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}/v1"
 
 
 def run_batch(client, prompts: list[str], max_tokens: int, concurrency: int, steering: dict | None) -> dict:
@@ -77,21 +51,19 @@ def main(argv=None) -> int:
     from openai import OpenAI
 
     from models.artifacts import write_json
+    from models.serving import Engine
+    from orchestration.serve import background_server
 
     data = Path(args.data_dir)
     prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].prompt.tolist()[: args.requests]
-    server, thread, url = start_server(data)
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-    try:
-        rows = {}
+    rows = {}
+    with background_server(Engine(data, device="cpu")) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
         for name, steering in (("base", None), ("vas", {"weights": {"positivity": args.beta}})):
             for concurrency in (1, args.concurrency):
                 rows[f"{name}_c{concurrency}"] = run_batch(client, prompts, args.max_tokens, concurrency, steering)
                 print(name, rows[f"{name}_c{concurrency}"], flush=True)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     c = args.concurrency
     ratios = {f"base_c{c}_vs_c1": rows[f"base_c{c}"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
               f"vas_c{c}_vs_c1": rows[f"vas_c{c}"]["tokens_per_s"] / rows["vas_c1"]["tokens_per_s"],

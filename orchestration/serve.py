@@ -11,8 +11,12 @@ the lock until its decode ends, and its chunks leave as the tokens are drawn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import threading
+import time
 
 import anyio
 from fastapi import FastAPI, Request
@@ -111,3 +115,27 @@ def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "au
     engine = Engine(data_dir, device=device, model_id=model_id)
     log.info(f"serving {model_id} from {data_dir} (value models {engine.values.version}) on http://{host}:{port}/v1")
     uvicorn.run(create_app(engine), host=host, port=port)
+
+
+@contextlib.contextmanager
+def background_server(engine: Engine, host: str = "127.0.0.1", start_timeout: float = 30.0):
+    """The app on a free port of `host`, served by uvicorn in a daemon thread; yields the /v1 base
+    URL and stops the server on exit (tests and bench/serve.py drive it with the openai client)."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"uvicorn did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

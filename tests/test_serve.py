@@ -3,8 +3,6 @@ once, through uvicorn on loopback with the official openai client."""
 
 import json
 import shutil
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -143,29 +141,12 @@ def test_a_new_value_model_version_is_picked_up_without_restart(served):
     assert after["choices"][0]["vas"]["kl_nats"] > 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def http_server(served):
-    import uvicorn
+    from orchestration.serve import background_server
 
-    from orchestration.serve import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(served["engine"]), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with background_server(served["engine"]) as url:
+        yield url
 
 
 def test_the_openai_client_over_http(served, http_server):
