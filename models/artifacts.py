@@ -53,6 +53,15 @@ def dvc_md5(path: str | Path) -> str:
     raise FileNotFoundError(f"cannot hash {path}: it does not exist")
 
 
+def visible_subfolders(root: str | Path) -> list[Path]:
+    """The subfolders of root, by name, without hidden ones (atomic_path's half-written
+    temporaries, `.name.tmp-*`); [] when root is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from models.stages import output_of
+from models.value_store import find_value_models
 
 if TYPE_CHECKING:
     from models.sampling import SamplingConfig
@@ -22,22 +23,6 @@ log = logging.getLogger(__name__)
 
 VALUE_MODELS = output_of("value_models")
 REWARD_MODELS = output_of("reward_models")
-
-
-def _subdirs(root: Path) -> dict[str, Path]:
-    """Attribute name -> folder, skipping hidden folders (half-written atomic temporaries)."""
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
-
-
-def find_value_models(data_dir: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:
-    """Saved value models by attribute: data_dir/value_models/<attribute>, then explicit folders."""
-    from models.value_model import CONFIG_FILE  # torch: only when looking for models
-
-    found = {name: p for name, p in _subdirs(Path(data_dir) / VALUE_MODELS).items() if (p / CONFIG_FILE).exists()}
-    found.update({name: Path(p) for name, p in (overrides or {}).items()})
-    return found
 
 
 def _check_weights(weights: Mapping[str, float], available: Mapping[str, Path], data_dir: Path) -> None:
@@ -54,22 +39,13 @@ def _check_weights(weights: Mapping[str, float], available: Mapping[str, Path], 
 def reward_scorers(data_dir: str | Path, reward_model_dirs: Mapping[str, str] | None = None,
                    device: str = "cpu") -> dict:
     """Every available learned reward model, {attribute: scorer}, loaded once (the server keeps them)."""
+    from models.artifacts import visible_subfolders  # pandas: the CLI starts without it
     from models.reward_model import load_reward_model  # torch: only when scoring
 
-    dirs = _subdirs(Path(data_dir) / REWARD_MODELS)
+    # None materialized yet ({}): scores are extra information, never a reason for generation to fail.
+    dirs = {p.name: p for p in visible_subfolders(Path(data_dir) / REWARD_MODELS)}
     dirs.update({name: Path(p) for name, p in (reward_model_dirs or {}).items()})
     return {name: load_reward_model(path, device=device) for name, path in dirs.items()}
-
-
-def learned_rewards(prompts: Sequence[str], completions: Sequence[str], data_dir: str | Path,
-                    reward_model_dirs: Mapping[str, str] | None = None,
-                    device: str = "cpu") -> dict[str, list[float]]:
-    """Scores of every available learned reward model, {attribute: one score per completion}.
-
-    Empty when no reward models were materialized: scores are extra information, never a reason
-    for generation to fail.
-    """
-    return score_all(reward_scorers(data_dir, reward_model_dirs, device), prompts, completions)
 
 
 def score_all(scorers: Mapping, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[float]]:
@@ -112,7 +88,7 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     if n < 1 or not prompt_list:
         raise ValueError(f"need at least one prompt and n >= 1, got {len(prompt_list)} prompt(s) and n={n}")
     data_dir = Path(data_dir)
-    available = find_value_models(data_dir, value_model_dirs)
+    available = find_value_models(data_dir / VALUE_MODELS, value_model_dirs)
     _check_weights(weights, available, data_dir)   # before loading anything: fail fast on a typo
 
     dev = pick_device(device)

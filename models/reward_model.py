@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.artifacts import atomic_path
+from models.artifacts import atomic_path, visible_subfolders
 from models.lm import load_frozen_base, quiet_loading
 from models.rewards import gold_reward
 from models.sampling import join_prompt_completion, positions
@@ -401,5 +401,4 @@ def load_reward_models(directory, device="cpu") -> dict[str, RewardScorer]:
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"reward models folder {root} does not exist: materialize reward_models first")
-    return {p.name: load_reward_model(p, device=device)
-            for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    return {p.name: load_reward_model(p, device=device) for p in visible_subfolders(root)}

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from models.generate import VALUE_MODELS, decode_configs, decode_rows, find_value_models, reward_scorers
+from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers
 from models.sampling import encode_prompts
 from models.stages import output_of
+from models.value_store import find_value_models
 
 MAX_N = 64                  # completions per prompt
 MAX_ROWS = 256              # completions per request (prompts x n)
@@ -54,6 +55,7 @@ class Request:
     weights: dict[str, float] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)    # top_k, soft: None keeps VASConfig's default
     head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
+    prompt_tokens: int = 0         # the prompts' tokens, counted once when the request is checked
 
 
 def _number(value, param: str, integer: bool = False) -> float:
@@ -171,7 +173,7 @@ class Engine:
         if fingerprint == self.values.fingerprint:
             return self.values.version
         try:
-            models = {name: ValueModel.load(path, device=self.device) for name, path in find_value_models(self.data_dir).items()}
+            models = {name: ValueModel.load(path, device=self.device) for name, path in find_value_models(root).items()}
             version = dvc_md5(root).removesuffix(".dir") if models else "none"
         except (FileNotFoundError, NotADirectoryError):
             return self.values.version
@@ -190,7 +192,9 @@ class Engine:
         """The request, checked against the value models current now (re-read if they changed)."""
         self.refresh()
         req = parse_request(body, self.model_id, set(self.values.models))
-        for i, ids in enumerate(encode_prompts(self.tokenizer, req.prompts)):
+        encoded = encode_prompts(self.tokenizer, req.prompts)
+        req.prompt_tokens = sum(len(ids) for ids in encoded)
+        for i, ids in enumerate(encoded):
             if len(ids) >= self.context_length:
                 raise ServingError(f"prompt {i} has {len(ids)} tokens; the context length is {self.context_length}",
                                    "prompt", "context_length_exceeded")
@@ -214,11 +218,10 @@ class Engine:
                     "vas": {"kl_nats": row["kl_nats"], "n_tokens": row["n_tokens"],
                             "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")}}}
                    for i, row in enumerate(rows)]
-        prompt_tokens = sum(len(ids) for ids in encode_prompts(self.tokenizer, req.prompts))
         completion_tokens = sum(row["n_tokens"] for row in rows)
         return {**req.head, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
+                "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": req.prompt_tokens + completion_tokens},
                 "vas": {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
                         "top_k": vas.top_k, "soft": vas.soft}}
 

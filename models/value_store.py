@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 META_FILE = "vas_value.json"
 
@@ -18,8 +19,20 @@ def value_model_name(attribute: str, parameterization: str, primary: str) -> str
 def saved_value_models(root: str | Path) -> list[tuple[Path, dict]]:
     """(folder, its vas_value.json) of every value model under root, by name; hidden folders
     (half-written atomic temporaries) are skipped."""
-    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [(folder, json.loads((folder / META_FILE).read_text())) for folder in folders]
+    from models.artifacts import visible_subfolders  # pandas: `vas --help` starts without it
+
+    return [(folder, json.loads((folder / META_FILE).read_text())) for folder in visible_subfolders(root)]
+
+
+def find_value_models(root: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Saved value models by folder name (what `vas generate` weights name): every folder under
+    root holding a saved value model, then explicit folders."""
+    from models.artifacts import visible_subfolders
+    from models.value_model import CONFIG_FILE  # torch-backed: only when looking for models
+
+    found = {p.name: p for p in visible_subfolders(root) if (p / CONFIG_FILE).exists()}
+    found.update({name: Path(p) for name, p in (overrides or {}).items()})
+    return found
 
 
 def load_value_models(root: str | Path, device="cpu") -> dict[str, dict]:
