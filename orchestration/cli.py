@@ -390,7 +390,8 @@ def cmd_export_gguf(args) -> int:
     print(f"wrote {written['path']} ({written['bytes'] / 1e6:.1f} MB): gpt2, {written['n_tensors']} f32 tensors, "
           f"{written['n_vocab']} tokens, {written['n_merges']} merges, context {written['context_length']}, "
           f"bos {written['bos']}, eos {written['eos']} (from {model_dir})")
-    print(f"serve it: python -m llama_cpp.server --model {written['path']} --host 127.0.0.1 --port 8080")
+    print(f"serve it (`make llamacpp` first): .venv-llamacpp/bin/python -m llama_cpp.server --model {written['path']} "
+          f"--host 127.0.0.1 --port 8080 --n_ctx {written['context_length']} --type_k 0 --type_v 0")
     return 0
 
 

@@ -163,12 +163,13 @@ def save_tiny_bpe_gpt2(tiny_gpt2, directory: Path, seed: int = 0, init: float = 
     import random
 
     from models.corpus import review
-    from models.lm import save_pretrained, train_tokenizer
+    from models.lm import quiet_loading, save_pretrained, train_tokenizer
 
     rng = random.Random(seed)
     texts = [review(rng)[0] for _ in range(400)] + MULTIBYTE_TEXTS
     tokenizer = train_tokenizer(texts, vocab_size=400)
     model = tiny_gpt2(len(tokenizer), seed, n_positions=64, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
                       init=init)
+    quiet_loading()     # no progress bar per save
     save_pretrained(model, tokenizer, directory)
     return directory

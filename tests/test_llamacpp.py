@@ -92,6 +92,16 @@ def test_export_gguf_cli_writes_the_file_and_says_so(tiny_dir, tmp_path, capsys)
     assert [p.name for p in out.parent.iterdir()] == ["model.gguf"]     # no temporary left beside it
 
 
+def test_export_gguf_cli_defaults_to_the_base_model_asset(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["export-gguf", "--data-dir", str(data)]) == 2
+    assert "materialize the base_model asset first" in capsys.readouterr().err
+    shutil.copytree(tiny_dir, data / "base_model")
+    (data / "base_model" / "vas_manifest.json").write_text(json.dumps({"embedded": True}))
+    assert main(["export-gguf", "--data-dir", str(data)]) == 0
+    assert f"wrote {data / 'base_model.gguf'}" in capsys.readouterr().out
+
+
 def test_export_refuses_a_model_that_is_not_gpt2(tiny_dir, tmp_path, capsys):
     other = tmp_path / "llama"
     shutil.copytree(tiny_dir, other)
