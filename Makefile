@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bench-serve setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
+.PHONY: bench-serve llamacpp setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,20 @@ run: setup dvc-remote
 SEEDS ?= 0 1 2
 study: setup
 	$(BIN)/vas study --profile $${VAS_PROFILE:-default} --seeds $(SEEDS)
+
+## llama.cpp's server (llama-cpp-python, built from source, CPU only) in its own venv, for the
+## upstream tests (tests/test_llamacpp.py); minutes on 2 cores. GGML_NATIVE=OFF: no -march=native, so
+## the build runs on any x86-64 machine with AVX2 that gets this venv; LLAVA_BUILD=OFF: no multimodal library.
+LLAMACPP_VENV := .venv-llamacpp
+
+$(LLAMACPP_VENV)/.installed: requirements-llamacpp.txt
+	test -x $(LLAMACPP_VENV)/bin/python || $(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(LLAMACPP_VENV)/bin/python -m pip install --quiet --no-binary llama-cpp-python -r requirements-llamacpp.txt
+	touch $@
+
+llamacpp: $(LLAMACPP_VENV)/.installed
 
 ## Run the test suite (integration tests use the smoke profile).
 test: setup

@@ -25,6 +25,7 @@ class Environment:
     incoming_sensor: str = "on"             # "off": the new-data sensor starts stopped
     incoming_settle_seconds: float = 10.0   # a dropped file must sit unmodified this long before it is read
     require_browser: bool = False           # "1" (CI): the UI browser test fails instead of skipping
+    require_llamacpp: bool = False          # "1" (CI): the llama.cpp server tests fail instead of skipping
     ui_screenshot: str = ""                 # where the UI browser test saves its screenshot ("" = data/ui/)
 
 

@@ -372,6 +372,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    """`vas export-gguf`: the base model (or any saved GPT-2 folder) as one f32 GGUF file for llama.cpp."""
+    from models.gguf_export import GGUFExportError, export_gguf
+    from models.lm import base_model_dir
+
+    data_dir = Path(args.data_dir or read_env().data_dir)
+    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    try:
+        # The base_model asset's folder may only pin a model kept elsewhere: export the weights it pins.
+        model_dir = Path(args.model_dir) if args.model_dir else base_model_dir(data_dir / output_of("base_model"))
+        out = Path(args.out) if args.out else data_dir / "base_model.gguf"
+        written = export_gguf(model_dir, out)
+    except (GGUFExportError, FileNotFoundError) as err:
+        print(f"vas export-gguf: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written['path']} ({written['bytes'] / 1e6:.1f} MB): gpt2, {written['n_tensors']} f32 tensors, "
+          f"{written['n_vocab']} tokens, {written['n_merges']} merges, context {written['context_length']}, "
+          f"bos {written['bos']}, eos {written['eos']} (from {model_dir})")
+    print(f"serve it (`make llamacpp` first): .venv-llamacpp/bin/python -m llama_cpp.server --model {written['path']} "
+          f"--host 127.0.0.1 --port 8080 --n_ctx {written['context_length']} --type_k 0 --type_v 0")
+    return 0
+
+
 def cmd_lineage(args) -> int:
     from orchestration.lineage import diff_runs, lineage, print_diff, print_lineage
 
@@ -466,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="auto", help="auto, cpu or cuda")
     srv.add_argument("--model-name", default="vas", help="the model id clients ask for (default: vas)")
     srv.set_defaults(func=cmd_serve)
+    exp = sub.add_parser("export-gguf", help="write the base model as a GGUF file for llama.cpp (gpt2, f32)")
+    exp.add_argument("--model-dir", default=None,
+                     help="a saved Hugging Face GPT-2 folder (default: the base_model asset's model)")
+    exp.add_argument("--out", default=None, help="the GGUF file to write (default: <data dir>/base_model.gguf)")
+    exp.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
+    exp.set_defaults(func=cmd_export_gguf)
     lin = sub.add_parser("lineage", help="which data, params and code produced an artifact or run")
     lin.add_argument("target", nargs="+",
                      help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id; "

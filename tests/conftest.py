@@ -16,10 +16,14 @@ set_env(profile="smoke")    # every test runs on the smoke profile unless it say
 
 
 def pytest_collection_modifyitems(items):
-    """A test on the materialized smoke world is an integration test (`make test-fast` skips those)."""
+    """A test on the materialized smoke world is an integration test (`make test-fast` skips those);
+    one that uses a llama.cpp server is marked llamacpp."""
     for item in items:
-        if "smoke_world" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "smoke_world" in fixtures:
             item.add_marker(pytest.mark.integration)
+        if "llamacpp" in fixtures:
+            item.add_marker(pytest.mark.llamacpp)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -88,3 +92,40 @@ def smoke_world(tmp_path_factory):
     result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance)
     return {"result": result, "settings": settings, "resources": resources, "instance": instance,
             "data_dir": data_dir}
+
+
+@pytest.fixture(scope="session")
+def llamacpp(tmp_path_factory):
+    """Factory of real llama.cpp servers on loopback (tests/llamacpp.py): llamacpp(model_dir) exports
+    that saved Hugging Face GPT-2 folder to GGUF and serves it with llama-cpp-python's OpenAI-compatible
+    server, once per folder for the session, and stops them all at the end. Skips without
+    .venv-llamacpp (`make llamacpp`), fails instead under VAS_REQUIRE_LLAMACPP=1."""
+    from llamacpp import require_llamacpp, serve_model_dir
+
+    require_llamacpp()
+    servers = {}
+
+    def serve(model_dir, alias: str = "base"):
+        key = (str(Path(model_dir).resolve()), alias)
+        if key not in servers:
+            servers[key] = serve_model_dir(Path(model_dir), tmp_path_factory.mktemp("llamacpp"), alias)
+        return servers[key]
+
+    yield serve
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def bpe_gpt2_dir(tmp_path_factory, tiny_gpt2):
+    """A small random GPT-2 with a byte-level BPE tokenizer of the project's kind (models.lm), saved
+    in Hugging Face format (tests/llamacpp.py: save_tiny_bpe_gpt2)."""
+    from llamacpp import save_tiny_bpe_gpt2
+
+    return save_tiny_bpe_gpt2(tiny_gpt2, tmp_path_factory.mktemp("tiny-bpe-gpt2") / "model")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_gpt2(bpe_gpt2_dir, llamacpp):
+    """bpe_gpt2_dir served by llama.cpp: {"model_dir", "server"}."""
+    return {"model_dir": bpe_gpt2_dir, "server": llamacpp(bpe_gpt2_dir)}

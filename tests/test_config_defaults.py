@@ -84,8 +84,10 @@ def test_every_vas_variable_is_read_through_one_object(monkeypatch):
     monkeypatch.setenv("VAS_PROFILE", "smoke")
     monkeypatch.setenv("VAS_INCOMING_SETTLE_SECONDS", "2.5")
     monkeypatch.setenv("VAS_REQUIRE_BROWSER", "1")
+    monkeypatch.setenv("VAS_REQUIRE_LLAMACPP", "1")
     env = read_env()
-    assert (env.profile, env.incoming_settle_seconds, env.require_browser) == ("smoke", 2.5, True)
+    assert (env.profile, env.incoming_settle_seconds, env.require_browser, env.require_llamacpp) == \
+        ("smoke", 2.5, True, True)
 
 
 def test_a_profile_override_with_a_key_default_lacks_is_an_error(tmp_path):
