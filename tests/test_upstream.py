@@ -1,0 +1,199 @@
+"""Black-box VAS: a base model reachable only through an OpenAI-compatible API (models/upstream.py,
+models/blackbox.py), and the `logprobs` of `vas serve` that make it such an upstream.
+
+The upstream is a URL given by the `upstream` fixture: here `vas serve` on loopback, serving the
+smoke world's base model with plain base sampling. The tests use only the OpenAI protocol, so any
+server that returns top-k logprobs on /v1/completions (a llama.cpp server, say) can stand in.
+"""
+
+import json
+import math
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+
+PROMPT = "The movie was"
+
+
+# ---------------------------------------------------------------------------- parsing, no server
+
+def test_top_logprobs_keep_k_merge_collisions_and_drop_non_text():
+    from models.upstream import parse_top_logprobs
+
+    lp = math.log
+    # k + 1 entries (the server's own draw " z" added outside its top 3), " a" twice, an empty key
+    # (a byte piece or a nameless EOS), a broken UTF-8 piece and an EOS text.
+    entries = [(" a", lp(0.3)), ("", lp(0.2)), (" a", lp(0.1)), ("<|endoftext|>", lp(0.05)),
+               ("\ufffd", lp(0.04)), (" z", lp(0.01))]
+    texts, logprobs, dropped = parse_top_logprobs(entries, k=3)
+    assert texts == [" a"] and logprobs == pytest.approx([lp(0.4)]) and dropped == pytest.approx(0.2)
+    texts, logprobs, dropped = parse_top_logprobs(entries, k=5)
+    assert texts == [" a", None] and logprobs == pytest.approx([lp(0.4), lp(0.05)])
+    assert dropped == pytest.approx(0.24)
+    # Exactly k entries, all text: kept as they are, most probable first.
+    texts, logprobs, dropped = parse_top_logprobs([(" b", -2.0), (" c", -1.0)], k=2)
+    assert texts == [" c", " b"] and logprobs == [-1.0, -2.0] and dropped == 0.0
+    # OpenAI's names for partial UTF-8 tokens are not text either.
+    assert parse_top_logprobs([("bytes:\\xe2\\x80", -0.1), (" d", -3.0)], k=2)[0] == [" d"]
+
+
+def test_step_entries_read_both_reply_shapes_and_keep_duplicate_keys():
+    from models.upstream import _Pairs, step_entries
+
+    legacy = json.loads('{"logprobs": {"top_logprobs": [{" a": -1.0, "": -2.0, "": -3.0}]}}', object_pairs_hook=_Pairs)
+    assert step_entries(legacy) == [(" a", -1.0), ("", -2.0), ("", -3.0)]
+    content = {"logprobs": {"content": [{"token": " a", "logprob": -0.5,
+                                         "top_logprobs": [{"token": " a", "logprob": -0.5}, {"token": " b", "logprob": -1.5}]}]}}
+    assert step_entries(content) == [(" a", -0.5), (" b", -1.5)]
+    assert step_entries({"logprobs": None}) is None
+    assert step_entries({"logprobs": {"tokens": [], "top_logprobs": []}}) is None     # llama-cpp-python at EOS
+
+
+# ---------------------------------------------------------------------------- a canned local server
+
+class Canned(BaseHTTPRequestHandler):
+    """Answers every POST with the next canned body; records the request bodies."""
+
+    replies: list = []
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - the http.server API
+        self.seen.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+        body = self.replies.pop(0).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def canned():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Canned)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Canned.replies, Canned.seen = [], []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def completion(logprobs, finish_reason="length", text=" x"):
+    return json.dumps({"id": "c", "object": "text_completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
+                       "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}})
+
+
+def test_client_parses_replies_detects_the_eos_step_and_names_a_server_without_logprobs(canned):
+    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+
+    client = UpstreamClient(UpstreamConfig(canned, "tiny", top_k=2, max_retries=0, eos_token_id=0))
+    # Duplicate keys in the raw JSON (two byte pieces that both decode to ""), and k + 1 entries.
+    Canned.replies = ['{"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [{"index": 0, '
+                      '"text": " q", "finish_reason": "length", "logprobs": {"tokens": [" q"], "token_logprobs": [-4.0], '
+                      '"top_logprobs": [{" p": -0.5, "": -1.5, "": -2.0, " q": -4.0}]}}], '
+                      '"usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8}}',
+                      completion({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}, "stop", ""),
+                      completion(None)]
+    step = client.step("Hello", seed=3)
+    assert step.texts == [" p"] and step.logprobs == [-0.5] and step.dropped_mass == pytest.approx(math.exp(-1.5))
+    assert not step.stopped and step.prompt_tokens == 7
+    sent = Canned.seen[0]
+    assert (sent["prompt"], sent["max_tokens"], sent["logprobs"], sent["temperature"]) == ("Hello", 1, 2, 1.0)
+    assert sent["logit_bias"] == {"0": -100} and sent["seed"] == 3 and sent["model"] == "tiny"
+    assert client.step("Hello").stopped                       # EOS drawn, no logprobs: the end, detected
+    with pytest.raises(UpstreamError, match=f"{canned}.*'tiny'.*no logprobs"):
+        client.step("Hello")
+    assert (client.requests, client.prompt_tokens) == (3, 21)
+
+
+def test_an_unreachable_upstream_is_a_clear_error():
+    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+
+    client = UpstreamClient(UpstreamConfig("http://127.0.0.1:9/v1", "tiny", max_retries=1, timeout=2))
+    with pytest.raises(UpstreamError, match=r"127.0.0.1:9/v1 \(model 'tiny'\) did not answer after 1 retries"):
+        client.step("Hello")
+
+
+# ---------------------------------------------------------------------------- `vas serve` as the upstream
+
+@pytest.fixture(scope="module")
+def data_dir(smoke_world, tmp_path_factory):
+    """The smoke world's models in a data folder of this module's own."""
+    src = smoke_world["data_dir"]
+    data = tmp_path_factory.mktemp("upstream-data")
+    for name in ("base_model", "reward_models"):
+        (data / name).symlink_to(src / name, target_is_directory=True)
+    shutil.copytree(src / "value_models", data / "value_models")
+    return data
+
+
+@pytest.fixture(scope="module")
+def upstream(data_dir):
+    """An OpenAI-compatible upstream serving the base model: {"base_url", "model", "engine"}."""
+    from models.serving import Engine
+    from orchestration.serve import background_server
+
+    engine = Engine(data_dir, device="cpu")
+    with background_server(engine) as url:
+        yield {"base_url": url, "model": "vas", "engine": engine}
+
+
+def client_for(upstream, top_k=5):
+    from models.upstream import UpstreamClient, UpstreamConfig
+
+    return UpstreamClient(UpstreamConfig(upstream["base_url"], upstream["model"], top_k=top_k, max_retries=0))
+
+
+def base_top_logprobs(engine, text: str, k: int):
+    """pi0's top-k (token, logprob) after `text`, from a forward pass of the local weights."""
+    import torch
+
+    from models.sampling import encode_prompts
+
+    ids = torch.tensor(encode_prompts(engine.tokenizer, [text]))
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.base(input_ids=ids).logits[0, -1].float(), -1)
+    values, top = logp.topk(k)
+    return [(engine.tokenizer.decode([t]), v) for t, v in zip(top.tolist(), values.tolist())]
+
+
+def test_vas_serve_returns_the_base_models_top_logprobs(upstream):
+    import openai
+
+    engine = upstream["engine"]
+    client = openai.OpenAI(base_url=upstream["base_url"], api_key="unused", max_retries=0)
+    reply = client.completions.create(model="vas", prompt=PROMPT, max_tokens=6, logprobs=5, seed=2)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == choice.model_extra["vas"]["n_tokens"] + (choice.finish_reason == "stop")
+    first = base_top_logprobs(engine, PROMPT, 5)
+    assert list(lp.top_logprobs[0]) == [t for t, _ in first]
+    assert list(lp.top_logprobs[0].values()) == pytest.approx([v for _, v in first], abs=1e-5)
+    assert lp.text_offset[0] == len(PROMPT)
+    text_tokens = lp.tokens[: choice.model_extra["vas"]["n_tokens"]]
+    assert "".join(text_tokens) == choice.text
+    for bad in (21, -1):
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.completions.create(model="vas", prompt=PROMPT, max_tokens=2, logprobs=bad)
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.completions.create(model="vas", prompt=PROMPT, max_tokens=2, logprobs=2, stream=True)
+
+
+def test_the_client_reads_the_upstreams_top_k(upstream):
+    engine = upstream["engine"]
+    client = client_for(upstream, top_k=8)
+    step = client.step(PROMPT)
+    expected = base_top_logprobs(engine, PROMPT, 8)
+    keep = [(t if t != engine.tokenizer.eos_token else None, v) for t, v in expected if "\ufffd" not in t]
+    assert step.texts == [t for t, _ in keep] and step.logprobs == pytest.approx([v for _, v in keep], abs=1e-5)
+    assert step.dropped_mass == pytest.approx(sum(math.exp(v) for t, v in expected if "\ufffd" in t), abs=1e-6)
+    assert client.requests == 1 and step.prompt_tokens == len(engine.tokenizer(PROMPT)["input_ids"]) + 1
