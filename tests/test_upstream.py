@@ -129,7 +129,7 @@ def data_dir(smoke_world, tmp_path_factory):
     """The smoke world's models in a data folder of this module's own."""
     src = smoke_world["data_dir"]
     data = tmp_path_factory.mktemp("upstream-data")
-    for name in ("base_model", "reward_models"):
+    for name in ("base_model", "reward_models", "prompts"):
         (data / name).symlink_to(src / name, target_is_directory=True)
     shutil.copytree(src / "value_models", data / "value_models")
     return data
@@ -197,3 +197,94 @@ def test_the_client_reads_the_upstreams_top_k(upstream):
     assert step.texts == [t for t, _ in keep] and step.logprobs == pytest.approx([v for _, v in keep], abs=1e-5)
     assert step.dropped_mass == pytest.approx(sum(math.exp(v) for t, v in expected if "\ufffd" in t), abs=1e-6)
     assert client.requests == 1 and step.prompt_tokens == len(engine.tokenizer(PROMPT)["input_ids"]) + 1
+
+
+# ---------------------------------------------------------------------------- black-box VAS
+
+def test_zero_weights_draw_from_the_renormalized_base_top_k(upstream, data_dir):
+    """Many one-token draws at one state against the closed form softmax(top-k logprobs / T)."""
+    import torch
+
+    from models.blackbox import blackbox_rows
+    from models.generate import decode_configs
+    from models.value_store import find_value_models
+    from models.value_model import ValueModel
+
+    engine = upstream["engine"]
+    models = {name: ValueModel.load(path) for name, path in find_value_models(data_dir / "value_models").items()}
+    client = client_for(upstream, top_k=5)
+    step = client.step(PROMPT)
+    k, draws, temperature = len(step.texts), 1500, 0.25
+    expected = torch.softmax(torch.tensor(step.logprobs) / temperature, -1)
+    sampling, vas = decode_configs(seed=11, max_new_tokens=1, temperature=temperature, top_k=5)
+    rows = blackbox_rows(client, engine.tokenizer, [PROMPT] * draws, models, {name: 0 for name in models}, sampling, vas)
+    drawn = [row["completion"] if row["completion"] or not row["finished"] else None for row in rows]
+    counts = torch.tensor([drawn.count(text) for text in step.texts], dtype=torch.float64)
+    assert counts.sum() == draws                               # every draw is one of the top-k candidates
+    assert all(row["kl_nats"] == 0.0 for row in rows)
+    assert all(row["upstream"]["requests"] == 1 for row in rows) and client.requests == draws + 1
+
+    def chi2(p):
+        return float(((counts - draws * p) ** 2 / (draws * p)).sum())
+
+    critical = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}[k - 1]     # p = 0.001
+    assert chi2(expected) < critical
+    # The test has power (the smoke base model is nearly flat here, hence the low temperature): a
+    # sampler that forgot the temperature, or ignored the logprobs (uniform), fails it.
+    assert chi2(torch.softmax(torch.tensor(step.logprobs), -1)) > critical
+    assert chi2(torch.full((k,), 1 / k, dtype=torch.float64)) > critical
+
+
+def held_out_prompts(data_dir):
+    import pandas as pd
+
+    prompts = pd.read_parquet(data_dir / "prompts" / "prompts.parquet")
+    return prompts[prompts.split == "eval"].prompt.tolist()
+
+
+def reward_as_value_model(scorer):
+    """A scalar value model made of the learned reward model itself (its body and score head, copied):
+    V(text) is the reward head read at the text's last token, so Q(s, a) = r(s·a), the learned
+    reward of the text so far. Its effect is known by construction; the smoke world's trained value
+    models (10 steps) are too weak to move the reward measurably."""
+    import copy
+
+    import torch
+
+    from models.value_model import ValueModel
+
+    model = ValueModel(copy.deepcopy(scorer.model.transformer), "scalar")
+    with torch.no_grad():
+        model.head.weight.copy_(scorer.model.score.weight)
+    return model.eval()
+
+
+def test_positivity_weight_raises_the_learned_positivity_reward(upstream, data_dir):
+    import numpy as np
+
+    from models.generate import decode_configs, decode_rows, value_tokenizer
+
+    scorer = upstream["engine"].scorers["positivity"]
+    tokenizer = value_tokenizer(data_dir / "base_model")        # the value model's own: read alone
+    model = reward_as_value_model(scorer)
+    prompts = [p for p in held_out_prompts(data_dir) for _ in range(16)]
+    sampling, vas = decode_configs(seed=0, max_new_tokens=16, top_k=10)
+
+    def run(weight):
+        client = client_for(upstream, top_k=10)
+        rows = decode_rows(None, tokenizer, prompts, {"positivity": model}, {"positivity": weight}, sampling, vas,
+                           "cpu", {"positivity": scorer}, upstream=client)
+        scores = np.array([row["learned_positivity"] for row in rows])
+        tokens = sum(row["n_tokens"] for row in rows)
+        assert client.requests == sum(row["upstream"]["requests"] for row in rows)
+        return (scores.mean(), 1.96 * scores.std(ddof=1) / np.sqrt(len(scores)), scores.std(),
+                client.requests / tokens, np.mean([row["kl_nats"] for row in rows]))
+
+    base, base_ci, spread, _, base_kl = run(0.0)
+    # The learned reward's scale is arbitrary (about 1e-3 here): the weight is 2 per reward spread.
+    steered, steered_ci, _, per_token, kl = run(2.0 / spread)
+    print(f"black-box base {base:.5f} ± {base_ci:.5f}, steered {steered:.5f} ± {steered_ci:.5f}, "
+          f"KL {kl:.3f} nats, {per_token:.3f} requests per token")
+    assert steered - steered_ci > base + base_ci
+    assert base_kl == 0.0 and kl > 0
+    assert 1.0 <= per_token <= 1.2          # one request per token, plus one per row that chose the end
