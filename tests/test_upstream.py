@@ -288,3 +288,49 @@ def test_positivity_weight_raises_the_learned_positivity_reward(upstream, data_d
     assert steered - steered_ci > base + base_ci
     assert base_kl == 0.0 and kl > 0
     assert 1.0 <= per_token <= 1.2          # one request per token, plus one per row that chose the end
+
+
+def test_vas_serve_with_an_upstream_through_the_openai_client(upstream, data_dir):
+    import openai
+
+    from models.serving import Engine
+    from models.upstream import UpstreamConfig
+    from orchestration.serve import background_server
+
+    config = UpstreamConfig(upstream["base_url"], upstream["model"], top_k=6, max_retries=0)
+    engine = Engine(data_dir, device="cpu", upstream=config)
+    assert engine.base is None                                  # the base weights stay upstream
+    name = sorted(engine.values.models)[0]
+    with background_server(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        base = client.completions.create(model="vas", prompt=PROMPT, max_tokens=8, n=2, seed=5)
+        info = base.model_extra["vas"]
+        assert info["top_k"] == 6 and info["upstream"]["base_url"] == upstream["base_url"]
+        assert info["upstream"]["requests"] == sum(c.model_extra["vas"]["upstream"]["requests"] for c in base.choices)
+        assert info["upstream"]["requests_per_token"] == info["upstream"]["requests"] / base.usage.completion_tokens
+        assert info["upstream"]["prompt_tokens_sent"] >= info["upstream"]["requests"] * base.usage.prompt_tokens // 2
+        assert all(c.model_extra["vas"]["kl_nats"] == 0.0 for c in base.choices)
+
+        body = dict(model="vas", prompt=PROMPT, max_tokens=8, seed=5, extra_body={"vas": {"weights": {name: 4}}})
+        steered = client.completions.create(**body)
+        assert steered.choices[0].model_extra["vas"]["kl_nats"] > 0
+        assert set(steered.choices[0].model_extra["vas"]["learned"]) == set(engine.scorers)
+        stream = list(client.completions.create(stream=True, **body))
+        assert len([c for c in stream if c.choices and c.choices[0].text]) > 1           # token by token
+        assert "".join(c.choices[0].text for c in stream if c.choices) == steered.choices[0].text
+
+        with pytest.raises(openai.BadRequestError, match="local base model"):
+            client.completions.create(model="vas", prompt=PROMPT, max_tokens=2, logprobs=2)
+
+
+def test_vas_generate_with_an_upstream(upstream, data_dir, capsys):
+    from orchestration.cli import main
+
+    argv = ["generate", "--prompt", PROMPT, "--n", "2", "--max-new-tokens", "5", "--seed", "3", "--json",
+            "--data-dir", str(data_dir), "--device", "cpu", "--upstream", upstream["base_url"],
+            "--upstream-model", upstream["model"], "--upstream-top-k", "4", "--upstream-retries", "0"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and all(row["upstream"]["requests"] >= row["n_tokens"] for row in rows)
+    assert main(["generate", "--prompt", PROMPT, "--data-dir", str(data_dir), "--upstream", "http://127.0.0.1:9/v1"]) == 2
+    assert "needs --upstream-model" in capsys.readouterr().err
