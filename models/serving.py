@@ -3,7 +3,11 @@ only moves JSON in and out): OpenAI /v1/completions requests -> VAS completions.
 
 Steering travels in an extra request field, {"vas": {"weights": {...}, "top_k": 20, "soft": true}};
 without it (or with every weight 0) a request gets plain base sampling. Decoding is
-models.generate.decode_rows, the decode of `vas generate`.
+models.generate.decode_rows, the decode of `vas generate`. `logprobs` (at most 20) gives pi0's
+top-n log-probabilities per token (models/logprobs.py), so this server is itself an upstream
+for black-box VAS. With an upstream (Engine(upstream=...)), the base model is behind another
+OpenAI-compatible server and steered locally (models/blackbox.py); responses then report the
+upstream requests and prompt tokens sent.
 
 The value models are re-read between requests when data/value_models changes (a retrain replaced
 it): `Engine.refresh` compares a cheap stat fingerprint, loads the new folder fully, then swaps
