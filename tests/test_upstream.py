@@ -207,8 +207,8 @@ def test_zero_weights_draw_from_the_renormalized_base_top_k(upstream, data_dir):
 
     from models.blackbox import blackbox_rows
     from models.generate import decode_configs
-    from models.value_store import find_value_models
     from models.value_model import ValueModel
+    from models.value_store import find_value_models
 
     engine = upstream["engine"]
     models = {name: ValueModel.load(path) for name, path in find_value_models(data_dir / "value_models").items()}
