@@ -181,6 +181,13 @@ def test_vas_serve_returns_the_base_models_top_logprobs(upstream):
     assert lp.text_offset[0] == len(PROMPT)
     text_tokens = lp.tokens[: choice.model_extra["vas"]["n_tokens"]]
     assert "".join(text_tokens) == choice.text
+    # Completions that stopped list their EOS step last, with pi0's log-probability of EOS there.
+    stopped = [c for c in client.completions.create(model="vas", prompt=PROMPT, max_tokens=24, n=16, logprobs=1,
+                                                    seed=0).choices if c.finish_reason == "stop"]
+    assert stopped, "some smoke-world completions end within 24 tokens"
+    for c in stopped:
+        assert c.logprobs.tokens[-1] == engine.tokenizer.eos_token and c.logprobs.token_logprobs[-1] < 0
+        assert c.logprobs.text_offset[-1] == len(PROMPT) + len(c.text)
     for bad in (21, -1):
         with pytest.raises(openai.BadRequestError, match="logprobs"):
             client.completions.create(model="vas", prompt=PROMPT, max_tokens=2, logprobs=bad)
