@@ -45,6 +45,7 @@ class _Row:
     requests: int = 0
     prompt_tokens: int = 0
     dropped_mass: float = 0.0
+    stopped: bool = False          # ended by the upstream's own EOS draw (a reply without logprobs)
 
 
 def candidate_values(model, tokenizer, prefixes: Sequence[str], steps: Sequence[Step], width: int,
@@ -74,7 +75,8 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
     """One black-box VAS completion per prompt. tokenizer: the value models' own.
 
     Each dict: prompt, completion, kl_nats, n_tokens (upstream tokens drawn), finished, and upstream:
-    {requests, prompt_tokens (sent), dropped_mass (summed over steps)}. watch: a stream watcher
+    {requests, prompt_tokens (sent), dropped_mass (summed over steps), stopped (by the upstream's
+    own EOS draw)}. watch: a stream watcher
     (models.serving.TokenStream), told each step's new text per row."""
     if sampling.temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {sampling.temperature}")
@@ -94,7 +96,7 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
             row.prompt_tokens += reply.prompt_tokens
             row.dropped_mass += reply.dropped_mass
             if reply.stopped:        # the upstream drew EOS and reported nothing: the end, detected
-                row.finished = True
+                row.finished = row.stopped = True
             else:
                 live.append(i)
                 replies.append(reply)
@@ -123,5 +125,6 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
             watch.pieces(pieces)
     return [{"prompt": row.prompt, "completion": row.text, "kl_nats": row.kl, "n_tokens": row.n_tokens,
              "finished": row.finished,
-             "upstream": {"requests": row.requests, "prompt_tokens": row.prompt_tokens, "dropped_mass": row.dropped_mass}}
+             "upstream": {"requests": row.requests, "prompt_tokens": row.prompt_tokens, "dropped_mass": row.dropped_mass,
+                          "stopped": row.stopped}}
             for row in rows]
