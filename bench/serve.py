@@ -2,7 +2,9 @@
 
 Starts the server in-process on a free loopback port (uvicorn, the same app `vas serve` runs) and
 sends the same requests with the official openai client, one at a time and C at a time:
-plain base sampling and VAS steering positivity. Prints completion tokens per second and the
+plain base sampling and VAS steering positivity; then black-box VAS: a second server steering the
+first one as its upstream (`vas serve --upstream`, top-k 20 logprobs over loopback HTTP), one
+request at a time. Prints completion tokens per second, upstream requests per token and the
 ratios, and writes data/bench/serve.json.
 
     python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 8] [--max-tokens 48]
@@ -28,14 +30,16 @@ def run_batch(client, prompts: list[str], max_tokens: int, concurrency: int, ste
     def one(i: int):
         extra = {"vas": steering} if steering else None
         r = client.completions.create(model="vas", prompt=prompts[i], max_tokens=max_tokens, seed=i, extra_body=extra)
-        return r.usage.completion_tokens
+        return r.usage.completion_tokens, r.model_extra["vas"].get("upstream", {}).get("requests", 0)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        tokens = sum(pool.map(one, range(len(prompts))))
+        counts = list(pool.map(one, range(len(prompts))))
     seconds = time.perf_counter() - start
+    tokens, upstream = sum(c for c, _ in counts), sum(u for _, u in counts)
     return {"requests": len(prompts), "concurrency": concurrency, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "requests_per_s": round(len(prompts) / seconds, 2)}
+            "tokens_per_s": round(tokens / seconds, 1), "requests_per_s": round(len(prompts) / seconds, 2),
+            "upstream_requests_per_token": round(upstream / max(tokens, 1), 3)}
 
 
 def main(argv=None) -> int:
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
 
     from models.artifacts import write_json
     from models.serving import Engine
+    from models.upstream import UpstreamConfig
     from orchestration.serve import background_server
 
     data = Path(args.data_dir)
@@ -64,10 +69,19 @@ def main(argv=None) -> int:
             for concurrency in (1, args.concurrency):
                 rows[f"{name}_c{concurrency}"] = run_batch(client, prompts, args.max_tokens, concurrency, steering)
                 print(name, rows[f"{name}_c{concurrency}"], flush=True)
+        # Black-box VAS: the same weights, the base model reached over HTTP through this server.
+        with background_server(Engine(data, device="cpu", upstream=UpstreamConfig(url, "vas", top_k=20))) as front:
+            front_client = OpenAI(base_url=front, api_key="unused", max_retries=0, timeout=600)
+            steering = {"weights": {"positivity": args.beta}, "top_k": 20}
+            rows["vas_c1_top20"] = run_batch(client, prompts, args.max_tokens, 1, steering)
+            rows["blackbox_vas_c1"] = run_batch(front_client, prompts, args.max_tokens, 1, steering)
+            print("vas top-k 20", rows["vas_c1_top20"], "\nblack-box vas", rows["blackbox_vas_c1"], flush=True)
     c = args.concurrency
     ratios = {f"base_c{c}_vs_c1": rows[f"base_c{c}"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
               f"vas_c{c}_vs_c1": rows[f"vas_c{c}"]["tokens_per_s"] / rows["vas_c1"]["tokens_per_s"],
-              "vas_vs_base_c1": rows["vas_c1"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"]}
+              "vas_vs_base_c1": rows["vas_c1"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
+              "blackbox_vs_whitebox_vas_top20_c1": rows["blackbox_vas_c1"]["tokens_per_s"]
+              / rows["vas_c1_top20"]["tokens_per_s"]}
     for key, value in ratios.items():
         print(f"  {key}: x{value:.2f}")
     out = data / "bench" / "serve.json"

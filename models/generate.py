@@ -17,6 +17,7 @@ from models.value_store import find_value_models
 
 if TYPE_CHECKING:
     from models.sampling import SamplingConfig
+    from models.upstream import UpstreamConfig
     from models.vas import VASConfig
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,13 @@ def decode_configs(**decode) -> tuple[SamplingConfig, VASConfig]:
 
 def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int = 4, data_dir: str | Path = "data",
              base_model_dir: str | Path | None = None, value_model_dirs: Mapping[str, str] | None = None,
-             reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto", **decode) -> list[dict]:
+             reward_model_dirs: Mapping[str, str] | None = None, device: str = "auto",
+             upstream: UpstreamConfig | None = None, **decode) -> list[dict]:
     """n VAS completions per prompt, weights per attribute; one dict per completion, in prompt order.
+
+    upstream: black-box VAS on the base model behind an OpenAI-compatible API (models/upstream.py,
+    models/blackbox.py) instead of the local one; only the local base model's tokenizer is read (the
+    value models' own). Each dict then has upstream: {requests, prompt_tokens, dropped_mass}.
 
     decode: SamplingConfig and VASConfig fields (seed, temperature, max_new_tokens, batch_size,
     top_k, mask_outside_top_k, soft); None or absent keeps the decoder's default. soft (default
@@ -92,31 +98,56 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     _check_weights(weights, available, data_dir)   # before loading anything: fail fast on a typo
 
     dev = pick_device(device)
-    base, tokenizer, _ = load_frozen_base(base_model_dir or data_dir / output_of("base_model"), device=str(dev))
+    base_dir = base_model_dir or data_dir / output_of("base_model")
+    if upstream is not None:
+        from models.upstream import UpstreamClient
+
+        base, tokenizer, client = None, value_tokenizer(base_dir), UpstreamClient(upstream)
+    else:
+        (base, tokenizer, _), client = load_frozen_base(base_dir, device=str(dev)), None
     # Weight-0 models are not even loaded: they would not be run.
     active = {name: float(w) for name, w in weights.items() if float(w) != 0.0}
     value_models = {name: ValueModel.load(available[name], device=dev) for name in active}
 
     expanded = [p for p in prompt_list for _ in range(n)]
     scorers = reward_scorers(data_dir, reward_model_dirs, str(dev))
-    rows = decode_rows(base, tokenizer, expanded, value_models, active, sampling, vas, dev, scorers)
-    return [{k: v for k, v in row.items() if k not in ("finished", "completion_ids")} for row in rows]
+    rows = decode_rows(base, tokenizer, expanded, value_models, active, sampling, vas, dev, scorers, upstream=client)
+    return [{k: v for k, v in row.items() if k not in ("finished", "completion_ids", "base_logprobs")} for row in rows]
+
+
+def value_tokenizer(base_dir: str | Path):
+    """The value models' own tokenizer, the one they were trained with: the local base model's,
+    read alone (black-box VAS never loads the base weights, nor uses the upstream's tokenizer)."""
+    from models.lm import base_model_dir, load_tokenizer
+
+    return load_tokenizer(base_model_dir(base_dir))
 
 
 def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
-                sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None) -> list[dict]:
+                sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None,
+                upstream=None) -> list[dict]:
     """One VAS completion per prompt (repeat a prompt for several), each scored by every learned
     reward model: the decode of `vas generate` and of `vas serve`.
 
-    Each dict: prompt, completion, kl_nats, n_tokens, finished, completion_ids and
+    upstream: a models.upstream.UpstreamClient, for black-box VAS on a base model behind an API
+    (models/blackbox.py; base is then unused and tokenizer is the value models' own).
+    Each dict: prompt, completion, kl_nats, n_tokens, finished, then completion_ids and
+    base_logprobs (local base) or upstream (requests, prompt_tokens, dropped_mass), and
     learned_<attribute> per scorer. watch: told each step's tokens while decoding (models.vas.Watched)."""
-    from models.vas import vas_sample
+    if upstream is not None:
+        from models.blackbox import blackbox_rows
 
-    gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device, watch=watch)
-    rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids}
-            for p, c, kl, nt, f, ids in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens, gen.finished,
-                                             gen.completion_ids)]
-    for name, scores in score_all(scorers, gen.prompts, gen.texts).items():
+        rows = blackbox_rows(upstream, tokenizer, list(prompts), value_models, weights, sampling, vas, watch=watch)
+    else:
+        from models.vas import vas_sample
+
+        gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device,
+                         watch=watch)
+        rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids,
+                 "base_logprobs": lp}
+                for p, c, kl, nt, f, ids, lp in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens, gen.finished,
+                                                     gen.completion_ids, gen.base_logprobs)]
+    for name, scores in score_all(scorers, [r["prompt"] for r in rows], [r["completion"] for r in rows]).items():
         for row, score in zip(rows, scores):
             row[f"learned_{name}"] = score
     return rows

@@ -189,19 +189,28 @@ def load_causal_lm(source: str | Path, trust_remote_code: bool = False, allow_do
 
     Weights load as safetensors only; remote code runs only when the caller asks for it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when a model is loaded
+    from transformers import AutoModelForCausalLM  # heavy: only when a model is loaded
 
-    quiet_loading()
     kwargs = dict(trust_remote_code=trust_remote_code, local_files_only=not allow_download)
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **kwargs)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    tokenizer = load_tokenizer(source, trust_remote_code, allow_download)
     model = AutoModelForCausalLM.from_pretrained(str(source), use_safetensors=True, dtype=dtype, **kwargs)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def load_tokenizer(source: str | Path, trust_remote_code: bool = False, allow_download: bool = False):
+    """A model's tokenizer alone (left padding, EOS as pad when it has none): what the decoders expect."""
+    from transformers import AutoTokenizer
+
+    quiet_loading()
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code,
+                                              local_files_only=not allow_download)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def resolve_model_dir(source: str, allow_download: bool = False) -> Path:

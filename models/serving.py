@@ -3,7 +3,11 @@ only moves JSON in and out): OpenAI /v1/completions requests -> VAS completions.
 
 Steering travels in an extra request field, {"vas": {"weights": {...}, "top_k": 20, "soft": true}};
 without it (or with every weight 0) a request gets plain base sampling. Decoding is
-models.generate.decode_rows, the decode of `vas generate`.
+models.generate.decode_rows, the decode of `vas generate`. `logprobs` (at most 20) gives pi0's
+top-n log-probabilities per token (models/logprobs.py), so this server is itself an upstream
+for black-box VAS. With an upstream (Engine(upstream=...)), the base model is behind another
+OpenAI-compatible server and steered locally (models/blackbox.py); responses then report the
+upstream requests and prompt tokens sent.
 
 The value models are re-read between requests when data/value_models changes (a retrain replaced
 it): `Engine.refresh` compares a cheap stat fingerprint, loads the new folder fully, then swaps
@@ -22,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers
+from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers, value_tokenizer
+from models.logprobs import MAX_LOGPROBS, LogprobRecorder
 from models.sampling import encode_prompts
 from models.stages import output_of
 from models.value_store import find_value_models
@@ -55,6 +60,7 @@ class Request:
     weights: dict[str, float] = field(default_factory=dict)
     decode: dict[str, Any] = field(default_factory=dict)    # top_k, soft: None keeps VASConfig's default
     head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
+    logprobs: int | None = None    # pi0's top-n log-probabilities per token (models/logprobs.py)
     prompt_tokens: int = 0         # the prompts' tokens, counted once when the request is checked
 
 
@@ -68,7 +74,7 @@ def _number(value, param: str, integer: bool = False) -> float:
 
 # Fields of the OpenAI protocol this server does not implement, with the values that mean "off":
 # any other value is refused, never silently ignored.
-UNSUPPORTED = {"stop": (None,), "logprobs": (None,), "echo": (None, False), "suffix": (None,), "logit_bias": (None,),
+UNSUPPORTED = {"stop": (None,), "echo": (None, False), "suffix": (None,), "logit_bias": (None,),
                "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
 
 
@@ -103,6 +109,12 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
         req.temperature = _number(body["temperature"], "temperature")
         if req.temperature <= 0:
             raise ServingError("temperature must be > 0 (greedy decoding is not implemented)", "temperature")
+    if body.get("logprobs") is not None:
+        req.logprobs = _number(body["logprobs"], "logprobs", integer=True)
+        if not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise ServingError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
+        if req.stream:
+            raise ServingError("logprobs are not supported with stream: true", "logprobs", "unsupported_parameter")
     # No seed: a fresh one, reported in the response so the request can be replayed.
     req.seed = _number(body["seed"], "seed", integer=True) if body.get("seed") is not None else secrets.randbelow(2**31)
     vas = body.get("vas") or {}
@@ -149,14 +161,29 @@ class ValueModels:
 class Engine:
     """The loaded base model, reward scorers and current value models, and the completion logic."""
 
-    def __init__(self, data_dir: str | Path, device: str = "auto", model_id: str = "vas"):
+    def __init__(self, data_dir: str | Path, device: str = "auto", model_id: str = "vas", upstream=None):
+        """upstream: a models.upstream.UpstreamConfig: completions come from that base model behind an
+        OpenAI-compatible API, steered by the local value models (black-box VAS, models/blackbox.py);
+        the local base model's weights are then never loaded, only its tokenizer (the value models')."""
         from models.lm import load_frozen_base, pick_device
 
         self.data_dir = Path(data_dir)
         self.model_id = model_id
         self.device = pick_device(device)
-        self.base, self.tokenizer, _ = load_frozen_base(self.data_dir / output_of("base_model"), device=str(self.device))
-        config = self.base.config
+        base_dir = self.data_dir / output_of("base_model")
+        if upstream is not None:
+            from models.upstream import UpstreamClient
+
+            # The value models read prefix + candidate texts: their context is the limit here.
+            self.upstream, self.base, self.tokenizer = UpstreamClient(upstream), None, value_tokenizer(base_dir)
+            from transformers import AutoConfig
+
+            from models.lm import base_model_dir
+            config = AutoConfig.from_pretrained(str(base_model_dir(base_dir)), local_files_only=True)
+        else:
+            self.upstream = None
+            self.base, self.tokenizer, _ = load_frozen_base(base_dir, device=str(self.device))
+            config = self.base.config
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
         self.scorers = reward_scorers(self.data_dir, device=str(self.device))
         self.values = ValueModels("none", (), {})
@@ -192,6 +219,9 @@ class Engine:
         """The request, checked against the value models current now (re-read if they changed)."""
         self.refresh()
         req = parse_request(body, self.model_id, set(self.values.models))
+        if req.logprobs is not None and self.upstream is not None:
+            raise ServingError("logprobs need the local base model; this server steers an upstream one",
+                               "logprobs", "unsupported_parameter")
         encoded = encode_prompts(self.tokenizer, req.prompts)
         req.prompt_tokens = sum(len(ids) for ids in encoded)
         for i, ids in enumerate(encoded):
@@ -207,23 +237,35 @@ class Engine:
         """The /v1/completions response body of a prepared request. watch: told each decode step's
         tokens (streaming)."""
         values = self.values      # this request's version, whatever a later refresh does
+        if req.logprobs is not None:
+            watch = LogprobRecorder(self.tokenizer, req.logprobs)
         sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
                                        **req.decode)
         active = {name: w for name, w in req.weights.items() if w != 0.0}
         expanded = [p for p in req.prompts for _ in range(req.n)]
+        requests, sent = (self.upstream.requests, self.upstream.prompt_tokens) if self.upstream else (0, 0)
         rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
-                           sampling, vas, self.device, self.scorers, watch=watch)
-        choices = [{"index": i, "text": row["completion"], "logprobs": None,
+                           sampling, vas, self.device, self.scorers, watch=watch, upstream=self.upstream)
+        choices = [{"index": i, "text": row["completion"],
+                    "logprobs": None if req.logprobs is None else watch.choice(i, row),
                     "finish_reason": "stop" if row["finished"] else "length",
                     "vas": {"kl_nats": row["kl_nats"], "n_tokens": row["n_tokens"],
-                            "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")}}}
+                            "learned": {k.removeprefix("learned_"): v for k, v in row.items() if k.startswith("learned_")},
+                            **({"upstream": row["upstream"]} if "upstream" in row else {})}}
                    for i, row in enumerate(rows)]
         completion_tokens = sum(row["n_tokens"] for row in rows)
+        info = {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
+                "top_k": vas.top_k, "soft": vas.soft}
+        if self.upstream is not None:
+            requests, sent = self.upstream.requests - requests, self.upstream.prompt_tokens - sent
+            info["top_k"] = min(vas.top_k, self.upstream.config.top_k)
+            info["upstream"] = {"base_url": self.upstream.config.base_url, "model": self.upstream.config.model,
+                                "requests": requests, "prompt_tokens_sent": sent,
+                                "requests_per_token": requests / max(completion_tokens, 1)}
         return {**req.head, "choices": choices,
                 "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": req.prompt_tokens + completion_tokens},
-                "vas": {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
-                        "top_k": vas.top_k, "soft": vas.soft}}
+                "vas": info}
 
     def stream(self, req: Request, emit: Callable[[dict], None]) -> None:
         """Decode a prepared request, emitting OpenAI stream chunks as tokens are drawn: per choice the
@@ -239,7 +281,8 @@ class Engine:
 
 class TokenStream:
     """Turns the tokens a decode feeds, step by step and batch by batch, into text chunks per choice
-    (a models.vas.Watched watcher). A row's tokens end at its first EOS."""
+    (a models.vas.Watched watcher; black-box decoding feeds texts, pieces()). A row's tokens end at
+    its first EOS."""
 
     def __init__(self, tokenizer, head: dict, emit: Callable[[dict], None]):
         self.tokenizer, self.head, self.emit = tokenizer, head, emit
@@ -260,9 +303,18 @@ class TokenStream:
                 self.ended.add(row)
                 continue
             self.ids.setdefault(row, []).append(token)
-            text, sent = self.tokenizer.decode(self.ids[row], skip_special_tokens=True), self.sent.get(row, "")
-            if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
-                continue
-            self.emit({**self.head, "choices": [{"index": row, "text": text[len(sent):], "logprobs": None,
-                                                 "finish_reason": None}]})
-            self.sent[row] = text
+            self.send(row, self.tokenizer.decode(self.ids[row], skip_special_tokens=True))
+
+    def pieces(self, new: dict[int, str]) -> None:
+        """Black-box decoding (models/blackbox.py): the text each row's new token adds."""
+        for j, piece in new.items():
+            self.send(self.offset + j, self.sent.get(self.offset + j, "") + piece)
+
+    def send(self, row: int, text: str) -> None:
+        """A chunk with what `text`, the row's text so far, adds to what was sent."""
+        sent = self.sent.get(row, "")
+        if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
+            return
+        self.emit({**self.head, "choices": [{"index": row, "text": text[len(sent):], "logprobs": None,
+                                             "finish_reason": None}]})
+        self.sent[row] = text

@@ -36,7 +36,7 @@ from torch import nn
 from models.distributional import Support, support_from, value_of
 from models.lm import quiet_loading, resolve_model_dir, weights_sha256
 from models.sampling import positions
-from models.train_utils import dropout_off
+from models.train_utils import dropout_off, pad_rows
 
 PARAMETERIZATIONS = ("scalar", "qhead", "distributional", "distributional_qhead")
 DISTRIBUTIONAL = ("distributional", "distributional_qhead")
@@ -216,6 +216,16 @@ class ValueModel(nn.Module):
         if not self.is_distributional:
             return u
         return torch.where(action_mask.bool(), value_of(u, self.support, beta), 0.0)
+
+    @torch.no_grad()
+    def text_values(self, rows: list[list[int]], pad_id: int, beta: float | None = None) -> torch.Tensor:
+        """V of whole token sequences (each row: BOS, then a text's ids): the head at the last token
+        given all before it, which for a per-token head is Q(s, a) = V(s·a) with a the last token.
+        (n,) float32; mean or soft value at beta as path_values. Black-box VAS scores texts this way."""
+        ids, mask = pad_rows(rows, pad_id, "right")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        u = self.path_values(ids, mask, mask, beta)
+        return u.gather(1, mask.sum(-1, keepdim=True) - 1).squeeze(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 action_mask: torch.Tensor) -> torch.Tensor:

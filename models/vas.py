@@ -61,19 +61,28 @@ class ValueGuidance:
             return base_logits       # the very same tensor: base sampling, bit for bit
         k = min(self.config.top_k, base_logits.shape[-1])
         top = base_logits.topk(k, dim=-1).indices                                   # (B, k)
-        bonus = torch.zeros(top.shape, dtype=base_logits.dtype, device=base_logits.device)
-        for (name, model, weight), state in zip(self.active, self.states):
+        for name, model, _ in self.active:
             if int(top.max()) >= model.vocab_size:
                 raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
                                  f"base model proposed token {int(top.max())}: they must share a tokenizer")
-            q = model.candidate_q(state, top.to(model.device), beta=weight if self.config.soft else None)
-            # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
-            q = q.double()                                                           # (B, k)
-            bonus += (weight * (q - q.mean(-1, keepdim=True))).to(bonus)
+        bonus = self.bonus(lambda model, state, beta: model.candidate_q(state, top.to(model.device), beta=beta))
+        bonus = bonus.to(base_logits)
         if self.config.mask_outside_top_k:
             steered = torch.full_like(base_logits, float("-inf"))
             return steered.scatter(1, top, base_logits.gather(1, top) + bonus)
         return base_logits.scatter_add(1, top, bonus)
+
+    def bonus(self, q_of: Callable) -> torch.Tensor:
+        """Σ_i w_i · (Q_i - mean_k Q_i), (B, k) float64, where q_of(model, state, beta) gives model i's
+        Q over the k candidates (B, k): token ids here, candidate texts in black-box decoding
+        (models/blackbox.py). beta is the model's weight for soft values, None for mean values."""
+        total = torch.zeros((), dtype=torch.float64)          # no active model: no bonus
+        for (_, model, weight), state in zip(self.active, self.states or [None] * len(self.active)):
+            q = q_of(model, state, weight if self.config.soft else None)
+            # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
+            q = q.double()                                                           # (B, k)
+            total = weight * (q - q.mean(-1, keepdim=True)) + total.to(q.device)
+        return total
 
     def advance(self, tokens: torch.Tensor) -> None:
         """tokens (B,): what the base model is fed next; every value prefix grows by it too."""
@@ -84,7 +93,9 @@ class ValueGuidance:
 class Watched:
     """A Steering that reports, per step, the tokens the sampler feeds the base model (streaming):
     watch.start(batch_size) per prompt batch, watch.tokens(list of ids) per step. The sampler stops
-    before feeding a row's last token, so the watcher never sees it. Steers exactly as `steering`."""
+    before feeding a row's last token, so the watcher never sees it. A watcher with a base_logits
+    method is also shown pi0's (B, V) logits of every step, before steering (logprobs in `vas serve`).
+    Steers exactly as `steering`."""
 
     def __init__(self, steering, watch):
         self.steering, self.watch = steering, watch
@@ -94,6 +105,8 @@ class Watched:
         self.steering.start(ids, mask)
 
     def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.watch, "base_logits"):
+            self.watch.base_logits(base_logits)
         return self.steering.adjust(base_logits)
 
     def advance(self, tokens: torch.Tensor) -> None:

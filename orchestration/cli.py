@@ -19,6 +19,7 @@ from models.environment import read_env, set_env
 from models.generate import decode_configs, generate
 from models.profiles import PROJECT_ROOT, load_profile
 from models.stages import STAGES, output_of
+from models.upstream import UpstreamConfig, UpstreamError
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
 QUIET_ENV = {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "False"}
@@ -333,6 +334,31 @@ def _weight(text: str) -> tuple[str, float]:
     return name, weight
 
 
+def _upstream(args) -> UpstreamConfig | None:
+    """--upstream URL --upstream-model NAME [...]: black-box VAS on a base model behind an API."""
+    if not args.upstream:
+        return None
+    if not args.upstream_model:
+        raise UpstreamError(f"--upstream {args.upstream} needs --upstream-model NAME, the model it serves")
+    return UpstreamConfig(args.upstream, args.upstream_model, top_k=args.upstream_top_k,
+                          max_retries=args.upstream_retries, timeout=args.upstream_timeout,
+                          eos_token_id=args.upstream_eos_id)
+
+
+def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("black-box base model (top-k logprobs from an OpenAI-compatible server)")
+    group.add_argument("--upstream", default=None, metavar="URL",
+                       help="base URL of an OpenAI-compatible /v1/completions, e.g. http://127.0.0.1:8080/v1")
+    group.add_argument("--upstream-model", default=None, metavar="NAME", help="the model name it serves")
+    group.add_argument("--upstream-top-k", type=int, default=UpstreamConfig.top_k,
+                       help=f"logprobs asked per token (default {UpstreamConfig.top_k}; the public OpenAI API allows 5)")
+    group.add_argument("--upstream-eos-id", type=int, default=None,
+                       help="the upstream's EOS token id: biased away from its own one-token draws (logit_bias)")
+    group.add_argument("--upstream-retries", type=int, default=UpstreamConfig.max_retries,
+                       help="retries with backoff on 429, 5xx and timeouts (the openai client's)")
+    group.add_argument("--upstream-timeout", type=float, default=UpstreamConfig.timeout, help="seconds per request")
+
+
 def cmd_generate(args) -> int:
     data_dir = Path(args.data_dir or read_env().data_dir)
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
@@ -341,8 +367,9 @@ def cmd_generate(args) -> int:
         decode = dict(seed=args.seed, top_k=args.top_k, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, soft=False if args.mean else None)
         rows = generate(args.prompt, dict(args.weight), n=args.n, data_dir=data_dir,
-                        value_model_dirs=dict(args.value_model), device=args.device, **decode)
-    except (ValueError, FileNotFoundError) as err:   # bad weights or missing models: say what to do
+                        value_model_dirs=dict(args.value_model), device=args.device, upstream=_upstream(args),
+                        **decode)
+    except (ValueError, FileNotFoundError, UpstreamError) as err:   # bad weights, missing models: say what to do
         print(f"vas generate: {err}", file=sys.stderr)
         return 2
     if args.json:
@@ -368,7 +395,13 @@ def cmd_serve(args) -> int:
     data_dir = Path(args.data_dir or read_env().data_dir)
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
     logging.basicConfig(level=logging.INFO)
-    serve(data_dir, host=args.host, port=args.port, device=args.device, model_id=args.model_name)
+    try:
+        upstream = _upstream(args)
+    except (UpstreamError, ValueError) as err:
+        print(f"vas serve: {err}", file=sys.stderr)
+        return 2
+    serve(data_dir, host=args.host, port=args.port, device=args.device, model_id=args.model_name,
+          upstream=upstream)
     return 0
 
 
@@ -481,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mean", action="store_true",
                      help="steer distributional value models by their mean (the paper's VAS), not the soft value")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
+    add_upstream_arguments(gen)
     gen.set_defaults(func=cmd_generate)
     srv = sub.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/models with per-request VAS weights")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -488,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
     srv.add_argument("--device", default="auto", help="auto, cpu or cuda")
     srv.add_argument("--model-name", default="vas", help="the model id clients ask for (default: vas)")
+    add_upstream_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     exp = sub.add_parser("export-gguf", help="write the base model as a GGUF file for llama.cpp (gpt2, f32)")
     exp.add_argument("--model-dir", default=None,

@@ -109,11 +109,15 @@ def create_app(engine: Engine) -> FastAPI:
     return app
 
 
-def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", model_id: str = "vas") -> None:
+def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", model_id: str = "vas",
+          upstream=None) -> None:
+    """upstream: a models.upstream.UpstreamConfig to steer a base model behind an OpenAI-compatible API."""
     import uvicorn
 
-    engine = Engine(data_dir, device=device, model_id=model_id)
-    log.info(f"serving {model_id} from {data_dir} (value models {engine.values.version}) on http://{host}:{port}/v1")
+    engine = Engine(data_dir, device=device, model_id=model_id, upstream=upstream)
+    base = f"upstream {upstream.base_url} ({upstream.model})" if upstream else "the local base model"
+    log.info(f"serving {model_id} from {data_dir} with {base} (value models {engine.values.version}) "
+             f"on http://{host}:{port}/v1")
     uvicorn.run(create_app(engine), host=host, port=port)
 
 
