@@ -4,9 +4,11 @@ Two measurements on a materialized default world (`make run` first), side by sid
 
     python bench/frontier.py compute    # rollouts x training steps x top-k -> soft-VAS frontier points
     python bench/frontier.py iterate    # round 2 fitted on soft-VAS rollouts of round 1 (IVO-style)
+    python bench/frontier.py iterate --states-only --control --calibrated --rollout-beta 4 --betas 3 4 5
+        # round 2 on pi0 rollouts plus pi0 continuations of calibrated-VAS prefixes, against a control
 
-Every point is soft VAS with a distributional_qhead value model of the steered attribute, trained
-with the profile's value_models settings; the eval prompts, seed and scoring are the
+Every point is soft VAS (calibrated VAS with --calibrated) with a distributional_qhead value model of
+the steered attribute, trained with the profile's value_models settings; the eval prompts, seed and scoring are the
 evaluation asset's. Results print as a markdown table and go to data/bench/frontier_<what>.json.
 """
 
@@ -78,8 +80,8 @@ class World:
                                      progress=lambda _: None, init_model=init_model)
         return model.eval(), time.perf_counter() - start
 
-    def point(self, model, beta: float, top_k: int) -> dict:
-        """Soft VAS on the eval prompts: learned and gold reward, exact KL, distinct-2."""
+    def point(self, model, beta: float, top_k: int, calibrated: bool = False) -> dict:
+        """Soft VAS (or calibrated VAS) on the eval prompts: learned and gold reward, exact KL, distinct-2."""
         import numpy as np
 
         from models.evaluation import distinct_n
@@ -90,7 +92,7 @@ class World:
         config = SamplingConfig(max_new_tokens=self.profile["evaluation"]["max_new_tokens"],
                                 seed=self.profile["seed"], batch_size=128)
         gen = vas_sample(self.base, self.tokenizer, self.eval_prompts, {"r": model}, {"r": beta}, config,
-                         VASConfig(top_k=top_k, soft=True))
+                         VASConfig(top_k=top_k, soft=not calibrated, calibrated=calibrated))
         return {"beta": beta, "top_k": top_k,
                 "learned": float(np.mean(self.scorer(self.eval_prompts, gen.texts))),
                 "gold": float(np.mean(score_gold(gen.texts, [self.attribute])[self.attribute])),
@@ -122,19 +124,82 @@ def compute(world: World, args) -> list[dict]:
     return rows
 
 
+class SteerFirst:
+    """Steers row i for its first switch[i] tokens, then samples pi0 (rows in sampling order)."""
+
+    def __init__(self, steering, switch):
+        import torch
+
+        self.steering, self.switch, self.offset = steering, torch.as_tensor(switch), 0
+
+    def start(self, ids, mask):
+        self.limit = self.switch[self.offset : self.offset + ids.shape[0]]
+        self.offset += ids.shape[0]
+        self.step = 0
+        self.steering.start(ids, mask)
+
+    def adjust(self, base_logits):
+        import torch
+
+        steered = self.steering.adjust(base_logits)
+        on = (self.step < self.limit).to(base_logits.device)[:, None]
+        self.step += 1
+        return torch.where(on, steered, base_logits)
+
+    def advance(self, tokens):
+        self.steering.advance(tokens)
+
+
+def switched_rollouts(df, switch):
+    """Rows whose first switch tokens were steered: those tokens move into the prompt, so only pi0's
+    own actions are trained on (their TD targets are values of pi0 at states the steered policy visits)."""
+    keep, prompts, completions = [], [], []
+    for i, (p, c, done, n) in enumerate(zip(df.prompt_ids, df.completion_ids, df.finished, switch)):
+        c = [int(t) for t in c]
+        if len(c) > n or (done and len(c) == n):
+            keep.append(i)
+            prompts.append([int(t) for t in p] + c[:n])
+            completions.append(c[n:])
+    out = df.iloc[keep].reset_index(drop=True).copy()
+    out["prompt_ids"], out["completion_ids"] = prompts, completions
+    return out
+
+
 def iterate(world: World, args) -> list[dict]:
-    """Round 1 on pi0's rollouts; round 2 continues it on rollouts drawn with round 1's soft VAS."""
+    """Round 1 on pi0's rollouts; round 2 continues it on rollouts drawn with round 1's soft VAS,
+    or (--states-only) on pi0 rollouts plus pi0 continuations of soft-VAS prefixes of random length."""
+    import numpy as np
+    import pandas as pd
+
     from models.value_model import ValueModel
     from models.vas import ValueGuidance, VASConfig
 
     first = ValueModel.load(world.data / "value_models" / world.attribute).eval()
-    steering = ValueGuidance({"r": first}, {"r": args.rollout_beta}, VASConfig(top_k=args.top_k[0], soft=True))
-    df = world.rollouts(args.samples_per_prompt[0], steering=steering)
-    second, seconds = world.train(df, args.steps[0], init_model=first)
+    decoder = VASConfig(top_k=args.top_k[0], soft=not args.calibrated, calibrated=args.calibrated)
+    steering = ValueGuidance({"r": first}, {"r": args.rollout_beta}, decoder)
+    if args.states_only:
+        n = len(world.train_prompts) * args.samples_per_prompt[0]
+        switch = np.random.default_rng(args.switch_seed).integers(1, args.max_switch + 1, size=n)
+        steered = world.rollouts(args.samples_per_prompt[0], steering=SteerFirst(steering, switch))
+        pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+        df = pd.concat([pi0, switched_rollouts(steered, switch)], ignore_index=True)
+        print(f"round 2 data: {len(pi0)} pi0 rollouts + {len(df) - len(pi0)} switched", flush=True)
+    else:
+        df = world.rollouts(args.samples_per_prompt[0], steering=steering)
+    init = None if args.fresh else first
+    second, seconds = world.train(df, args.steps[0], init_model=init)
+    vas = "calibrated-VAS" if args.calibrated else "soft-VAS"
+    label = f"{vas} states, pi0 continuations" if args.states_only else f"{vas} rollouts"
+    models = [("round 1 (pi0 rollouts)", first), (f"round 2 ({label})", second)]
+    if args.control:
+        # As much training again on pi0's own rollouts: what round 2 buys beyond the extra steps.
+        pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+        models.append(("control (round 1 + the same steps on pi0 rollouts)", world.train(pi0, args.steps[0],
+                                                                                         init_model=first)[0]))
     rows = []
-    for name, model in (("round 1 (pi0 rollouts)", first), ("round 2 (soft-VAS rollouts)", second)):
+    for name, model in models:
         for beta in args.betas:
-            rows.append({"value model": name, **world.point(model, beta, args.top_k[0])})
+            rows.append({"value model": name, **world.point(model, beta, args.top_k[0], args.calibrated)})
             print(rows[-1], flush=True)
     return rows
 
@@ -155,6 +220,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rollouts", type=int, default=None,
                         help="compute: keep the first max_rollouts / samples_per_prompt prompts (fixed data size)")
     parser.add_argument("--rollout-beta", type=float, default=16.0, help="iterate: beta of round 1's rollouts")
+    parser.add_argument("--states-only", action="store_true",
+                        help="iterate: soft VAS draws only a prefix of 1..max-switch tokens, pi0 the rest")
+    parser.add_argument("--max-switch", type=int, default=24)
+    parser.add_argument("--switch-seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="iterate: round 2 starts from a fresh head")
+    parser.add_argument("--control", action="store_true",
+                        help="iterate: also round 1 trained for the same steps again on pi0's own rollouts")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="decode (rollouts of round 2 and every point) with calibrated VAS instead of soft VAS")
     args = parser.parse_args(argv)
 
     import torch

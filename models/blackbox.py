@@ -49,7 +49,7 @@ class _Row:
 
 
 def candidate_values(model, tokenizer, prefixes: Sequence[str], steps: Sequence[Step], width: int,
-                     beta: float | None) -> torch.Tensor:
+                     beta: float | None, calibrated: bool = False) -> torch.Tensor:
     """(R, width) values of every prefix + candidate text (0 past a row's candidates)."""
     context = int(getattr(model.backbone.config, "n_positions", 0) or model.backbone.config.max_position_embeddings)
     where, texts, ends = [], [], []
@@ -62,7 +62,7 @@ def candidate_values(model, tokenizer, prefixes: Sequence[str], steps: Sequence[
     longest = max(len(ids) for ids in rows)
     if longest > context:
         raise ValueError(f"a candidate text is {longest} value-model tokens long; the value model's context is {context}")
-    values = torch.cat([model.text_values(rows[i : i + SCORE_BATCH], tokenizer.pad_token_id, beta).cpu()
+    values = torch.cat([model.text_values(rows[i : i + SCORE_BATCH], tokenizer.pad_token_id, beta, calibrated).cpu()
                         for i in range(0, len(rows), SCORE_BATCH)])
     out = torch.zeros((len(prefixes), width), dtype=torch.float32)
     # Entries past a row's candidates stay 0: their base logprob is -inf, so they never count.
@@ -107,7 +107,8 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
         for r, reply in enumerate(replies):
             base[r, : len(reply.logprobs)] = torch.tensor(reply.logprobs, dtype=torch.float64)
         prefixes = [rows[i].prompt + rows[i].text for i in live]
-        bonus = guidance.bonus(lambda model, _, beta: candidate_values(model, tokenizer, prefixes, replies, width, beta))
+        bonus = guidance.bonus(lambda model, _, beta: candidate_values(model, tokenizer, prefixes, replies, width, beta,
+                                                                       vas.calibrated))
         steered = base + bonus.cpu()
         kl = step_kl(steered, base, sampling.temperature)
         picks = torch.multinomial(torch.softmax(steered / sampling.temperature, -1), 1, generator=generator).squeeze(1)

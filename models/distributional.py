@@ -11,6 +11,15 @@ pi0(y) · exp(beta · R(y)) / Z, because exp(beta · Q_beta(s, a)) = Z(s·a) is 
 tilted continuations. exp(beta · E[R]) instead under-weights continuations whose reward is
 uncertain but sometimes high (Jensen).
 
+Calibrated bins. Learned rewards saturate: here the top tenth of pi0's rewards lies within 0.1
+standard deviations, where Best-of-N does all its selecting, so uniform bins put it in one or two
+bins and no value of R can tell the 99th percentile from the 90th. With `calibrated` bins the
+histogram is over the normal score z = Phi^-1(F(R)) of the reward, F the empirical CDF of pi0's
+rewards (the calibrated reward of InfAlign, Balashankar et al. 2024): every quantile gets equal
+resolution. Each bin also keeps the reward at its centre (`bin_values`, F^-1(Phi(z))), so the
+same histogram still gives the mean and soft value of R; `calibrated=True` asks for those of z
+instead, which tilt by pi0-quantile as Best-of-N does.
+
 Training targets are HL-Gauss histograms (Farebrother et al. 2024, "Stop Regressing"): the mass a
 Gaussian centred on the target puts on each bin, sigma = 0.75 bin widths, fitted by
 cross-entropy. With gamma = 1 and a terminal reward only, the TD(lambda) target at step j is the
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from models.td import lambda_returns
@@ -34,12 +44,26 @@ class Support:
     v_max: float = 4.0
     n_bins: int = 41
     sigma_ratio: float = 0.75          # HL-Gauss sigma in bin widths (the paper's recommendation)
+    # Calibrated bins: the centres are normal scores z of the reward and bin_values the reward
+    # (standardized units) at each centre, non-decreasing. None: the centres are rewards.
+    bin_values: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not self.v_max > self.v_min:
             raise ValueError(f"support needs v_max > v_min, got [{self.v_min}, {self.v_max}]")
         if self.n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {self.n_bins}")
+        if self.bin_values is not None:
+            values = tuple(float(v) for v in self.bin_values)
+            if len(values) != self.n_bins:
+                raise ValueError(f"bin_values needs one value per bin ({self.n_bins}), got {len(values)}")
+            if any(b < a for a, b in zip(values, values[1:])):
+                raise ValueError("bin_values must be non-decreasing: a calibration map is monotone")
+            object.__setattr__(self, "bin_values", values)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.bin_values is not None
 
     @property
     def width(self) -> float:
@@ -49,6 +73,15 @@ class Support:
         """(n_bins,) bin centres."""
         edges = torch.linspace(self.v_min, self.v_max, self.n_bins + 1, dtype=torch.float64)
         return ((edges[:-1] + edges[1:]) / 2).to(device=device, dtype=dtype)
+
+    def values(self, device=None, dtype=torch.float32, calibrated: bool = False) -> torch.Tensor:
+        """(n_bins,) what each bin stands for: the reward, or its normal score when calibrated."""
+        if calibrated and not self.calibrated:
+            raise ValueError("calibrated values need a value model trained with calibrated bins "
+                             "(value_models.calibrated_bins: true)")
+        if self.bin_values is None or calibrated:
+            return self.centers(device, dtype)
+        return torch.tensor(self.bin_values, device=device, dtype=dtype)
 
 
 def hl_gauss(values: torch.Tensor, support: Support) -> torch.Tensor:
@@ -66,27 +99,54 @@ def hl_gauss(values: torch.Tensor, support: Support) -> torch.Tensor:
     return (mass / mass.sum(-1, keepdim=True)).to(torch.float32)
 
 
-def mean_value(logits: torch.Tensor, support: Support) -> torch.Tensor:
-    """logits (..., n_bins) -> E[R] (...)."""
+def mean_value(logits: torch.Tensor, support: Support, calibrated: bool = False) -> torch.Tensor:
+    """logits (..., n_bins) -> E[R] (...), or E[z] when calibrated."""
     probs = torch.softmax(logits.float(), -1)
-    return (probs * support.centers(logits.device)).sum(-1)
+    return (probs * support.values(logits.device, calibrated=calibrated)).sum(-1)
 
 
-def soft_value(logits: torch.Tensor, support: Support, beta: float) -> torch.Tensor:
-    """logits (..., n_bins) -> Q_beta = (1/beta) · log sum_b p_b · exp(beta · z_b)   (...).
+def soft_value(logits: torch.Tensor, support: Support, beta: float, calibrated: bool = False) -> torch.Tensor:
+    """logits (..., n_bins) -> Q_beta = (1/beta) · log sum_b p_b · exp(beta · v_b)   (...), v_b the
+    reward of bin b (its normal score when calibrated).
 
     beta = 0 is the limit, the mean. Computed in float64: for small |beta| the log-sum-exp is
     beta · mean + O(beta^2) and float32 would lose the difference."""
     if beta == 0:
-        return mean_value(logits, support)
+        return mean_value(logits, support, calibrated)
     log_p = torch.log_softmax(logits.double(), -1)
-    z = support.centers(logits.device, torch.float64)
-    return (torch.logsumexp(log_p + beta * z, -1) / beta).float()
+    v = support.values(logits.device, torch.float64, calibrated)
+    return (torch.logsumexp(log_p + beta * v, -1) / beta).float()
 
 
-def value_of(logits: torch.Tensor, support: Support, beta: float | None = None) -> torch.Tensor:
-    """The mean value (beta None) or the soft value at beta."""
-    return mean_value(logits, support) if beta is None else soft_value(logits, support, beta)
+def value_of(logits: torch.Tensor, support: Support, beta: float | None = None,
+             calibrated: bool = False) -> torch.Tensor:
+    """The mean value (beta None) or the soft value at beta; of the reward, or of its normal score."""
+    return mean_value(logits, support, calibrated) if beta is None else soft_value(logits, support, beta, calibrated)
+
+
+def normal_scores(rewards) -> np.ndarray:
+    """Phi^-1((rank - 1/2) / n) of each reward among all of them (ties share their mean rank): the
+    calibrated reward, standard normal whatever the rewards' own distribution."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    values, inverse, counts = np.unique(rewards, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0                     # 1-based, ties averaged
+    quantiles = torch.from_numpy((mean_rank[inverse] - 0.5) / len(rewards))
+    return torch.special.ndtri(quantiles).numpy()
+
+
+def calibrated_support(rewards, n_bins: int, sigma_ratio: float = 0.75) -> tuple[Support, np.ndarray]:
+    """Bins over the normal scores of `rewards` (padded by 3 HL-Gauss sigmas, as uniform bins are),
+    with the reward at each centre from the rewards' empirical quantile function. Returns the support
+    and the normal scores (the training targets)."""
+    z = normal_scores(rewards)
+    pad = 3 * sigma_ratio
+    width = (z.max() - z.min()) / max(n_bins - 2 * pad, 1.0) if z.max() > z.min() else 1.0
+    low, high = float(z.min() - pad * width), float(z.max() + pad * width)
+    grid = Support(v_min=low, v_max=high, n_bins=n_bins, sigma_ratio=sigma_ratio)
+    at_centres = np.quantile(np.asarray(rewards, dtype=np.float64),
+                             torch.special.ndtr(grid.centers(dtype=torch.float64)).numpy())
+    return Support(v_min=low, v_max=high, n_bins=n_bins, sigma_ratio=sigma_ratio,
+                   bin_values=tuple(at_centres.tolist())), z
 
 
 def distributional_lambda_returns(probs: torch.Tensor, terminal: torch.Tensor, action_mask: torch.Tensor,
@@ -108,4 +168,5 @@ def histogram_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: t
 
 
 def support_from(config: dict) -> Support:
-    return Support(**{k: config[k] for k in ("v_min", "v_max", "n_bins", "sigma_ratio") if k in config})
+    return Support(**{k: config[k] for k in ("v_min", "v_max", "n_bins", "sigma_ratio", "bin_values")
+                      if config.get(k) is not None})

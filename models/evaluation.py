@@ -36,6 +36,9 @@ class EvalConfig:
     bon_attribute: str = "positivity"            # Best-of-N picks by this learned reward
     steer_attribute: str = "positivity"          # the beta sweep steers with this value model
     betas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+    # Distributional models with calibrated bins also decode by the mean normal score of the reward
+    # (VASConfig.calibrated) at these betas; beta is then in standard deviations of pi0's quantiles.
+    calibrated_betas: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     parameterizations: tuple[str, ...] = ("distributional_qhead", "scalar")   # distributional ones run soft and mean
     compose_weights: tuple[float, ...] = (0.0, 2.0, 4.0)   # grid over positivity x conciseness
     compose_parameterization: str = "distributional_qhead"
@@ -96,7 +99,9 @@ def family_of(method: str, params: dict) -> str:
     rerank at one beta along N."""
     if method in ("vas", "vas_rerank"):
         label = f"VAS {params['parameterization']}"
-        if "soft" in params:
+        if params.get("calibrated"):
+            label += " calibrated"
+        elif "soft" in params:
             label += " soft" if params["soft"] else " mean"
         return label + (f" + rerank, beta {params['beta']:g}" if method == "vas_rerank" else "")
     return {"bon": "Best-of-N", "dpo": "DPO"}.get(method, method)
@@ -186,8 +191,8 @@ class Evaluator:
         return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
-                soft: bool = True, seed_offset: int = 0) -> MethodRun:
-        vas_config = VASConfig(top_k=self.config.top_k, soft=soft)
+                soft: bool = True, seed_offset: int = 0, calibrated: bool = False) -> MethodRun:
+        vas_config = VASConfig(top_k=self.config.top_k, soft=soft, calibrated=calibrated)
         start = time.perf_counter()
         gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.value_models[parameterization],
                          weights, self.sampling(seed_offset), vas_config=vas_config, device=self.device)
@@ -245,6 +250,14 @@ class Evaluator:
                     if is_distributional(parameterization):
                         params["soft"] = soft
                     runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params, soft=soft))
+                    self.progress(f"VAS {family_of('vas', params)} beta={beta}: done")
+            steered = self.value_models[parameterization][c.steer_attribute]
+            if is_distributional(parameterization) and steered.support.calibrated:
+                for beta in c.calibrated_betas:
+                    params = {"beta": beta, "parameterization": parameterization, "attribute": c.steer_attribute,
+                              "soft": False, "calibrated": True}
+                    runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params, soft=False,
+                                             calibrated=True))
                     self.progress(f"VAS {family_of('vas', params)} beta={beta}: done")
         if c.steer_attribute in self.value_models.get(c.rerank_parameterization, {}):
             for beta in c.rerank_betas:

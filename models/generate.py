@@ -80,9 +80,10 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
     value models' own). Each dict then has upstream: {requests, prompt_tokens, dropped_mass}.
 
     decode: SamplingConfig and VASConfig fields (seed, temperature, max_new_tokens, batch_size,
-    top_k, mask_outside_top_k, soft); None or absent keeps the decoder's default. soft (default
-    True): distributional value models steer with the soft value at their weight (the exact tilt);
-    False uses their mean (the paper's VAS).
+    top_k, mask_outside_top_k, soft, calibrated); None or absent keeps the decoder's default. soft
+    (default True): distributional value models steer with the soft value at their weight (the exact
+    tilt); False uses their mean (the paper's VAS). calibrated (default False): values of the
+    reward's normal score under pi0 instead of the reward (value models with calibrated bins).
 
     Each dict: prompt, completion, kl_nats, n_tokens, and learned_<attribute> per reward model found.
     """

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.evaluation import headline_table
+from models.study import MIN_DISTINCT_FRACTION
 
 
 def _plt():
@@ -122,13 +123,18 @@ def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
 
 
 def verdict(summary: pd.DataFrame) -> str:
-    """Does the best VAS setting reach Best-of-max-N's gold positivity (95% intervals overlap), and at
-    what share of its decode time?"""
+    """Does the best VAS setting (among those keeping distinct-2 at least 0.8x Best-of-max-N's) reach
+    Best-of-max-N's gold positivity (95% intervals overlap), and at what share of its decode time?"""
     bon = summary[summary.method == "bon"]
     vas = summary[summary.method == "vas"]
     if bon.empty or vas.empty:
         return "No Best-of-N or VAS rows: nothing to compare."
     ref = bon.loc[bon.param_n.idxmax()]
+    # A setting that buys reward by collapsing diversity does not count (as in the targets).
+    vas = vas[vas.distinct_2 >= MIN_DISTINCT_FRACTION * ref.distinct_2]
+    if vas.empty:
+        return (f"Every VAS setting's distinct-2 falls below {MIN_DISTINCT_FRACTION:g}x Best-of-{int(ref.param_n)}'s: "
+                "nothing to compare.")
     best = vas.loc[vas.gold_positivity_mean.idxmax()]
     reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
     ratio = best.seconds_per_sample / ref.seconds_per_sample

@@ -1,7 +1,8 @@
 """The request logic of `vas serve`, in plain Python (the FastAPI app in orchestration/serve.py
 only moves JSON in and out): OpenAI /v1/completions requests -> VAS completions.
 
-Steering travels in an extra request field, {"vas": {"weights": {...}, "top_k": 20, "soft": true}};
+Steering travels in an extra request field, {"vas": {"weights": {...}, "top_k": 20, "soft": true}}
+("calibrated": true steers by pi0-quantile, for value models trained with calibrated bins);
 without it (or with every weight 0) a request gets plain base sampling. Decoding is
 models.generate.decode_rows, the decode of `vas generate`. `logprobs` (at most 20) gives pi0's
 top-n log-probabilities per token (models/logprobs.py), so this server is itself an upstream
@@ -132,11 +133,12 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
         req.decode["top_k"] = _number(vas["top_k"], "vas.top_k", integer=True)
         if req.decode["top_k"] < 1:
             raise ServingError("vas.top_k must be at least 1", "vas.top_k")
-    if vas.get("soft") is not None:
-        req.decode["soft"] = bool(vas["soft"])
-    unknown = sorted(set(vas) - {"weights", "top_k", "soft"})
+    for flag in ("soft", "calibrated"):
+        if vas.get(flag) is not None:
+            req.decode[flag] = bool(vas[flag])
+    unknown = sorted(set(vas) - {"weights", "top_k", "soft", "calibrated"})
     if unknown:
-        raise ServingError(f"unknown vas setting(s) {unknown}; known: weights, top_k, soft", "vas")
+        raise ServingError(f"unknown vas setting(s) {unknown}; known: weights, top_k, soft, calibrated", "vas")
     return req
 
 
@@ -219,6 +221,12 @@ class Engine:
         """The request, checked against the value models current now (re-read if they changed)."""
         self.refresh()
         req = parse_request(body, self.model_id, set(self.values.models))
+        if req.decode.get("calibrated"):
+            for name, w in req.weights.items():
+                support = getattr(self.values.models[name], "support", None)
+                if w != 0.0 and not (support is not None and support.calibrated):
+                    raise ServingError(f"vas.calibrated needs value models trained with calibrated bins; {name!r}'s "
+                                       "is not", "vas.calibrated")
         if req.logprobs is not None and self.upstream is not None:
             raise ServingError("logprobs need the local base model; this server steers an upstream one",
                                "logprobs", "unsupported_parameter")
@@ -255,7 +263,7 @@ class Engine:
                    for i, row in enumerate(rows)]
         completion_tokens = sum(row["n_tokens"] for row in rows)
         info = {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
-                "top_k": vas.top_k, "soft": vas.soft}
+                "top_k": vas.top_k, "soft": vas.soft, "calibrated": vas.calibrated}
         if self.upstream is not None:
             requests, sent = self.upstream.requests - requests, self.upstream.prompt_tokens - sent
             info["top_k"] = min(vas.top_k, self.upstream.config.top_k)

@@ -112,6 +112,12 @@ class ValueModel(nn.Module):
     def is_distributional(self) -> bool:
         return self.support is not None
 
+    def _check_calibrated(self, calibrated: bool) -> None:
+        if calibrated and not (self.is_distributional and self.support.calibrated):
+            raise ValueError(f"calibrated values need a distributional value model trained with calibrated bins "
+                             f"(value_models.calibrated_bins: true); this one is {self.parameterization!r}"
+                             + (" with uniform bins" if self.is_distributional else ""))
+
     # ------------------------------------------------------------------ construction and files
 
     @classmethod
@@ -209,22 +215,25 @@ class ValueModel(nn.Module):
         return torch.where(mask, u, torch.zeros_like(u))
 
     def path_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    action_mask: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+                    action_mask: torch.Tensor, beta: float | None = None, calibrated: bool = False) -> torch.Tensor:
         """u (B, T): the value of the state reached by taking token t, 0 where action_mask is 0.
-        Distributional models give the mean, or the soft value at beta when beta is given."""
+        Distributional models give the mean, or the soft value at beta when beta is given; of the
+        reward, or of its normal score when calibrated (calibrated bins only)."""
+        self._check_calibrated(calibrated)
         u = self.path_outputs(input_ids, attention_mask, action_mask)
         if not self.is_distributional:
             return u
-        return torch.where(action_mask.bool(), value_of(u, self.support, beta), 0.0)
+        return torch.where(action_mask.bool(), value_of(u, self.support, beta, calibrated), 0.0)
 
     @torch.no_grad()
-    def text_values(self, rows: list[list[int]], pad_id: int, beta: float | None = None) -> torch.Tensor:
+    def text_values(self, rows: list[list[int]], pad_id: int, beta: float | None = None,
+                    calibrated: bool = False) -> torch.Tensor:
         """V of whole token sequences (each row: BOS, then a text's ids): the head at the last token
         given all before it, which for a per-token head is Q(s, a) = V(s·a) with a the last token.
         (n,) float32; mean or soft value at beta as path_values. Black-box VAS scores texts this way."""
         ids, mask = pad_rows(rows, pad_id, "right")
         ids, mask = ids.to(self.device), mask.to(self.device)
-        u = self.path_values(ids, mask, mask, beta)
+        u = self.path_values(ids, mask, mask, beta, calibrated)
         return u.gather(1, mask.sum(-1, keepdim=True) - 1).squeeze(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -241,18 +250,21 @@ class ValueModel(nn.Module):
         return ValueDecodeState(cache=out.past_key_values, mask=mask, hidden=out.last_hidden_state[:, -1])
 
     @torch.no_grad()
-    def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+    def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor, beta: float | None = None,
+                    calibrated: bool = False) -> torch.Tensor:
         """Q(s, a) for candidates (B, k) token ids appended to each row's prefix -> (B, k) float32.
 
         Distributional models give the mean of the histogram, or the soft value Q_beta when beta
-        is given (the decoder passes its weight); the others ignore beta."""
+        is given (the decoder passes its weight), of the reward or (calibrated) of its normal score;
+        the others ignore beta and refuse calibrated."""
+        self._check_calibrated(calibrated)
         if self.parameterization in PER_TOKEN_HEADS:
             out = self._per_token(state.hidden[:, None, :], candidates)               # (B, k[, n_bins])
         else:
             out = self.head(self._candidate_hidden(state, candidates).float())        # (B, k, 1 | n_bins)
             if not self.is_distributional:
                 out = out.squeeze(-1)
-        return value_of(out, self.support, beta) if self.is_distributional else out
+        return value_of(out, self.support, beta, calibrated) if self.is_distributional else out
 
     def _candidate_hidden(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, k, H) of each candidate appended to its row's prefix, in one forward.

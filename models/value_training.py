@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from models.distributional import Support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
+from models.distributional import Support, calibrated_support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
 from models.lm import pick_device
 from models.td import lambda_returns, masked_mse
 from models.train_utils import autocast_for, pad_rows, split_groups
@@ -48,6 +48,10 @@ class ValueTrainConfig:
     n_bins: int = 41
     v_min: float | None = None
     v_max: float | None = None
+    # Bins over the normal scores of the rewards (models/distributional.py): equal resolution for
+    # every quantile of pi0's rewards, so the saturated top where Best-of-N selects is resolved, and
+    # the calibrated decoder (values in pi0-quantile units) becomes available. v_min/v_max must be None.
+    calibrated_bins: bool = True
     rank: int = 16
 
 
@@ -162,6 +166,21 @@ def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:
     return Support(v_min=float(low), v_max=float(high), n_bins=config.n_bins)
 
 
+def calibrated_targets(rollouts: Rollouts, config: ValueTrainConfig, support: Support | None):
+    """(support, rollouts with the rewards the head is fitted to). Calibrated bins fit normal scores:
+    of these rollouts' own rewards for a fresh head, or through the given calibrated support's map
+    (a head that continues training keeps its units)."""
+    if support is None:
+        if config.v_min is not None or config.v_max is not None:
+            raise ValueError("value_models.v_min/v_max fix bins in reward units; calibrated bins take "
+                             "their range from the normal scores: set calibrated_bins false or drop v_min/v_max")
+        support, z = calibrated_support(rollouts.rewards, config.n_bins)
+    else:
+        centres = support.centers(dtype=torch.float64).numpy()
+        z = np.interp(np.asarray(rollouts.rewards, dtype=np.float64), np.asarray(support.bin_values), centres)
+    return support, Rollouts(rollouts.prompt_ids, rollouts.action_ids, [float(v) for v in z], rollouts.groups)
+
+
 def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.Tensor,
             config: ValueTrainConfig) -> torch.Tensor:
     """TD(lambda) loss of one batch. Targets come from the outputs as they are at the start of the
@@ -183,20 +202,27 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
 
     The model starts from model_dir's weights with a zero head, or, given init_model, from a copy
     of that value model (a second round fitted on new rollouts, as iterated VAS does)."""
-    from models.value_model import ValueModel
+    from models.value_model import DISTRIBUTIONAL, ValueModel
 
     dev = pick_device(device)
     torch.manual_seed(config.seed)
     train_idx, eval_idx = split_by_group(rollouts, config.eval_fraction, config.seed)
     if not train_idx:
         raise ValueError("no training rollouts left after the held-out split; lower eval_fraction")
+    fitted = rollouts                         # the rewards the head is fitted to (normal scores for calibrated bins)
+    calibrated = config.calibrated_bins and config.parameterization in DISTRIBUTIONAL
     if init_model is not None:
         import copy
 
         model = copy.deepcopy(init_model).to(dev)
+        if model.is_distributional and model.support.calibrated:
+            _, fitted = calibrated_targets(rollouts, config, model.support)
     else:
+        support = support_for(rollouts, config)
+        if calibrated:
+            support, fitted = calibrated_targets(rollouts, config, None)
         model = ValueModel.from_base(model_dir, parameterization=config.parameterization,
-                                     support=support_for(rollouts, config), rank=config.rank).to(dev)
+                                     support=support, rank=config.rank).to(dev)
     if model.is_distributional and config.gamma != 1.0:
         raise ValueError("distributional TD(lambda) needs gamma = 1: a discounted histogram is not a mixture "
                          f"of histograms on the same bins (got gamma {config.gamma})")
@@ -208,7 +234,7 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         start_step, losses = _load_checkpoint(Path(checkpoint_dir), model, optimizer, fingerprint, dev)
         if start_step:
             progress(f"resuming value training from checkpoint at step {start_step}/{config.train_steps}")
-    train = rollouts.subset(train_idx)
+    train = fitted.subset(train_idx)
     progress(f"value model ({config.parameterization}): {len(train)} train / {len(eval_idx)} held-out rollouts, "
              f"{config.train_steps} steps, device {dev}")
     log_every = max(1, config.train_steps // 10)

@@ -26,6 +26,10 @@ class VASConfig:
     # model's weight w (the exact tilt pi0·exp(w·R)/Z when the values are exact); False uses the
     # histogram's mean, the paper's VAS. Other value models ignore it.
     soft: bool = True
+    # Distributional value models with calibrated bins: True steers by the normal score of the
+    # reward (its pi0-quantile through Phi^-1) instead of the reward itself: the tilt then ranks by
+    # quantile, as Best-of-N does, which a saturated learned reward cannot. Other models refuse it.
+    calibrated: bool = False
 
 
 class ValueGuidance:
@@ -65,7 +69,10 @@ class ValueGuidance:
             if int(top.max()) >= model.vocab_size:
                 raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
                                  f"base model proposed token {int(top.max())}: they must share a tokenizer")
-        bonus = self.bonus(lambda model, state, beta: model.candidate_q(state, top.to(model.device), beta=beta))
+        # Only asked of models when set, so any object with candidate_q(state, candidates, beta) steers.
+        calibrated = {"calibrated": True} if self.config.calibrated else {}
+        bonus = self.bonus(lambda model, state, beta: model.candidate_q(state, top.to(model.device), beta=beta,
+                                                                         **calibrated))
         bonus = bonus.to(base_logits)
         if self.config.mask_outside_top_k:
             steered = torch.full_like(base_logits, float("-inf"))

@@ -365,7 +365,8 @@ def cmd_generate(args) -> int:
     try:
         # None keeps the decoder's own default (SamplingConfig, VASConfig): declared there only.
         decode = dict(seed=args.seed, top_k=args.top_k, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, soft=False if args.mean else None)
+                      max_new_tokens=args.max_new_tokens, soft=False if args.mean or args.calibrated else None,
+                      calibrated=True if args.calibrated else None)
         rows = generate(args.prompt, dict(args.weight), n=args.n, data_dir=data_dir,
                         value_model_dirs=dict(args.value_model), device=args.device, upstream=_upstream(args),
                         **decode)
@@ -377,7 +378,7 @@ def cmd_generate(args) -> int:
         return 0
     weights = ", ".join(f"{k}={v:g}" for k, v in args.weight) or "none (base sampling)"
     sampling, vas = decode_configs(**decode)
-    decoder = "soft values" if vas.soft else "mean values"
+    decoder = ("calibrated mean values" if vas.calibrated else "soft values" if vas.soft else "mean values")
     print(f"weights: {weights}; top-k {vas.top_k}, {decoder}, temperature {sampling.temperature:g}, "
           f"seed {sampling.seed}")
     for i, row in enumerate(rows):
@@ -513,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu or cuda")
     gen.add_argument("--mean", action="store_true",
                      help="steer distributional value models by their mean (the paper's VAS), not the soft value")
+    gen.add_argument("--calibrated", action="store_true",
+                     help="steer by the mean normal score of each reward under pi0 (its quantile; value models "
+                          "trained with calibrated bins): the strongest decoder at high KL")
     gen.add_argument("--json", action="store_true", help="print the completions as JSON")
     add_upstream_arguments(gen)
     gen.set_defaults(func=cmd_generate)

@@ -7,7 +7,16 @@ import types
 import pytest
 import torch
 
-from models.distributional import Support, distributional_lambda_returns, hl_gauss, mean_value, soft_value, value_of
+from models.distributional import (
+    Support,
+    calibrated_support,
+    distributional_lambda_returns,
+    hl_gauss,
+    mean_value,
+    normal_scores,
+    soft_value,
+    value_of,
+)
 from models.sampling import SamplingConfig, sample
 from models.vas import ValueGuidance, VASConfig
 
@@ -37,6 +46,47 @@ def test_soft_value_tends_to_the_mean_as_beta_goes_to_zero_and_exceeds_it_otherw
     two = Support(v_min=-2.0, v_max=2.0, n_bins=2)
     assert float(soft_value(torch.zeros(2), two, 1.0)) == pytest.approx(math.log(math.cosh(1.0)), abs=1e-6)
     assert value_of(torch.zeros(2), two, None) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- calibrated bins
+
+def test_normal_scores_by_hand_with_ties():
+    # ranks 4, 1, 2.5, 2.5, 5 of 5 -> Phi^-1(0.7), Phi^-1(0.1), Phi^-1(0.4) twice, Phi^-1(0.9)
+    z = normal_scores([3.0, 1.0, 2.0, 2.0, 5.0])
+    assert z.tolist() == pytest.approx([0.5244005, -1.2815516, -0.2533471, -0.2533471, 1.2815516], abs=1e-6)
+
+
+def test_calibrated_bins_resolve_a_saturated_top_and_ignore_monotone_transforms():
+    gen = torch.Generator().manual_seed(0)
+    # A saturating reward, like the learned one: the top tenth lies within 0.03 of the ceiling.
+    rewards = torch.tanh(3 * torch.randn(2000, generator=gen)).double().numpy()
+    top = rewards >= float(torch.quantile(torch.from_numpy(rewards), 0.9))
+    uniform = Support(v_min=float(rewards.min()), v_max=float(rewards.max()), n_bins=41)
+    calibrated, z = calibrated_support(rewards, n_bins=41)
+    bins_of = lambda values, s: set(((values - s.v_min) // s.width).astype(int).tolist())   # noqa: E731
+    assert len(bins_of(rewards[top], uniform)) <= 2          # the top tenth in one or two uniform bins
+    assert len(bins_of(z[top], calibrated)) >= 6              # and in several calibrated ones
+    # Ranks are all that matter: a monotone transform of the rewards gives the same bins and scores,
+    # and each bin's reward is the transform of the old one (up to the linear interpolation between samples).
+    again, z_again = calibrated_support(rewards ** 3, n_bins=41)
+    assert (again.v_min, again.v_max) == (calibrated.v_min, calibrated.v_max)
+    assert z_again.tolist() == pytest.approx(z.tolist())
+    assert again.bin_values == pytest.approx([v ** 3 for v in calibrated.bin_values], abs=1e-6)
+    # A bin's mean is its reward; calibrated, its normal score.
+    logits = torch.full((41,), float("-inf"))
+    logits[30] = 0.0
+    assert float(mean_value(logits, calibrated)) == pytest.approx(calibrated.bin_values[30], abs=1e-6)
+    assert float(mean_value(logits, calibrated, calibrated=True)) == pytest.approx(float(calibrated.centers()[30]), abs=1e-6)
+    assert float(soft_value(logits, calibrated, 5.0)) == pytest.approx(calibrated.bin_values[30], abs=1e-6)
+
+
+def test_calibrated_supports_are_checked():
+    with pytest.raises(ValueError, match="one value per bin"):
+        Support(v_min=-1.0, v_max=1.0, n_bins=3, bin_values=(0.0, 1.0))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Support(v_min=-1.0, v_max=1.0, n_bins=2, bin_values=(1.0, 0.0))
+    with pytest.raises(ValueError, match="calibrated bins"):
+        value_of(torch.zeros(4), Support(v_min=-1.0, v_max=1.0, n_bins=4), None, calibrated=True)
 
 
 # ---------------------------------------------------------------- HL-Gauss

@@ -179,10 +179,13 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
         assert group.sort_values(key).completion.tolist() == base.completion.tolist()
     steered = samples[(samples.method == "vas") & samples.params.str.contains('"beta": 2.0')]
     assert (steered.kl_nats >= 0).all()
-    # Soft and mean decoding of the distributional model are both there, and differ.
+    # Soft, mean and calibrated decoding of the distributional model are all there, and differ.
+    calibrated = steered.params.str.contains('"calibrated": true')
     soft = steered[steered.params.str.contains('"soft": true')].sort_values(key)
-    mean = steered[steered.params.str.contains('"soft": false')].sort_values(key)
-    assert len(soft) == len(mean) == len(base) and soft.completion.tolist() != mean.completion.tolist()
+    mean = steered[steered.params.str.contains('"soft": false') & ~calibrated].sort_values(key)
+    by_quantile = steered[calibrated].sort_values(key)
+    assert len(soft) == len(mean) == len(by_quantile) == len(base)
+    assert soft.completion.tolist() != mean.completion.tolist() != by_quantile.completion.tolist()
     # VAS + rerank: KL = the kept sample's log pi/pi0 + log N - (N-1)/N.
     rerank = samples[samples.method == "vas_rerank"]
     assert len(rerank) == len(base)
@@ -282,6 +285,7 @@ def test_headline_table_picks_the_rows_to_compare(smoke_world):
     rows = headline_rows(summary)
     assert set(rows.method) == {"base", "dpo", "vas", "vas_rerank"}          # smoke has no Best-of-16/128
     assert set(rows[rows.method == "vas"].family) == {"VAS scalar", "VAS distributional_qhead soft",
+                                                      "VAS distributional_qhead calibrated",
                                                       "VAS distributional_qhead mean"}
     table = headline_table(summary)
     assert table.count("\n") == len(rows) + 1 and table.startswith("| method |")

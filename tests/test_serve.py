@@ -76,6 +76,18 @@ def test_steered_completions_report_kl_learned_rewards_and_version(served):
         assert set(choice["vas"]["learned"]) == {p.name for p in (served["data_dir"] / "reward_models").iterdir()}
 
 
+def test_calibrated_steering_needs_calibrated_bins(served):
+    names = reward_names(served)
+    calibrated = [n for n in names if getattr(served["engine"].values.models[n].support, "calibrated", False)]
+    plain = [n for n in names if n.endswith(".scalar")]
+    assert calibrated and plain, "the smoke world has a calibrated distributional model and the scalar baseline"
+    request = dict(n=2, max_tokens=10, seed=1)
+    steered = post(served["client"], vas={"weights": {calibrated[0]: 4.0}, "calibrated": True}, **request).json()
+    assert steered["vas"]["calibrated"] is True and all(c["vas"]["kl_nats"] > 0 for c in steered["choices"])
+    refused = post(served["client"], vas={"weights": {plain[0]: 4.0}, "calibrated": True}, **request)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "vas.calibrated"
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"vas": {"weights": {"no_such_reward": 1}}}, 400, "vas.weights"),
     ({"max_tokens": -3}, 400, "max_tokens"),

@@ -61,9 +61,11 @@ def gamble_rollouts(n: int = 128, seed: int = 0) -> Rollouts:
     return Rollouts(prompts, actions, rewards, groups)
 
 
+@pytest.mark.parametrize("calibrated_bins", [True, False])
 @pytest.mark.parametrize("parameterization", ["distributional", "distributional_qhead"])
-def test_distributional_training_learns_the_spread_the_soft_value_needs(base_dir, parameterization):
-    config = ValueTrainConfig(parameterization=parameterization, **{**CONFIG, "train_steps": 60})
+def test_distributional_training_learns_the_spread_the_soft_value_needs(base_dir, parameterization, calibrated_bins):
+    config = ValueTrainConfig(parameterization=parameterization, calibrated_bins=calibrated_bins,
+                              **{**CONFIG, "train_steps": 60})
     model, _ = train_value_model(gamble_rollouts(), base_dir, config, pad_id=1, device="cpu")
     state = model.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
     candidates = torch.tensor([[5, 6]])
@@ -157,3 +159,42 @@ def test_support_pads_the_reward_range_so_edge_rewards_keep_their_spread():
     assert float(offsets.max() - offsets.min()) < 0.01
     # Explicit bounds win.
     assert support_for(data, ValueTrainConfig(v_min=-4.0, v_max=4.0)).v_min == -4.0
+
+
+def test_calibrated_bins_fit_normal_scores_and_survive_a_save(base_dir, tmp_path):
+    from models.distributional import normal_scores
+    from models.value_model import ValueModel
+
+    data = signal_rollouts()
+    config = ValueTrainConfig(parameterization="distributional_qhead", **CONFIG)
+    model, metrics = train_value_model(data, base_dir, config, pad_id=1, device="cpu")
+    support = model.support
+    assert support.calibrated and len(support.bin_values) == config.n_bins
+    # The bins span the normal scores of the rewards; each bin maps back to a reward in their range.
+    z = normal_scores(data.rewards)
+    assert support.v_min < z.min() and support.v_max > z.max()
+    assert min(support.bin_values) == -1.0 and max(support.bin_values) == 1.0
+    assert metrics["corr_prefix_1"] > 0.9          # mean values come out in reward units
+    state = model.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
+    candidates = torch.tensor([[5, 6]])
+    reward_units = model.candidate_q(state, candidates)[0]
+    quantile_units = model.candidate_q(state, candidates, calibrated=True)[0]
+    assert float(reward_units[0]) > 0.5 > -0.5 > float(reward_units[1])
+    # Half the rewards are +1, so their normal score is Phi^-1(0.75) = 0.674 on average.
+    assert float(quantile_units[0]) == pytest.approx(float(np.mean(z[np.asarray(data.rewards) > 0])), abs=0.3)
+    model.save(tmp_path / "vm")
+    loaded = ValueModel.load(tmp_path / "vm")
+    assert loaded.support == support
+    torch.testing.assert_close(loaded.candidate_q(loaded.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long)),
+                                                  candidates, calibrated=True)[0], quantile_units)
+
+
+def test_calibrated_bins_refuse_a_fixed_range_and_uniform_bins_refuse_calibrated_values(base_dir):
+    config = ValueTrainConfig(parameterization="distributional", v_min=-4.0, v_max=4.0, **CONFIG)
+    with pytest.raises(ValueError, match="calibrated_bins"):
+        train_value_model(signal_rollouts(), base_dir, config, pad_id=1, device="cpu")
+    uniform = ValueTrainConfig(parameterization="distributional", calibrated_bins=False, **{**CONFIG, "train_steps": 2})
+    model, _ = train_value_model(signal_rollouts(), base_dir, uniform, pad_id=1, device="cpu")
+    state = model.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="calibrated bins"):
+        model.candidate_q(state, torch.tensor([[5, 6]]), calibrated=True)

@@ -324,6 +324,9 @@ def test_cli_generate_parses_weights_and_prints_json(data_dir, capsys):
     assert "kl=" in capsys.readouterr().out
     assert main(["generate", "--prompt", "x", "--weight", "helpfulness=1", "--data-dir", str(data_dir)]) == 2
     assert "materialize value_models" in capsys.readouterr().err
+    # These value models are scalar and qhead: they have no calibrated values to steer by.
+    assert main(argv + ["--calibrated"]) == 2
+    assert "calibrated bins" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["positivity2", "positivity=high", "=2", "positivity=nan"])
