@@ -47,6 +47,10 @@ class Support:
     # Calibrated bins: the centres are normal scores z of the reward and bin_values the reward
     # (standardized units) at each centre, non-decreasing. None: the centres are rewards.
     bin_values: tuple[float, ...] | None = None
+    # The calibration map itself, reward -> normal score, at up to MAX_KNOTS of the training rewards
+    # (increasing): what maps new rewards into these units (a value model trained further).
+    knot_rewards: tuple[float, ...] | None = None
+    knot_scores: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not self.v_max > self.v_min:
@@ -60,10 +64,25 @@ class Support:
             if any(b < a for a, b in zip(values, values[1:])):
                 raise ValueError("bin_values must be non-decreasing: a calibration map is monotone")
             object.__setattr__(self, "bin_values", values)
+        if (self.knot_rewards is None) != (self.knot_scores is None):
+            raise ValueError("knot_rewards and knot_scores come together")
+        if self.knot_rewards is not None:
+            rewards, scores = (tuple(float(v) for v in k) for k in (self.knot_rewards, self.knot_scores))
+            if len(rewards) != len(scores) or any(b <= a for a, b in zip(rewards, rewards[1:])):
+                raise ValueError("knot_rewards must increase strictly, with one knot_score each")
+            object.__setattr__(self, "knot_rewards", rewards)
+            object.__setattr__(self, "knot_scores", scores)
 
     @property
     def calibrated(self) -> bool:
         return self.bin_values is not None
+
+    def normal_scores_of(self, rewards) -> np.ndarray:
+        """New rewards in this support's calibrated units: the training rewards' calibration map,
+        interpolated between its knots, clamped to its ends (no quantile lies beyond pi0's range)."""
+        if self.knot_rewards is None:
+            raise ValueError("this support has no calibration map (uniform bins, or saved without one)")
+        return np.interp(np.asarray(rewards, dtype=np.float64), self.knot_rewards, self.knot_scores)
 
     @property
     def width(self) -> float:
@@ -134,11 +153,17 @@ def normal_scores(rewards) -> np.ndarray:
     return torch.special.ndtri(quantiles).numpy()
 
 
+MAX_KNOTS = 4096
+
+
 def calibrated_support(rewards, n_bins: int, sigma_ratio: float = 0.75) -> tuple[Support, np.ndarray]:
     """Bins over the normal scores of `rewards` (padded by 3 HL-Gauss sigmas, as uniform bins are),
-    with the reward at each centre from the rewards' empirical quantile function. Returns the support
-    and the normal scores (the training targets)."""
+    with the reward at each centre from the rewards' empirical quantile function, and the map
+    itself at up to MAX_KNOTS distinct rewards (both ends kept). Returns the support and the normal
+    scores (the training targets)."""
     z = normal_scores(rewards)
+    distinct, first = np.unique(np.asarray(rewards, dtype=np.float64), return_index=True)
+    keep = np.unique(np.linspace(0, len(distinct) - 1, min(len(distinct), MAX_KNOTS)).round().astype(int))
     pad = 3 * sigma_ratio
     width = (z.max() - z.min()) / max(n_bins - 2 * pad, 1.0) if z.max() > z.min() else 1.0
     low, high = float(z.min() - pad * width), float(z.max() + pad * width)
@@ -146,7 +171,8 @@ def calibrated_support(rewards, n_bins: int, sigma_ratio: float = 0.75) -> tuple
     at_centres = np.quantile(np.asarray(rewards, dtype=np.float64),
                              torch.special.ndtr(grid.centers(dtype=torch.float64)).numpy())
     return Support(v_min=low, v_max=high, n_bins=n_bins, sigma_ratio=sigma_ratio,
-                   bin_values=tuple(at_centres.tolist())), z
+                   bin_values=tuple(at_centres.tolist()), knot_rewards=tuple(distinct[keep].tolist()),
+                   knot_scores=tuple(z[first[keep]].tolist())), z
 
 
 def distributional_lambda_returns(probs: torch.Tensor, terminal: torch.Tensor, action_mask: torch.Tensor,
@@ -168,5 +194,5 @@ def histogram_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: t
 
 
 def support_from(config: dict) -> Support:
-    return Support(**{k: config[k] for k in ("v_min", "v_max", "n_bins", "sigma_ratio", "bin_values")
-                      if config.get(k) is not None})
+    keys = ("v_min", "v_max", "n_bins", "sigma_ratio", "bin_values", "knot_rewards", "knot_scores")
+    return Support(**{k: config[k] for k in keys if config.get(k) is not None})

@@ -135,7 +135,9 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
             raise ServingError("vas.top_k must be at least 1", "vas.top_k")
     for flag in ("soft", "calibrated"):
         if vas.get(flag) is not None:
-            req.decode[flag] = bool(vas[flag])
+            if not isinstance(vas[flag], bool):
+                raise ServingError(f"vas.{flag} must be true or false, got {vas[flag]!r}", f"vas.{flag}")
+            req.decode[flag] = vas[flag]
     unknown = sorted(set(vas) - {"weights", "top_k", "soft", "calibrated"})
     if unknown:
         raise ServingError(f"unknown vas setting(s) {unknown}; known: weights, top_k, soft, calibrated", "vas")
@@ -263,7 +265,7 @@ class Engine:
                    for i, row in enumerate(rows)]
         completion_tokens = sum(row["n_tokens"] for row in rows)
         info = {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
-                "top_k": vas.top_k, "soft": vas.soft, "calibrated": vas.calibrated}
+                "top_k": vas.top_k, "soft": vas.soft and not vas.calibrated, "calibrated": vas.calibrated}
         if self.upstream is not None:
             requests, sent = self.upstream.requests - requests, self.upstream.prompt_tokens - sent
             info["top_k"] = min(vas.top_k, self.upstream.config.top_k)

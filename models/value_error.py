@@ -9,7 +9,8 @@ of one sample is the value plus a lot of noise. Here the ground truth is estimat
 - candidates: pi0's top `n_candidates` next tokens at each state (one forward of the base model);
 - ground truth: `n_continuations` pi0 continuations of s·a for each candidate a, each scored as a
   whole text (prompt + completion) by the learned reward model and standardized with the value
-  model's own reward_stats, the target it was trained on. The MC mean is mean R, the MC soft
+  model's own reward_stats, the units of its values (a model with calibrated bins was fitted to
+  normal scores but still gives values in these units: `calibrated` values are not measured). The MC mean is mean R, the MC soft
   value at beta is (1/beta)·log mean exp(beta·R), and the standard error of the MC mean is the
   noise floor: the mse an exact value model would still show. Choosing EOS ends the completion,
   so its continuation is empty and its value is known exactly.

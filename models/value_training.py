@@ -169,15 +169,16 @@ def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:
 def calibrated_targets(rollouts: Rollouts, config: ValueTrainConfig, support: Support | None):
     """(support, rollouts with the rewards the head is fitted to). Calibrated bins fit normal scores:
     of these rollouts' own rewards for a fresh head, or through the given calibrated support's map
-    (a head that continues training keeps its units)."""
+    (a head that continues training keeps its units). Like support_for's range, the map is fitted
+    on every rollout given, held-out ones included: a fixed monotone relabelling of the targets;
+    evaluate_value_model compares values in reward units."""
     if support is None:
         if config.v_min is not None or config.v_max is not None:
             raise ValueError("value_models.v_min/v_max fix bins in reward units; calibrated bins take "
                              "their range from the normal scores: set calibrated_bins false or drop v_min/v_max")
         support, z = calibrated_support(rollouts.rewards, config.n_bins)
     else:
-        centres = support.centers(dtype=torch.float64).numpy()
-        z = np.interp(np.asarray(rollouts.rewards, dtype=np.float64), np.asarray(support.bin_values), centres)
+        z = support.normal_scores_of(rollouts.rewards)
     return support, Rollouts(rollouts.prompt_ids, rollouts.action_ids, [float(v) for v in z], rollouts.groups)
 
 
@@ -215,6 +216,9 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         import copy
 
         model = copy.deepcopy(init_model).to(dev)
+        if model.is_distributional and model.support.calibrated != calibrated:
+            log.info(f"continuing a value model with {'calibrated' if model.support.calibrated else 'uniform'} "
+                     "bins: it keeps them, whatever calibrated_bins says")
         if model.is_distributional and model.support.calibrated:
             _, fitted = calibrated_targets(rollouts, config, model.support)
     else:

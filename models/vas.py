@@ -26,9 +26,10 @@ class VASConfig:
     # model's weight w (the exact tilt pi0·exp(w·R)/Z when the values are exact); False uses the
     # histogram's mean, the paper's VAS. Other value models ignore it.
     soft: bool = True
-    # Distributional value models with calibrated bins: True steers by the normal score of the
-    # reward (its pi0-quantile through Phi^-1) instead of the reward itself: the tilt then ranks by
-    # quantile, as Best-of-N does, which a saturated learned reward cannot. Other models refuse it.
+    # Distributional value models with calibrated bins: True steers by the mean normal score of the
+    # reward (its pi0-quantile through Phi^-1) instead of the reward itself, whatever `soft` says:
+    # the tilt then ranks by quantile, as Best-of-N does, which a saturated learned reward cannot.
+    # (Soft values of z amplify the noise of the extreme quantiles.) Other models refuse it.
     calibrated: bool = False
 
 
@@ -85,7 +86,7 @@ class ValueGuidance:
         (models/blackbox.py). beta is the model's weight for soft values, None for mean values."""
         total = torch.zeros((), dtype=torch.float64)          # no active model: no bonus
         for (_, model, weight), state in zip(self.active, self.states or [None] * len(self.active)):
-            q = q_of(model, state, weight if self.config.soft else None)
+            q = q_of(model, state, weight if self.config.soft and not self.config.calibrated else None)
             # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
             q = q.double()                                                           # (B, k)
             total = weight * (q - q.mean(-1, keepdim=True)) + total.to(q.device)

@@ -365,7 +365,7 @@ def cmd_generate(args) -> int:
     try:
         # None keeps the decoder's own default (SamplingConfig, VASConfig): declared there only.
         decode = dict(seed=args.seed, top_k=args.top_k, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, soft=False if args.mean or args.calibrated else None,
+                      max_new_tokens=args.max_new_tokens, soft=False if args.mean else None,
                       calibrated=True if args.calibrated else None)
         rows = generate(args.prompt, dict(args.weight), n=args.n, data_dir=data_dir,
                         value_model_dirs=dict(args.value_model), device=args.device, upstream=_upstream(args),

@@ -80,6 +80,19 @@ def test_calibrated_bins_resolve_a_saturated_top_and_ignore_monotone_transforms(
     assert float(soft_value(logits, calibrated, 5.0)) == pytest.approx(calibrated.bin_values[30], abs=1e-6)
 
 
+def test_the_calibration_map_is_kept_at_knots_and_maps_new_rewards():
+    support, z = calibrated_support([0.0, 1.0, 2.0, 2.0, 10.0], n_bins=9)
+    assert support.knot_rewards == (0.0, 1.0, 2.0, 10.0)
+    assert support.knot_scores == pytest.approx([z[0], z[1], z[2], z[4]])
+    # Between knots linear, beyond them clamped: no quantile lies outside pi0's range.
+    mapped = support.normal_scores_of([1.5, -5.0, 99.0])
+    assert mapped.tolist() == pytest.approx([(z[1] + z[2]) / 2, z[0], z[4]])
+    with pytest.raises(ValueError, match="no calibration map"):
+        Support(v_min=-1.0, v_max=1.0, n_bins=2).normal_scores_of([0.0])
+    with pytest.raises(ValueError, match="increase strictly"):
+        Support(v_min=-1.0, v_max=1.0, n_bins=2, knot_rewards=(1.0, 0.0), knot_scores=(0.0, 1.0))
+
+
 def test_calibrated_supports_are_checked():
     with pytest.raises(ValueError, match="one value per bin"):
         Support(v_min=-1.0, v_max=1.0, n_bins=3, bin_values=(0.0, 1.0))

@@ -185,7 +185,8 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     mean = steered[steered.params.str.contains('"soft": false') & ~calibrated].sort_values(key)
     by_quantile = steered[calibrated].sort_values(key)
     assert len(soft) == len(mean) == len(by_quantile) == len(base)
-    assert soft.completion.tolist() != mean.completion.tolist() != by_quantile.completion.tolist()
+    texts = [soft.completion.tolist(), mean.completion.tolist(), by_quantile.completion.tolist()]
+    assert texts[0] != texts[1] and texts[0] != texts[2] and texts[1] != texts[2]
     # VAS + rerank: KL = the kept sample's log pi/pi0 + log N - (N-1)/N.
     rerank = samples[samples.method == "vas_rerank"]
     assert len(rerank) == len(base)

@@ -86,6 +86,13 @@ def test_calibrated_steering_needs_calibrated_bins(served):
     assert steered["vas"]["calibrated"] is True and all(c["vas"]["kl_nats"] > 0 for c in steered["choices"])
     refused = post(served["client"], vas={"weights": {plain[0]: 4.0}, "calibrated": True}, **request)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "vas.calibrated"
+    # Calibrated steering is by the mean normal score whatever "soft" says.
+    soft_too = post(served["client"], vas={"weights": {calibrated[0]: 4.0}, "calibrated": True, "soft": True},
+                    **request).json()
+    assert [c["text"] for c in soft_too["choices"]] == [c["text"] for c in steered["choices"]]
+    assert steered["vas"]["soft"] is False
+    not_a_bool = post(served["client"], vas={"weights": {calibrated[0]: 4.0}, "calibrated": "false"}, **request)
+    assert not_a_bool.status_code == 400 and not_a_bool.json()["error"]["param"] == "vas.calibrated"
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -165,7 +165,9 @@ def test_calibrated_bins_fit_normal_scores_and_survive_a_save(base_dir, tmp_path
     from models.distributional import normal_scores
     from models.value_model import ValueModel
 
-    data = signal_rollouts()
+    # Rewards of +-3: their normal scores are +-0.674, so the two units cannot be mistaken.
+    signal = signal_rollouts()
+    data = Rollouts(signal.prompt_ids, signal.action_ids, [3.0 * r for r in signal.rewards], signal.groups)
     config = ValueTrainConfig(parameterization="distributional_qhead", **CONFIG)
     model, metrics = train_value_model(data, base_dir, config, pad_id=1, device="cpu")
     support = model.support
@@ -173,20 +175,26 @@ def test_calibrated_bins_fit_normal_scores_and_survive_a_save(base_dir, tmp_path
     # The bins span the normal scores of the rewards; each bin maps back to a reward in their range.
     z = normal_scores(data.rewards)
     assert support.v_min < z.min() and support.v_max > z.max()
-    assert min(support.bin_values) == -1.0 and max(support.bin_values) == 1.0
-    assert metrics["corr_prefix_1"] > 0.9          # mean values come out in reward units
+    assert min(support.bin_values) == -3.0 and max(support.bin_values) == 3.0
+    assert support.normal_scores_of([-3.0, 3.0, 0.0]).tolist() == pytest.approx([-0.6744898, 0.6744898, 0.0])
+    assert metrics["corr_prefix_1"] > 0.9
     state = model.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
     candidates = torch.tensor([[5, 6]])
     reward_units = model.candidate_q(state, candidates)[0]
     quantile_units = model.candidate_q(state, candidates, calibrated=True)[0]
-    assert float(reward_units[0]) > 0.5 > -0.5 > float(reward_units[1])
-    # Half the rewards are +1, so their normal score is Phi^-1(0.75) = 0.674 on average.
-    assert float(quantile_units[0]) == pytest.approx(float(np.mean(z[np.asarray(data.rewards) > 0])), abs=0.3)
+    assert float(reward_units[0]) > 2.0 and float(reward_units[1]) < -2.0          # rewards: +-3
+    assert 0.4 < float(quantile_units[0]) < 1.0 and -1.0 < float(quantile_units[1]) < -0.4   # scores: +-0.674
     model.save(tmp_path / "vm")
     loaded = ValueModel.load(tmp_path / "vm")
     assert loaded.support == support
     torch.testing.assert_close(loaded.candidate_q(loaded.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long)),
                                                   candidates, calibrated=True)[0], quantile_units)
+    # Trained further on new rollouts, the model keeps its units: their rewards go through its map.
+    more = ValueTrainConfig(parameterization="distributional_qhead", **{**CONFIG, "train_steps": 20})
+    again, _ = train_value_model(data, base_dir, more, pad_id=1, device="cpu", init_model=loaded)
+    assert again.support == support
+    state = again.start(torch.tensor([[0, 2]]), torch.ones(1, 2, dtype=torch.long))
+    assert 0.4 < float(again.candidate_q(state, candidates, calibrated=True)[0, 0]) < 1.0
 
 
 def test_calibrated_bins_refuse_a_fixed_range_and_uniform_bins_refuse_calibrated_values(base_dir):
