@@ -204,6 +204,28 @@ def test_the_openai_client_over_http(served, http_server):
     assert together == one_at_a_time
 
 
+def test_bad_requests_over_http_get_their_4xx_and_the_server_stays_up(served, http_server):
+    import openai
+
+    client = openai.OpenAI(base_url=http_server, api_key="unused", max_retries=0, timeout=60)
+    name = reward_names(served)[0]
+    bad = [
+        (dict(prompt=PROMPT, extra_body={"vas": {"weights": {"no_such_reward": 1}}}), openai.BadRequestError, "vas.weights"),
+        # The openai client refuses to send a non-finite number itself (not JSON); a string is the bad weight here.
+        (dict(prompt=PROMPT, extra_body={"vas": {"weights": {name: "2"}}}), openai.BadRequestError, f"vas.weights.{name}"),
+        (dict(prompt=PROMPT, max_tokens=-3), openai.BadRequestError, "max_tokens"),
+        (dict(prompt=PROMPT, max_tokens=10**9), openai.BadRequestError, "max_tokens"),
+        (dict(prompt="word " * 5000), openai.BadRequestError, "prompt"),
+    ]
+    for request, error, param in bad:
+        with pytest.raises(error) as raised:
+            client.completions.create(model="vas", **request)
+        body = raised.value.body
+        assert "Traceback" not in body["message"] and body["param"] == param
+        assert [m.id for m in client.models.list()] == ["vas"]          # still up
+    assert client.completions.create(model="vas", prompt=PROMPT, max_tokens=4, seed=1).choices[0].text is not None
+
+
 def test_a_hot_swap_mid_traffic_loses_no_request(served, http_server):
     import openai
 

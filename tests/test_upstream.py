@@ -147,7 +147,7 @@ def vas_upstream(data_dir):
         yield {"base_url": url, "model": "vas", "engine": engine}
 
 
-@pytest.fixture(scope="module", params=["vas-serve", "llamacpp"])
+@pytest.fixture(scope="module", params=["vas-serve", pytest.param("llamacpp", marks=pytest.mark.llamacpp)])
 def upstream(request, data_dir):
     """An OpenAI-compatible upstream serving the smoke world's base model: {"base_url", "model"}."""
     if request.param == "vas-serve":
