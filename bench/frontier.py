@@ -177,11 +177,11 @@ def iterate(world: World, args) -> list[dict]:
     first = ValueModel.load(world.data / "value_models" / world.attribute).eval()
     decoder = VASConfig(top_k=args.top_k[0], soft=not args.calibrated, calibrated=args.calibrated)
     steering = ValueGuidance({"r": first}, {"r": args.rollout_beta}, decoder)
+    pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
     if args.states_only:
         n = len(world.train_prompts) * args.samples_per_prompt[0]
         switch = np.random.default_rng(args.switch_seed).integers(1, args.max_switch + 1, size=n)
         steered = world.rollouts(args.samples_per_prompt[0], steering=SteerFirst(steering, switch))
-        pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
         df = pd.concat([pi0, switched_rollouts(steered, switch)], ignore_index=True)
         print(f"round 2 data: {len(pi0)} pi0 rollouts + {len(df) - len(pi0)} switched", flush=True)
     else:
@@ -193,7 +193,6 @@ def iterate(world: World, args) -> list[dict]:
     models = [("round 1 (pi0 rollouts)", first), (f"round 2 ({label})", second)]
     if args.control:
         # As much training again on pi0's own rollouts: what round 2 buys beyond the extra steps.
-        pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
         models.append(("control (round 1 + the same steps on pi0 rollouts)", world.train(pi0, args.steps[0],
                                                                                          init_model=first)[0]))
     rows = []

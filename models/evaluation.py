@@ -243,21 +243,19 @@ class Evaluator:
         for parameterization in c.parameterizations:
             if c.steer_attribute not in self.value_models.get(parameterization, {}):
                 continue
-            # Distributional models serve both decoders: the soft value (exact tilt) and the mean (the paper's).
-            for soft in ((True, False) if is_distributional(parameterization) else (True,)):
-                for beta in c.betas:
-                    params = {"beta": beta, "parameterization": parameterization, "attribute": c.steer_attribute}
-                    if is_distributional(parameterization):
-                        params["soft"] = soft
-                    runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params, soft=soft))
-                    self.progress(f"VAS {family_of('vas', params)} beta={beta}: done")
-            steered = self.value_models[parameterization][c.steer_attribute]
-            if is_distributional(parameterization) and steered.support.calibrated:
-                for beta in c.calibrated_betas:
+            # Distributional models serve several decoders: the soft value (exact tilt), the mean (the
+            # paper's) and, with calibrated bins, the mean normal score; the others one.
+            decoders = [({}, c.betas)]
+            if is_distributional(parameterization):
+                decoders = [({"soft": True}, c.betas), ({"soft": False}, c.betas)]
+                if self.value_models[parameterization][c.steer_attribute].support.calibrated:
+                    decoders.append(({"soft": False, "calibrated": True}, c.calibrated_betas))
+            for flags, betas in decoders:
+                for beta in betas:
                     params = {"beta": beta, "parameterization": parameterization, "attribute": c.steer_attribute,
-                              "soft": False, "calibrated": True}
-                    runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params, soft=False,
-                                             calibrated=True))
+                              **flags}
+                    runs.append(self.run_vas({c.steer_attribute: beta}, parameterization, "vas", params,
+                                             soft=flags.get("soft", True), calibrated=flags.get("calibrated", False)))
                     self.progress(f"VAS {family_of('vas', params)} beta={beta}: done")
         if c.steer_attribute in self.value_models.get(c.rerank_parameterization, {}):
             for beta in c.rerank_betas:

@@ -225,10 +225,11 @@ class Engine:
         req = parse_request(body, self.model_id, set(self.values.models))
         if req.decode.get("calibrated"):
             for name, w in req.weights.items():
-                support = getattr(self.values.models[name], "support", None)
-                if w != 0.0 and not (support is not None and support.calibrated):
-                    raise ServingError(f"vas.calibrated needs value models trained with calibrated bins; {name!r}'s "
-                                       "is not", "vas.calibrated")
+                try:
+                    if w != 0.0:
+                        self.values.models[name].check_calibrated(True)
+                except ValueError as err:
+                    raise ServingError(f"{name!r}: {err}", "vas.calibrated") from None
         if req.logprobs is not None and self.upstream is not None:
             raise ServingError("logprobs need the local base model; this server steers an upstream one",
                                "logprobs", "unsupported_parameter")

@@ -112,7 +112,8 @@ class ValueModel(nn.Module):
     def is_distributional(self) -> bool:
         return self.support is not None
 
-    def _check_calibrated(self, calibrated: bool) -> None:
+    def check_calibrated(self, calibrated: bool) -> None:
+        """Refuse calibrated values unless this is a distributional model with calibrated bins."""
         if calibrated and not (self.is_distributional and self.support.calibrated):
             raise ValueError(f"calibrated values need a distributional value model trained with calibrated bins "
                              f"(value_models.calibrated_bins: true); this one is {self.parameterization!r}"
@@ -219,7 +220,7 @@ class ValueModel(nn.Module):
         """u (B, T): the value of the state reached by taking token t, 0 where action_mask is 0.
         Distributional models give the mean, or the soft value at beta when beta is given; of the
         reward, or of its normal score when calibrated (calibrated bins only)."""
-        self._check_calibrated(calibrated)
+        self.check_calibrated(calibrated)
         u = self.path_outputs(input_ids, attention_mask, action_mask)
         if not self.is_distributional:
             return u
@@ -257,7 +258,7 @@ class ValueModel(nn.Module):
         Distributional models give the mean of the histogram, or the soft value Q_beta when beta
         is given (the decoder passes its weight), of the reward or (calibrated) of its normal score;
         the others ignore beta and refuse calibrated."""
-        self._check_calibrated(calibrated)
+        self.check_calibrated(calibrated)
         if self.parameterization in PER_TOKEN_HEADS:
             out = self._per_token(state.hidden[:, None, :], candidates)               # (B, k[, n_bins])
         else:

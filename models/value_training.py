@@ -222,9 +222,8 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         if model.is_distributional and model.support.calibrated:
             _, fitted = calibrated_targets(rollouts, config, model.support)
     else:
-        support = support_for(rollouts, config)
-        if calibrated:
-            support, fitted = calibrated_targets(rollouts, config, None)
+        support, fitted = (calibrated_targets(rollouts, config, None) if calibrated
+                           else (support_for(rollouts, config), rollouts))
         model = ValueModel.from_base(model_dir, parameterization=config.parameterization,
                                      support=support, rank=config.rank).to(dev)
     if model.is_distributional and config.gamma != 1.0:
