@@ -14,7 +14,7 @@ from models.stages import STAGES, code_version
 from models.value_store import META_FILE, value_model_name
 
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
-VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "backbone_init")
+VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init")
 
 
 class ValueModelsConfig(dg.Config):
@@ -72,8 +72,10 @@ def value_models(run: StageRun) -> Produced:
                 if parameterization != primary and extra_for and attribute not in extra_for:
                     continue
                 name = value_model_name(attribute, parameterization, primary)
+                steps = {} if parameterization == primary or params["extra_train_steps"] is None \
+                    else {"train_steps": params["extra_train_steps"]}
                 train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
-                                              parameterization=parameterization)
+                                              parameterization=parameterization, **steps)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute)
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,

@@ -65,13 +65,14 @@ class World:
         return df
 
     def train(self, df, train_steps: int, init_model=None):
+        from assets.training import VALUE_MODELS_OWN_KEYS
         from models.profiles import config_from
         from models.rollouts import training_rollouts
         from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
         params = self.profile["value_models"]
         config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]}, "value_models",
-                             ignore=("extra_parameterizations", "extra_attributes", "backbone_init"),
+                             ignore=VALUE_MODELS_OWN_KEYS,
                              parameterization="distributional_qhead", train_steps=train_steps)
         data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
         init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute)

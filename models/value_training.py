@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class ValueTrainConfig:
     # scalar (V(s·a), the paper), qhead, distributional, distributional_qhead
     parameterization: str = "distributional_qhead"
-    train_steps: int = 900
+    train_steps: int = 1800
     batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -53,6 +53,9 @@ class ValueTrainConfig:
     # the calibrated decoder (values in pi0-quantile units) becomes available. v_min/v_max must be None.
     calibrated_bins: bool = True
     rank: int = 16
+    # Rows per forward within a step (0 = the whole batch): the step's rows sorted by length and cut
+    # into micro-batches, each padded only to its own longest row. The gradient is the whole batch's.
+    micro_batch_size: int = 16
 
 
 @dataclass
@@ -90,6 +93,19 @@ def make_batch(rollouts: Rollouts, index: Sequence[int], pad_id: int):
 def split_by_group(rollouts: Rollouts, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Train/eval indices; a prompt's rollouts all land on one side."""
     return split_groups(rollouts.groups or [str(i) for i in range(len(rollouts))], eval_fraction, seed)
+
+
+def micro_batches(rollouts: Rollouts, index: Sequence[int], size: int) -> list[list[int]]:
+    """A step's rows sorted by length and cut into micro-batches of at most `size` rows (0: one).
+
+    A random batch pads to its longest row: about twice the tokens it holds here (completions end
+    anywhere from 1 to 80 tokens), and padding costs as much compute as tokens. Sorted micro-batches
+    pad less, and since their losses are summed weighted by action count (train_value_model), the
+    step's gradient equals the whole batch's up to float rounding.
+    """
+    ordered = sorted(index, key=lambda i: (len(rollouts.prompt_ids[i]) + len(rollouts.action_ids[i]), i))
+    size = size if size > 0 else len(ordered)
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -196,6 +212,24 @@ def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.
     return histogram_cross_entropy(outputs, targets, actions)
 
 
+def backward_step(model, rollouts: Rollouts, index: Sequence[int], pad_id: int, config: ValueTrainConfig,
+                  device) -> tuple[float, int]:
+    """Accumulate the gradient of one step's TD loss over its micro-batches: (loss, real tokens)."""
+    n_actions = sum(len(rollouts.action_ids[i]) for i in index)
+    step_loss, n_tokens = 0.0, 0
+    for rows in micro_batches(rollouts, index, config.micro_batch_size):
+        ids, attention, actions, rewards = (t.to(device) for t in make_batch(rollouts, rows, pad_id))
+        with autocast_for(device):
+            outputs = model(ids, attention, actions)                        # (b, T) or (b, T, n_bins)
+        # td_loss is a mean over the micro-batch's actions: weighted by their share of the step's
+        # actions, the summed losses are the mean over the whole batch.
+        loss = td_loss(model, outputs, rewards, actions, config) * (int(actions.sum()) / max(n_actions, 1))
+        loss.backward()
+        step_loss += loss.item()
+        n_tokens += int(attention.sum())
+    return step_loss, n_tokens
+
+
 def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, pad_id: int,
                       device: str = "auto", checkpoint_dir: str | Path | None = None,
                       progress: Callable[[str], None] = log.info, init_model=None):
@@ -244,16 +278,12 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     n_tokens, started = 0, time.perf_counter()
     for step in range(start_step, config.train_steps):
         index = batch_indices(len(train), config.batch_size, step, config.seed)
-        ids, attention, actions, rewards = (t.to(dev) for t in make_batch(train, index, pad_id))
-        with autocast_for(dev):
-            outputs = model(ids, attention, actions)                        # (B, T) or (B, T, n_bins)
-        loss = td_loss(model, outputs, rewards, actions, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss, step_tokens = backward_step(model, train, index, pad_id, config, dev)
+        n_tokens += step_tokens
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        losses.append(loss.item())
-        n_tokens += int(attention.sum())
+        losses.append(step_loss)
         done = step + 1
         if done % log_every == 0 or done == config.train_steps:
             recent = losses[-log_every:]

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from models.rollouts import reward_stats, training_rollouts
-from models.value_training import Rollouts, ValueTrainConfig, batch_indices, make_batch, split_by_group, train_value_model
+from models.value_model import ValueModel
+from models.value_training import (
+    Rollouts,
+    ValueTrainConfig,
+    backward_step,
+    batch_indices,
+    calibrated_targets,
+    make_batch,
+    micro_batches,
+    split_by_group,
+    train_value_model,
+)
 
 VOCAB = 32
 
@@ -107,6 +118,39 @@ def test_killed_training_resumes_from_checkpoint_to_the_same_weights(base_dir, t
     other = signal_rollouts(seed=1)
     _, fresh = train_value_model(other, base_dir, config, pad_id=1, device="cpu", checkpoint_dir=ckpt)
     assert fresh["resumed_from_step"] == 0
+
+
+def test_micro_batches_partition_the_step_by_length():
+    data = signal_rollouts()
+    index = batch_indices(len(data), 16, step=3, seed=0)
+    chunks = micro_batches(data, index, 5)
+    assert sorted(sum(chunks, [])) == sorted(index) and [len(c) for c in chunks] == [5, 5, 5, 1]
+    lengths = [len(data.prompt_ids[i]) + len(data.action_ids[i]) for i in sum(chunks, [])]
+    assert lengths == sorted(lengths)
+    assert micro_batches(data, index, 0) == [sum(chunks, [])]      # 0: one micro-batch, the whole step
+
+
+@pytest.mark.parametrize("parameterization", ["scalar", "distributional_qhead"])
+def test_micro_batches_give_the_whole_batch_gradient(base_dir, parameterization):
+    """Each micro-batch's mean loss weighted by its share of the step's actions: the loss and the
+    gradient of one forward over the whole padded batch, up to float rounding."""
+    data = signal_rollouts()
+    support, fitted = calibrated_targets(data, ValueTrainConfig(), None)
+    model = ValueModel.from_base(base_dir, parameterization=parameterization, support=support, rank=4).train()
+    with torch.no_grad():                           # a head that is not zero, so every gradient flows
+        for p in model.head.parameters():
+            p.normal_(0, 0.1)
+    index = batch_indices(len(fitted), 16, step=0, seed=0)
+    found = {}
+    for size in (0, 3):
+        model.zero_grad()
+        config = ValueTrainConfig(parameterization=parameterization, micro_batch_size=size)
+        loss, tokens = backward_step(model, fitted, index, 1, config, torch.device("cpu"))
+        found[size] = loss, tokens, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert found[0][0] == pytest.approx(found[3][0], rel=1e-5) and found[0][1] == found[3][1]
+    assert found[0][2].keys() == found[3][2].keys() and len(found[0][2]) > 4
+    for name, grad in found[0][2].items():
+        torch.testing.assert_close(found[3][2][name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_batches_are_a_pure_function_of_step():
