@@ -9,11 +9,12 @@ of one sample is the value plus a lot of noise. Here the ground truth is estimat
 - candidates: pi0's top `n_candidates` next tokens at each state (one forward of the base model);
 - ground truth: `n_continuations` pi0 continuations of s·a for each candidate a, each scored as a
   whole text (prompt + completion) by the learned reward model and standardized with the value
-  model's own reward_stats, the units of its values (a model with calibrated bins was fitted to
-  normal scores but still gives values in these units: `calibrated` values are not measured). The MC mean is mean R, the MC soft
-  value at beta is (1/beta)·log mean exp(beta·R), and the standard error of the MC mean is the
-  noise floor: the mse an exact value model would still show. Choosing EOS ends the completion,
-  so its continuation is empty and its value is known exactly.
+  model's own reward_stats, the units of its values. The MC mean is mean R, the MC soft value at
+  beta is (1/beta)·log mean exp(beta·R), and the standard error of the MC mean is the noise floor:
+  the mse an exact value model would still show. A model with calibrated bins is also measured on
+  the target its calibrated decoder steers by, `calibrated`: the MC mean of the normal scores
+  z = Phi^-1(F(R)) of the continuations' rewards, through that model's own calibration map.
+  Choosing EOS ends the completion, so its continuation is empty and its value is known exactly.
 
 The completion length budget is `max_new_tokens` in all, as in the rollouts the value models
 were trained on: s·a has L + 1 completion tokens and its continuations at most
@@ -88,12 +89,17 @@ class ScoredModel:
     reward_stats: Mapping[str, float] = field(default_factory=lambda: {"mean": 0.0, "std": 1.0})
 
 
+CALIBRATED_TARGET = "calibrated"
+
+
+def calibration_map(model):
+    """The support whose map gives a model's calibrated units, or None (no calibrated bins)."""
+    support = getattr(model, "support", None)
+    return support if support is not None and support.calibrated else None
+
+
 def soft_target(beta: float) -> str:
     return f"soft_beta_{float(beta)}"
-
-
-def targets(config: ValueErrorConfig) -> list[str]:
-    return ["mean", *[soft_target(b) for b in config.betas]]
 
 
 def check_config(config: ValueErrorConfig) -> None:
@@ -240,9 +246,12 @@ def mc_statistics(rewards: np.ndarray, betas: Sequence[float]) -> dict[str, np.n
 def model_estimates(scored: ScoredModel, states: Sequence[State], candidates: torch.Tensor,
                     betas: Sequence[float], pad_id: int, batch_size: int, device="cpu") -> dict[str, np.ndarray]:
     """Q(s, a) for every (state, candidate), flattened state-major: "est_mean" and per beta
-    "est_soft_beta_<b>" (the mean again for models whose estimate does not depend on beta)."""
+    "est_soft_beta_<b>" (the mean again for models whose estimate does not depend on beta), and
+    "est_calibrated" (the mean normal score) for models with calibrated bins."""
     distributional = bool(getattr(scored.model, "is_distributional", False))
-    parts: dict[str, list[torch.Tensor]] = {f"est_{t}": [] for t in ["mean", *[soft_target(b) for b in betas]]}
+    calibrated = calibration_map(scored.model) is not None
+    names = ["mean", *[soft_target(b) for b in betas], *([CALIBRATED_TARGET] if calibrated else [])]
+    parts: dict[str, list[torch.Tensor]] = {f"est_{t}": [] for t in names}
     for start in range(0, len(states), batch_size):
         ids, mask = left_pad([s.ids for s in states[start:start + batch_size]], pad_id)
         state = scored.model.start(ids.to(device), mask.to(device))
@@ -252,6 +261,8 @@ def model_estimates(scored: ScoredModel, states: Sequence[State], candidates: to
         for beta in betas:
             soft = scored.model.candidate_q(state, chunk, beta=beta).float().cpu() if distributional else mean
             parts[f"est_{soft_target(beta)}"].append(soft)
+        if calibrated:
+            parts[f"est_{CALIBRATED_TARGET}"].append(scored.model.candidate_q(state, chunk, calibrated=True).float().cpu())
     return {k: torch.cat(v).flatten().numpy().astype(np.float64) for k, v in parts.items()}
 
 
@@ -276,8 +287,10 @@ def error_metrics(pairs: pd.DataFrame, betas: Sequence[float]) -> pd.DataFrame:
     rows = []
     for (name, parameterization, attribute), frame in pairs.groupby(["model", "parameterization", "attribute"],
                                                                     sort=False):
-        for target in ["mean", *[soft_target(b) for b in betas]]:
+        for target in ["mean", *[soft_target(b) for b in betas], CALIBRATED_TARGET]:
             truth, estimate = f"mc_{target}", f"est_{target}"
+            if truth not in frame or frame[truth].isna().all():     # calibrated: only models that have it
+                continue
             spearman, ranked = mean_spearman(frame, truth, estimate)
             rows.append({
                 "model": name, "parameterization": parameterization, "attribute": attribute, "target": target,
@@ -337,6 +350,11 @@ def evaluate_value_error(base, tokenizer, prompts: pd.DataFrame, scorers: Mappin
                                  attribute=scored.attribute)
         columns = {**mc_statistics(standardized, config.betas),
                    **model_estimates(scored, states, candidates, config.betas, pad, config.batch_size, device)}
+        support = calibration_map(scored.model)
+        if support is not None:
+            z = support.normal_scores_of(standardized)                              # (pairs, M)
+            columns[f"mc_{CALIBRATED_TARGET}"] = z.mean(1)
+            columns[f"mc_se_{CALIBRATED_TARGET}"] = z.std(1, ddof=1) / math.sqrt(z.shape[1])
         frames.append(frame.assign(**columns))
     pairs = pd.concat(frames, ignore_index=True)
     return error_metrics(pairs, config.betas), pairs

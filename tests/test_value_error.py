@@ -13,12 +13,15 @@ from models.sampling import SamplingConfig, encode_prompts, sample
 from models.value_error import (
     ScoredModel,
     ValueErrorConfig,
+    continuation_texts,
     draw_states,
     evaluate_value_error,
     mc_statistics,
     rank_correlation,
     sample_from_ids,
+    score_rewards,
     soft_target,
+    top_candidates,
 )
 
 PROMPTS = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
@@ -196,3 +199,45 @@ def test_real_value_models_are_measured(small, tmp_path):
     assert (scalar[f"est_{soft_target(2.0)}"] == scalar.est_mean).all()
     assert not np.allclose(dist[f"est_{soft_target(2.0)}"], dist.est_mean)
     assert np.allclose(dist[f"est_{soft_target(1e-4)}"], dist.est_mean, atol=1e-3)
+
+
+def test_calibrated_models_are_measured_in_their_own_normal_scores(small, tmp_path):
+    """A model with calibrated bins also gets the `calibrated` target: the MC mean of the normal
+    scores of the continuations' rewards through its own calibration map, against its calibrated
+    decoder's values. Models without calibrated bins have no such row."""
+    from models.distributional import calibrated_support
+    from models.value_model import ValueModel
+
+    small.base.save_pretrained(tmp_path)
+    stats = {"mean": 0.5, "std": 2.0}
+    support, _ = calibrated_support(list(np.linspace(-1.0, 2.0, 50) ** 3), n_bins=9)
+    model = ValueModel.from_base(tmp_path, "distributional", support=support)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    models = [ScoredModel("calibrated", model.eval(), "count", "distributional", stats),
+              ScoredModel("zero", Constant(), "count", "scalar", stats)]
+    metrics, pairs = run(small, models)
+    targets = metrics.groupby("model").target.apply(set)
+    assert targets["calibrated"] == {"mean", soft_target(1e-4), soft_target(2.0), "calibrated"}
+    assert targets["zero"] == {"mean", soft_target(1e-4), soft_target(2.0)}
+    assert pairs[pairs.model == "zero"].mc_calibrated.isna().all()
+
+    ours = pairs[pairs.model == "calibrated"]
+    # By hand: the same seeded continuations' rewards, standardized, through the map, averaged.
+    states = draw_states(small.base, small.tokenizer, PROMPTS, CONFIG)
+    candidates, _ = top_candidates(small.base, states, CONFIG.n_candidates, 1, CONFIG.batch_size)
+    texts = continuation_texts(small.base, small.tokenizer, states, candidates, CONFIG)
+    standardized = (score_rewards(small.scorers["count"], states, candidates.shape[1], texts) - 0.5) / 2.0
+    np.testing.assert_allclose(ours.mc_mean, standardized.mean(1))
+    scores = np.interp(standardized, support.knot_rewards, support.knot_scores)
+    np.testing.assert_allclose(ours.mc_calibrated, scores.mean(1))
+    assert not np.allclose(ours.mc_calibrated, ours.mc_mean)
+    first = ours.iloc[0]
+    # The estimate is the calibrated decoder's value, not the reward's.
+    ids, mask = torch.tensor([first.prefix_ids]), torch.ones(1, len(first.prefix_ids), dtype=torch.long)
+    state = model.start(ids, mask)
+    want = model.candidate_q(state, torch.tensor([[first.candidate_id]]), calibrated=True)
+    assert first.est_calibrated == pytest.approx(float(want), abs=1e-6)
+    assert not np.allclose(ours.est_calibrated, ours.est_mean)
+    row = metrics.set_index(["model", "target"]).loc[("calibrated", "calibrated")]
+    assert row.mse == pytest.approx(float(((ours.est_calibrated - ours.mc_calibrated) ** 2).mean()))
