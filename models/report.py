@@ -169,7 +169,8 @@ def value_error_section(value_error: pd.DataFrame | None) -> str:
             "Each value model's Q(s, a) at prefixes of held-out pi0 completions, for pi0's top candidate "
             "tokens, against the mean (and soft value at beta) of pi0 continuations' standardized learned "
             "reward; target `calibrated` (models with calibrated bins): the mean of their normal scores through "
-            "the model's calibration map, what the calibrated decoder steers by. `mc_noise_mse` is the floor an exact model would show (MC standard error squared), "
+            "the model's calibration map, what the calibrated decoder steers by. `mc_noise_mse` is the floor an "
+            "exact model would show (MC standard error squared), "
             "`target_var` the mse of the best constant guess; `spearman` is the mean over states of the "
             "rank correlation across candidates.\n\n" + markdown_table(value_error) + "\n")
 
