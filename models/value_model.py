@@ -4,7 +4,7 @@ Two parameterizations share one interface:
 
 - `scalar` (as in the paper): head Linear(H, 1) read at a prefix's last token gives V(prefix), and
   Q(s, a) = V(s·a). Decoding scores the k candidate tokens in one forward that reuses the prefix
-  KV cache.
+  KV cache (or, for a backbone that refuses the 4D mask this needs, by repeating the cache).
 - `qhead`: head Linear(H, vocab) read at s's last token gives Q(s, ·) for every token at once, so
   decoding costs one value forward per generated token.
 
@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.candidate_scoring import CandidateScoring
 from models.distributional import Support, support_from, value_of
 from models.lm import quiet_loading, resolve_model_dir, weights_sha256
 from models.sampling import positions
@@ -93,6 +94,7 @@ class ValueModel(nn.Module):
         self.parameterization = parameterization
         self.backbone = backbone
         self.init_info: dict = {}            # where the backbone's weights came from, for value_config.json
+        self.candidate_scoring = CandidateScoring("auto")   # V(s·a) heads: how candidates are scored
         config = backbone.config
         self.support = (support or Support()) if parameterization in DISTRIBUTIONAL else None
         self.rank = rank if parameterization == "distributional_qhead" else 0
@@ -268,28 +270,11 @@ class ValueModel(nn.Module):
         return value_of(out, self.support, beta, calibrated) if self.is_distributional else out
 
     def _candidate_hidden(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, k, H) of each candidate appended to its row's prefix, in one forward.
-
-        The k candidates go in as k tokens of one row, all at the next position, with a 4D mask that
-        lets each see the prefix and itself but not the other candidates: k independent one-token
-        continuations that share the prefix KV cache without copying it k times (several times
-        faster on CPU than repeating the cache per candidate). Their keys are cropped off again;
-        advance() adds the token actually chosen.
-        """
-        batch, k = candidates.shape
-        width = state.mask.shape[1]
-        prefix = state.mask.bool()[:, None, :].expand(batch, k, width)               # (B, k, T)
-        own = torch.eye(k, dtype=torch.bool, device=candidates.device).expand(batch, k, k)
-        allowed = torch.cat([prefix, own], dim=-1)[:, None]                          # (B, 1, k, T+k)
-        dtype = self.backbone.dtype
-        # Additive float mask: eager attention adds it, SDPA accepts it as is.
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=candidates.device)
-        bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
-        pos = state.mask.sum(-1, keepdim=True).expand(batch, k)                      # (B, k) the next position
-        out = self.backbone(input_ids=candidates, attention_mask=bias, position_ids=pos,
-                            past_key_values=state.cache, use_cache=True)
-        state.cache.crop(-k)            # the cache grew in place by the k candidates: drop them
-        return out.last_hidden_state                                                  # (B, k, H)
+        """Hidden states (B, k, H) of each candidate appended to its row's prefix: one forward over
+        the shared prefix cache with a 4D mask, or by repeating the cache where the backbone cannot
+        take that mask (models/candidate_scoring.py). The cache keeps holding just the prefixes;
+        advance() adds the token actually chosen."""
+        return self.candidate_scoring(self.backbone, state.cache, state.mask, candidates)
 
     @torch.no_grad()
     def advance(self, state: ValueDecodeState, tokens: torch.Tensor) -> None:

@@ -60,6 +60,29 @@ def tiny_gpt2():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """Factory of small random Llama models (seeded, in eval mode): RoPE, grouped-query attention
+    (n_kv_head < n_head), the transformers DynamicCache. head="classifier" gives a one-output
+    LlamaForSequenceClassification (a reward model), "causal" a LlamaForCausalLM."""
+
+    def build(vocab_size: int, seed: int = 0, *, hidden: int = 32, n_layer: int = 2, n_head: int = 4,
+              n_kv_head: int = 2, intermediate: int = 64, eos: int = 0, pad: int | None = 1, init: float = 0.02,
+              head: str = "causal"):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification  # heavy
+
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer,
+                             num_attention_heads=n_head, num_key_value_heads=n_kv_head,
+                             intermediate_size=intermediate, max_position_embeddings=256, bos_token_id=eos,
+                             eos_token_id=eos, pad_token_id=pad, initializer_range=init, num_labels=1)
+        model_class = {"causal": LlamaForCausalLM, "classifier": LlamaForSequenceClassification}[head]
+        return model_class(config).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def word_tokenizer():
     """Factory of whitespace word-level tokenizers over a given vocabulary (token -> id), so a
     test writes its texts as the very tokens its tiny model sees."""
