@@ -8,6 +8,7 @@ import pandas as pd
 from dagster_duckdb import DuckDBResource
 
 from assets.common import output_path, record_check
+from assets.k8s import GPU_OP_TAGS
 from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
@@ -21,6 +22,7 @@ class RolloutsConfig(dg.Config):
 
 
 @pipeline_asset("rollouts", RolloutsConfig, group_name="rollouts", kinds={"pytorch", "parquet"}, pool="gpu",
+                op_tags=GPU_OP_TAGS,
                 description="Frozen pi0 samples for value training: token ids, pi0 log-probs, "
                             "learned and gold reward scores.")
 def rollouts(run: StageRun) -> Produced:

@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from assets.common import git_sha
+from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
 from models.stages import STAGES, code_version
@@ -36,7 +37,7 @@ def keep_value_model_version(run: StageRun):
 
 
 @pipeline_asset("value_models", ValueModelsConfig, on_reuse=keep_value_model_version, group_name="training",
-                kinds={"pytorch"}, pool="gpu",
+                kinds={"pytorch"}, pool="gpu", op_tags=GPU_OP_TAGS,
                 description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
                             "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
 def value_models(run: StageRun) -> Produced:

@@ -27,6 +27,7 @@ class Environment:
     require_browser: bool = False           # "1" (CI): the UI browser test fails instead of skipping
     require_llamacpp: bool = False          # "1" (CI): the llama.cpp server tests fail instead of skipping
     ui_screenshot: str = ""                 # where the UI browser test saves its screenshot ("" = data/ui/)
+    executor: str = "default"               # "k8s": each step runs as a Kubernetes Job (deploy/README.md)
 
 
 def env_name(field: str) -> str:
