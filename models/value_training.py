@@ -3,6 +3,10 @@
 No policy is trained: the rollouts come from pi0, so V estimates pi0's expected terminal reward
 from every prefix. Training checkpoints every `checkpoint_every` steps and resumes from the last
 checkpoint when re-run after a kill (same data and config), landing on the same weights.
+
+Under torchrun (models/train_value_distributed.py) the same function trains data-parallel: every
+rank computes the step's global rows, takes its own slice, and DDP sums the gradients into the
+whole batch's, so any number of processes lands on the single process's weights.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from models import distributed
 from models.distributional import Support, calibrated_support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
-from models.lm import pick_device
 from models.td import lambda_returns, masked_mse
 from models.train_utils import autocast_for, pad_rows, split_groups
 
@@ -212,19 +216,32 @@ def td_loss(model, outputs: torch.Tensor, rewards: torch.Tensor, actions: torch.
     return histogram_cross_entropy(outputs, targets, actions)
 
 
+def action_count(rollouts: Rollouts, index: Sequence[int]) -> int:
+    return sum(len(rollouts.action_ids[i]) for i in index)
+
+
 def backward_step(model, rollouts: Rollouts, index: Sequence[int], pad_id: int, config: ValueTrainConfig,
-                  device) -> tuple[float, int]:
-    """Accumulate the gradient of one step's TD loss over its micro-batches: (loss, real tokens)."""
-    n_actions = sum(len(rollouts.action_ids[i]) for i in index)
+                  device, n_actions: int | None = None) -> tuple[float, int]:
+    """Accumulate the gradient of one step's TD loss over its micro-batches: (loss, real tokens).
+
+    n_actions: the action tokens of the whole step (default: those of `index`). Under DDP `index`
+    is this rank's share of the step and n_actions the step's total, so each rank's loss is its
+    share of the whole batch's mean, and the returned losses of the ranks sum to the step's loss."""
+    n_actions = action_count(rollouts, index) if n_actions is None else n_actions
+    # DDP averages the ranks' gradients; scaled by the number of ranks, that average is their sum.
+    ranks = distributed.gradient_ranks(model)
     step_loss, n_tokens = 0.0, 0
-    for rows in micro_batches(rollouts, index, config.micro_batch_size):
+    chunks = micro_batches(rollouts, index, config.micro_batch_size)
+    for k, rows in enumerate(chunks):
         ids, attention, actions, rewards = (t.to(device) for t in make_batch(rollouts, rows, pad_id))
-        with autocast_for(device):
-            outputs = model(ids, attention, actions)                        # (b, T) or (b, T, n_bins)
-        # td_loss is a mean over the micro-batch's actions: weighted by their share of the step's
-        # actions, the summed losses are the mean over the whole batch.
-        loss = td_loss(model, outputs, rewards, actions, config) * (int(actions.sum()) / max(n_actions, 1))
-        loss.backward()
+        with distributed.sync_gradients(model, sync=k == len(chunks) - 1):
+            with autocast_for(device):
+                outputs = model(ids, attention, actions)                    # (b, T) or (b, T, n_bins)
+            # td_loss is a mean over the micro-batch's actions: weighted by their share of the
+            # step's actions, the summed losses are the mean over the whole batch.
+            loss = td_loss(distributed.unwrap(model), outputs, rewards, actions, config) \
+                * (int(actions.sum()) / max(n_actions, 1))
+            (loss * ranks).backward()
         step_loss += loss.item()
         n_tokens += int(attention.sum())
     return step_loss, n_tokens
@@ -236,14 +253,21 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     """Returns (value model on CPU in eval mode, metrics).
 
     The model starts from model_dir's weights with a zero head, or, given init_model, from a copy
-    of that value model (a second round fitted on new rollouts, as iterated VAS does)."""
+    of that value model (a second round fitted on new rollouts, as iterated VAS does).
+
+    In a torch.distributed run (process group initialized) every rank calls this with the same
+    arguments: each trains on its slice of every step, rank 0 alone logs through `progress` and
+    writes checkpoints, and only rank 0's metrics hold the held-out evaluation."""
     from models.value_model import DISTRIBUTIONAL, ValueModel
 
-    dev = pick_device(device)
+    dev = distributed.local_device(device)
     torch.manual_seed(config.seed)
     train_idx, eval_idx = split_by_group(rollouts, config.eval_fraction, config.seed)
     if not train_idx:
         raise ValueError("no training rollouts left after the held-out split; lower eval_fraction")
+    distributed.shard(range(min(config.batch_size, len(train_idx))))   # a step the ranks cannot split fails here
+    if not distributed.is_main():
+        progress = _silent                    # one log per run, not one per rank
     fitted = rollouts                         # the rewards the head is fitted to (normal scores for calibrated bins)
     calibrated = config.calibrated_bins and config.parameterization in DISTRIBUTIONAL
     if init_model is not None:
@@ -268,19 +292,24 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     fingerprint = fingerprint_of(rollouts, config, model_dir)
     start_step, losses = 0, []
     if checkpoint_dir is not None:
+        # Every rank loads the same files, into the bare module, before DDP wraps it.
         start_step, losses = _load_checkpoint(Path(checkpoint_dir), model, optimizer, fingerprint, dev)
         if start_step:
             progress(f"resuming value training from checkpoint at step {start_step}/{config.train_steps}")
     train = fitted.subset(train_idx)
+    ddp = distributed.wrap(model, dev)
     progress(f"value model ({config.parameterization}): {len(train)} train / {len(eval_idx)} held-out rollouts, "
              f"{config.train_steps} steps, device {dev}")
     log_every = max(1, config.train_steps // 10)
     n_tokens, started = 0, time.perf_counter()
     for step in range(start_step, config.train_steps):
-        index = batch_indices(len(train), config.batch_size, step, config.seed)
+        index = batch_indices(len(train), config.batch_size, step, config.seed)   # the global batch
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens = backward_step(model, train, index, pad_id, config, dev)
-        n_tokens += step_tokens
+        step_loss, step_tokens = backward_step(ddp, train, distributed.shard(index), pad_id, config, dev,
+                                               n_actions=action_count(train, index))
+        step_loss, step_tokens = distributed.all_sum([step_loss, step_tokens], dev)
+        n_tokens += int(step_tokens)
+        # DDP left every rank the same summed gradient: the same clip and update everywhere.
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         losses.append(step_loss)
@@ -290,7 +319,9 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
             progress(f"value step {done}/{config.train_steps}: TD loss {sum(recent) / len(recent):.4f}, "
                      f"{n_tokens / (time.perf_counter() - started):.0f} tokens/s")
         if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.train_steps):
-            _save_checkpoint(Path(checkpoint_dir), model, optimizer, done, losses, fingerprint)
+            if distributed.is_main():      # the bare module's keys: it resumes with or without DDP
+                _save_checkpoint(Path(checkpoint_dir), model, optimizer, done, losses, fingerprint)
+            distributed.barrier()          # no rank moves on before the checkpoint is whole
     seconds = time.perf_counter() - started
     model.eval()
     metrics = {
@@ -303,9 +334,13 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         "resumed_from_step": start_step,
         "device": str(dev),
     }
-    if eval_idx:
+    if eval_idx and distributed.is_main():
         metrics.update(evaluate_value_model(model, rollouts.subset(eval_idx), pad_id, config.prefix_lengths, dev))
     return model.cpu(), metrics
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 @torch.no_grad()
