@@ -7,7 +7,7 @@ from typing import Optional
 import dagster as dg
 import pandas as pd
 
-from assets.common import git_sha
+from assets.common import git_sha, output_path
 from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
@@ -15,7 +15,8 @@ from models.stages import STAGES, code_version
 from models.value_store import META_FILE, value_model_name
 
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
-VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init")
+VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
+                         "backbone")
 
 
 class ValueModelsConfig(dg.Config):
@@ -23,6 +24,7 @@ class ValueModelsConfig(dg.Config):
     learning_rate: Optional[float] = None
     lam: Optional[float] = None
     parameterization: Optional[str] = None
+    backbone: Optional[str] = None        # a value backbone of its own: a local HF causal LM (params.yaml)
 
 
 def keep_value_model_version(run: StageRun):
@@ -36,7 +38,20 @@ def keep_value_model_version(run: StageRun):
     return version
 
 
-@pipeline_asset("value_models", ValueModelsConfig, on_reuse=keep_value_model_version, group_name="training",
+def _backbone(settings, params) -> str | None:
+    """A value backbone of its own (value_models.backbone) is known by its folder's contents, like a
+    user's reward model: re-use must see a swap, and the lineage shows its md5."""
+    if not params["backbone"]:
+        return None
+    from models.lm import base_model_dir
+    from models.value_training import backbone_init_dir
+
+    base_dir = base_model_dir(output_path(settings, "base_model"))
+    return str(backbone_init_dir(params["backbone_init"], base_dir, None, params["backbone"]))
+
+
+@pipeline_asset("value_models", ValueModelsConfig, sources=_backbone, on_reuse=keep_value_model_version,
+                group_name="training",
                 kinds={"pytorch"}, pool="gpu", op_tags=GPU_OP_TAGS,
                 description="TD(lambda) value models of the frozen base policy, one per reward (scalar V(s·a) "
                             "and/or a Q head). CUDA with bf16 autocast when present; checkpoints and resumes.")
@@ -62,6 +77,7 @@ def value_models(run: StageRun) -> Produced:
     parameterizations = [primary] + [p for p in params["extra_parameterizations"] if p != primary]
     metrics: dict[str, float] = {"device_cuda": float(device.type == "cuda")}
     series: dict[str, list[float]] = {}
+    backbones: dict[str, str] = {}            # value model -> sha256 of the weights its backbone started from
     checkpoints = run.settings.path(".checkpoints", "value_models")
     rollouts_md5 = run.inputs["rollouts"]
     with atomic_path(run.path("value_models")) as tmp:
@@ -78,11 +94,12 @@ def value_models(run: StageRun) -> Produced:
                 train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
                                               parameterization=parameterization, **steps)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
-                                             run.path("reward_models") / attribute)
+                                             run.path("reward_models") / attribute, params["backbone"])
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=run.log.info)
                 model.save(tmp / name)
+                backbones[name] = model.init_info["init_weights_sha256"]
                 (tmp / name / META_FILE).write_text(json.dumps({
                     "attribute": attribute, "parameterization": parameterization,
                     "reward": f"learned_{attribute}", "reward_stats": stats[attribute],
@@ -101,4 +118,5 @@ def value_models(run: StageRun) -> Produced:
     for name in list(checkpoints.glob("*")):
         clear_checkpoint(name)
     version = keep_value_model_version(run)
-    return Produced(metrics, series=series, metadata={"version_path": dg.MetadataValue.path(str(version))})
+    return Produced(metrics, series=series, metadata={"version_path": dg.MetadataValue.path(str(version)),
+                                                      "backbone_weights_sha256": dg.MetadataValue.json(backbones)})

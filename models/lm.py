@@ -213,8 +213,10 @@ def load_tokenizer(source: str | Path, trust_remote_code: bool = False, allow_do
     return tokenizer
 
 
-def resolve_model_dir(source: str, allow_download: bool = False) -> Path:
-    """A local directory holding the model: the path itself, or its snapshot in the HF cache."""
+def resolve_model_dir(source: str, allow_download: bool = False, what: str = "base model",
+                      fix: str = "download it first or set base_model.allow_download: true") -> Path:
+    """A local directory holding the model: the path itself, or its snapshot in the HF cache.
+    what and fix name the model and the remedy in the error when it is neither."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -224,9 +226,37 @@ def resolve_model_dir(source: str, allow_download: bool = False) -> Path:
         return Path(snapshot_download(source, local_files_only=not allow_download))
     except Exception as err:  # noqa: BLE001 - re-raised with the fix the user needs
         raise FileNotFoundError(
-            f"base model {source!r} is neither a local directory nor in the Hugging Face cache; "
-            "download it first or set base_model.allow_download: true"
+            f"{what} {source!r} is neither a local directory nor in the Hugging Face cache; {fix}"
         ) from err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_same_vocabulary(base_dir: str | Path, model_dir: str | Path, what: str = "value backbone") -> None:
+    """Refuse a model that would read the base model's token ids as other tokens: its tokenizer's
+    vocabulary must be the base tokenizer's, or, for a folder without a tokenizer, its config's
+    vocab_size the base tokenizer's size (or the base config's, when that pads the embeddings).
+    Hidden sizes and depth may differ: only the token ids are shared."""
+    base = load_tokenizer(base_dir)
+    if any(Path(model_dir, name).exists() for name in TOKENIZER_FILES):
+        ours, theirs = base.get_vocab(), load_tokenizer(model_dir).get_vocab()
+        if ours == theirs:
+            return
+        by_id = [{i: t for t, i in vocab.items()} for vocab in (ours, theirs)]
+        first = min(i for i in set(by_id[0]) | set(by_id[1]) if by_id[0].get(i) != by_id[1].get(i))
+        raise ValueError(
+            f"{what} {model_dir} does not share the base model's tokenizer ({base_dir}): token id {first} is "
+            f"{by_id[1].get(first)!r} there and {by_id[0].get(first)!r} in the base tokenizer "
+            f"({len(theirs)} vs {len(ours)} tokens); a value model must read the base model's token ids")
+    from transformers import AutoConfig  # heavy: only when a model is checked
+
+    size = AutoConfig.from_pretrained(str(model_dir), local_files_only=True).vocab_size
+    allowed = {len(base), AutoConfig.from_pretrained(str(base_dir), local_files_only=True).vocab_size}
+    if size not in allowed:
+        raise ValueError(
+            f"{what} {model_dir} has no tokenizer and a vocab_size of {size}, but the base model's tokenizer "
+            f"({base_dir}) has {len(base)} tokens; a value model must read the base model's token ids")
 
 
 def weights_sha256(directory: str | Path) -> str:

@@ -160,10 +160,18 @@ def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> s
 
 # -- training --------------------------------------------------------------------------------
 
-def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir):
+def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir, backbone: str = ""):
     """Where a value model's backbone starts: the base model's body (the paper starts from an LM
     of the base tokenizer), or the body of the reward model it learns to predict, whose features
-    already encode that reward (as RLHF critics start from the reward model)."""
+    already encode that reward (as RLHF critics start from the reward model). A `backbone` of its
+    own (a local HF causal LM, or a hub id in the HF cache) overrides both: it may be smaller than
+    the base model but must share its vocabulary (checked against base_dir's tokenizer)."""
+    if backbone:
+        from models.lm import check_same_vocabulary, resolve_model_dir
+
+        path = resolve_model_dir(backbone, what="value_models.backbone", fix="download it into the cache first")
+        check_same_vocabulary(base_dir, path, what="value_models.backbone")
+        return path
     if backbone_init == "base":
         return base_dir
     if backbone_init == "reward_model":

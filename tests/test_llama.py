@@ -1,8 +1,10 @@
 """Llama-family models (RoPE, grouped-query attention, the DynamicCache) through the value model and
 the samplers: the invariants tests/test_value_model.py, tests/test_vas.py and
 tests/test_lm_and_sampling.py check on GPT-2, run here on tiny random Llamas written locally;
-then the fallback for backbones that cannot score candidates with a 4D mask."""
+the fallback for backbones that cannot score candidates with a 4D mask; a value backbone of its own
+(value_models.backbone: smaller, the same vocabulary) and the error for another vocabulary."""
 
+import json
 import logging
 import types
 
@@ -17,6 +19,7 @@ from models.corpus import CorpusConfig, generate_corpus
 from models.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
 from models.sampling import left_pad
 from models.value_model import ValueModel
+from models.value_training import backbone_init_dir
 
 PARAMS = value_model_tests.PARAMS
 V_OF_SA = ("scalar", "distributional")       # the heads that score candidates through the backbone
@@ -179,3 +182,45 @@ def test_llama_base_sampling_is_seeded_and_stops_per_row(llama_world):
 
 def test_llama_base_sampling_logprobs_are_base_model_logprobs(llama_world):
     lm_tests.test_sampling_logprobs_are_base_model_logprobs((llama_world.base, llama_world.tokenizer, None, None))
+
+
+# ----------------------------------------------------------------------------- a value backbone of its own
+
+
+def test_value_backbone_of_its_own_may_be_smaller_but_shares_the_vocabulary(llama_world, tmp_path):
+    """value_models.backbone overrides backbone_init; a folder without a tokenizer is checked by its
+    config's vocab_size, one with a tokenizer by the vocabulary itself."""
+    base_dir, small_dir = llama_world.data_dir / "base_model", llama_world.data_dir / "small_backbone"
+    assert backbone_init_dir("reward_model", base_dir, tmp_path / "absent", str(small_dir)) == small_dir
+    assert backbone_init_dir("base", base_dir, tmp_path / "absent") == base_dir       # "" = as before
+    with_tokenizer = tmp_path / "small_with_tokenizer"
+    save_pretrained(ValueModel.from_base(small_dir).backbone, llama_world.tokenizer, with_tokenizer)
+    assert backbone_init_dir("base", base_dir, None, str(with_tokenizer)) == with_tokenizer
+
+    model = ValueModel.from_base(backbone_init_dir("base", base_dir, None, str(small_dir)), "distributional_qhead")
+    assert model.backbone.config.hidden_size == 16 < llama_world.base.config.hidden_size
+    assert model.init_info == {"init_from": str(small_dir), "init_weights_sha256": weights_sha256(small_dir)}
+    model.save(tmp_path / "vm")
+    saved = json.loads((tmp_path / "vm" / "value_config.json").read_text())
+    assert saved["hidden_size"] == 16 and saved["init_weights_sha256"] == weights_sha256(small_dir)
+
+
+def test_value_backbone_of_another_vocabulary_is_refused_naming_both(llama_world, tiny_llama, tmp_path):
+    base_dir = llama_world.data_dir / "base_model"
+    other_tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=200, seed=5)).text.tolist(), 300)
+    other = tmp_path / "other_vocabulary"
+    save_pretrained(tiny_llama(len(other_tokenizer), hidden=16, n_layer=1), other_tokenizer, other)
+    with pytest.raises(ValueError, match="does not share the base model's tokenizer") as err:
+        backbone_init_dir("base", base_dir, None, str(other))
+    message = str(err.value)
+    assert str(other) in message and str(base_dir) in message and "value_models.backbone" in message
+    first = next(i for i in range(300) if other_tokenizer.convert_ids_to_tokens(i)
+                 != llama_world.tokenizer.convert_ids_to_tokens(i))
+    assert f"token id {first} is {other_tokenizer.convert_ids_to_tokens(first)!r} there" in message
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    tiny_llama(len(llama_world.tokenizer) + 7, hidden=16, n_layer=1).save_pretrained(no_tokenizer)
+    with pytest.raises(ValueError, match=f"has no tokenizer and a vocab_size of {len(llama_world.tokenizer) + 7}"):
+        backbone_init_dir("base", base_dir, None, str(no_tokenizer))
+    with pytest.raises(FileNotFoundError, match="value_models.backbone 'no-such-org/no-such-model' is neither"):
+        backbone_init_dir("base", base_dir, None, "no-such-org/no-such-model")
