@@ -1,0 +1,103 @@
+"""Integration: the whole smoke graph on the user's own Llama-family models and data. A tiny Llama
+base with its own BPE tokenizer (base_model.source), a smaller Llama value backbone of the same
+vocabulary (value_models.backbone), a local Llama sequence classifier as the positivity reward
+(reward_models.sources; conciseness is trained on the Llama base), imported prompts and pairs."""
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+import yaml
+
+from assets.resources import VasSettings, build_resources
+from models.corpus import CorpusConfig, generate_corpus, generate_openings
+from models.lm import load_tokenizer, save_pretrained, train_tokenizer, weights_sha256
+from models.profiles import PARAMS_FILE
+from models.value_store import META_FILE
+from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+
+pytestmark = pytest.mark.integration
+
+
+def user_files(tmp_path, tiny_llama) -> dict:
+    """The user's models and data, written locally: nothing is downloaded."""
+    tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=300, seed=3)).text.tolist(), 300)
+    ids = dict(eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    small = dict(hidden=16, n_layer=1, n_head=2, n_kv_head=1, intermediate=32)
+    paths = {name: tmp_path / name for name in ("base", "backbone", "positivity_rm")}
+    save_pretrained(tiny_llama(len(tokenizer), seed=0, **ids), tokenizer, paths["base"])
+    save_pretrained(tiny_llama(len(tokenizer), seed=1, **small, **ids), tokenizer, paths["backbone"])
+    save_pretrained(tiny_llama(len(tokenizer), seed=2, head="classifier", init=0.2, **small, **ids), tokenizer,
+                    paths["positivity_rm"])
+    paths["prompts"] = tmp_path / "prompts.csv"
+    pd.DataFrame({"prompt": generate_openings(24, 4)}).to_csv(paths["prompts"], index=False)
+    pairs = [{"prompt": f"I bought this kettle {i}", "chosen": f"It is great {i}.",
+              "rejected": f"It is awful and broke after a week {i}.",
+              "attribute": "positivity" if i % 2 else "conciseness"} for i in range(32)]
+    paths["pairs"] = tmp_path / "pairs.jsonl"
+    pd.DataFrame(pairs).to_json(paths["pairs"], orient="records", lines=True)
+    return paths
+
+
+def test_llama_base_backbone_and_classifier_reward_through_the_smoke_graph(tmp_path, tiny_llama):
+    paths = user_files(tmp_path, tiny_llama)
+    params = yaml.safe_load(PARAMS_FILE.read_text())
+    smoke = params["smoke"]
+    smoke["base_model"]["source"] = str(paths["base"])
+    smoke["prompts"]["source"] = str(paths["prompts"])
+    smoke["preference_pairs"]["source"] = str(paths["pairs"])
+    smoke["reward_models"]["sources"] = {"positivity": str(paths["positivity_rm"])}
+    smoke["value_models"]["backbone"] = str(paths["backbone"])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+
+    data_dir = tmp_path / "data"
+    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu", params_file=str(params_file))
+
+    def materialize(*selection):
+        result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(settings),
+                                selection=dg.AssetSelection.assets(*selection) if selection else None,
+                                instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        failures = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+        assert result.success, failures
+        return {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                for e in result.get_asset_materialization_events()}
+
+    events = materialize()
+
+    manifest = json.loads((data_dir / "base_model" / "vas_manifest.json").read_text())
+    assert manifest["weights_sha256"] == weights_sha256(paths["base"])        # pinned, not trained
+    assert events["reward_models"]["positivity/heldout_accuracy"] is not None
+    assert (data_dir / "reward_models" / "conciseness" / "model.safetensors").exists()   # trained on the Llama base
+
+    # Every value model is built on the given backbone: its hidden size, its weights' sha256.
+    backbone_sha = weights_sha256(paths["backbone"])
+    names = sorted(p.name for p in (data_dir / "value_models").iterdir() if (p / "value_config.json").exists())
+    assert names and {"positivity", "conciseness"} <= set(names)
+    for name in names:
+        config = json.loads((data_dir / "value_models" / name / "value_config.json").read_text())
+        assert config["hidden_size"] == 16 and config["init_weights_sha256"] == backbone_sha, name
+        assert config["init_from"] == str(paths["backbone"])
+        assert json.loads((data_dir / "value_models" / name / META_FILE).read_text())["base_weights_sha256"] \
+            == manifest["weights_sha256"]
+    value_meta = events["value_models"]
+    assert set(value_meta["backbone_weights_sha256"].value.values()) == {backbone_sha}
+    assert value_meta["params"].value["backbone"] == str(paths["backbone"])
+    assert value_meta["inputs"].value[f"source:{paths['backbone']}"] not in ("", "unhashed")
+
+    # Evaluation ran every method on the Llama base with the Llama value models.
+    summary = pd.read_parquet(data_dir / "eval" / "summary.parquet")
+    assert len(summary) and summary.method.str.contains("vas").any()
+    assert (data_dir / "report").exists()
+
+    # The backbone's folder is part of the re-use key: unchanged, the value models are re-used;
+    # other weights in the same folder retrain them.
+    assert "reused_from_run" in materialize("value_models")["value_models"]
+    tokenizer = load_tokenizer(paths["backbone"])
+    other = tiny_llama(len(tokenizer), seed=5, hidden=16, n_layer=1, n_head=2, n_kv_head=1, intermediate=32)
+    save_pretrained(other, tokenizer, paths["backbone"])
+    retrained = materialize("value_models")["value_models"]
+    assert "reused_from_run" not in retrained
+    assert set(retrained["backbone_weights_sha256"].value.values()) == {weights_sha256(paths["backbone"])} \
+        != {backbone_sha}
