@@ -108,7 +108,7 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
             base[r, : len(reply.logprobs)] = torch.tensor(reply.logprobs, dtype=torch.float64)
         prefixes = [rows[i].prompt + rows[i].text for i in live]
         bonus = guidance.bonus(lambda model, _, beta: candidate_values(model, tokenizer, prefixes, replies, width, beta,
-                                                                       vas.calibrated))
+                                                                       vas.calibrated), guidance.steered(base))
         steered = base + bonus.cpu()
         kl = step_kl(steered, base, sampling.temperature)
         picks = torch.multinomial(torch.softmax(steered / sampling.temperature, -1), 1, generator=generator).squeeze(1)

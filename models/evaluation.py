@@ -47,6 +47,7 @@ class EvalConfig:
     rerank_betas: tuple[float, ...] = (16.0,)
     rerank_ns: tuple[int, ...] = (2, 4, 8)
     top_k: int = VASConfig.top_k
+    min_p: float = VASConfig.min_p
     max_new_tokens: int = 80
     temperature: float = 1.0
     batch_size: int = 128
@@ -192,7 +193,7 @@ class Evaluator:
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
                 soft: bool = True, seed_offset: int = 0, calibrated: bool = False) -> MethodRun:
-        vas_config = VASConfig(top_k=self.config.top_k, soft=soft, calibrated=calibrated)
+        vas_config = VASConfig(top_k=self.config.top_k, min_p=self.config.min_p, soft=soft, calibrated=calibrated)
         start = time.perf_counter()
         gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.value_models[parameterization],
                          weights, self.sampling(seed_offset), vas_config=vas_config, device=self.device)

@@ -59,7 +59,7 @@ class Request:
     seed: int = 0
     stream: bool = False
     weights: dict[str, float] = field(default_factory=dict)
-    decode: dict[str, Any] = field(default_factory=dict)    # top_k, soft: None keeps VASConfig's default
+    decode: dict[str, Any] = field(default_factory=dict)    # top_k, min_p, soft, calibrated: absent keeps VASConfig's
     head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
     logprobs: int | None = None    # pi0's top-n log-probabilities per token (models/logprobs.py)
     prompt_tokens: int = 0         # the prompts' tokens, counted once when the request is checked
@@ -133,14 +133,19 @@ def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
         req.decode["top_k"] = _number(vas["top_k"], "vas.top_k", integer=True)
         if req.decode["top_k"] < 1:
             raise ServingError("vas.top_k must be at least 1", "vas.top_k")
+    if vas.get("min_p") is not None:
+        req.decode["min_p"] = _number(vas["min_p"], "vas.min_p")
+        if not 0.0 <= req.decode["min_p"] < 1.0:
+            raise ServingError("vas.min_p must be in [0, 1)", "vas.min_p")
     for flag in ("soft", "calibrated"):
         if vas.get(flag) is not None:
             if not isinstance(vas[flag], bool):
                 raise ServingError(f"vas.{flag} must be true or false, got {vas[flag]!r}", f"vas.{flag}")
             req.decode[flag] = vas[flag]
-    unknown = sorted(set(vas) - {"weights", "top_k", "soft", "calibrated"})
+    known = ("weights", "top_k", "min_p", "soft", "calibrated")
+    unknown = sorted(set(vas) - set(known))
     if unknown:
-        raise ServingError(f"unknown vas setting(s) {unknown}; known: weights, top_k, soft, calibrated", "vas")
+        raise ServingError(f"unknown vas setting(s) {unknown}; known: {', '.join(known)}", "vas")
     return req
 
 
@@ -266,7 +271,7 @@ class Engine:
                    for i, row in enumerate(rows)]
         completion_tokens = sum(row["n_tokens"] for row in rows)
         info = {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
-                "top_k": vas.top_k, "soft": vas.soft and not vas.calibrated, "calibrated": vas.calibrated}
+                "top_k": vas.top_k, "min_p": vas.min_p, "soft": vas.soft and not vas.calibrated, "calibrated": vas.calibrated}
         if self.upstream is not None:
             requests, sent = self.upstream.requests - requests, self.upstream.prompt_tokens - sent
             info["top_k"] = min(vas.top_k, self.upstream.config.top_k)

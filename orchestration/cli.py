@@ -364,7 +364,7 @@ def cmd_generate(args) -> int:
     data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
     try:
         # None keeps the decoder's own default (SamplingConfig, VASConfig): declared there only.
-        decode = dict(seed=args.seed, top_k=args.top_k, temperature=args.temperature,
+        decode = dict(seed=args.seed, top_k=args.top_k, min_p=args.min_p, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, soft=False if args.mean else None,
                       calibrated=True if args.calibrated else None)
         rows = generate(args.prompt, dict(args.weight), n=args.n, data_dir=data_dir,
@@ -379,7 +379,7 @@ def cmd_generate(args) -> int:
     weights = ", ".join(f"{k}={v:g}" for k, v in args.weight) or "none (base sampling)"
     sampling, vas = decode_configs(**decode)
     decoder = ("calibrated mean values" if vas.calibrated else "soft values" if vas.soft else "mean values")
-    print(f"weights: {weights}; top-k {vas.top_k}, {decoder}, temperature {sampling.temperature:g}, "
+    print(f"weights: {weights}; top-k {vas.top_k}, min-p {vas.min_p:g}, {decoder}, temperature {sampling.temperature:g}, "
           f"seed {sampling.seed}")
     for i, row in enumerate(rows):
         if i % args.n == 0:
@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: SamplingConfig's)")
     gen.add_argument("--top-k", type=int, default=None,
                      help="base-model candidates steered per token (default: VASConfig's)")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="steer only candidates with pi0 >= MIN_P x the likeliest's; 0 steers all top-k "
+                          "(default: VASConfig's)")
     gen.add_argument("--temperature", type=float, default=None, help="default: SamplingConfig's")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="default: SamplingConfig's")
     gen.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")

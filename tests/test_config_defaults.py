@@ -51,6 +51,7 @@ def test_dataclass_defaults_are_the_default_profile(cls, section):
 def test_decoder_defaults_are_what_the_pipeline_evaluates():
     default = load_profile("default")
     assert VASConfig.top_k == default["evaluation"]["top_k"]
+    assert VASConfig.min_p == default["evaluation"]["min_p"]
     assert SamplingConfig.max_new_tokens == default["rollouts"]["max_new_tokens"]
     assert SamplingConfig.temperature == default["rollouts"]["temperature"]
     # value_error's MC targets run episodes as long as the rollouts' (it takes rollouts.max_new_tokens)

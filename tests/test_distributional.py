@@ -213,7 +213,7 @@ def tilted(beta: float) -> torch.Tensor:
 
 def decoded(beta: float, soft: bool) -> torch.Tensor:
     """The decoder's sequence distribution, from its two steps' token distributions."""
-    guidance = ValueGuidance({"r": TreeValues()}, {"r": beta}, VASConfig(top_k=3, soft=soft))
+    guidance = ValueGuidance({"r": TreeValues()}, {"r": beta}, VASConfig(top_k=3, soft=soft, min_p=0.0))
     lm = TreeLM(n_prompt=1)
     prompt, mask = torch.tensor([[PROMPT_TOKEN]]), torch.ones(1, 1, dtype=torch.long)
     table = torch.zeros(3, 3)
@@ -248,7 +248,7 @@ def test_mean_value_vas_does_not_reproduce_the_tilt():
 
 def test_sampling_with_exact_soft_values_matches_the_tilt(tree_tokenizer):
     beta, n = 2.0, 12000
-    guidance = ValueGuidance({"r": TreeValues()}, {"r": beta}, VASConfig(top_k=3))
+    guidance = ValueGuidance({"r": TreeValues()}, {"r": beta}, VASConfig(top_k=3, min_p=0.0))
     gen = sample(TreeLM(n_prompt=1), tree_tokenizer, ["x"] * n,
                  SamplingConfig(max_new_tokens=2, temperature=1.0, seed=0, batch_size=n), steering=guidance)
     counts = torch.zeros(3, 3)

@@ -262,8 +262,16 @@ def test_value_error_against_monte_carlo_per_model_and_target(smoke_world):
     params = load_profile("smoke")["value_error"]
     models = sorted(p.name for p in (data / "value_models").iterdir())
     targets = ["mean", *[f"soft_beta_{float(b)}" for b in params["betas"]]]
-    # One row per (value model, target), and every error is a number.
-    assert sorted(zip(metrics.model, metrics.target)) == sorted((m, t) for m in models for t in targets)
+
+    def calibrated(model: str) -> bool:
+        support = json.loads((data / "value_models" / model / "value_config.json").read_text()).get("support", {})
+        return support.get("bin_values") is not None
+
+    # One row per (value model, target), and every error is a number; models with calibrated bins
+    # are also measured in their normal scores (the calibrated decoder's values).
+    assert any(calibrated(m) for m in models) and not all(calibrated(m) for m in models)
+    assert sorted(zip(metrics.model, metrics.target)) == sorted(
+        (m, t) for m in models for t in targets + (["calibrated"] if calibrated(m) else []))
     assert np.isfinite(metrics.mse).all() and (metrics.mc_noise_mse >= 0).all()
     assert (metrics.n_pairs == metrics.n_states * params["n_candidates"]).all()
     pairs = pd.read_parquet(data / "value_error" / "pairs.parquet")

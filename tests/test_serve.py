@@ -68,9 +68,9 @@ def test_steered_completions_report_kl_learned_rewards_and_version(served):
 
     names = reward_names(served)
     weights = {names[0]: 4.0}
-    body = post(served["client"], n=2, max_tokens=10, seed=1, vas={"weights": weights, "top_k": 10}).json()
+    body = post(served["client"], n=2, max_tokens=10, seed=1, vas={"weights": weights, "top_k": 10, "min_p": 0}).json()
     assert body["vas"]["value_model_version"] == dvc_md5(served["data_dir"] / "value_models").removesuffix(".dir")
-    assert body["vas"]["weights"] == weights and body["vas"]["top_k"] == 10
+    assert body["vas"]["weights"] == weights and body["vas"]["top_k"] == 10 and body["vas"]["min_p"] == 0
     for choice in body["choices"]:
         assert choice["vas"]["kl_nats"] > 0
         assert set(choice["vas"]["learned"]) == {p.name for p in (served["data_dir"] / "reward_models").iterdir()}
@@ -103,6 +103,9 @@ def test_calibrated_steering_needs_calibrated_bins(served):
     ({"model": "gpt-4"}, 404, "model"),
     ({"n": 0}, 400, "n"),
     ({"temperature": 0}, 400, "temperature"),
+    ({"vas": {"min_p": 1.0}}, 400, "vas.min_p"),
+    ({"vas": {"min_p": -0.1}}, 400, "vas.min_p"),
+    ({"vas": {"min_q": 0.1}}, 400, "vas"),
     ({"stop": ["\n"]}, 400, "stop"),
 ])
 def test_bad_requests_get_openai_error_bodies(served, body, status, param):

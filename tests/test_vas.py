@@ -69,15 +69,17 @@ def reference_q(model: ValueModel, prefix: list[int], candidates: list[int]) -> 
     return model.head(hidden_last(model, prefix))[candidates]
 
 
-def hand_steered(base_logits, prefix, models, weights, top_k, mask_outside=False):
-    """Base logits + Σ w (Q - mean_k Q) on the base top-k; outside unchanged or -inf."""
+def hand_steered(base_logits, prefix, models, weights, top_k, mask_outside=False, min_p=VASConfig.min_p):
+    """Base logits + Σ w (Q - mean Q) on the base top-k tokens with pi0 >= min_p · max pi0 (the mean
+    over those); the other top-k tokens unchanged; outside the top-k unchanged or -inf."""
     top = base_logits.topk(top_k).indices.tolist()
+    pi0 = torch.softmax(base_logits.double(), -1)
+    on = [t for t in top if pi0[t] >= min_p * pi0.max()]
     steered = base_logits.clone() if not mask_outside else torch.full_like(base_logits, float("-inf"))
-    bonus = torch.zeros(top_k)
+    steered[top] = base_logits[top]
     for name, w in weights.items():
-        q = reference_q(models[name], prefix, top)
-        bonus += w * (q - q.mean())
-    steered[top] = base_logits[top] + bonus
+        q = reference_q(models[name], prefix, on)
+        steered[on] += w * (q - q.mean())
     return steered
 
 
@@ -196,7 +198,8 @@ def test_small_vocab_steered_distribution_is_pi0_exp_beta_q(small):
     target = target / target.sum()
     assert 0.5 * (target - pi0).abs().sum() > 0.1          # the steering is far from a no-op
 
-    guidance = ValueGuidance({"v": small.value}, {"v": beta}, VASConfig(top_k=8))
+    exact = VASConfig(top_k=8, min_p=0.0)                   # every token steered: the exact tilt
+    guidance = ValueGuidance({"v": small.value}, {"v": beta}, exact)
     ids, mask = left_pad([prefix], small.tokenizer.pad_token_id)
     guidance.start(ids, mask)
     steered = torch.softmax(guidance.adjust(base_logits[None]), -1)[0]
@@ -204,7 +207,7 @@ def test_small_vocab_steered_distribution_is_pi0_exp_beta_q(small):
 
     n = 6000
     gen = vas_sample(small.base, small.tokenizer, [prompt] * n, {"v": small.value}, {"v": beta},
-                     SamplingConfig(max_new_tokens=1, seed=0, batch_size=3000), VASConfig(top_k=8))
+                     SamplingConfig(max_new_tokens=1, seed=0, batch_size=3000), exact)
     first = [ids[0] if ids else small.tokenizer.eos_token_id for ids in gen.completion_ids]
     freq = torch.bincount(torch.tensor(first), minlength=8).float() / n
     assert 0.5 * (freq - target).abs().sum() < 0.03
@@ -244,6 +247,41 @@ def test_top_k_outside_tokens_keep_base_logits_or_are_masked(world):
             with torch.no_grad():
                 logits = world.base(torch.tensor([prompt_ids + completion[:t]])).logits[0, -1]
             assert token in logits.topk(5).indices.tolist()
+
+
+def test_min_p_steers_only_candidates_near_the_likeliest(small):
+    """min_p: top-k tokens with pi0 < min_p · max pi0 keep their base logits, the others get the
+    values centred over them alone; min_p 0 steers all k, and a min_p only the likeliest token
+    passes leaves pi0 exactly (one candidate: its centred value is 0)."""
+    prefix = encode_prompts(small.tokenizer, ["a b"])[0]
+    ids, mask = left_pad([prefix], small.tokenizer.pad_token_id)
+    with torch.no_grad():
+        base_logits = small.base(torch.tensor([prefix])).logits[0, -1]
+    pi0 = torch.softmax(base_logits, -1)
+    ratio = pi0 / pi0.max()
+    ranked = ratio.sort().values
+    min_p = float(ranked[2] + ranked[3]) / 2                # between two tokens: the 3 least likely fall below
+    low = ratio < min_p
+    assert int(low.sum()) == 3
+
+    def steer(vas: VASConfig) -> torch.Tensor:
+        guidance = ValueGuidance({"v": small.value}, {"v": 2.0}, vas)
+        guidance.start(ids, mask)
+        return guidance.adjust(base_logits[None])[0]
+
+    got = steer(VASConfig(top_k=8, min_p=min_p))
+    assert torch.equal(got[low], base_logits[low])
+    q = reference_q(small.value, prefix, torch.nonzero(~low).flatten().tolist())
+    torch.testing.assert_close(got[~low], base_logits[~low] + 2.0 * (q - q.mean()), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, hand_steered(base_logits, prefix, {"v": small.value}, {"v": 2.0}, 8, min_p=min_p),
+                               atol=1e-5, rtol=1e-5)
+    everything = steer(VASConfig(top_k=8, min_p=0.0))
+    assert not torch.allclose(everything[low], base_logits[low])
+    only_top = steer(VASConfig(top_k=8, min_p=float(ranked[-2] + 1) / 2))
+    assert torch.equal(only_top, base_logits)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match="min_p"):
+            ValueGuidance({"v": small.value}, {"v": 1.0}, VASConfig(min_p=bad))
 
 
 def test_reported_one_step_kl_is_sum_p_log_p_over_p0(world):
