@@ -58,9 +58,10 @@ def _backbone(settings, params) -> str | None:
 def value_models(run: StageRun) -> Produced:
     # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
     # loads these definitions without torch
+    from models.checkpoints import clear_checkpoint
     from models.lm import base_model_dir, pick_device, read_manifest
     from models.rollouts import training_rollouts
-    from models.value_training import ValueTrainConfig, backbone_init_dir, clear_checkpoint, train_value_model
+    from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
     params = run.params
     rollout_dir = run.path("rollouts")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from models import distributed
+from models.checkpoints import load_checkpoint, save_checkpoint
 from models.distributional import Support, calibrated_support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
 from models.td import lambda_returns, masked_mse
 from models.train_utils import autocast_for, pad_rows, split_groups
@@ -120,45 +120,13 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-
-def _save_checkpoint(directory: Path, model, optimizer, step: int, losses: list[float], fingerprint: str) -> None:
-    from safetensors.torch import save_file
-
-    from models.artifacts import atomic_path
-
-    with atomic_path(directory) as tmp:
-        tmp.mkdir()
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "fingerprint": fingerprint}))
-
-
-def _load_checkpoint(directory: Path, model, optimizer, fingerprint: str, device) -> tuple[int, list[float]]:
-    """Restore (step, losses) from a matching checkpoint; (0, []) when there is none."""
-    from safetensors.torch import load_file
-
-    progress_file = directory / "progress.json"
-    if not progress_file.exists():
-        return 0, []
-    progress = json.loads(progress_file.read_text())
-    if progress["fingerprint"] != fingerprint:
-        log.info(f"ignoring checkpoint in {directory}: it was made for other data or settings")
-        return 0, []
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(device)))
-    # Optimizer state is tensors and numbers only, so the safe loader suffices.
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
-    return int(progress["step"]), list(progress["losses"])
-
+# -- training --------------------------------------------------------------------------------
 
 def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> str:
     settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
     blob = json.dumps({"data": rollouts.digest(), "config": settings, "base": str(model_dir)}, sort_keys=True)
     return hashlib.md5(blob.encode()).hexdigest()
 
-
-# -- training --------------------------------------------------------------------------------
 
 def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir, backbone: str = ""):
     """Where a value model's backbone starts: the base model's body (the paper starts from an LM
@@ -301,7 +269,7 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     start_step, losses = 0, []
     if checkpoint_dir is not None:
         # Every rank loads the same files, into the bare module, before DDP wraps it.
-        start_step, losses = _load_checkpoint(Path(checkpoint_dir), model, optimizer, fingerprint, dev)
+        start_step, losses = load_checkpoint(Path(checkpoint_dir), model, optimizer, fingerprint, dev)
         if start_step:
             progress(f"resuming value training from checkpoint at step {start_step}/{config.train_steps}")
     train = fitted.subset(train_idx)
@@ -328,7 +296,7 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
                      f"{n_tokens / (time.perf_counter() - started):.0f} tokens/s")
         if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.train_steps):
             if distributed.is_main():      # the bare module's keys: it resumes with or without DDP
-                _save_checkpoint(Path(checkpoint_dir), model, optimizer, done, losses, fingerprint)
+                save_checkpoint(Path(checkpoint_dir), model, optimizer, done, losses, fingerprint)
             distributed.barrier()          # no rank moves on before the checkpoint is whole
     seconds = time.perf_counter() - started
     model.eval()
@@ -381,8 +349,3 @@ def evaluate_value_model(model, rollouts: Rollouts, pad_id: int, prefix_lengths:
     out["eval_mse_mc"] = float(squared.mean())
     out["eval_reward_std"] = float(rewards.std())
     return out
-
-
-def clear_checkpoint(checkpoint_dir: str | Path) -> None:
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
