@@ -120,7 +120,7 @@ def compute(world: World, args) -> list[dict]:
             for top_k in args.top_k:
                 for beta in args.betas:
                     rows.append({"rollouts": len(df), "per_prompt": spp, "steps": steps,
-                                 "train_s": round(seconds, 1), **world.point(model, beta, top_k)})
+                                 "train_s": round(seconds, 1), **world.point(model, beta, top_k, args.calibrated)})
                     print(rows[-1], flush=True)
     return rows
 
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--control", action="store_true",
                         help="iterate: also round 1 trained for the same steps again on pi0's own rollouts")
     parser.add_argument("--calibrated", action="store_true",
-                        help="decode (rollouts of round 2 and every point) with calibrated VAS instead of soft VAS")
+                        help="decode every point (and iterate's round-2 rollouts) with calibrated VAS instead of soft VAS")
     args = parser.parse_args(argv)
 
     import torch
