@@ -149,6 +149,9 @@ class UpstreamClient:
                 model=self.config.model, prompt=prefix, max_tokens=1, logprobs=k, temperature=1.0, top_p=1.0,
                 n=1, **extra)
         except openai.APIStatusError as err:
+            if err.status_code in (408, 409, 429) or err.status_code >= 500:     # the ones the client retries
+                raise UpstreamError(f"{self.where()} still answered HTTP {err.status_code} after "
+                                    f"{self.config.max_retries} retries: {err.message}") from None
             raise UpstreamError(f"{self.where()} refused a request for logprobs={k}: HTTP {err.status_code} "
                                 f"{err.message}") from None
         except openai.APIError as err:      # connection errors and timeouts, after the client's retries

@@ -58,15 +58,20 @@ def test_step_entries_read_both_reply_shapes_and_keep_duplicate_keys():
 # ---------------------------------------------------------------------------- a canned local server
 
 class Canned(BaseHTTPRequestHandler):
-    """Answers every POST with the next canned body; records the request bodies."""
+    """Answers every POST with the next canned reply, a body (200) or (status, body); records the
+    request bodies."""
 
     replies: list = []
     seen: list = []
 
     def do_POST(self):  # noqa: N802 - the http.server API
         self.seen.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-        body = self.replies.pop(0).encode()
-        self.send_response(200)
+        reply = self.replies.pop(0)
+        status, body = reply if isinstance(reply, tuple) else (200, reply)
+        body = body.encode()
+        self.send_response(status)
+        if status == 429:
+            self.send_header("retry-after", "0")      # the client's backoff, without the wait
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -113,6 +118,28 @@ def test_client_parses_replies_detects_the_eos_step_and_names_a_server_without_l
     with pytest.raises(UpstreamError, match=f"{canned}.*'tiny'.*no logprobs"):
         client.step("Hello")
     assert (client.requests, client.prompt_tokens) == (3, 21)
+
+
+def test_rate_limits_and_transient_5xx_are_retried_by_the_openai_client(canned):
+    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+
+    error = json.dumps({"error": {"message": "slow down", "type": "rate_limit", "param": None, "code": None}})
+    top = {"tokens": [" p"], "token_logprobs": [-0.5], "top_logprobs": [{" p": -0.5, " q": -1.0}]}
+    client = UpstreamClient(UpstreamConfig(canned, "tiny", top_k=2, max_retries=2, timeout=5))
+    Canned.replies = [(429, error), (503, error), completion(top)]
+    step = client.step("Hello")
+    assert step.texts == [" p", " q"] and len(Canned.seen) == 3       # two retries, then the answer
+    assert client.requests == 1                                       # one step, however many attempts
+    Canned.replies, Canned.seen = [(500, error), (502, error)], []
+    once = UpstreamClient(UpstreamConfig(canned, "tiny", top_k=2, max_retries=1, timeout=5))
+    with pytest.raises(UpstreamError, match=r"\(model 'tiny'\) still answered HTTP 502 after 1 retries"):
+        once.step("Hello")
+    assert len(Canned.seen) == 2
+    # A 4xx other than 408/409/429 is the request's fault: not retried.
+    Canned.replies, Canned.seen = [(400, error)], []
+    with pytest.raises(UpstreamError, match="refused a request for logprobs=2: HTTP 400"):
+        client.step("Hello")
+    assert len(Canned.seen) == 1
 
 
 def test_an_unreachable_upstream_is_a_clear_error():
