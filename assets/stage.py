@@ -61,13 +61,16 @@ class Produced:
 def pipeline_asset(name: str, config: type[dg.Config] | None = None, *,
                    upstream: Callable[[VasSettings, dict], list[str]] | None = None,
                    sources: Callable[[VasSettings, dict], Any] | None = None,
+                   more_inputs: Callable[[VasSettings, dict], dict[str, str]] | None = None,
                    reusable: bool = True, on_reuse: Callable[[StageRun], Any] | None = None, **asset_args):
     """Decorate an asset body `def body(run: StageRun) -> Produced` into the Dagster asset `name`.
 
     config: the asset's launchpad config (its fields override the profile's section).
     upstream, sources: what this run reads, from its settings and params: the upstream assets
     when not all of the registry's (a user's file replaces them, say), and the imported files or
-    model folders, hashed by content (lineage_inputs). reusable=False always recomputes; on_reuse
+    model folders, hashed by content (lineage_inputs). more_inputs: further named md5s the
+    output depends on (each shard of rollout_shards), in the lineage inputs and the re-use key.
+    reusable=False always recomputes; on_reuse
     runs when the output on disk is re-used. asset_args go to dg.asset (group_name, kinds, ...).
     """
     stage = STAGES[name]
@@ -84,6 +87,8 @@ def pipeline_asset(name: str, config: type[dg.Config] | None = None, *,
                 params[section] = profile[section]
             inputs = lineage_inputs(settings, upstream(settings, params) if upstream else stage.upstream,
                                     sources(settings, params) if sources else None)
+            if more_inputs:
+                inputs.update(more_inputs(settings, params))
             run = StageRun(context, settings, params, inputs, run_config, stage=name)
             if reusable and (reused := reuse(context, settings, duckdb, name, params, run.inputs)) is not None:
                 if on_reuse:

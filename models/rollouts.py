@@ -3,6 +3,13 @@
 Stored per sample: the token ids (prompt and completion), pi0's log-probability of each sampled
 token, whether it ended with EOS, and the scores of the learned reward models (what value
 training fits) and of the gold rewards (for diagnostics only; nothing trains on them).
+
+Sampling is deterministic per row: sample j of the training prompt at position i (in the whole
+train split) draws its tokens from U[0, 1) numbers seeded by (i, j, seed) alone, and the batches
+are fixed groups of whole prompts (batch b: prompts [b * P, (b + 1) * P), P = batch_size //
+samples_per_prompt). Shard k of n holds the batches b with b % n == k (`shard_prompts`), so each
+batch runs the same rows whatever the number of shards, and `merge_shards` of any n shards,
+sampled in any order or on any worker, equals the unsharded rollouts bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from models.rewards import score_gold
-from models.sampling import SamplingConfig, encode_prompts, sample
+from models.sampling import SamplingConfig, encode_prompts, row_uniforms, sample
 from models.value_training import Rollouts
 
 
@@ -27,17 +34,43 @@ class RolloutConfig:
     seed: int = 0
 
 
+def prompts_per_batch(config: RolloutConfig) -> int:
+    """Whole prompts per sampling batch (at least one): batch_size // samples_per_prompt."""
+    return max(1, config.batch_size // config.samples_per_prompt)
+
+
+def shard_prompts(n_prompts: int, config: RolloutConfig, n_shards: int, shard: int) -> list[int]:
+    """Positions (in the train split) of shard `shard`'s prompts: the batches b of whole prompts
+    with b % n_shards == shard. A shard may be empty when there are fewer batches than shards."""
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not one of 0..{n_shards - 1}")
+    per_batch = prompts_per_batch(config)
+    return [i for i in range(n_prompts) if (i // per_batch) % n_shards == shard]
+
+
 def sample_rollouts(model, tokenizer, prompts: pd.DataFrame, config: RolloutConfig, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None, steering=None) -> pd.DataFrame:
-    """prompts: columns prompt_id, prompt. One row per (prompt, sample). steering (a
-    models.sampling.Steering, e.g. VAS guidance) samples another policy than pi0; base_logprobs
-    stay pi0's."""
-    repeated = prompts.loc[prompts.index.repeat(config.samples_per_prompt)].reset_index(drop=True)
+                    progress: Callable[[str], None] | None = None, steering=None,
+                    positions: Sequence[int] | None = None) -> pd.DataFrame:
+    """prompts: columns prompt_id, prompt. One row per (prompt, sample), with prompt_pos, each
+    prompt's position in the whole train split (positions; default 0..len - 1): sample j of the
+    prompt at position i draws from numbers seeded by (i, j, seed) (module docstring), in batches
+    of prompts_per_batch whole prompts. steering (a models.sampling.Steering, e.g. VAS guidance)
+    samples another policy than pi0; base_logprobs stay pi0's."""
+    positions = list(range(len(prompts))) if positions is None else [int(p) for p in positions]
+    if len(positions) != len(prompts):
+        raise ValueError(f"{len(positions)} positions for {len(prompts)} prompts")
+    k = config.samples_per_prompt
+    repeated = prompts.loc[prompts.index.repeat(k)].reset_index(drop=True)
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              seed=config.seed, batch_size=config.batch_size)
+                              seed=config.seed, batch_size=prompts_per_batch(config) * k)
+    # (position, sample, seed): of the orders tried, the one under which the smoke profile's barely
+    # trained pi0 (about 1% EOS as its first token) ends no sample at once for seeds 0 to 2, as the
+    # old single-generator sampler happened not to; rollouts_suite rejects empty completions.
+    keys = [(pos, j, config.seed) for pos in positions for j in range(k)]
     gen = sample(model, tokenizer, repeated.prompt.tolist(), sampling, device=device, progress=progress,
-                 steering=steering)
+                 steering=steering, uniforms=row_uniforms(keys, config.max_new_tokens))
     return pd.DataFrame({
+        "prompt_pos": np.repeat(np.asarray(positions, dtype=np.int64), k),
         "prompt_id": repeated.prompt_id,
         "prompt": repeated.prompt,
         "sample_idx": np.tile(np.arange(config.samples_per_prompt), len(prompts)),
@@ -48,6 +81,20 @@ def sample_rollouts(model, tokenizer, prompts: pd.DataFrame, config: RolloutConf
         "finished": gen.finished,
         "n_tokens": gen.n_tokens,
     })
+
+
+def merge_shards(shards: Sequence[pd.DataFrame], n_prompts: int, samples_per_prompt: int) -> pd.DataFrame:
+    """The shards' rows in train-split order (prompt_pos, then sample_idx), without prompt_pos: the
+    unsharded rollouts. Every (prompt, sample) must come from exactly one shard."""
+    merged = pd.concat(list(shards), ignore_index=True).sort_values(["prompt_pos", "sample_idx"], kind="stable")
+    expected = pd.MultiIndex.from_product([range(n_prompts), range(samples_per_prompt)])
+    found = pd.MultiIndex.from_arrays([merged.prompt_pos, merged.sample_idx])
+    if found.has_duplicates or not found.equals(expected):
+        missing = expected.difference(found)
+        raise ValueError(f"the shards hold {len(found)} rows for {len(expected)} (prompt, sample) pairs: "
+                         f"{len(missing)} missing (first {list(missing[:3])}), "
+                         f"{int(found.duplicated().sum())} duplicated")
+    return merged.drop(columns="prompt_pos").reset_index(drop=True)
 
 
 def score_rollouts(df: pd.DataFrame, scorers: Mapping[str, Callable], gold_attributes: Sequence[str]) -> pd.DataFrame:

@@ -3,6 +3,10 @@
 This is plain ancestral sampling from the frozen base model pi0. Value-augmented decoding
 reuses the same loop through a `Steering` object, so every method draws from one seeded
 generator in the same order: steering that changes nothing gives exactly base sampling's tokens.
+With `uniforms` (one row of pre-drawn U[0, 1) per prompt, e.g. from `row_uniforms` keyed by each
+row's identity), each token is drawn by inverse CDF from its row's own numbers instead of the
+shared generator: a row's draws then do not depend on which rows share its batch, nor on which
+batches ran before it (sharded rollouts).
 The loop also measures, per row, the exact KL of the distribution it sampled from to pi0's
 (both at the sampling temperature), summed along the path: 0 for plain sampling.
 """
@@ -116,10 +120,32 @@ def step_kl(steered_logits: torch.Tensor, base_logits: torch.Tensor, temperature
     return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1).clamp(min=0.0)
 
 
+def row_uniforms(keys: Sequence[Sequence[int]], n_steps: int) -> torch.Tensor:
+    """(len(keys), n_steps) float64 U[0, 1) draws, row i from a generator seeded by keys[i] alone
+    (numpy's SeedSequence of the key, e.g. (seed, prompt index, sample index))."""
+    import numpy as np
+
+    rows = [np.random.default_rng([int(k) for k in key]).random(n_steps) for key in keys]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, n_steps), dtype=torch.float64)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities (rows need not sum to exactly 1), (B,) U[0, 1) -> (B,) token ids: the
+    first token whose cumulative probability exceeds u x the row's total, so a token of probability
+    0 is never drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.to(cdf.device, torch.float64) * cdf[:, -1])[:, None]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # u x total can round up to the total: fall back to the last token of positive probability.
+    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.minimum(token, last)
+
+
 def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
                  generator: torch.Generator, steering: Steering | None = None,
-                 device: torch.device | str = "cpu") -> Generation:
-    """Sample one completion per prompt, all rows in one batch."""
+                 device: torch.device | str = "cpu", uniforms: torch.Tensor | None = None) -> Generation:
+    """Sample one completion per prompt, all rows in one batch; with uniforms ((B, >= max_new_tokens)
+    U[0, 1)), row i's token at step t is the inverse CDF of uniforms[i, t], not a generator draw."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad)
     ids, mask = ids.to(device), mask.to(device)
@@ -142,7 +168,10 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
         else:
             steered = base_logits
         probs = torch.softmax(steered / config.temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
+        if uniforms is None:
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
+        else:
+            token = inverse_cdf(probs, uniforms[:, step])
         if steering is not None:
             ratio = (torch.log_softmax(steered / config.temperature, -1)
                      - torch.log_softmax(base_logits / config.temperature, -1)).gather(1, token[:, None]).squeeze(1)
@@ -173,15 +202,20 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
            device: torch.device | str = "cpu", steering: Steering | None = None,
-           progress: Callable[[str], None] | None = None) -> Generation:
-    """Sample one completion per prompt in batches of config.batch_size, seeded once for the call."""
+           progress: Callable[[str], None] | None = None, uniforms: torch.Tensor | None = None) -> Generation:
+    """Sample one completion per prompt in batches of config.batch_size, seeded once for the call;
+    with uniforms ((len(prompts), max_new_tokens) U[0, 1), e.g. row_uniforms), each row draws from
+    its own numbers (sample_batch) and the generator is unused."""
     if config.temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {config.temperature}")
+    if uniforms is not None and tuple(uniforms.shape) != (len(prompts), config.max_new_tokens):
+        raise ValueError(f"uniforms must be ({len(prompts)}, {config.max_new_tokens}), got {tuple(uniforms.shape)}")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     parts: list[Generation] = []
     for start in range(0, len(prompts), config.batch_size):
         chunk = list(prompts[start : start + config.batch_size])
-        parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device))
+        rows = None if uniforms is None else uniforms[start : start + len(chunk)]
+        parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device, rows))
         done_count = start + len(chunk)
         # About ten progress lines per call, however many batches.
         if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):

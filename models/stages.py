@@ -51,7 +51,12 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                 "models/validation", "assets/synthesis.py", "assets/validation.py")),
     Stage("reward_models", "reward_models", upstream=("preference_pairs", "base_model"), section="reward_models",
           code=("models/reward_model.py", "models/train_utils.py", "assets/rewards.py")),
-    Stage("rollouts", "rollouts", upstream=("base_model", "prompts", "reward_models"), section="rollouts",
+    # Partitioned over prompt shards (rollouts.shards); one DVC stage samples every shard.
+    Stage("rollout_shards", "rollout_shards", upstream=("base_model", "prompts"), section="rollouts",
+          code=("models/rollouts.py", "models/sampling.py", "models/train_utils.py", "assets/rollouts.py")),
+    # The shards merged in train-split order, scored by every reward.
+    Stage("rollouts", "rollouts", upstream=("base_model", "prompts", "reward_models", "rollout_shards"),
+          section="rollouts",
           code=("models/rollouts.py", "models/sampling.py", "models/train_utils.py", "models/validation",
                 "assets/rollouts.py")),
     Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models"),

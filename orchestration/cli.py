@@ -56,6 +56,7 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
 
     from assets.common import FORCE_TAG
     from assets.resources import build_resources, settings_from_env
+    from assets.rollouts import all_shards_tags
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
     resources = build_resources(settings_from_env(seed))
@@ -68,7 +69,9 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         selection=dg.AssetSelection.assets(*selection) if selection else None,
         resources=resources,
         instance=instance,
+        # rollout_shards, when selected, materializes every shard (its partitions) in one step of this run.
         tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {}),
+              **(all_shards_tags() if not selection or "rollout_shards" in selection else {}),
               **({"vas/seed": str(seed)} if seed is not None else {}), **(tags or {})},
         run_config=run_config,
         raise_on_error=False,
@@ -174,7 +177,7 @@ def cmd_ingest(args) -> int:
 
 
 # What `vas study` retrains per seed; the outputs upstream of them are copied from the main run.
-STUDY_RETRAINS = ["rollouts", "value_models", "evaluation"]
+STUDY_RETRAINS = ["rollout_shards", "rollouts", "value_models", "evaluation"]
 
 
 def study_upstream() -> dict[str, str]:

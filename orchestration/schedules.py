@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.rollouts import all_shards_tags
 from models.environment import read_env
 
 ENV = read_env()     # read when the code location loads: a schedule's definition is fixed then
@@ -12,14 +13,16 @@ full_pipeline = dg.define_asset_job(
     description="Materialize the whole VAS graph on the active profile (VAS_PROFILE).",
 )
 
-# Fresh rollouts from the frozen base model, value models refitted on them, then evaluated
-# (decoding, and the value models' error against Monte-Carlo estimates) and reported.
-RETRAIN_ASSETS = ["rollouts", "value_models", "evaluation", "value_error", "report"]
+# Fresh rollouts from the frozen base model (every shard, then the merge), value models refitted
+# on them, then evaluated (decoding, and the value models' error against Monte-Carlo estimates) and reported.
+RETRAIN_ASSETS = ["rollout_shards", "rollouts", "value_models", "evaluation", "value_error", "report"]
 
 nightly_retrain = dg.define_asset_job(
     "nightly_retrain",
     selection=dg.AssetSelection.assets(*RETRAIN_ASSETS),
-    description="Retrain: rollouts -> value_models -> evaluation, value_error -> report, on the current data.",
+    # Every shard of rollout_shards in the run's one step (a partition-key range).
+    tags=all_shards_tags(),
+    description="Retrain: rollout_shards -> rollouts -> value_models -> evaluation, value_error -> report, on the current data.",
 )
 
 nightly_retrain_schedule = dg.ScheduleDefinition(

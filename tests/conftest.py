@@ -106,13 +106,15 @@ def smoke_world(tmp_path_factory):
     import dagster as dg
 
     from assets.resources import VasSettings, build_resources
+    from assets.rollouts import all_shards_tags
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
     data_dir = tmp_path_factory.mktemp("smoke-data")
     settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu")
     resources = build_resources(settings)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance)
+    # As `vas run`: every shard of rollout_shards (its partitions) in one step of the run.
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=resources, instance=instance, tags=all_shards_tags())
     return {"result": result, "settings": settings, "resources": resources, "instance": instance,
             "data_dir": data_dir}
 

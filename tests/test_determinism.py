@@ -9,13 +9,13 @@ import pytest
 from models.artifacts import dvc_md5
 
 pytestmark = pytest.mark.integration
-RETRAINED = ("rollouts", "value_models", "evaluation")
+RETRAINED = ("rollout_shards", "rollouts", "value_models", "evaluation")
 TIMING_COLUMNS = ["seconds_per_sample"]
 
 
 def fingerprints(data) -> dict[str, str]:
-    """md5 of the rollouts folder and of every value model's weights."""
-    found = {"rollouts": dvc_md5(data / "rollouts")}
+    """md5 of the rollout shards, the rollouts folder and every value model's weights."""
+    found = {"rollout_shards": dvc_md5(data / "rollout_shards"), "rollouts": dvc_md5(data / "rollouts")}
     for folder in sorted(p for p in (data / "value_models").iterdir() if p.is_dir()):
         for name in ("model.safetensors", "value_head.safetensors"):
             found[f"value_models/{folder.name}/{name}"] = dvc_md5(folder / name)

@@ -16,7 +16,8 @@ from models.profiles import PROJECT_ROOT
 from models.stages import STAGES
 
 pytestmark = pytest.mark.integration
-ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models", "rollouts",
+ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models",
+          "rollout_shards", "rollouts",
           "value_models", "dpo_model", "report", "evaluation", "value_error"]
 
 
@@ -86,8 +87,11 @@ def test_duckdb_has_metrics_and_lineage_once_per_asset(smoke_world):
     con = duckdb.connect(str(smoke_world["data_dir"] / "metrics.duckdb"), read_only=True)
     try:
         lineage = con.execute("SELECT asset, inputs, output_md5 FROM lineage WHERE run_id = ?", [run_id]).fetchall()
-        assert sorted(a for a, _, _ in lineage) == sorted(ASSETS)
+        # One row per asset, and one per shard of rollout_shards (rollout_shards/<shard>).
+        assert sorted(a for a, _, _ in lineage) == sorted(ASSETS + ["rollout_shards/0", "rollout_shards/1"])
         by_asset = {a: (json.loads(i), md5) for a, i, md5 in lineage}
+        for shard in ("0", "1"):
+            assert by_asset["rollouts"][0][f"rollout_shards/{shard}"] == by_asset[f"rollout_shards/{shard}"][1]
         # Lineage inputs are the upstream outputs' md5s.
         assert by_asset["prompts"][0] == {"base_model": by_asset["base_model"][1]}
         assert set(by_asset["preference_pairs"][0]) == {"base_model", "prompts", "imported_preferences"}
@@ -185,8 +189,11 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     mean = steered[steered.params.str.contains('"soft": false') & ~calibrated].sort_values(key)
     by_quantile = steered[calibrated].sort_values(key)
     assert len(soft) == len(mean) == len(by_quantile) == len(base)
+    # They sample from different distributions (their exact KLs differ); on 8 prompts of the barely
+    # trained smoke world two of them may still draw the same tokens, so not every pair of texts differs.
+    assert len({round(float(d.kl_nats.mean()), 9) for d in (soft, mean, by_quantile)}) == 3
     texts = [soft.completion.tolist(), mean.completion.tolist(), by_quantile.completion.tolist()]
-    assert texts[0] != texts[1] and texts[0] != texts[2] and texts[1] != texts[2]
+    assert texts[0] != texts[1] or texts[0] != texts[2]
     # VAS + rerank: KL = the kept sample's log pi/pi0 + log N - (N-1)/N.
     rerank = samples[samples.method == "vas_rerank"]
     assert len(rerank) == len(base)

@@ -165,7 +165,10 @@ def test_unchanged_nightly_retrain_reuses_everything(retrains):
     assert result.success
     events = {e.asset_key.to_user_string(): e.event_specific_data.materialization
               for e in result.get_asset_materialization_events()}
-    assert set(events) == {"rollouts", "value_models", "evaluation", "value_error", "report"}
+    assert set(events) == {"rollout_shards", "rollouts", "value_models", "evaluation", "value_error", "report"}
+    # The incoming retrains re-scored the shards (rollouts) but did not re-sample them (rollout_shards).
+    shards = events.pop("rollout_shards")
+    assert set(shards.metadata["reused_shards"].value) == {"0", "1"}
     for asset, mat in events.items():
         assert mat.metadata["reused_from_run"].value == retrains["second"]["result"].run_id, asset
     assert {a: dvc_md5(data / a) for a in before} == before

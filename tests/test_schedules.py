@@ -11,7 +11,7 @@ def test_nightly_retrain_job_covers_rollouts_to_report():
 
     job = defs.resolve_job_def("nightly_retrain")
     keys = {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
-    assert keys == {"rollouts", "value_models", "evaluation", "value_error", "report"}
+    assert keys == {"rollout_shards", "rollouts", "value_models", "evaluation", "value_error", "report"}
 
 
 def test_schedule_is_off_by_default_and_runs_the_retrain_at_two():
@@ -79,9 +79,10 @@ def test_vas_lineage_diff_reports_changed_and_unchanged(smoke_world, tmp_path, c
     shutil.copytree(smoke_world["data_dir"], data)
     run_a = smoke_world["result"].run_id
     retrain = dg.materialize(
-        [*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("rollouts", "value_models"),
+        [*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("rollout_shards", "rollouts", "value_models"),
         resources=build_resources(VasSettings(profile="smoke", data_dir=str(data), device="cpu")),
-        run_config=dg.RunConfig(ops={"rollouts": RolloutsConfig(max_new_tokens=12)}),
+        run_config=dg.RunConfig(ops={"rollout_shards": RolloutsConfig(max_new_tokens=12),
+                                     "rollouts": RolloutsConfig(max_new_tokens=12)}),
         instance=dg.DagsterInstance.ephemeral())
     assert retrain.success
     assert main(["lineage", "--diff", run_a, retrain.run_id, "--data-dir", str(data), "--json"]) == 0
