@@ -1,9 +1,10 @@
 """End to end through the Dagster UI: `dagster dev` on loopback, headless Chromium, the global asset
-graph shows every stage, "Materialize all" runs the smoke graph to SUCCESS, screenshots saved.
+graph shows every stage, "Materialize all" (an asset backfill: rollout_shards is partitioned) runs
+the smoke graph to SUCCESS, screenshots saved.
 
 Skipped when /usr/bin/chromium or Playwright is missing, unless VAS_REQUIRE_BROWSER=1 (CI), where a
-missing browser is a failure. Screenshots: VAS_UI_SCREENSHOT (default data/ui/ui_e2e.png) is the run
-page of the finished run; ui_asset_graph.png beside it is the graph before launching, and
+missing browser is a failure. Screenshots: VAS_UI_SCREENSHOT (default data/ui/ui_e2e.png) is the
+page of the finished backfill; ui_asset_graph.png beside it is the graph before launching, and
 ui_incoming_check.png the imported_preferences checks after the sensor took a good and a bad file.
 """
 
@@ -66,12 +67,6 @@ def _expected_asset_keys() -> list[str]:
     from orchestration.definitions import defs
 
     return sorted(key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys())
-
-
-def _expected_check_count() -> int:
-    from orchestration.definitions import defs
-
-    return len(defs.resolve_asset_graph().asset_check_keys)
 
 
 # ---------------------------------------------------------------- dagster dev
@@ -184,6 +179,15 @@ class DagsterUI:
         data = self.graphql("{ runsOrError { ... on Runs { results { runId jobName status "
                             "tags { key value } } } } }")
         return data["runsOrError"]["results"]
+
+    def backfill_ids(self) -> set[str]:
+        data = self.graphql("{ partitionBackfillsOrError { ... on PartitionBackfills { results { id } } } }")
+        return {b["id"] for b in data["partitionBackfillsOrError"]["results"]}
+
+    def backfill_status(self, backfill_id: str) -> str:
+        data = self.graphql("query ($id: String!) { partitionBackfillOrError(backfillId: $id) { "
+                            "... on PartitionBackfill { status } } }", {"id": backfill_id})
+        return data["partitionBackfillOrError"]["status"]
 
     def check_executions(self, asset: str, check: str) -> list[dict]:
         data = self.graphql(
@@ -307,25 +311,48 @@ def _open_asset_graph(page, ui: DagsterUI, expected: list[str]) -> None:
 
 
 def _materialize_all(page, ui: DagsterUI) -> str:
-    """Click "Materialize all" and return the id of the run it launched.
+    """Click "Materialize all", choose every partition of rollout_shards, launch; return the id of
+    the backfill it launched.
 
     The button takes asset keys straight from the graph, never a selection string, so Dagster's
-    Python selection parser (broken here by hydra-core's antlr4 4.9 pin) is not involved. All
-    configs are optional, so it launches at once; a launchpad, if a future asset needs one, is
-    launched as it opens."""
-    before = ui.run_ids()
+    Python selection parser (broken here by hydra-core's antlr4 4.9 pin) is not involved.
+    rollout_shards is partitioned, so the partition dialog opens and the click launches an asset
+    backfill: the daemon runs rollout_shards' shards in one run (its single-run backfill policy)
+    and the unpartitioned assets in runs of their own. A launchpad, if a future asset needs one,
+    is launched as it opens."""
+    before = ui.backfill_ids()
     page.get_by_role("button", name="Materialize all").click()
-    deadline = time.monotonic() + 60
+    deadline, chose_all = time.monotonic() + 60, False
     while time.monotonic() < deadline:
-        new = ui.run_ids() - before
+        new = ui.backfill_ids() - before
         if new:
-            assert len(new) == 1, f"one click launched several runs: {new}"
+            assert len(new) == 1, f"one click launched several backfills: {new}"
             return new.pop()
-        launch = page.get_by_role("dialog").get_by_role("button", name="Launch run")
-        if launch.count() and launch.first.is_enabled():
-            launch.first.click()
+        dialog = page.get_by_role("dialog")
+        every = dialog.get_by_role("button", name="All", exact=True)
+        if not chose_all and every.count():
+            every.first.click()
+            chose_all = True
+            page.wait_for_timeout(500)
+        for name in ("Launch backfill", "Launch run"):
+            launch = dialog.get_by_role("button", name=name)
+            if launch.count() and launch.first.is_enabled():
+                launch.first.click()
+                break
         page.wait_for_timeout(1000)
-    raise AssertionError("no run appeared within 60 s of clicking Materialize all")
+    raise AssertionError("no backfill appeared within 60 s of clicking Materialize all")
+
+
+def _wait_for_backfill(ui: DagsterUI, backfill_id: str, timeout: float = RUN_TIMEOUT_S) -> list[dict]:
+    """The backfill's runs, once it is done (every run of it finished)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ui.backfill_status(backfill_id)
+        runs = [r for r in ui.runs() if {"key": "dagster/backfill", "value": backfill_id} in r["tags"]]
+        if status not in ("REQUESTED", "CANCELING", "FAILING") and all(r["status"] in TERMINAL for r in runs):
+            return runs
+        time.sleep(5)
+    raise AssertionError(f"backfill {backfill_id} not finished after {timeout:.0f} s: {ui.backfill_status(backfill_id)}")
 
 
 def _wait_for_run(ui: DagsterUI, run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
@@ -336,18 +363,6 @@ def _wait_for_run(ui: DagsterUI, run_id: str, timeout: float = RUN_TIMEOUT_S) ->
             return run
         time.sleep(5)
     raise AssertionError(f"run {run_id} not finished after {timeout:.0f} s: {ui.run(run_id).get('status')}")
-
-
-def _open_run_page(page, ui: DagsterUI, run_id: str, n_assets: int, n_checks: int) -> None:
-    page.goto(f"{ui.url}/runs/{run_id}")
-    # The header tags: status, how many assets and checks the run covered.
-    page.get_by_text("Success", exact=True).first.wait_for()
-    page.get_by_text(f"{n_assets} assets", exact=True).first.wait_for()
-    if n_checks:
-        page.get_by_text(f"{n_checks} checks", exact=True).first.wait_for()
-    # The event log streams in and scrolls to its end; RUN_SUCCESS there means it is complete.
-    page.get_by_text("RUN_SUCCESS", exact=True).first.wait_for()
-    page.wait_for_timeout(1000)
 
 
 def _incoming_files_through_the_daemon(page, ui: DagsterUI, screenshot: Path) -> None:
@@ -391,14 +406,22 @@ def test_materialize_all_from_the_ui(dagster_ui, page, tmp_path):
         _open_asset_graph(page, dagster_ui, expected)
         _save_screenshot(page, graph_png)
 
-        run_id = _materialize_all(page, dagster_ui)
-        page.goto(f"{dagster_ui.url}/runs/{run_id}")  # watch it live, as a user would
-        run = _wait_for_run(dagster_ui, run_id)
-        assert run["status"] == "SUCCESS", f"run {run_id} ended {run['status']}"
-        materialized = {"/".join(m["assetKey"]["path"]) for m in run["assetMaterializations"]}
+        backfill_id = _materialize_all(page, dagster_ui)
+        page.goto(f"{dagster_ui.url}/runs/b/{backfill_id}")  # watch it live, as a user would
+        runs = _wait_for_backfill(dagster_ui, backfill_id)
+        assert runs and all(r["status"] == "SUCCESS" for r in runs), [(r["runId"], r["status"]) for r in runs]
+        assert dagster_ui.backfill_status(backfill_id) in ("COMPLETED", "COMPLETED_SUCCESS")
+        materialized = {"/".join(m["assetKey"]["path"]) for r in runs
+                        for m in dagster_ui.run(r["runId"])["assetMaterializations"]}
         assert materialized == set(expected), f"materialized {sorted(materialized)}, expected {expected}"
+        # Every shard in one run (rollout_shards' single-run backfill policy).
+        shard_runs = [r for r in runs if any(m["assetKey"]["path"] == ["rollout_shards"]
+                                             for m in dagster_ui.run(r["runId"])["assetMaterializations"])]
+        assert len(shard_runs) == 1, shard_runs
 
-        _open_run_page(page, dagster_ui, run_id, len(expected), _expected_check_count())
+        page.goto(f"{dagster_ui.url}/runs/b/{backfill_id}")
+        page.get_by_text("rollout_shards").first.wait_for()
+        page.wait_for_timeout(2000)
         _save_screenshot(page, final_png)
 
         _incoming_files_through_the_daemon(page, dagster_ui, final_png.with_name("ui_incoming_check.png"))
