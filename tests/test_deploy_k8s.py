@@ -31,7 +31,7 @@ from assets.k8s import GPU_K8S_CONFIG, K8S_CONFIG_TAG
 from models.profiles import PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
-GPU_ASSETS = ("value_models", "rollouts")
+GPU_ASSETS = ("value_models", "rollout_shards", "rollouts")
 STORAGES = {"run_storage": PostgresRunStorage, "event_log_storage": PostgresEventLogStorage,
             "schedule_storage": PostgresScheduleStorage}
 PG_ENV = {"DAGSTER_PG_HOST": "postgres", "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "secret",
@@ -195,7 +195,7 @@ def test_gpu_assets_carry_the_tag_and_it_parses(monkeypatch):
         config = get_user_defined_k8s_config(tags[name])       # dagster-k8s validates the tag's schema
         assert config.container_config["resources"]["limits"] == {"nvidia.com/gpu": 1}
         assert config.pod_spec_config["node_selector"] and config.pod_spec_config["tolerations"]
-    # Only those two ask for a GPU; the others keep the run launcher's resources.
+    # Only those ask for a GPU; the others keep the run launcher's resources.
     assert [k for k, t in tags.items() if K8S_CONFIG_TAG in t] == [k for k in tags if k in GPU_ASSETS]
 
 
