@@ -41,6 +41,8 @@ def evaluation(run: StageRun) -> Produced:
     runs = evaluator.run_all()
     samples = pd.concat([r.frame for r in runs], ignore_index=True)
     summary = summarize(runs)
+    if evaluator.tilt is not None:
+        summary = pd.concat([summary, evaluator.tilt], ignore_index=True)
     write_folder(run.path("evaluation"), {"samples.parquet": samples, "summary.parquet": summary})
 
     rows = []

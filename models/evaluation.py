@@ -24,6 +24,7 @@ from models.dpo import PolicySteering
 from models.rewards import score_gold
 from models.sampling import SamplingConfig, sample
 from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
+from models.tilt import tilt_curve
 from models.vas import VASConfig, vas_sample
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class EvalConfig:
     # Distributional models with calibrated bins also decode by the mean normal score of the reward
     # (VASConfig.calibrated) at these betas; beta is then in standard deviations of pi0's quantiles.
     calibrated_betas: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    # The exact tilt pi0·exp(beta·R)/Z estimated on Best-of-N's pool (models/tilt.py), at these betas
+    # per standard deviation of the pool's learned reward: the curve exact values would reach.
+    tilt_betas: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
     parameterizations: tuple[str, ...] = ("distributional_qhead", "scalar")   # distributional ones run soft and mean
     compose_weights: tuple[float, ...] = (0.0, 2.0, 4.0)   # grid over positivity x conciseness
     compose_parameterization: str = "distributional_qhead"
@@ -133,6 +137,7 @@ class Evaluator:
         rows["draw"] = np.tile(np.arange(config.samples_per_prompt), len(prompts))
         self.prompts = rows
         self.base_params = sum(p.numel() for p in base_model.parameters())
+        self.tilt: pd.DataFrame | None = None      # run_best_of_n fills it: the exact tilt's reference rows
 
     def sampling(self, seed_offset: int = 0) -> SamplingConfig:
         c = self.config
@@ -170,6 +175,8 @@ class Evaluator:
         scorer = self.scorers[c.bon_attribute]
         scores = np.stack([np.asarray(scorer(f.prompt.tolist(), f.completion.tolist())) for f in pool])  # (n_max, S)
         rerank_seconds = time.perf_counter() - start
+        if n_max >= 2 and c.tilt_betas:
+            self.tilt = self.tilt_reference(pool, scores)
         runs = []
         for n in c.bon_ns:
             best = scores[:n].argmax(0)                                                   # (S,)
@@ -181,6 +188,13 @@ class Evaluator:
             wall = sum(seconds[:n]) + rerank_seconds * n / n_max
             runs.append(MethodRun("bon", {"n": n}, frame, wall, n * tokens))
         return runs
+
+    def tilt_reference(self, pool: Sequence[pd.DataFrame], scores: np.ndarray) -> pd.DataFrame:
+        """The exact tilt by the Best-of-N reward, estimated on the pool (n_max frames of S samples,
+        scores (n_max, S)), with every gold reward averaged under it: summary rows of method "tilt"."""
+        golds = [score_gold(f.completion.tolist(), self.gold_attributes) for f in pool]
+        gold = {f"gold_{a}": np.stack([g[a] for g in golds], axis=1) for a in self.gold_attributes}   # (S, n_max)
+        return tilt_curve(scores.T, self.config.tilt_betas, self.config.bon_attribute, gold)
 
     def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str) -> float:
         """Base forward + value forwards per token, in base-model units (value forwards scale by

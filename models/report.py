@@ -55,6 +55,10 @@ def frontier_figure(summary: pd.DataFrame, path: str | Path) -> Path:
             for _, r in rows.iterrows():
                 ax.annotate(f"{r[note]:g}", (r.kl_nats_mean, r[f"{reward}_mean"]), textcoords="offset points",
                             xytext=(3, 4), fontsize=7)
+        tilt = summary[summary.method == "tilt"].sort_values("kl_nats_mean")
+        if len(tilt):
+            ax.plot(tilt.kl_nats_mean, tilt[f"{reward}_mean"], linestyle="--", color="black", alpha=0.6,
+                    label="exact tilt (estimate on Best-of-N's pool)")
         for method, marker in (("base", "s"), ("dpo", "D")):
             rows = summary[summary.method == method]
             if len(rows):

@@ -63,6 +63,7 @@ def check(summary: pd.DataFrame) -> dict:
         raise ValueError("the summary has no Best-of-N rows: nothing to compare against")
     ref = bon.iloc[-1]
     bon_lift = float(ref.gold_positivity_mean - base.gold_positivity_mean)
+    tilt = summary[summary.method == "tilt"]
 
     frontier = []
     for at in KL_POINTS:
@@ -70,7 +71,9 @@ def check(summary: pd.DataFrame) -> dict:
         bon_at = min(at, float(bon.kl_nats_mean.max()))
         point = {"kl": at, "bon": interpolate(bon.kl_nats_mean, bon.learned_positivity_mean, bon_at),
                  "bon_ci": interpolate(bon.kl_nats_mean, bon.learned_positivity_ci95, bon_at),
-                 "vas": float("nan"), "vas_ci": float("nan"), "decoder": None}
+                 "vas": float("nan"), "vas_ci": float("nan"), "decoder": None,
+                 # What exact values would reach (models/tilt.py): the room the value estimate has.
+                 "tilt": interpolate(tilt.kl_nats_mean, tilt.learned_positivity_mean, at)}
         for family, rows in _soft_curves(summary).items():
             rows = _eligible(rows, ref)
             value = interpolate(rows.kl_nats_mean, rows.learned_positivity_mean, at)
@@ -125,11 +128,18 @@ def markdown(result: dict, heading: str = "Targets", value_error: pd.DataFrame |
     n = result["bon_n"]
     lines = [f"## {heading}", "", f"1. Soft VAS on or above Best-of-N's learned-reward curve at KL "
              f"{', '.join(f'{p:g}' for p in KL_POINTS)} (interpolated, 95% intervals): {_yes(result['frontier_met'])}.", ""]
-    lines += ["   | KL | Best-of-N | best soft-VAS decoder | decoder | on or above |", "   |---|---|---|---|---|"]
+    lines += ["   | KL | Best-of-N | exact tilt (estimate) | best soft-VAS decoder | decoder | on or above |",
+              "   |---|---|---|---|---|---|"]
     for p in result["frontier"]:
         vas = "out of its KL range" if not math.isfinite(p["vas"]) else f"{p['vas']:.3f} ± {p['vas_ci']:.3f}"
-        lines.append(f"   | {p['kl']:g} | {p['bon']:.3f} ± {p['bon_ci']:.3f} | {vas} | {p['decoder'] or '-'} | "
+        tilt = f"{p['tilt']:.3f}" if math.isfinite(p.get("tilt", float("nan"))) else "-"
+        lines.append(f"   | {p['kl']:g} | {p['bon']:.3f} ± {p['bon_ci']:.3f} | {tilt} | {vas} | {p['decoder'] or '-'} | "
                      f"{'yes' if p['met'] else 'no'} |")
+    room = [f"{p['tilt'] - p['bon']:+.3f} at {p['kl']:g}" for p in result["frontier"]
+            if math.isfinite(p.get("tilt", float("nan"))) and math.isfinite(p["bon"])]
+    lines += ["", "   Exact tilt: pi0·exp(beta·R)/Z estimated on Best-of-N's pool (models/tilt.py), what soft VAS "
+              "with exact values would reach: no decoder can lie above it"
+              + (f"; its room above Best-of-N (learned reward, by KL): {', '.join(room)}" if room else "") + ".", ""]
     lift, anyc, rr = result["lift"], result["lift_any_cost"], result["rerank"]
     lines += ["", f"2. VAS without reranking reaches >= {LIFT_SHARE:g} of Best-of-{n}'s gold lift at <= 1/16 of its "
               f"forwards: {_yes(result['lift_met'])}: best within that cost: "

@@ -214,11 +214,20 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
         by_method.setdefault((method, params), set()).add(metric)
     summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
     assert len(by_method) == len(summary)            # every method and setting has its metrics
-    for metrics in by_method.values():
+    for (method, _), metrics in by_method.items():
+        if method == "tilt":                         # a reference estimated on the pool, not a decoder
+            assert {"gold_positivity_mean", "learned_positivity_mean", "kl_nats_mean", "ess_mean"} <= metrics
+            continue
         assert {"gold_positivity_mean", "gold_positivity_ci95", "kl_nats_mean", "distinct_2",
                 "seconds_per_sample", "base_forwards_per_sample", "learned_positivity_mean"} <= metrics
     bon = summary[summary.method == "bon"].set_index("param_n")
     assert bon.loc[4, "kl_nats_mean"] == pytest.approx(np.log(4) - 3 / 4)
+    # The exact tilt on Best-of-4's pool: one row per tilt beta, its KL within [0, log 4], its learned
+    # reward growing with beta and never above Best-of-4's (a weighted mean of a pool is <= its max).
+    tilt = summary[summary.method == "tilt"].sort_values("param_beta")
+    assert len(tilt) == 9 and tilt.kl_nats_mean.between(0, np.log(4) + 1e-9).all()
+    assert (np.diff(tilt.learned_positivity_mean) >= -1e-9).all()
+    assert (tilt.learned_positivity_mean <= bon.loc[4, "learned_positivity_mean"] + 1e-9).all()
 
 
 def test_decode_benchmark_runs_and_writes_every_key(smoke_world):

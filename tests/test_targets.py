@@ -83,3 +83,17 @@ def test_study_counts_seeds_meeting_each_target():
     per_seed = pd.concat([summary().assign(seed=0), summary(soft_learned_at_2=1.08, lift_gold=0.68).assign(seed=1)])
     text = study_markdown(per_seed)
     assert "lift: met in 1 of 2 seeds." in text and "rerank: met in 0 of 2 seeds." in text
+
+
+def test_exact_tilt_rows_give_each_kl_point_its_room():
+    # Tilt rows (models/tilt.py): learned 0 -> 1.05 -> 1.1 -> 1.19 at KL 0, 1, 2, 4; not a decoder.
+    tilt = [{"method": "tilt", "params": json.dumps({"attribute": "positivity", "beta": b}), "family": "exact tilt",
+             "learned_positivity_mean": v, "learned_positivity_ci95": 0.0, "kl_nats_mean": kl, "param_beta": b}
+            for b, v, kl in ((0.0, 0.0, 0.0), (2.0, 1.05, 1.0), (8.0, 1.1, 2.0), (64.0, 1.19, 4.0))]
+    result = check(pd.concat([summary(), pd.DataFrame(tilt)], ignore_index=True))
+    assert [p["tilt"] for p in result["frontier"]] == pytest.approx([1.05, 1.1, 1.19])
+    assert [p["met"] for p in result["frontier"]] == [p["met"] for p in check(summary())["frontier"]]
+    text = markdown(result)
+    # Room above Best-of-N: 1.05 - 1.0, 1.1 - 1.0667, 1.19 - 1.2.
+    assert "+0.050 at 1, +0.033 at 2, -0.010 at 4" in text and "| 1 | 1.000 ± 0.010 | 1.050 |" in text
+    assert all(math.isnan(p["tilt"]) for p in check(summary())["frontier"])      # no tilt rows: no column value
