@@ -23,8 +23,8 @@ import pandas as pd
 from models.dpo import PolicySteering
 from models.rewards import score_gold
 from models.sampling import SamplingConfig, sample
-from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.tilt import tilt_curve
+from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.vas import VASConfig, vas_sample
 
 log = logging.getLogger(__name__)
