@@ -156,11 +156,13 @@ def markdown(result: dict, heading: str = "Targets", value_error: pd.DataFrame |
 def study_markdown(per_seed: pd.DataFrame) -> str:
     """Each target per seed, and how many seeds meet it."""
     results = {int(seed): check(summary) for seed, summary in per_seed.groupby("seed", sort=True)}
-    lines = ["## Targets across seeds", "", "| seed | frontier (KL 1 / 2 / 4) | lift share (cost) | "
-             "rerank share (cost) |", "|---|---|---|---|"]
+    lines = ["## Targets across seeds", "", "| seed | frontier (KL 1 / 2 / 4) | exact tilt's room above Best-of-N "
+             "(KL 1 / 2 / 4) | lift share (cost) | rerank share (cost) |", "|---|---|---|---|---|"]
     for seed, r in results.items():
         marks = " / ".join("yes" if p["met"] else "no" for p in r["frontier"])
-        lines.append(f"| {seed} | {marks} | {r['lift']['share']:.2f} ({r['lift']['cost']:.3f}x) | "
+        room = " / ".join(f"{p['tilt'] - p['bon']:+.3f}" if math.isfinite(p["tilt"] - p["bon"]) else "-"
+                          for p in r["frontier"])
+        lines.append(f"| {seed} | {marks} | {room} | {r['lift']['share']:.2f} ({r['lift']['cost']:.3f}x) | "
                      f"{r['rerank']['share']:.2f} ({r['rerank']['cost']:.3f}x) |")
     n = len(results)
     for name, key in (("frontier", "frontier_met"), ("lift", "lift_met"), ("rerank", "rerank_met")):
