@@ -1,4 +1,5 @@
-"""Group `training`: one value model per reward attribute, fitted by TD(lambda) on the rollouts."""
+"""Group `training`: the small value backbone, and one value model per reward attribute, fitted by
+TD(lambda) on the rollouts."""
 
 import json
 from datetime import datetime, timezone
@@ -17,6 +18,34 @@ from models.value_store import META_FILE, value_model_name
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
                          "backbone")
+
+
+class ValueBackboneConfig(dg.Config):
+    n_layer: Optional[int] = None
+    n_embd: Optional[int] = None
+    train_steps: Optional[int] = None
+
+
+@pipeline_asset("value_backbone", ValueBackboneConfig, group_name="training", kinds={"pytorch", "huggingface"},
+                pool="gpu", op_tags=GPU_OP_TAGS,
+                description="A GPT-2 like the base model but smaller, trained on the corpus with the base "
+                            "tokenizer: what value models start from (value_models.backbone_init).")
+def value_backbone(run: StageRun) -> Produced:
+    # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
+    from models.lm import TinyLMConfig, base_model_dir, load_tokenizer, save_pretrained, train_tiny_lm, weights_sha256
+
+    tokenizer = load_tokenizer(base_model_dir(run.path("base_model")))
+    texts = pd.read_parquet(run.path("corpus")).text.tolist()
+    config = run.config_for(TinyLMConfig, vocab_size=len(tokenizer))
+    with atomic_path(run.path("value_backbone")) as tmp:
+        model, tokenizer, train = train_tiny_lm(texts, config, device=run.settings.device, progress=run.log.info,
+                                                tokenizer=tokenizer, name="value backbone")
+        save_pretrained(model, tokenizer, tmp)
+        sha = weights_sha256(tmp)
+    run.log.info(f"value backbone: {train['n_params'] / 1e6:.2f}M parameters, weights sha256 {sha[:12]}")
+    series = {"train_loss": train.pop("loss_curve")[::10]}
+    metrics = {k: v for k, v in train.items() if isinstance(v, (int, float))}
+    return Produced(metrics, series=series, model_version=sha, metadata={"weights_sha256": sha})
 
 
 class ValueModelsConfig(dg.Config):
@@ -95,7 +124,8 @@ def value_models(run: StageRun) -> Produced:
                 train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
                                               parameterization=parameterization, **steps)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
-                                             run.path("reward_models") / attribute, params["backbone"])
+                                             run.path("reward_models") / attribute, params["backbone"],
+                                             run.path("value_backbone"))
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=run.log.info)

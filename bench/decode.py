@@ -1,4 +1,5 @@
-"""Decode-cost benchmark: plain sampling vs VAS (scalar, distributional_qhead soft) vs Best-of-16/128, side by side.
+"""Decode-cost benchmark: plain sampling vs VAS (scalar, distributional_qhead soft) vs Best-of-16/128, side by side,
+and the decode cost of value models on the base-sized body against the small value backbone.
 
 One process, one device, the same prompts, batch size and generation length for every method;
 prints tokens per second and the ratio of each to plain base sampling, and writes
@@ -27,6 +28,11 @@ def timed(fn):
 PARAMETERIZATIONS = ("scalar", "distributional_qhead")
 KEYS = ("base_tokens_per_s", "vas_scalar_tokens_per_s", "vas_distributional_qhead_tokens_per_s",
         "vas_rerank4_tokens_per_s", "bon16_tokens_per_s", "bon128_tokens_per_s", "value_train_tokens_per_s")
+# Decode cost by value backbone: untrained (zero) heads on the base-sized body and on the small value
+# backbone (data/value_backbone), so every row samples pi0's very tokens, as base sampling does, and
+# its ratio to base is the decode cost alone, not a difference in lengths.
+BACKBONE_KEYS = ("cost_distributional_qhead_base_size_tokens_per_s", "cost_distributional_qhead_small_tokens_per_s",
+                 "cost_scalar_k20_small_tokens_per_s")
 
 
 def main(argv=None) -> int:
@@ -78,6 +84,16 @@ def main(argv=None) -> int:
         gen, s = timed(lambda: vas_sample(base, tokenizer, prompts, {args.attribute: model}, {args.attribute: 2.0},
                                           config, VASConfig(top_k=args.top_k), device=str(device)))
         results[f"vas_{p}_tokens_per_s"] = tokens_per_s(gen, s)
+    for key, body, parameterization, top_k in (
+            ("cost_distributional_qhead_base_size", data / "base_model", "distributional_qhead", args.top_k),
+            ("cost_distributional_qhead_small", data / "value_backbone", "distributional_qhead", args.top_k),
+            ("cost_scalar_k20_small", data / "value_backbone", "scalar", 20)):
+        if not body.exists():
+            continue
+        model = ValueModel.from_base(body, parameterization).to(device).eval()
+        gen, s = timed(lambda: vas_sample(base, tokenizer, prompts, {args.attribute: model}, {args.attribute: 2.0},
+                                          config, VASConfig(top_k=top_k), device=str(device)))
+        results[f"{key}_tokens_per_s"] = tokens_per_s(gen, s)
     # VAS + rerank: 4 soft-VAS samples per prompt, the best by the reward model.
     start = time.perf_counter()
     pool = []
@@ -117,6 +133,9 @@ def main(argv=None) -> int:
           f"up to {args.max_new_tokens} new tokens, top-k {args.top_k}")
     for key in KEYS:
         print(f"  {key:28s} {results[key]:10.1f}   x{results[key] / base_tps:.3f} of base")
+    print("decode cost by value backbone (zero heads: pi0's tokens; cost = base tokens/s / these):")
+    for key in (k for k in BACKBONE_KEYS if k in results):
+        print(f"  {key:50s} {results[key]:10.1f}   cost x{base_tps / results[key]:.2f} of base")
     for p in (*PARAMETERIZATIONS, "rerank4"):
         print(f"  VAS {p} vs Best-of-128: {results[f'vas_{p}_tokens_per_s'] / results['bon128_tokens_per_s']:.1f}x faster")
     print(f"wrote {out}")

@@ -75,7 +75,8 @@ class World:
                              ignore=VALUE_MODELS_OWN_KEYS,
                              parameterization="distributional_qhead", train_steps=train_steps)
         data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
-        init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute)
+        init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute,
+                                     params["backbone"], self.data / "value_backbone")
         start = time.perf_counter()
         model, _ = train_value_model(data, init_dir, config, pad_id=self.tokenizer.pad_token_id, device="cpu",
                                      progress=lambda _: None, init_model=init_model)

@@ -88,13 +88,17 @@ def train_tiny_lm(
     config: TinyLMConfig,
     device: str = "auto",
     progress: Callable[[str], None] = log.info,
+    tokenizer=None,
+    name: str = "base model",
 ):
-    """Train tokenizer and GPT-2 on texts. Returns (model, tokenizer, metrics dict)."""
+    """Train a tokenizer (unless one is given: a model that must share another's vocabulary, as a
+    value backbone shares the base model's) and a GPT-2 on texts. Returns (model, tokenizer, metrics)."""
     from transformers import GPT2Config, GPT2LMHeadModel  # heavy: only when training
 
     torch.manual_seed(config.seed)
     dev = pick_device(device)
-    tokenizer = train_tokenizer(texts, config.vocab_size)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, config.vocab_size)
     rows = encode_reviews(tokenizer, texts, config.n_positions)
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
@@ -119,7 +123,7 @@ def train_tiny_lm(
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
 
-    progress(f"base model: {n_params / 1e6:.2f}M parameters, {len(train_rows)} train reviews, device {dev}")
+    progress(f"{name}: {n_params / 1e6:.2f}M parameters, {len(train_rows)} train reviews, device {dev}")
     model.train()
     losses: list[float] = []
     start = time.perf_counter()
@@ -138,7 +142,7 @@ def train_tiny_lm(
         losses.append(loss.item())
         if (step + 1) % max(1, config.train_steps // 10) == 0 or step + 1 == config.train_steps:
             recent = sum(losses[-50:]) / len(losses[-50:])
-            progress(f"base model step {step + 1}/{config.train_steps}: loss {recent:.3f}, "
+            progress(f"{name} step {step + 1}/{config.train_steps}: loss {recent:.3f}, "
                      f"{n_tokens / (time.perf_counter() - start):.0f} tokens/s")
 
     eval_loss = evaluate_lm(model, eval_rows, tokenizer.pad_token_id, dev)

@@ -59,7 +59,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           section="rollouts",
           code=("models/rollouts.py", "models/sampling.py", "models/train_utils.py", "models/validation",
                 "assets/rollouts.py")),
-    Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models"),
+    # A GPT-2 a fraction of the base model's size, on the base tokenizer: what value models start from.
+    Stage("value_backbone", "value_backbone", upstream=("corpus", "base_model"), section="value_backbone",
+          code=("models/lm.py", "models/train_utils.py", "assets/training.py")),
+    Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models", "value_backbone"),
           section="value_models", versions="value_model_versions",
           code=("models/distributional.py", "models/value_model.py", "models/value_store.py",
                 "models/value_training.py", "models/td.py", "models/train_utils.py", "assets/training.py")),

@@ -128,23 +128,36 @@ def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> s
     return hashlib.md5(blob.encode()).hexdigest()
 
 
-def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir, backbone: str = ""):
-    """Where a value model's backbone starts: the base model's body (the paper starts from an LM
-    of the base tokenizer), or the body of the reward model it learns to predict, whose features
-    already encode that reward (as RLHF critics start from the reward model). A `backbone` of its
-    own (a local HF causal LM, or a hub id in the HF cache) overrides both: it may be smaller than
-    the base model but must share its vocabulary (checked against base_dir's tokenizer)."""
-    if backbone:
-        from models.lm import check_same_vocabulary, resolve_model_dir
+BACKBONE_INITS = ("value_backbone", "base", "reward_model")
 
+
+def backbone_init_dir(backbone_init: str, base_dir, reward_model_dir, backbone: str = "",
+                      value_backbone_dir=None):
+    """Where a value model's backbone starts: the pipeline's small value backbone (a GPT-2 a
+    fraction of the base model's size, trained on the corpus with the base tokenizer: the
+    `value_backbone` asset), the base model's body (the paper starts from an LM of the base
+    tokenizer), or the body of the reward model it learns to predict, whose features already
+    encode that reward (as RLHF critics start from the reward model). A `backbone` of its own (a
+    local HF causal LM, or a hub id in the HF cache) overrides them all: it may be smaller than the
+    base model but must share its vocabulary (checked against base_dir's tokenizer), as the value
+    backbone must."""
+    from models.lm import check_same_vocabulary, resolve_model_dir
+
+    if backbone:
         path = resolve_model_dir(backbone, what="value_models.backbone", fix="download it into the cache first")
         check_same_vocabulary(base_dir, path, what="value_models.backbone")
         return path
+    if backbone_init == "value_backbone":
+        if value_backbone_dir is None:
+            raise ValueError("value_models.backbone_init 'value_backbone' needs the value_backbone asset's folder")
+        check_same_vocabulary(base_dir, value_backbone_dir, what="value_backbone")
+        return value_backbone_dir
     if backbone_init == "base":
         return base_dir
     if backbone_init == "reward_model":
         return reward_model_dir
-    raise ValueError(f"value_models.backbone_init must be 'base' or 'reward_model', got {backbone_init!r}")
+    raise ValueError(f"value_models.backbone_init must be one of {', '.join(map(repr, BACKBONE_INITS))}, "
+                     f"got {backbone_init!r}")
 
 
 def support_for(rollouts: Rollouts, config: ValueTrainConfig) -> Support:

@@ -224,3 +224,10 @@ def test_value_backbone_of_another_vocabulary_is_refused_naming_both(llama_world
         backbone_init_dir("base", base_dir, None, str(no_tokenizer))
     with pytest.raises(FileNotFoundError, match="value_models.backbone 'no-such-org/no-such-model' is neither"):
         backbone_init_dir("base", base_dir, None, "no-such-org/no-such-model")
+    # The pipeline's own value backbone is checked the same way, and must be given.
+    with pytest.raises(ValueError, match="value_backbone .* does not share the base model's tokenizer"):
+        backbone_init_dir("value_backbone", base_dir, None, "", other)
+    with pytest.raises(ValueError, match="needs the value_backbone asset's folder"):
+        backbone_init_dir("value_backbone", base_dir, None)
+    with pytest.raises(ValueError, match="must be one of 'value_backbone', 'base', 'reward_model', got 'small'"):
+        backbone_init_dir("small", base_dir, None)

@@ -18,7 +18,7 @@ from models.stages import STAGES
 pytestmark = pytest.mark.integration
 ASSETS = ["imported_preferences", "corpus", "base_model", "prompts", "preference_pairs", "reward_models",
           "rollout_shards", "rollouts",
-          "value_models", "dpo_model", "report", "evaluation", "value_error"]
+          "value_backbone", "value_models", "dpo_model", "report", "evaluation", "value_error"]
 
 
 def test_definitions_load():
@@ -163,6 +163,28 @@ def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
     assert not list((smoke_world["data_dir"] / ".checkpoints").rglob("progress.json"))   # cleared after saving
 
 
+def test_value_models_start_from_the_smaller_value_backbone(smoke_world):
+    """value_backbone: a GPT-2 smaller than the base model, on the base tokenizer (smoke: 1 x 16
+    against 1 x 32), and every value model's backbone starts from its weights (lineage: its sha256)."""
+    from transformers import AutoConfig
+
+    from models.lm import check_same_vocabulary, weights_sha256
+    from models.value_model import ValueModel
+
+    data = smoke_world["data_dir"]
+    small, base = (AutoConfig.from_pretrained(data / name) for name in ("value_backbone", "base_model"))
+    assert (small.n_layer, small.n_embd) == (1, 16) and small.n_embd < base.n_embd
+    check_same_vocabulary(data / "base_model", data / "value_backbone")              # raises if not
+    sha = weights_sha256(data / "value_backbone")
+    for name in ("positivity", "conciseness", "positivity.scalar"):
+        model = ValueModel.load(data / "value_models" / name)
+        assert model.backbone.config.hidden_size == 16
+        assert model.init_info["init_weights_sha256"] == sha
+    mat = next(e for e in smoke_world["result"].get_asset_materialization_events()
+               if e.asset_key.to_user_string() == "value_backbone").event_specific_data.materialization
+    assert mat.metadata["weights_sha256"].value == sha
+
+
 def test_evaluation_samples_schema_and_invariants(smoke_world):
     samples = pd.read_parquet(smoke_world["data_dir"] / "eval" / "samples.parquet")
     expected = {"method", "params", "prompt_id", "prompt", "completion", "n_tokens", "kl_nats",
@@ -232,14 +254,14 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
 
 def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
-    from bench.decode import KEYS
+    from bench.decode import BACKBONE_KEYS, KEYS
     from bench.decode import main as bench_main
 
     data = smoke_world["data_dir"]
     assert bench_main(["--data-dir", str(data), "--prompts", "4", "--batch-size", "4", "--max-new-tokens", "4",
                        "--value-train-steps", "2", "--device", "cpu"]) == 0
     result = json.loads((data / "bench" / "decode.json").read_text())
-    for key in KEYS:
+    for key in KEYS + BACKBONE_KEYS:
         assert result[key] > 0
     assert result["device"] == "cpu"
 
