@@ -230,6 +230,10 @@ def test_bad_requests_over_http_get_their_4xx_and_the_server_stays_up(served, ht
 
 
 def test_a_hot_swap_mid_traffic_loses_no_request(served, http_server):
+    """Four clients keep sending requests while a new version replaces data/value_models: every
+    request is answered, each client sees the old version, then the new one, never back again."""
+    import threading
+
     import openai
 
     from models.artifacts import atomic_path
@@ -238,19 +242,34 @@ def test_a_hot_swap_mid_traffic_loses_no_request(served, http_server):
     root = served["data_dir"] / "value_models"
     body = dict(model="vas", prompt=PROMPT, max_tokens=6, extra_body={"vas": {"weights": {reward_names(served)[0]: 2}}})
     before = client.completions.create(**body).model_extra["vas"]["value_model_version"]
+    swapped = threading.Event()
+    answered = [0] * 4
 
-    def swap():
-        time.sleep(0.2)
+    def traffic(i: int) -> list:
+        replies, seed = [], i
+        # Until the swap, then at least three more: traffic flows on both sides of it.
+        while not swapped.is_set() or sum(r.model_extra["vas"]["value_model_version"] != before for r in replies) < 3:
+            replies.append(client.completions.create(seed=seed, **body))
+            answered[i] += 1
+            seed += 4
+        return replies
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(traffic, i) for i in range(4)]
+        deadline = time.monotonic() + 60
+        while min(answered) < 2 and time.monotonic() < deadline:    # every client is sending
+            time.sleep(0.01)
         with atomic_path(root) as tmp:
             shutil.copytree(root, tmp)
             meta = next(tmp.glob("*/vas_value.json"))
             meta.write_text(json.dumps({**json.loads(meta.read_text()), "note": "mid-traffic"}))
-
-    with ThreadPoolExecutor(8) as pool:
-        swapped = pool.submit(swap)
-        replies = list(pool.map(lambda seed: client.completions.create(seed=seed, **body), range(24)))
-        swapped.result()
+        swapped.set()
+        per_client = [c.result(timeout=120) for c in clients]
     after = client.completions.create(seed=0, **body).model_extra["vas"]["value_model_version"]
     assert after != before
-    assert {r.model_extra["vas"]["value_model_version"] for r in replies} <= {before, after}
-    assert all(r.choices[0].text is not None and r.choices[0].model_extra["vas"]["kl_nats"] >= 0 for r in replies)
+    for replies in per_client:
+        versions = [r.model_extra["vas"]["value_model_version"] for r in replies]
+        assert versions[0] == before and versions[-1] == after and set(versions) == {before, after}
+        switched = versions.index(after)
+        assert versions[switched:] == [after] * (len(versions) - switched)      # never back to the old one
+        assert all(r.choices[0].text is not None and r.choices[0].model_extra["vas"]["kl_nats"] >= 0 for r in replies)

@@ -343,8 +343,7 @@ def test_positivity_weight_raises_the_learned_positivity_reward(upstream, data_d
     assert 1.0 <= per_token <= 1.2          # one request per token, plus one per row that chose the end
 
 
-def test_vas_serve_with_an_upstream_through_the_openai_client(vas_upstream, data_dir):
-    upstream = vas_upstream
+def test_vas_serve_with_an_upstream_through_the_openai_client(upstream, data_dir):
     import openai
 
     from models.serving import Engine
@@ -377,8 +376,7 @@ def test_vas_serve_with_an_upstream_through_the_openai_client(vas_upstream, data
             client.completions.create(model="vas", prompt=PROMPT, max_tokens=2, logprobs=2)
 
 
-def test_vas_generate_with_an_upstream(vas_upstream, data_dir, capsys):
-    upstream = vas_upstream
+def test_vas_generate_with_an_upstream(upstream, data_dir, capsys):
     from orchestration.cli import main
 
     argv = ["generate", "--prompt", PROMPT, "--n", "2", "--max-new-tokens", "5", "--seed", "3", "--json",
