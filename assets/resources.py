@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from models.environment import read_env
-from models.profiles import PARAMS_FILE, PROJECT_ROOT, load_profile
+from models.profiles import PROJECT_ROOT, active_params_file, load_profile
 
 
 class VasSettings(dg.ConfigurableResource):
@@ -17,12 +17,12 @@ class VasSettings(dg.ConfigurableResource):
 
     profile: str = "default"
     data_dir: str = "data"            # relative paths resolve against the project root
-    params_file: str = str(PARAMS_FILE)
+    params_file: str = ""             # "" = $VAS_PARAMS_FILE or the project's params.yaml
     device: str = "auto"              # "auto" picks CUDA when present, else CPU
     seed: Optional[int] = None        # replaces the profile's seed (`vas study`); None keeps it
 
     def params(self) -> dict:
-        params = load_profile(self.profile, self.params_file)
+        params = load_profile(self.profile, self.params_file or None)
         if self.seed is not None:
             params["seed"] = self.seed
         return params
@@ -38,7 +38,8 @@ class VasSettings(dg.ConfigurableResource):
 
 def settings_from_env(seed: int | None = None) -> VasSettings:
     env = read_env()
-    return VasSettings(profile=env.profile, data_dir=env.data_dir, device=env.device, seed=seed)
+    return VasSettings(profile=env.profile, data_dir=env.data_dir, device=env.device, seed=seed,
+                       params_file=str(active_params_file()))
 
 
 def duckdb_for(settings: VasSettings) -> DuckDBResource:

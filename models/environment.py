@@ -18,6 +18,7 @@ PREFIX = "VAS_"
 class Environment:
     profile: str = "default"                # params.yaml profile
     data_dir: str = "data"                  # data folder; relative paths resolve against the project root
+    params_file: str = ""                   # profiles file ("" = the project's params.yaml; relative: to the project root)
     device: str = "auto"                    # auto (CUDA when present), cpu or cuda
     retrain_cron: str = "0 2 * * *"         # when the nightly retrain schedule fires
     retrain_timezone: str = "UTC"

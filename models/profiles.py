@@ -43,10 +43,24 @@ def _unknown_keys(default: Mapping, overlay: Mapping, path: str = "") -> list[st
     return unknown
 
 
-def load_profile(name: str | None = None, params_file: str | Path = PARAMS_FILE) -> dict[str, Any]:
+def active_params_file() -> Path:
+    """$VAS_PARAMS_FILE (your own profiles, e.g. a copy of params.yaml with one added), else the
+    project's params.yaml. A relative path resolves against the project root, as VAS_DATA_DIR does."""
+    path = read_env().params_file
+    if not path:
+        return PARAMS_FILE
+    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+
+
+def load_profile(name: str | None = None, params_file: str | Path | None = None) -> dict[str, Any]:
     """All parameters of a profile: `default` with the profile's overrides merged in. `default` is
-    complete, so an override naming a key it lacks is a typo, and an error, not a silent no-op."""
+    complete, so an override naming a key it lacks is a typo, and an error, not a silent no-op.
+    params_file None: active_params_file()."""
     name = name or active_profile()
+    params_file = Path(params_file) if params_file else active_params_file()
+    if not params_file.is_file():
+        raise FileNotFoundError(f"params file {params_file} does not exist (VAS_PARAMS_FILE names the file "
+                                f"holding the profiles; unset, it is {PARAMS_FILE})")
     with open(params_file, encoding="utf-8") as handle:
         profiles = yaml.safe_load(handle)
     if name not in profiles:

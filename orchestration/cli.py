@@ -34,6 +34,12 @@ def prepare_environment() -> None:
         shutil.copy(PROJECT_ROOT / "orchestration" / "dagster.yaml", home / "dagster.yaml")
 
 
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """--data-dir, else $VAS_DATA_DIR, else data/; relative to the project root, as VasSettings.root."""
+    path = Path(data_dir or read_env().data_dir)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def use_profile(profile: str | None, data_dir: str | None) -> None:
     """Quiet environment, then the profile and data folder every later settings_from_env() sees."""
     prepare_environment()
@@ -127,7 +133,8 @@ def cmd_run(args) -> int:
 
         print(f"\nheadline ({summary_file}; every sample in {summary_file.with_name('samples.parquet')}):")
         print(headline_table(pd.read_parquet(summary_file)))
-    if args.dvc_commit and not args.data_dir:
+    # dvc.yaml's outputs are data/'s: another data folder (--data-dir, $VAS_DATA_DIR) is not DVC's to record.
+    if args.dvc_commit and settings.root.resolve() == (PROJECT_ROOT / "data").resolve():
         dvc_commit()
     return 0
 
@@ -363,8 +370,7 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    data_dir = Path(args.data_dir or read_env().data_dir)
-    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    data_dir = resolve_data_dir(args.data_dir)
     try:
         # None keeps the decoder's own default (SamplingConfig, VASConfig): declared there only.
         decode = dict(seed=args.seed, top_k=args.top_k, min_p=args.min_p, temperature=args.temperature,
@@ -396,8 +402,7 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     from orchestration.serve import serve  # fastapi, torch: only when serving
 
-    data_dir = Path(args.data_dir or read_env().data_dir)
-    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    data_dir = resolve_data_dir(args.data_dir)
     logging.basicConfig(level=logging.INFO)
     try:
         upstream = _upstream(args)
@@ -414,8 +419,7 @@ def cmd_export_gguf(args) -> int:
     from models.gguf_export import GGUFExportError, export_gguf
     from models.lm import base_model_dir
 
-    data_dir = Path(args.data_dir or read_env().data_dir)
-    data_dir = data_dir if data_dir.is_absolute() else PROJECT_ROOT / data_dir   # as VasSettings.root
+    data_dir = resolve_data_dir(args.data_dir)
     try:
         # The base_model asset's folder may only pin a model kept elsewhere: export the weights it pins.
         model_dir = Path(args.model_dir) if args.model_dir else base_model_dir(data_dir / output_of("base_model"))
@@ -435,7 +439,7 @@ def cmd_export_gguf(args) -> int:
 def cmd_lineage(args) -> int:
     from orchestration.lineage import diff_runs, lineage, print_diff, print_lineage
 
-    data_dir = Path(args.data_dir) if args.data_dir else PROJECT_ROOT / "data"
+    data_dir = resolve_data_dir(args.data_dir)
     try:
         if args.diff:
             if len(args.target) != 2:
@@ -545,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a path under data/ (e.g. data/value_models/positivity) or a Dagster run id; "
                           "two run ids with --diff")
     lin.add_argument("--diff", action="store_true", help="what changed between two runs: data, params, code, metrics")
-    lin.add_argument("--data-dir", default=None)
+    lin.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     lin.set_defaults(func=cmd_lineage)
     return parser

@@ -103,3 +103,18 @@ def test_a_profile_override_with_a_key_default_lacks_is_an_error(tmp_path):
     ok = load_profile("ok", params)      # free-form maps (empty in default) take any key
     assert ok["prompts"] == {"n_train": 8, "n_eval": 2}
     assert ok["reward_models"]["sources"] == {"positivity": "/models/rm"}
+
+
+def test_vas_params_file_names_the_profiles_file(monkeypatch, tmp_path):
+    from models.profiles import PROJECT_ROOT, active_params_file, load_profile
+
+    assert active_params_file() == PROJECT_ROOT / "params.yaml"
+    mine = tmp_path / "my-params.yaml"
+    mine.write_text("default:\n  seed: 0\n  prompts: {n_train: 4, n_eval: 2}\nmine:\n  prompts: {n_train: 8}\n")
+    monkeypatch.setenv("VAS_PARAMS_FILE", str(mine))
+    assert active_params_file() == mine
+    assert load_profile("mine")["prompts"] == {"n_train": 8, "n_eval": 2}
+    monkeypatch.setenv("VAS_PARAMS_FILE", "relative/profiles.yaml")              # against the project root
+    assert active_params_file() == PROJECT_ROOT / "relative" / "profiles.yaml"
+    with pytest.raises(FileNotFoundError, match="params file .*relative/profiles.yaml does not exist"):
+        load_profile("mine")

@@ -1,0 +1,67 @@
+"""Integration: the README's "Bring your own model" block, run as written with its paths filled in:
+tiny random Llamas written locally (a base and a smaller value backbone of the same tokenizer) and a
+prompts CSV. The project folder it runs in has the smoke profile's sizes as `default`, so the
+user's profile runs in a minute."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from models.corpus import CorpusConfig, generate_corpus, generate_openings
+from models.lm import save_pretrained, train_tokenizer, weights_sha256
+from models.profiles import PROJECT_ROOT, load_profile
+
+pytestmark = pytest.mark.integration
+
+
+def readme_block() -> str:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = re.search(r"<!-- byo:start.*?-->\n```bash\n(.*?)```\n<!-- byo:end -->", text, re.S)
+    assert section, "README.md lost its bring-your-own-model block (byo:start / byo:end)"
+    return section.group(1)
+
+
+def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_llama):
+    tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=300, seed=3)).text.tolist(), 300)
+    ids = dict(eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    base, backbone = tmp_path / "models" / "my-llama", tmp_path / "models" / "my-small-llama"
+    save_pretrained(tiny_llama(len(tokenizer), seed=0, **ids), tokenizer, base)
+    save_pretrained(tiny_llama(len(tokenizer), seed=1, hidden=16, n_layer=1, n_head=2, n_kv_head=1,
+                               intermediate=32, **ids), tokenizer, backbone)
+    prompts = tmp_path / "data" / "my-prompts.csv"
+    prompts.parent.mkdir()
+    pd.DataFrame({"prompt": generate_openings(24, 4)}).to_csv(prompts, index=False)
+
+    work = tmp_path / "project"          # stands in for the project root the README's commands run in
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump({"default": load_profile("smoke")}))
+    script = readme_block()
+    for placeholder, path in (("/models/my-small-llama", backbone), ("/models/my-llama", base),
+                              ("/data/my-prompts.csv", prompts), ("my-params.yaml", work / "my-params.yaml"),
+                              ("data-mine", tmp_path / "data-mine"), (".venv/bin/", os.path.dirname(sys.executable) + "/")):
+        assert placeholder in script, placeholder
+        script = script.replace(placeholder, str(path))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VAS_")}
+    env.update(DAGSTER_HOME=str(tmp_path / "dagster_home"), VAS_DEVICE="cpu")
+    (tmp_path / "dagster_home").mkdir()
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    data = tmp_path / "data-mine"
+    manifest = json.loads((data / "base_model" / "vas_manifest.json").read_text())
+    assert manifest["embedded"] is False and manifest["weights_sha256"] == weights_sha256(base)
+    value_config = json.loads((data / "value_models" / "positivity" / "value_config.json").read_text())
+    assert value_config["init_weights_sha256"] == weights_sha256(backbone) and value_config["hidden_size"] == 16
+    assert set(pd.read_parquet(data / "prompts" / "prompts.parquet").prompt) == set(pd.read_csv(prompts).prompt)
+    assert (data / "report" / "report.md").is_file()
+    assert not (PROJECT_ROOT / "my-params.yaml").exists()          # nothing written into the real project
+    out = proc.stdout
+    assert "wall time" in out and out.count("The hotel was") >= 2    # vas run's summary; two completions
+    assert "value_models" in out.split("wall time", 1)[1]            # vas lineage names the chain
