@@ -1,13 +1,13 @@
 """Serving throughput of `vas serve`, measured side by side in one run (`make run` first).
 
 Starts the server in-process on a free loopback port (uvicorn, the same app `vas serve` runs) and
-sends the same requests with the official openai client, one at a time and C at a time:
+sends the same requests with the official openai client, 1, 4 and 16 at a time (--concurrency):
 plain base sampling and VAS steering positivity; then black-box VAS: a second server steering the
 first one as its upstream (`vas serve --upstream`, top-k 20 logprobs over loopback HTTP), one
 request at a time. Prints completion tokens per second, upstream requests per token and the
 ratios, and writes data/bench/serve.json.
 
-    python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 8] [--max-tokens 48]
+    python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 1 4 16] [--max-tokens 48]
 
 The server decodes one request at a time (one asyncio lock), so concurrency buys no throughput
 beyond overlapping HTTP and scoring with decoding; this measures what that costs.
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16],
+                        help="requests in flight, each measured (the first is the reference)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--beta", type=float, default=16.0, help="VAS weight on positivity")
     args = parser.parse_args(argv)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     with background_server(Engine(data, device="cpu")) as url:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
         for name, steering in (("base", None), ("vas", {"weights": {"positivity": args.beta}})):
-            for concurrency in (1, args.concurrency):
+            for concurrency in args.concurrency:
                 rows[f"{name}_c{concurrency}"] = run_batch(client, prompts, args.max_tokens, concurrency, steering)
                 print(name, rows[f"{name}_c{concurrency}"], flush=True)
         # Black-box VAS: the same weights, the base model reached over HTTP through this server.
@@ -76,10 +77,10 @@ def main(argv=None) -> int:
             rows["vas_c1_top20"] = run_batch(client, prompts, args.max_tokens, 1, steering)
             rows["blackbox_vas_c1"] = run_batch(front_client, prompts, args.max_tokens, 1, steering)
             print("vas top-k 20", rows["vas_c1_top20"], "\nblack-box vas", rows["blackbox_vas_c1"], flush=True)
-    c = args.concurrency
-    ratios = {f"base_c{c}_vs_c1": rows[f"base_c{c}"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
-              f"vas_c{c}_vs_c1": rows[f"vas_c{c}"]["tokens_per_s"] / rows["vas_c1"]["tokens_per_s"],
-              "vas_vs_base_c1": rows["vas_c1"]["tokens_per_s"] / rows["base_c1"]["tokens_per_s"],
+    first = args.concurrency[0]
+    ratios = {f"{name}_c{c}_vs_c{first}": rows[f"{name}_c{c}"]["tokens_per_s"] / rows[f"{name}_c{first}"]["tokens_per_s"]
+              for name in ("base", "vas") for c in args.concurrency[1:]}
+    ratios |= {f"vas_vs_base_c{first}": rows[f"vas_c{first}"]["tokens_per_s"] / rows[f"base_c{first}"]["tokens_per_s"],
               "blackbox_vs_whitebox_vas_top20_c1": rows["blackbox_vas_c1"]["tokens_per_s"]
               / rows["vas_c1_top20"]["tokens_per_s"]}
     for key, value in ratios.items():

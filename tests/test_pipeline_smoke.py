@@ -266,6 +266,21 @@ def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
     assert result["device"] == "cpu"
 
 
+def test_serving_benchmark_measures_each_concurrency_and_the_black_box(smoke_world):
+    pytest.importorskip("fastapi")
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.serve import main as serve_main
+
+    data = smoke_world["data_dir"]
+    assert serve_main(["--data-dir", str(data), "--requests", "3", "--concurrency", "1", "3",
+                       "--max-tokens", "3"]) == 0
+    result = json.loads((data / "bench" / "serve.json").read_text())
+    assert set(result["rows"]) == {"base_c1", "base_c3", "vas_c1", "vas_c3", "vas_c1_top20", "blackbox_vas_c1"}
+    assert all(row["requests"] == 3 and row["tokens_per_s"] > 0 for row in result["rows"].values())
+    assert set(result["ratios"]) == {"base_c3_vs_c1", "vas_c3_vs_c1", "vas_vs_base_c1",
+                                     "blackbox_vs_whitebox_vas_top20_c1"}
+
+
 @pytest.mark.parametrize("what", ["compute", "iterate"])
 def test_frontier_benchmark_runs(smoke_world, what):
     sys.path.insert(0, str(PROJECT_ROOT))
