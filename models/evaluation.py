@@ -30,6 +30,11 @@ from models.vas import VASConfig, vas_sample
 log = logging.getLogger(__name__)
 
 
+# Seeds of successive Best-of-N / rerank candidates are this far apart (a prime): with seed + k, the
+# pools of seeds 0 and 1 shared 127 of 128 candidates and a seed study's Best-of-N barely moved.
+CANDIDATE_SEED_STRIDE = 10_007
+
+
 @dataclass
 class EvalConfig:
     samples_per_prompt: int = 1
@@ -139,10 +144,13 @@ class Evaluator:
         self.base_params = sum(p.numel() for p in base_model.parameters())
         self.tilt: pd.DataFrame | None = None      # run_best_of_n fills it: the exact tilt's reference rows
 
-    def sampling(self, seed_offset: int = 0) -> SamplingConfig:
+    def sampling(self, candidate: int = 0) -> SamplingConfig:
+        """Candidate k (Best-of-N, VAS + rerank) samples with seed + CANDIDATE_SEED_STRIDE·k: candidate 0
+        is the method itself, and the pools of two evaluation seeds (a seed study's 0, 1, 2) share
+        no candidate, so their Best-of-N results are independent draws."""
         c = self.config
         return SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                              seed=c.seed + seed_offset, batch_size=c.batch_size)
+                              seed=c.seed + CANDIDATE_SEED_STRIDE * candidate, batch_size=c.batch_size)
 
     def score(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.copy()
@@ -206,25 +214,25 @@ class Evaluator:
         return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
-                soft: bool = True, seed_offset: int = 0, calibrated: bool = False) -> MethodRun:
+                soft: bool = True, candidate: int = 0, calibrated: bool = False) -> MethodRun:
         vas_config = VASConfig(top_k=self.config.top_k, min_p=self.config.min_p, soft=soft, calibrated=calibrated)
         start = time.perf_counter()
         gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.value_models[parameterization],
-                         weights, self.sampling(seed_offset), vas_config=vas_config, device=self.device)
+                         weights, self.sampling(candidate), vas_config=vas_config, device=self.device)
         seconds = time.perf_counter() - start
         frame = self.score(_frame(self.prompts, gen, method, params))
         per_token = self.vas_forwards_per_token(weights, parameterization)
         return MethodRun(method, params, frame, seconds, float(frame.n_tokens.mean()) * per_token)
 
     def run_vas_rerank(self, beta: float, parameterization: str) -> list[MethodRun]:
-        """N VAS samples per prompt draw (seeds shared + 0..N-1, so candidate 0 is plain VAS), the
+        """N VAS samples per prompt draw (candidates 0..N-1, see sampling(); candidate 0 is plain VAS), the
         best by the learned reward Best-of-N uses; one pool of max(N) serves every N."""
         c = self.config
         attribute = c.steer_attribute
         soft = is_distributional(parameterization)
         params = {"beta": beta, "parameterization": parameterization, "attribute": attribute,
                   **({"soft": True} if soft else {})}
-        pool = [self.run_vas({attribute: beta}, parameterization, "vas_rerank", params, soft=soft, seed_offset=k)
+        pool = [self.run_vas({attribute: beta}, parameterization, "vas_rerank", params, soft=soft, candidate=k)
                 for k in range(max(c.rerank_ns))]
         scores = np.stack([f.frame[f"learned_{c.bon_attribute}"].to_numpy() for f in pool])   # (n_max, S)
         runs = []

@@ -178,3 +178,21 @@ def test_the_study_copies_what_is_upstream_of_the_retrained_assets():
     assert {"corpus", "base_model", "prompts", "preference_pairs", "reward_models", "dpo_model"} <= set(upstream)
     assert not set(upstream) & {*STUDY_RETRAINS, "report"}
     assert upstream["corpus"] == "corpus/corpus.parquet"
+
+
+def test_best_of_n_pools_of_two_seeds_share_no_candidate():
+    """Candidate k samples with seed + stride·k: candidate 0 is the method's own seed (Best-of-1 is
+    base sampling), and seeds 0, 1, 2 of a study draw disjoint pools (with seed + k they shared 127
+    of 128 candidates, and a study's Best-of-N barely moved)."""
+    from types import SimpleNamespace
+
+    from models.evaluation import EvalConfig, Evaluator
+
+    def pool(seed: int) -> set[int]:
+        evaluator = SimpleNamespace(config=EvalConfig(seed=seed))
+        return {Evaluator.sampling(evaluator, k).seed for k in range(128)}
+
+    assert Evaluator.sampling(SimpleNamespace(config=EvalConfig(seed=3)), 0).seed == 3
+    pools = [pool(s) for s in (0, 1, 2)]
+    assert all(len(p) == 128 for p in pools)
+    assert not (pools[0] & pools[1]) and not (pools[0] & pools[2]) and not (pools[1] & pools[2])
