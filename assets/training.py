@@ -26,8 +26,9 @@ class ValueBackboneConfig(dg.Config):
     train_steps: Optional[int] = None
 
 
+# A small LM like the base model, trained as base_model is: the GPU pool, no GPU request of its own on k8s.
 @pipeline_asset("value_backbone", ValueBackboneConfig, group_name="training", kinds={"pytorch", "huggingface"},
-                pool="gpu", op_tags=GPU_OP_TAGS,
+                pool="gpu",
                 description="A GPT-2 like the base model but smaller, trained on the corpus with the base "
                             "tokenizer: what value models start from (value_models.backbone_init).")
 def value_backbone(run: StageRun) -> Produced:
