@@ -9,7 +9,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from models.environment import read_env
-from models.profiles import PROJECT_ROOT, active_params_file, load_profile
+from models.profiles import active_params_file, load_profile, project_path
 
 
 class VasSettings(dg.ConfigurableResource):
@@ -29,8 +29,7 @@ class VasSettings(dg.ConfigurableResource):
 
     @property
     def root(self) -> Path:
-        path = Path(self.data_dir)
-        return path if path.is_absolute() else PROJECT_ROOT / path
+        return project_path(self.data_dir)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

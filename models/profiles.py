@@ -43,13 +43,17 @@ def _unknown_keys(default: Mapping, overlay: Mapping, path: str = "") -> list[st
     return unknown
 
 
+def project_path(path: str | Path) -> Path:
+    """A configured path (VAS_DATA_DIR, VAS_PARAMS_FILE, --data-dir): relative ones resolve against the project root."""
+    path = Path(path)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def active_params_file() -> Path:
     """$VAS_PARAMS_FILE (your own profiles, e.g. a copy of params.yaml with one added), else the
-    project's params.yaml. A relative path resolves against the project root, as VAS_DATA_DIR does."""
+    project's params.yaml."""
     path = read_env().params_file
-    if not path:
-        return PARAMS_FILE
-    return Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
+    return project_path(path) if path else PARAMS_FILE
 
 
 def load_profile(name: str | None = None, params_file: str | Path | None = None) -> dict[str, Any]:

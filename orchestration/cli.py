@@ -17,7 +17,7 @@ from pathlib import Path
 from assets.metrics_db import metric_row, write_rows
 from models.environment import read_env, set_env
 from models.generate import decode_configs, generate
-from models.profiles import PROJECT_ROOT, load_profile
+from models.profiles import PROJECT_ROOT, load_profile, project_path
 from models.stages import STAGES, output_of
 from models.upstream import UpstreamConfig, UpstreamError
 
@@ -36,8 +36,7 @@ def prepare_environment() -> None:
 
 def resolve_data_dir(data_dir: str | None) -> Path:
     """--data-dir, else $VAS_DATA_DIR, else data/; relative to the project root, as VasSettings.root."""
-    path = Path(data_dir or read_env().data_dir)
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    return project_path(data_dir or read_env().data_dir)
 
 
 def use_profile(profile: str | None, data_dir: str | None) -> None:
