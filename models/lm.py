@@ -263,6 +263,15 @@ def check_same_vocabulary(base_dir: str | Path, model_dir: str | Path, what: str
             f"({base_dir}) has {len(base)} tokens; a value model must read the base model's token ids")
 
 
+def hash_file(path: str | Path, digest=None):
+    """A hashlib digest (sha256 unless given) updated with the file's bytes, read in 1 MiB chunks."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
 def weights_sha256(directory: str | Path) -> str:
     """sha256 over the safetensors weight files of a model directory, in name order."""
     files = sorted(Path(directory).glob("*.safetensors"))
@@ -271,9 +280,7 @@ def weights_sha256(directory: str | Path) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
-        with open(f, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(f, digest)
     return digest.hexdigest()
 
 

@@ -11,7 +11,6 @@ silently converted. Nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from models.artifacts import atomic_path
@@ -23,11 +22,9 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    from models.lm import hash_file  # torch-backed module: only when hashing
+
+    return hash_file(path).hexdigest()
 
 
 def packaged_gguf() -> Path:
