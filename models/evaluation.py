@@ -23,6 +23,7 @@ import pandas as pd
 from models.dpo import PolicySteering
 from models.rewards import score_gold
 from models.sampling import SamplingConfig, sample
+from models.study import mean_ci95
 from models.tilt import tilt_curve
 from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.vas import VASConfig, vas_sample
@@ -305,10 +306,7 @@ def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
                "family": family_of(run.method, run.params), "n_samples": len(f)}
         row.update({f"param_{k}": v for k, v in run.params.items() if not isinstance(v, dict)})
         for column in [c for c in f.columns if c.startswith(("gold_", "learned_"))]:
-            values = f[column].to_numpy(dtype=np.float64)
-            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-            row[f"{column}_mean"] = float(values.mean())
-            row[f"{column}_ci95"] = float(half)
+            row[f"{column}_mean"], row[f"{column}_ci95"] = mean_ci95(f[column])
             if column.startswith("gold_"):
                 paired = f[key + [column]].merge(base[key + [column]], on=key, suffixes=("", "_base"))
                 diff = paired[column] - paired[f"{column}_base"]

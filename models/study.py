@@ -21,6 +21,14 @@ STUDY_METRICS = ["gold_positivity_mean", "learned_positivity_mean", "gold_concis
 MIN_DISTINCT_FRACTION = 0.8
 
 
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% interval, 1.96 · sd (ddof=1) / sqrt(n); NaN half
+    with fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(half)
+
+
 def _sd(values) -> float:
     """Sample standard deviation (ddof=1); NaN with fewer than two values."""
     values = np.asarray(values, dtype=np.float64)

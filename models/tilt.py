@@ -23,6 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from models.study import mean_ci95
+
 FAMILY = "exact tilt (estimate)"
 
 
@@ -32,11 +34,6 @@ def tilt_weights(rewards: np.ndarray, beta: float) -> np.ndarray:
     logits -= logits.max(axis=1, keepdims=True)                                   # exp cannot overflow
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)
-
-
-def _mean_ci(per_row: np.ndarray) -> tuple[float, float]:
-    half = 1.96 * per_row.std(ddof=1) / math.sqrt(len(per_row)) if len(per_row) > 1 else float("nan")
-    return float(per_row.mean()), float(half)
 
 
 def tilt_curve(learned: np.ndarray, betas: Sequence[float], attribute: str,
@@ -68,6 +65,6 @@ def tilt_curve(learned: np.ndarray, betas: Sequence[float], attribute: str,
                "n_samples": len(learned), "param_beta": float(beta), "param_attribute": attribute,
                "kl_nats_mean": float(kl.mean()), "ess_mean": float((1.0 / (w ** 2).sum(1)).mean())}
         for name, values in columns.items():
-            row[f"{name}_mean"], row[f"{name}_ci95"] = _mean_ci((w * values).sum(1))
+            row[f"{name}_mean"], row[f"{name}_ci95"] = mean_ci95((w * values).sum(1))
         rows.append(row)
     return pd.DataFrame(rows)
