@@ -24,7 +24,16 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp orchestration/dagster.yaml $@
 
-setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+# The real profile's prompts: human-rated review snippets inside the vaderSentiment 3.3.2 source
+# package (not its wheel), fetched from the package registry at setup and checked by sha256 when read
+# (models/human_snippets.py). Nothing is downloaded at run time.
+SOURCES := .cache/sources
+VADER_SDIST := $(SOURCES)/vaderSentiment-3.3.2.tar.gz
+
+$(VADER_SDIST): | $(VENV)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --dest $(SOURCES) vaderSentiment==3.3.2
+
+setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml $(VADER_SDIST)
 
 # DVC remote for the data versions of each run: a local folder by default; point DVC_REMOTE at
 # s3://..., gs://..., ssh://... (any DVC remote) to share them instead.
@@ -33,10 +42,17 @@ DVC_REMOTE ?= $(CURDIR)/.dvc-remote
 dvc-remote: setup
 	$(BIN)/dvc remote add --local --force --default vasremote $(DVC_REMOTE) >/dev/null
 
-## Materialize the whole asset graph on the default profile, then push its data versions.
+# Profiles other than default (VAS_PROFILE=real) write a data folder of their own, data-<profile>/,
+# not DVC's data/, unless VAS_DATA_DIR names one.
+PROFILE := $(or $(VAS_PROFILE),default)
+RUN_DATA_DIR := $(or $(VAS_DATA_DIR),$(if $(filter default,$(PROFILE)),data,data-$(PROFILE)))
+
+## Materialize the whole asset graph on the default profile (or $VAS_PROFILE), then push data/'s versions.
 run: setup dvc-remote
-	$(BIN)/vas run --profile $${VAS_PROFILE:-default}
-	$(BIN)/dvc push --quiet && echo "data versions pushed to $(DVC_REMOTE) (dvc checkout restores them)"
+	$(BIN)/vas run --profile $(PROFILE) --data-dir $(RUN_DATA_DIR)
+	@if [ "$(RUN_DATA_DIR)" = data ]; then $(BIN)/dvc push --quiet && \
+		echo "data versions pushed to $(DVC_REMOTE) (dvc checkout restores them)"; \
+	else echo "$(RUN_DATA_DIR)/ is not DVC's data/: report in $(RUN_DATA_DIR)/report/report.md, nothing pushed"; fi
 
 ## Seed study (after `make run`): retrain rollouts, value models and evaluation once per seed under
 ## data/study/seed_<s>/, aggregate across seeds into data/study/; the report's verdict then uses it.

@@ -6,6 +6,7 @@ from typing import Optional
 import dagster as dg
 import pandas as pd
 
+from assets.baselines import DPO_SKIPPED
 from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
@@ -32,8 +33,11 @@ def evaluation(run: StageRun) -> Produced:
     from models.lm import load_causal_lm
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
-    value_models = load_value_models(run.path("value_models"), device=device)
-    dpo, _ = load_causal_lm(run.path("dpo_model"), device=device)
+    value_models = load_value_models(run.path("value_models"), device=device, base_model=base)
+    skipped = run.path("dpo_model") / DPO_SKIPPED
+    dpo = None if skipped.exists() else load_causal_lm(run.path("dpo_model"), device=device)[0]
+    if skipped.exists():
+        run.log.info(f"no DPO row: {json.loads(skipped.read_text())['reason']}")
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
                           prompts, run.config_for(EvalConfig), device=device,
                           progress=run.log.info,

@@ -5,6 +5,8 @@ prompts, a file of preference pairs. Either way the outputs land under the data 
 """
 
 
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
@@ -15,6 +17,7 @@ from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, write_folder, write_parquet
 from models.corpus import CorpusConfig as GeneratorConfig
 from models.corpus import generate_corpus, generate_openings
+from models.profiles import project_path
 from models.rewards import count_words, positivity
 from models.validation import ValidationRules, import_preference_file, import_prompt_file, validate_pairs, validate_prompts
 
@@ -49,8 +52,10 @@ def corpus(run: StageRun) -> Produced:
 
 # base_model params this asset reads itself (a pinned model, the spread probe); the rest configure
 # TinyLMConfig.
-BASE_MODEL_OWN_KEYS = ("source", "allow_download", "trust_remote_code", "probe_prompts", "probe_samples",
-                       "probe_max_new_tokens")
+BASE_MODEL_OWN_KEYS = ("source", "gguf_sha256", "allow_download", "trust_remote_code", "probe_prompts",
+                       "probe_samples", "probe_max_new_tokens")
+# Where GGUF base models are converted to Hugging Face folders, once per file (models/real_model.py).
+GGUF_CACHE = ".cache/models"
 
 
 class BaseModelConfig(dg.Config):
@@ -65,7 +70,16 @@ def _source(settings, params) -> str | None:
     return params["source"] or None
 
 
-@pipeline_asset("base_model", BaseModelConfig, sources=_source,
+def _base_model_source(settings, params) -> str | None:
+    """The pinned model folder, or the GGUF file it is converted from."""
+    from models.real_model import is_gguf_source, resolve_gguf
+
+    if params["source"] and is_gguf_source(params["source"]):
+        return str(resolve_gguf(params["source"]))
+    return _source(settings, params)
+
+
+@pipeline_asset("base_model", BaseModelConfig, sources=_base_model_source,
                 upstream=lambda settings, params: [] if params["source"] else ["corpus"], group_name=GROUP,
                 kinds={"pytorch", "huggingface"}, pool="gpu",
                 description="The frozen base model pi0: a tiny GPT-2 trained on the corpus, or a pinned HF model.")
@@ -82,13 +96,23 @@ def base_model(run: StageRun) -> Produced:
         write_manifest,
     )
     from models.probe import sample_spread
+    from models.real_model import converted_gguf, file_sha256, is_gguf_source, resolve_gguf
 
     params, settings = run.params, run.settings
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
     with atomic_path(run.path("base_model")) as tmp:
         tmp.mkdir()
-        if params["source"]:
+        if params["source"] and is_gguf_source(params["source"]):
+            gguf = resolve_gguf(params["source"])
+            run.log.info(f"converting {gguf} to a Hugging Face folder under {GGUF_CACHE} (once per file)")
+            model_dir = converted_gguf(gguf, project_path(GGUF_CACHE), params["gguf_sha256"])
+            sha = weights_sha256(model_dir)
+            run.log.info(f"pinning base model {model_dir}, converted from {gguf.name} (weights sha256 {sha[:12]})")
+            write_manifest(tmp, {"embedded": False, "source": str(model_dir.resolve()), "weights_sha256": sha,
+                                 "gguf": str(gguf), "gguf_sha256": file_sha256(gguf),
+                                 "trust_remote_code": False, "allow_download": False})
+        elif params["source"]:
             model_dir = resolve_model_dir(params["source"], params["allow_download"])
             source = str(model_dir.resolve()) if model_dir.exists() and not params["allow_download"] else params["source"]
             sha = weights_sha256(model_dir)
@@ -119,10 +143,11 @@ def base_model(run: StageRun) -> Produced:
                               "sample_examples": dg.MetadataValue.md("\n".join(f"- {e}" for e in spread["examples"]))})
 
 
-def _import_source(run: StageRun, importer, rules, what: str, **kwargs):
-    """The user's file (params `source`) instead of synthesis: (rows kept, validation report, where
-    the bad rows went or None, metrics). The raw file is never modified."""
-    df, report, quarantined = importer(run.params["source"], rules, run.settings.path("quarantine"), **kwargs)
+def _import_source(run: StageRun, importer, rules, what: str, path=None, **kwargs):
+    """The user's file (params `source`, or path) instead of synthesis: (rows kept, validation
+    report, where the bad rows went or None, metrics). The raw file is never modified."""
+    df, report, quarantined = importer(path or run.params["source"], rules, run.settings.path("quarantine"),
+                                       **kwargs)
     if quarantined is not None:
         run.log.warning(f"{len(report.bad_rows)} bad {what} rows quarantined to {quarantined}")
     return df, report, quarantined, {"n_quarantined": len(report.bad_rows)}
@@ -130,13 +155,45 @@ def _import_source(run: StageRun, importer, rules, what: str, **kwargs):
 
 class PromptsConfig(dg.Config):
     source: Optional[str] = None
+    snippets: Optional[str] = None
     n_train: Optional[int] = None
     n_eval: Optional[int] = None
+    opening_words: Optional[int] = None
 
 
-@pipeline_asset("prompts", PromptsConfig, sources=_source, group_name=GROUP, kinds={"parquet"},
+def _prompts_source(settings, params) -> str | None:
+    return params["source"] or (str(project_path(params["snippets"])) if params["snippets"] else None)
+
+
+SNIPPET_OPENINGS = "human_snippet_openings.parquet"   # the file a snippet-prompt run imports
+
+
+def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
+    """Openings of the human-rated snippets, imported as any prompts file is (validated, bad rows
+    quarantined), with VADER's agreement with the human ratings on the held-out snippets."""
+    from models.human_snippets import SnippetPromptConfig, gold_agreement, read_snippets, snippet_prompts
+
+    params = run.params
+    snippets = read_snippets(project_path(params["snippets"]))
+    chosen = snippet_prompts(snippets, run.config_for(SnippetPromptConfig, ignore=("source", "snippets",
+                                                                                    "validation")))
+    openings = workdir / SNIPPET_OPENINGS
+    write_parquet(chosen[["prompt_id", "split", "prompt"]], openings)
+    df, report, quarantined, metrics = _import_source(run, import_prompt_file, rules, "prompt", path=openings,
+                                                      n_eval=params["n_eval"], seed=params["seed"])
+    df = df.merge(chosen.drop(columns=["split", "prompt"]), on="prompt_id", how="left")
+    held_out = snippets[~snippets.snippet_id.isin(df.prompt_id[df.split == "train"])]
+    agreement = gold_agreement(held_out, positivity(held_out.text.tolist()))
+    run.log.info(f"{len(df)} prompts from {len(snippets)} human-rated snippets; VADER vs human ratings on "
+                 f"{len(held_out)} held-out snippets: Spearman {agreement['spearman']:.3f}")
+    metrics.update({f"gold_human_{k}": v for k, v in agreement.items()})
+    return df, report, quarantined, metrics
+
+
+@pipeline_asset("prompts", PromptsConfig, sources=_prompts_source, group_name=GROUP, kinds={"parquet"},
                 pool="duckdb_writer",
-                description="Train/eval prompt splits: review openings, or the user's file of prompts.")
+                description="Train/eval prompt splits: review openings (generated, or cut from human-rated "
+                            "review snippets), or the user's file of prompts.")
 def prompts(run: StageRun) -> Produced:
     from transformers import AutoTokenizer
 
@@ -150,6 +207,9 @@ def prompts(run: StageRun) -> Produced:
     if params["source"]:
         df, report, quarantined, metrics = _import_source(run, import_prompt_file, rules, "prompt",
                                                           n_eval=params["n_eval"], seed=params["seed"])
+    elif params["snippets"]:
+        with tempfile.TemporaryDirectory() as workdir:
+            df, report, quarantined, metrics = _snippet_prompts(run, rules, Path(workdir))
     else:
         openings = generate_openings(params["n_train"] + params["n_eval"], params["seed"] + 1)
         df = pd.DataFrame({

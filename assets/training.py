@@ -21,6 +21,7 @@ VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_t
 
 
 class ValueBackboneConfig(dg.Config):
+    base_layers: Optional[int] = None
     n_layer: Optional[int] = None
     n_embd: Optional[int] = None
     train_steps: Optional[int] = None
@@ -29,15 +30,36 @@ class ValueBackboneConfig(dg.Config):
 # A small LM like the base model, trained as base_model is: the GPU pool, no GPU request of its own on k8s.
 @pipeline_asset("value_backbone", ValueBackboneConfig, group_name="training", kinds={"pytorch", "huggingface"},
                 pool="gpu",
-                description="A GPT-2 like the base model but smaller, trained on the corpus with the base "
-                            "tokenizer: what value models start from (value_models.backbone_init).")
+                upstream=lambda settings, params: ["base_model"] if params["base_layers"] else ["corpus", "base_model"],
+                description="What value models start from (value_models.backbone_init): a GPT-2 like the base "
+                            "model but smaller, trained on the corpus with the base tokenizer, or the base "
+                            "model's first layers (base_layers).")
 def value_backbone(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.lm import TinyLMConfig, base_model_dir, load_tokenizer, save_pretrained, train_tiny_lm, weights_sha256
+    from models.lm import (
+        TinyLMConfig,
+        base_model_dir,
+        load_frozen_base,
+        load_tokenizer,
+        save_pretrained,
+        train_tiny_lm,
+        truncated_copy,
+        weights_sha256,
+    )
 
+    if run.params["base_layers"]:
+        base, tokenizer, _ = load_frozen_base(run.path("base_model"))
+        with atomic_path(run.path("value_backbone")) as tmp:
+            save_pretrained(truncated_copy(base, run.params["base_layers"]), tokenizer, tmp)
+            sha = weights_sha256(tmp)
+        n_params = sum(p.numel() for p in base.base_model.parameters())
+        run.log.info(f"value backbone: the base model's first {run.params['base_layers']} layers, "
+                     f"weights sha256 {sha[:12]}")
+        return Produced({"base_layers": run.params["base_layers"], "base_body_params": n_params},
+                        model_version=sha, metadata={"weights_sha256": sha})
     tokenizer = load_tokenizer(base_model_dir(run.path("base_model")))
     texts = pd.read_parquet(run.path("corpus")).text.tolist()
-    config = run.config_for(TinyLMConfig, vocab_size=len(tokenizer))
+    config = run.config_for(TinyLMConfig, vocab_size=len(tokenizer), ignore=("base_layers",))
     with atomic_path(run.path("value_backbone")) as tmp:
         model, tokenizer, train = train_tiny_lm(texts, config, device=run.settings.device, progress=run.log.info,
                                                 tokenizer=tokenizer, name="value backbone")

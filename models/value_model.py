@@ -20,6 +20,11 @@ The head starts at zero, so an untrained value model changes nothing: VAS with i
 sampling (a zero distributional head is a uniform histogram, the same for every candidate).
 Dropout is off everywhere: TD targets come from the same network and must be deterministic.
 Files are Hugging Face format (backbone) + `value_head.safetensors` + `value_config.json`.
+
+A frozen backbone (value_models.freeze_backbone: only the head is trained) is saved by reference,
+its folder and weights' sha256, not copied. When that backbone is the frozen base model's own body,
+the loaded value model shares the base's module (`load(..., base_model=)`), and a per-token head
+then reads the hidden state the base model's forward already computed: no second forward per token.
 """
 
 from __future__ import annotations
@@ -83,6 +88,16 @@ def _load_backbone(directory: str | Path, trust_remote_code: bool):
                                          attn_implementation="eager", **kwargs)
 
 
+def _frozen_backbone_dir(directory: Path, config: dict) -> Path:
+    """The folder a frozen backbone was saved by reference to, refused if its weights changed."""
+    source = resolve_model_dir(config["init_from"], what=f"{directory}'s frozen backbone",
+                               fix="it is saved by reference to that folder")
+    if (found := weights_sha256(source)) != config["init_weights_sha256"]:
+        raise RuntimeError(f"{directory}'s frozen backbone {source} changed since training "
+                           f"(weights sha256 {found[:12]} != {config['init_weights_sha256'][:12]})")
+    return source
+
+
 class ValueModel(nn.Module):
     """V (scalar) or Q(s, ·) (qhead) of the frozen base policy, on a causal-LM backbone."""
 
@@ -94,6 +109,7 @@ class ValueModel(nn.Module):
         self.parameterization = parameterization
         self.backbone = backbone
         self.init_info: dict = {}            # where the backbone's weights came from, for value_config.json
+        self.frozen_backbone = False         # only the head was trained: saved by reference to init_from
         self.candidate_scoring = CandidateScoring("auto")   # V(s·a) heads: how candidates are scored
         config = backbone.config
         self.support = (support or Support()) if parameterization in DISTRIBUTIONAL else None
@@ -134,10 +150,15 @@ class ValueModel(nn.Module):
         return model
 
     def save(self, directory: str | Path) -> None:
-        """Backbone in HF format (safetensors), the head as safetensors, a small JSON config."""
+        """Backbone in HF format (safetensors; by reference when frozen), the head as safetensors,
+        a small JSON config."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory, safe_serialization=True)
+        if not self.frozen_backbone:
+            self.backbone.save_pretrained(directory, safe_serialization=True)
+        elif not self.init_info.get("init_weights_sha256"):
+            raise ValueError("a frozen backbone is saved by reference to the folder it was loaded from, "
+                             "and this value model does not know it (build it with ValueModel.from_base)")
         head = dict(self.head.state_dict())
         if self.rank:
             head["token_factors"] = self.token_factors
@@ -151,21 +172,29 @@ class ValueModel(nn.Module):
             **({"support": vars(self.support)} if self.support else {}),
             **({"rank": self.rank} if self.rank else {}),
             **self.init_info,
+            **({"backbone_frozen": True} if self.frozen_backbone else {}),
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             trust_remote_code: bool = False) -> "ValueModel":
-        """Load what save() wrote: safetensors only, remote code only when asked."""
+             trust_remote_code: bool = False, base_model=None) -> "ValueModel":
+        """Load what save() wrote: safetensors only, remote code only when asked. base_model: the
+        frozen base (load_frozen_base's), whose body a frozen backbone of the same weights shares."""
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path} is missing: {directory} is not a saved value model")
         config = json.loads(config_path.read_text())
         support = support_from(config["support"]) if "support" in config else None
-        model = cls(_load_backbone(directory, trust_remote_code), config["parameterization"], support=support,
-                    rank=config.get("rank", 16))
+        if not config.get("backbone_frozen"):
+            backbone = _load_backbone(directory, trust_remote_code)
+        elif base_model is not None and getattr(base_model, "weights_sha256", None) == config["init_weights_sha256"]:
+            backbone = base_model.base_model          # the very module: the decoder can share its forward
+        else:
+            backbone = _load_backbone(_frozen_backbone_dir(directory, config), trust_remote_code)
+        model = cls(backbone, config["parameterization"], support=support, rank=config.get("rank", 16))
+        model.frozen_backbone = bool(config.get("backbone_frozen"))
         head = load_file(str(directory / HEAD_FILE))
         if model.rank:
             with torch.no_grad():

@@ -35,11 +35,13 @@ def find_value_models(root: str | Path, overrides: Mapping[str, str] | None = No
     return found
 
 
-def load_value_models(root: str | Path, device="cpu") -> dict[str, dict]:
-    """parameterization -> attribute -> ValueModel (in eval mode), from a value_models folder."""
+def load_value_models(root: str | Path, device="cpu", base_model=None) -> dict[str, dict]:
+    """parameterization -> attribute -> ValueModel (in eval mode), from a value_models folder.
+    base_model: the frozen base, whose body value models with a frozen copy of it share."""
     from models.value_model import ValueModel
 
     found: dict[str, dict] = {}
     for folder, meta in saved_value_models(root):
-        found.setdefault(meta["parameterization"], {})[meta["attribute"]] = ValueModel.load(folder, device=device)
+        found.setdefault(meta["parameterization"], {})[meta["attribute"]] = ValueModel.load(
+            folder, device=device, base_model=base_model)
     return found

@@ -60,6 +60,10 @@ class ValueTrainConfig:
     # Rows per forward within a step (0 = the whole batch): the step's rows sorted by length and cut
     # into micro-batches, each padded only to its own longest row. The gradient is the whole batch's.
     micro_batch_size: int = 16
+    # Train the head only, on the backbone's features computed once per rollout (FrozenFeatures):
+    # a value head on a large frozen model, e.g. the base model's own body, which the decoder then
+    # shares instead of running a second forward (models/vas.py). Saved by reference, not copied.
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -118,6 +122,41 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+class FrozenFeatures(torch.nn.Module):
+    """A frozen backbone whose last hidden states are computed once per distinct token row and
+    re-used: training a head on them costs one backbone forward per rollout, not one per step.
+
+    Called as the backbone is in ValueModel.path_outputs, on right-padded rows (make_batch): a
+    row's states depend on its own tokens alone (causal attention, positions from its mask)."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.inner = backbone.requires_grad_(False)
+        self.config = backbone.config
+        self.memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_):
+        from types import SimpleNamespace
+
+        from models.sampling import positions
+
+        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
+        todo = sorted({k for k in keys if k not in self.memo}, key=len)
+        for start in range(0, len(todo), 16):
+            chunk = todo[start : start + 16]
+            ids, mask = pad_rows([list(k) for k in chunk], 0, "right")
+            ids, mask = ids.to(input_ids.device), mask.to(input_ids.device)
+            with torch.no_grad():
+                h = self.inner(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+            for key, states in zip(chunk, h):
+                self.memo[key] = states[: len(key)]
+        hidden = torch.zeros(*input_ids.shape, self.config.hidden_size, device=input_ids.device,
+                             dtype=next(iter(self.memo.values())).dtype if self.memo else torch.float32)
+        for b, key in enumerate(keys):
+            hidden[b, : len(key)] = self.memo[key]
+        return SimpleNamespace(last_hidden_state=hidden)
 
 
 # -- training --------------------------------------------------------------------------------
@@ -276,8 +315,12 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     if model.is_distributional and config.gamma != 1.0:
         raise ValueError("distributional TD(lambda) needs gamma = 1: a discounted histogram is not a mixture "
                          f"of histograms on the same bins (got gamma {config.gamma})")
+    if config.freeze_backbone:
+        model.frozen_backbone = True
+        model.backbone = FrozenFeatures(model.backbone)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     fingerprint = fingerprint_of(rollouts, config, model_dir)
     start_step, losses = 0, []
     if checkpoint_dir is not None:
@@ -325,6 +368,8 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     }
     if eval_idx and distributed.is_main():
         metrics.update(evaluate_value_model(model, rollouts.subset(eval_idx), pad_id, config.prefix_lengths, dev))
+    if isinstance(model.backbone, FrozenFeatures):
+        model.backbone = model.backbone.inner      # the plain backbone again, for decoding and saving
     return model.cpu(), metrics
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from models.sampling import Generation, SamplingConfig, sample
-from models.value_model import ValueDecodeState, ValueModel
+from models.value_model import PER_TOKEN_HEADS, ValueDecodeState, ValueModel
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ValueGuidance:
     """
 
     def __init__(self, value_models: Mapping[str, ValueModel], weights: Mapping[str, float],
-                 config: VASConfig | None = None):
+                 config: VASConfig | None = None, base_body=None):
         self.config = config or VASConfig()
         if self.config.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.config.top_k}")
@@ -63,10 +63,23 @@ class ValueGuidance:
         # Zero weights are dropped here, so their models are never run: weight 0 removes a reward exactly.
         self.active = [(name, value_models[name], float(w)) for name, w in weights.items() if float(w) != 0.0]
         self.states: list[ValueDecodeState] = []
+        # Per-token heads whose backbone is the base model's body (base_body, the very module) read
+        # the base's own hidden state: the sampler passes it (base_hidden), no value forward runs.
+        self.shares_base = [base_body is not None and model.backbone is base_body
+                            and model.parameterization in PER_TOKEN_HEADS for _, model, _ in self.active]
+        self.wants_base_hidden = any(self.shares_base)
+
+    def base_hidden(self, hidden: torch.Tensor) -> None:
+        """(B, H) the base model's last-layer hidden state at each row's last token, this step."""
+        for shared, (_, model, _), state in zip(self.shares_base, self.active, self.states):
+            if shared:
+                state.hidden = hidden.to(model.device)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """A new prompt batch: fresh value caches (the sampler calls this once per batch)."""
-        self.states = [model.start(ids.to(model.device), mask.to(model.device)) for _, model, _ in self.active]
+        self.states = [ValueDecodeState(cache=None, mask=mask, hidden=None) if shared
+                       else model.start(ids.to(model.device), mask.to(model.device))
+                       for shared, (_, model, _) in zip(self.shares_base, self.active)]
 
     def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
         """(B, V) base logits -> (B, V) steered logits (temperature is the sampler's job)."""
@@ -119,8 +132,9 @@ class ValueGuidance:
 
     def advance(self, tokens: torch.Tensor) -> None:
         """tokens (B,): what the base model is fed next; every value prefix grows by it too."""
-        for (_, model, _), state in zip(self.active, self.states):
-            model.advance(state, tokens.to(model.device))
+        for shared, (_, model, _), state in zip(self.shares_base, self.active, self.states):
+            if not shared:
+                model.advance(state, tokens.to(model.device))
 
 
 class Watched:
@@ -132,6 +146,10 @@ class Watched:
 
     def __init__(self, steering, watch):
         self.steering, self.watch = steering, watch
+        self.wants_base_hidden = getattr(steering, "wants_base_hidden", False)
+
+    def base_hidden(self, hidden: torch.Tensor) -> None:
+        self.steering.base_hidden(hidden)
 
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.watch.start(ids.shape[0])
@@ -153,7 +171,7 @@ def vas_sample(base_model, tokenizer, prompts: Sequence[str], value_models: Mapp
                progress: Callable[[str], None] | None = None, watch=None) -> Generation:
     """Sample with VAS: the base sampler steered by the weighted value models. kl_nats is exact.
     watch: an object told each step's tokens as they are drawn (see Watched), or None."""
-    guidance = ValueGuidance(value_models, weights, vas_config)
+    guidance = ValueGuidance(value_models, weights, vas_config, base_body=getattr(base_model, "base_model", None))
     steering = guidance if watch is None else Watched(guidance, watch)
     return sample(base_model, tokenizer, prompts, sampling_config, device=device, steering=steering,
                   progress=progress)

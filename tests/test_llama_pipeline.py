@@ -101,3 +101,47 @@ def test_llama_base_backbone_and_classifier_reward_through_the_smoke_graph(tmp_p
     assert "reused_from_run" not in retrained
     assert set(retrained["backbone_weights_sha256"].value.values()) == {weights_sha256(paths["backbone"])} \
         != {backbone_sha}
+
+
+def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
+    """What `VAS_PROFILE=real` runs, on a tiny Llama: prompts cut from the human-rated snippets, a
+    reward model on the base's first layer, a value backbone copied from it, value heads on the
+    frozen base's own hidden states (saved by reference, sharing the base at decode time), and the
+    DPO baseline skipped with its reason."""
+    from models.human_snippets import SDIST_NAME
+    from models.profiles import PROJECT_ROOT
+
+    paths = user_files(tmp_path, tiny_llama)
+    params = yaml.safe_load(PARAMS_FILE.read_text())
+    smoke = params["smoke"]
+    smoke["base_model"]["source"] = str(paths["base"])
+    smoke["prompts"]["snippets"] = str(PROJECT_ROOT / ".cache" / "sources" / SDIST_NAME)
+    smoke["reward_models"]["base_layers"] = 1
+    smoke["value_backbone"]["base_layers"] = 1
+    smoke["value_models"].update(backbone_init="base", freeze_backbone=True)
+    smoke["dpo"]["skip"] = "too slow for this test"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    data_dir = tmp_path / "data"
+    settings = VasSettings(profile="smoke", data_dir=str(data_dir), device="cpu", params_file=str(params_file))
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=build_resources(settings),
+                            instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert result.success, [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+    events = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+              for e in result.get_asset_materialization_events()}
+
+    prompts = pd.read_parquet(data_dir / "prompts" / "prompts.parquet")
+    assert (prompts.split == "eval").sum() == smoke["prompts"]["n_eval"] and prompts.human_rating.notna().all()
+    assert set(prompts.corpus) == {"movie", "amazon"}
+    assert all(s.startswith(p) for p, s in zip(prompts.prompt, prompts.snippet))
+    assert 0.3 < events["prompts"]["gold_human_spearman"].value < 0.6
+    for folder in ("reward_models/positivity", "value_backbone"):
+        assert json.loads((data_dir / folder / "config.json").read_text())["num_hidden_layers"] == 1, folder
+    base_sha = weights_sha256(paths["base"])
+    for name in ("positivity", "conciseness", "positivity.scalar"):
+        config = json.loads((data_dir / "value_models" / name / "value_config.json").read_text())
+        assert config["backbone_frozen"] and config["init_weights_sha256"] == base_sha, name
+        assert not list((data_dir / "value_models" / name).glob("model*.safetensors")), name
+    assert json.loads((data_dir / "dpo_model" / "SKIPPED.json").read_text())["reason"] == "too slow for this test"
+    summary = pd.read_parquet(data_dir / "eval" / "summary.parquet")
+    assert "dpo" not in set(summary.method) and summary.method.str.contains("vas").any()
