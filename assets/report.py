@@ -1,6 +1,7 @@
 """Group `evaluation`: the report: frontier and composition plots and the headline table, in the UI."""
 
 import base64
+import json
 
 import dagster as dg
 import pandas as pd
@@ -19,6 +20,22 @@ def study_files(settings) -> list[str]:
     study_dir = settings.path("study")
     return [str(study_dir / f) for f in ("aggregate.parquet", "study.parquet")] \
         if (study_dir / "aggregate.parquet").exists() else []
+
+
+def _world(run: StageRun) -> dict:
+    """The inputs the report describes: the base model's manifest, the gold's agreement with human
+    raters (prompts from human-rated snippets), a skipped DPO baseline's reason."""
+    from assets.baselines import DPO_SKIPPED
+    from assets.synthesis import GOLD_AGREEMENT
+    from models.lm import read_manifest
+
+    world: dict = {"base_model": read_manifest(run.path("base_model"))}
+    for key, path in (("gold_agreement", run.path("prompts") / GOLD_AGREEMENT),
+                      ("dpo_skipped", run.path("dpo_model") / DPO_SKIPPED)):
+        if path.exists():
+            found = json.loads(path.read_text())
+            world[key] = found["reason"] if key == "dpo_skipped" else found
+    return world
 
 
 @pipeline_asset("report", sources=lambda settings, params: study_files(settings), group_name="evaluation",
@@ -40,7 +57,8 @@ def report(run: StageRun) -> Produced:
         tmp.mkdir()
         text = report_verdict(summary, study_dir if study else None)
         per_seed = pd.read_parquet(study_dir / "study.parquet") if study else None
-        write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed)
+        write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed,
+                     world=_world(run))
     folder = run.path("report")
     run.log.info(text)
     metadata = {

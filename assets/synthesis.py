@@ -166,6 +166,7 @@ def _prompts_source(settings, params) -> str | None:
 
 
 SNIPPET_OPENINGS = "human_snippet_openings.parquet"   # the file a snippet-prompt run imports
+GOLD_AGREEMENT = "gold_agreement.json"   # in the prompts folder: VADER vs the human ratings (the report's)
 
 
 def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
@@ -220,9 +221,11 @@ def prompts(run: StageRun) -> Produced:
         report = validate_prompts(df, str(prompts_path), rules)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir(settings.path("base_model")))
     df["n_prompt_tokens"] = [len(ids) for ids in tokenizer(df.prompt.tolist(), add_special_tokens=False)["input_ids"]]
+    agreement = {k.removeprefix("gold_human_"): v for k, v in metrics.items() if k.startswith("gold_human_")}
     write_folder(run.path("prompts"), {
         "prompts.parquet": df,
         "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
+        **({GOLD_AGREEMENT: agreement} if agreement else {}),
     })
     metrics.update({
         "n_train": int((df.split == "train").sum()),

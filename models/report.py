@@ -192,15 +192,53 @@ def targets_section(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None,
     return text
 
 
+def lift_over_base(summary: pd.DataFrame) -> str:
+    """The best VAS row's gold positivity against base sampling's, and whether their 95% intervals
+    are apart: is the lift more than this run's noise?"""
+    base, vas = summary[summary.method == "base"], summary[summary.method == "vas"]
+    if base.empty or vas.empty:
+        return ""
+    base, best = base.iloc[0], vas.loc[vas.gold_positivity_mean.idxmax()]
+    apart = best.gold_positivity_mean - best.gold_positivity_ci95 > base.gold_positivity_mean + base.gold_positivity_ci95
+    name = best.family if "family" in best else f"VAS {best.param_parameterization}"
+    return (f"Lift over base sampling: {name} (beta={best.param_beta:g}) {best.gold_positivity_mean:.3f} ± "
+            f"{best.gold_positivity_ci95:.3f} gold positivity at {best.kl_nats_mean:.2f} nats, base "
+            f"{base.gold_positivity_mean:.3f} ± {base.gold_positivity_ci95:.3f}: the 95% intervals are "
+            f"{'apart' if apart else 'not apart'}.")
+
+
+def world_section(world: dict | None) -> str:
+    """What this run is about, when its inputs are not the embedded world's: the base model, where
+    the prompts came from and what the gold is worth against human raters, a skipped baseline."""
+    if not world:
+        return ""
+    lines = ["\n## The world\n"]
+    if (base := world.get("base_model")) and not base.get("embedded", True):
+        origin = f", converted from {Path(base['gguf']).name}" if base.get("gguf") else ""
+        lines.append(f"- Base model: {base['source']}{origin} (weights sha256 {base['weights_sha256'][:12]}).")
+    if agreement := world.get("gold_agreement"):
+        per = ", ".join(f"{k.removeprefix('spearman_')} {v:.3f}" for k, v in agreement.items()
+                        if k.startswith("spearman_"))
+        lines.append(f"- Prompts: openings of human-rated review snippets. The gold positivity scorer (VADER) "
+                     f"against the human ratings of {int(agreement['n'])} held-out snippets: Spearman "
+                     f"{agreement['spearman']:.3f} ({per}).")
+    if skipped := world.get("dpo_skipped"):
+        lines.append(f"- DPO baseline skipped: {skipped}.")
+    return "\n".join(lines) + "\n" if len(lines) > 1 else ""
+
+
 def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,
-                 value_error: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None) -> dict[str, Path]:
+                 value_error: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None,
+                 world: dict | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
         "composition": composition_figure(summary, directory / "composition.png"),
         "cost": cost_figure(summary, directory / "cost.png"),
     }
-    text = f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n{headline_table(summary)}\n"
+    lift = lift_over_base(summary)
+    text = (f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n" + (f"{lift}\n\n" if lift else "")
+            + f"{headline_table(summary)}\n" + world_section(world))
     text += targets_section(summary, per_seed, value_error)
     text += value_error_section(value_error)
     (directory / "report.md").write_text(text, encoding="utf-8")

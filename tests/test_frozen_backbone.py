@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_value_training import signal_rollouts
 
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.lm import load_frozen_base, save_pretrained, train_tokenizer, truncated_copy, weights_sha256, write_manifest
@@ -13,7 +14,6 @@ from models.sampling import SamplingConfig, sample
 from models.value_model import ValueModel
 from models.value_training import FrozenFeatures, ValueTrainConfig, make_batch, train_value_model
 from models.vas import ValueGuidance, VASConfig, vas_sample
-from test_value_training import signal_rollouts
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 

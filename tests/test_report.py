@@ -3,7 +3,7 @@ import json
 import pandas as pd
 
 from models.evaluation import family_of
-from models.report import composition_figure, verdict, write_report
+from models.report import composition_figure, lift_over_base, verdict, write_report
 
 
 def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:
@@ -71,3 +71,25 @@ def test_report_has_the_value_error_table_when_given(tmp_path):
     assert "## Value error against Monte-Carlo estimates" in text
     assert "| positivity.qhead | soft_beta_1.0 |" in text and "0.250" in text
     assert "Value error" not in write_report(summary(0.3, 0.05), tmp_path)["report"].read_text()
+
+
+def test_lift_over_base_says_whether_the_intervals_are_apart():
+    # base 0.1 ± 0.05; the best VAS row is beta 4 at vas_gold - 0.025.
+    assert "are apart" in lift_over_base(summary(0.3, 0.05))                 # 0.275 - 0.05 > 0.15
+    assert "are not apart" in lift_over_base(summary(0.2, 0.05))             # 0.175 - 0.05 < 0.15
+    assert lift_over_base(summary(0.3, 0.05).query("method != 'vas'")) == ""
+
+
+def test_report_describes_a_real_world_and_a_skipped_baseline(tmp_path):
+    world = {"base_model": {"embedded": False, "source": "/m/smollm2", "gguf": "/p/SmolLM2.gguf",
+                            "weights_sha256": "11d5b668dc68ffff"},
+             "gold_agreement": {"spearman": 0.466, "n": 14121, "spearman_movie": 0.44, "spearman_amazon": 0.59},
+             "dpo_skipped": "too slow on 2 cores"}
+    text = write_report(summary(0.3, 0.05), tmp_path, world=world)["report"].read_text()
+    assert "Lift over base sampling" in text and "## The world" in text
+    assert "/m/smollm2, converted from SmolLM2.gguf (weights sha256 11d5b668dc68)" in text
+    assert "14121 held-out snippets: Spearman 0.466 (movie 0.440, amazon 0.590)" in text
+    assert "DPO baseline skipped: too slow on 2 cores." in text
+    (tmp_path / "e").mkdir()
+    embedded = write_report(summary(0.3, 0.05), tmp_path / "e", world={"base_model": {"embedded": True}})
+    assert "## The world" not in embedded["report"].read_text()
