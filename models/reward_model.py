@@ -37,7 +37,7 @@ from models.artifacts import atomic_path, visible_subfolders
 from models.lm import load_frozen_base, quiet_loading, truncated_copy
 from models.rewards import gold_reward
 from models.sampling import join_prompt_completion, positions
-from models.train_utils import autocast_for, dropout_off, pad_rows, split_groups, warmup_lr
+from models.train_utils import FrozenFeatures, autocast_for, dropout_off, pad_rows, split_groups, warmup_lr
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class RewardTrainConfig:
     warmup_steps: int = 10            # linear warmup, then linear decay to 0 (HF Trainer's default)
     max_grad_norm: float = 1.0
     base_layers: int = 0              # > 0: start from the base model's first base_layers layers only
+    # Train the score head only, on the body's features computed once per text (FrozenFeatures): a
+    # probe of a large base model's own features, which a few hundred pairs cannot overfit as they
+    # overfit a fine-tuned body.
+    freeze_backbone: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +298,11 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
     progress(f"reward model: {n_train} train pairs, {len(eval_chosen)} held-out pairs (split by prompt), "
              f"device {dev}")
 
+    if config.freeze_backbone:
+        setattr(model, model.base_model_prefix, FrozenFeatures(model.base_model))
     model.to(dev).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     warmup = min(config.warmup_steps, max(1, config.train_steps // 10))
     gen = torch.Generator().manual_seed(config.seed)
     # Chosen and rejected share one padded forward, so a pair is as long as its longer text.
@@ -356,6 +363,8 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
         "device": str(dev),
         "eval_index": pairs.index[held].tolist(),
     }
+    if isinstance(model.base_model, FrozenFeatures):
+        setattr(model, model.base_model_prefix, model.base_model.inner)   # the plain body again, to save
     return model.cpu().eval(), tokenizer, metrics
 
 

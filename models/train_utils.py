@@ -67,3 +67,39 @@ def warmup_lr(step: int, learning_rate: float, warmup_steps: int, train_steps: i
     if decay == "cosine":
         return learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+
+
+class FrozenFeatures(torch.nn.Module):
+    """A frozen backbone whose last hidden states are computed once per distinct token row and
+    re-used: training a head on them (a value head, a reward model's score head) costs one backbone
+    forward per text, not one per step.
+
+    Called as a transformers body is (input_ids, attention_mask, ...), on right-padded rows: a row's
+    states depend on its own tokens alone (causal attention, positions from its mask)."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.inner = backbone.requires_grad_(False)
+        self.config = backbone.config
+        self.memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_):
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        from models.sampling import positions  # sampling imports this module
+
+        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
+        todo = sorted({k for k in keys if k not in self.memo}, key=len)
+        for start in range(0, len(todo), 16):
+            chunk = todo[start : start + 16]
+            ids, mask = pad_rows([list(k) for k in chunk], 0, "right")
+            ids, mask = ids.to(input_ids.device), mask.to(input_ids.device)
+            with torch.no_grad():
+                h = self.inner(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
+            for key, states in zip(chunk, h):
+                self.memo[key] = states[: len(key)]
+        hidden = torch.zeros(*input_ids.shape, self.config.hidden_size, device=input_ids.device,
+                             dtype=next(iter(self.memo.values())).dtype if self.memo else torch.float32)
+        for b, key in enumerate(keys):
+            hidden[b, : len(key)] = self.memo[key]
+        return BaseModelOutputWithPast(last_hidden_state=hidden)

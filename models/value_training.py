@@ -26,7 +26,7 @@ from models import distributed
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.distributional import Support, calibrated_support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
 from models.td import lambda_returns, masked_mse
-from models.train_utils import autocast_for, pad_rows, split_groups
+from models.train_utils import FrozenFeatures, autocast_for, pad_rows, split_groups
 
 log = logging.getLogger(__name__)
 
@@ -122,41 +122,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     return order[offset * batch_size : (offset + 1) * batch_size].tolist()
-
-
-class FrozenFeatures(torch.nn.Module):
-    """A frozen backbone whose last hidden states are computed once per distinct token row and
-    re-used: training a head on them costs one backbone forward per rollout, not one per step.
-
-    Called as the backbone is in ValueModel.path_outputs, on right-padded rows (make_batch): a
-    row's states depend on its own tokens alone (causal attention, positions from its mask)."""
-
-    def __init__(self, backbone: torch.nn.Module):
-        super().__init__()
-        self.inner = backbone.requires_grad_(False)
-        self.config = backbone.config
-        self.memo: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_):
-        from types import SimpleNamespace
-
-        from models.sampling import positions
-
-        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
-        todo = sorted({k for k in keys if k not in self.memo}, key=len)
-        for start in range(0, len(todo), 16):
-            chunk = todo[start : start + 16]
-            ids, mask = pad_rows([list(k) for k in chunk], 0, "right")
-            ids, mask = ids.to(input_ids.device), mask.to(input_ids.device)
-            with torch.no_grad():
-                h = self.inner(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
-            for key, states in zip(chunk, h):
-                self.memo[key] = states[: len(key)]
-        hidden = torch.zeros(*input_ids.shape, self.config.hidden_size, device=input_ids.device,
-                             dtype=next(iter(self.memo.values())).dtype if self.memo else torch.float32)
-        for b, key in enumerate(keys):
-            hidden[b, : len(key)] = self.memo[key]
-        return SimpleNamespace(last_hidden_state=hidden)
 
 
 # -- training --------------------------------------------------------------------------------

@@ -123,17 +123,20 @@ def smoke_world(tmp_path_factory):
 def llamacpp(tmp_path_factory):
     """Factory of real llama.cpp servers on loopback (tests/llamacpp.py): llamacpp(model_dir) exports
     that saved Hugging Face GPT-2 folder to GGUF and serves it with llama-cpp-python's OpenAI-compatible
-    server, once per folder for the session, and stops them all at the end. Skips without
-    .venv-llamacpp (`make llamacpp`), fails instead under VAS_REQUIRE_LLAMACPP=1."""
-    from llamacpp import require_llamacpp, serve_model_dir
+    server, llamacpp(file.gguf) serves that file as it is (a 512-token context), once per model for the
+    session, and stops them all at the end. Skips without .venv-llamacpp (`make llamacpp`), fails
+    instead under VAS_REQUIRE_LLAMACPP=1."""
+    from llamacpp import require_llamacpp, serve_gguf, serve_model_dir
 
     require_llamacpp()
     servers = {}
 
-    def serve(model_dir, alias: str = "base"):
-        key = (str(Path(model_dir).resolve()), alias)
+    def serve(model, alias: str = "base"):
+        key = (str(Path(model).resolve()), alias)
         if key not in servers:
-            servers[key] = serve_model_dir(Path(model_dir), tmp_path_factory.mktemp("llamacpp"), alias)
+            tmp = tmp_path_factory.mktemp("llamacpp")
+            servers[key] = serve_gguf(Path(model), tmp, n_ctx=512, alias=alias) if str(model).endswith(".gguf") \
+                else serve_model_dir(Path(model), tmp, alias)
         return servers[key]
 
     yield serve

@@ -11,8 +11,9 @@ from test_value_training import signal_rollouts
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.lm import load_frozen_base, save_pretrained, train_tokenizer, truncated_copy, weights_sha256, write_manifest
 from models.sampling import SamplingConfig, sample
+from models.train_utils import FrozenFeatures
 from models.value_model import ValueModel
-from models.value_training import FrozenFeatures, ValueTrainConfig, make_batch, train_value_model
+from models.value_training import ValueTrainConfig, make_batch, train_value_model
 from models.vas import ValueGuidance, VASConfig, vas_sample
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]

