@@ -135,10 +135,11 @@ def compute(world: World, args) -> list[dict]:
 
 
 def backbones(world: World, args) -> list[dict]:
-    """The value model of a large base, three ways, on the world's own pi0 rollouts: a head on the
-    frozen base's hidden states (decoding shares the base's forward), the base's first --layers
-    layers trained with the head, and the same layers frozen with only the head trained. Each at
-    every beta (calibrated VAS with --calibrated), beside plain sampling's time per token."""
+    """The value model of a large base, on the world's own pi0 rollouts: a head on the frozen base's
+    hidden states (decoding shares the base's forward), with free or embedding token factors; the
+    base's first --layers layers frozen with only the head trained; and those layers trained with
+    the head (for the last --steps). Each at every beta (calibrated VAS with --calibrated), beside
+    plain sampling's time per token."""
     import tempfile
 
     import pandas as pd
@@ -157,11 +158,13 @@ def backbones(world: World, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         layers = Path(tmp) / f"first_{args.layers}_layers"
         save_pretrained(truncated_copy(world.base, args.layers), world.tokenizer, layers)
-        variants = [("head on the frozen base (shared forward)", world.base_dir, True, args.steps[0]),
-                    (f"first {args.layers} layers, frozen", layers, True, args.steps[0]),
-                    (f"first {args.layers} layers, trained", layers, False, args.steps[-1])]
-        for name, init_dir, frozen, steps in variants:
-            model, seconds = world.train(df, steps, init_dir=init_dir, freeze_backbone=frozen)
+        variants = [("head on the frozen base (shared forward), free token factors", world.base_dir, True,
+                     args.steps[0], "free"),
+                    ("head on the frozen base (shared forward)", world.base_dir, True, args.steps[0], "embedding"),
+                    (f"first {args.layers} layers, frozen", layers, True, args.steps[0], "embedding"),
+                    (f"first {args.layers} layers, trained", layers, False, args.steps[-1], "embedding")]
+        for name, init_dir, frozen, steps, factors in variants:
+            model, seconds = world.train(df, steps, init_dir=init_dir, freeze_backbone=frozen, token_factors=factors)
             if frozen and init_dir == world.base_dir:      # as the evaluation asset loads it: sharing the base
                 model.save(Path(tmp) / "v")
                 model = ValueModel.load(Path(tmp) / "v", base_model=world.base)

@@ -83,6 +83,9 @@ class FrozenFeatures(torch.nn.Module):
         self.config = backbone.config
         self.memo: dict[tuple[int, ...], torch.Tensor] = {}
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_input_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_):
         from transformers.modeling_outputs import BaseModelOutputWithPast
 

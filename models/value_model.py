@@ -48,6 +48,7 @@ PARAMETERIZATIONS = ("scalar", "qhead", "distributional", "distributional_qhead"
 DISTRIBUTIONAL = ("distributional", "distributional_qhead")
 PER_TOKEN_HEADS = ("qhead", "distributional_qhead")     # Q(s, ·) for all tokens from s's hidden state
 HEAD_FILE = "value_head.safetensors"
+TOKEN_FACTORS = ("free", "embedding")       # distributional_qhead's f_a: a vector per token, or P · e_a
 CONFIG_FILE = "value_config.json"
 
 
@@ -102,7 +103,7 @@ class ValueModel(nn.Module):
     """V (scalar) or Q(s, ·) (qhead) of the frozen base policy, on a causal-LM backbone."""
 
     def __init__(self, backbone: nn.Module, parameterization: str = "scalar", support: Support | None = None,
-                 rank: int = 16):
+                 rank: int = 16, token_factors: str = "free"):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown parameterization {parameterization!r}; known: {', '.join(PARAMETERIZATIONS)}")
@@ -120,11 +121,29 @@ class ValueModel(nn.Module):
         self.head = nn.Linear(config.hidden_size, out)
         nn.init.zeros_(self.head.weight)     # zero head: an untrained value model steers nothing
         nn.init.zeros_(self.head.bias)
+        if token_factors not in TOKEN_FACTORS:
+            raise ValueError(f"token_factors must be one of {', '.join(TOKEN_FACTORS)}, got {token_factors!r}")
+        self.factor_source = token_factors if self.rank else "free"
         if self.rank:
             # Random, fixed by a seed of its own: with the zero head, gradients reach the head first.
             gen = torch.Generator().manual_seed(0)
-            self.token_factors = nn.Parameter(torch.randn(config.vocab_size, rank, generator=gen) / math.sqrt(rank))
+            if self.factor_source == "free":     # one free vector per token id
+                self.token_factors = nn.Parameter(torch.randn(config.vocab_size, rank, generator=gen) / math.sqrt(rank))
+            else:                                # f_a = P · e_a, from the backbone's own token embedding e_a
+                width = backbone.get_input_embeddings().embedding_dim
+                self.factor_proj = nn.Parameter(torch.randn(rank, width, generator=gen) / math.sqrt(width * rank))
         dropout_off(self)                    # belt and braces for modules that hold their own p
+
+    def factors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., rank) token factors f_a of distributional_qhead for token ids (...). "embedding"
+        factors are a projection of the backbone's input embeddings, scaled to unit RMS: a token
+        rarely seen in training gets the factor of the tokens it resembles, not a random one (a real
+        vocabulary of 50k tokens is mostly rare in a few thousand rollouts)."""
+        if self.factor_source == "free":
+            return self.token_factors[tokens]
+        e = self.backbone.get_input_embeddings()(tokens).float()                        # (..., E)
+        e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return e @ self.factor_proj.T
 
     @property
     def is_distributional(self) -> bool:
@@ -141,10 +160,12 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_base(cls, model_dir: str | Path, parameterization: str = "scalar",
-                  trust_remote_code: bool = False, support: Support | None = None, rank: int = 16) -> "ValueModel":
+                  trust_remote_code: bool = False, support: Support | None = None, rank: int = 16,
+                  token_factors: str = "free") -> "ValueModel":
         """A fresh value model whose backbone starts from a local HF causal LM's weights."""
         path = resolve_model_dir(str(model_dir))
-        model = cls(_load_backbone(path, trust_remote_code), parameterization, support=support, rank=rank)
+        model = cls(_load_backbone(path, trust_remote_code), parameterization, support=support, rank=rank,
+                    token_factors=token_factors)
         # Recorded in value_config.json so an artifact says which weights it started from.
         model.init_info = {"init_from": str(model_dir), "init_weights_sha256": weights_sha256(path)}
         return model
@@ -161,7 +182,8 @@ class ValueModel(nn.Module):
                              "and this value model does not know it (build it with ValueModel.from_base)")
         head = dict(self.head.state_dict())
         if self.rank:
-            head["token_factors"] = self.token_factors
+            key = "token_factors" if self.factor_source == "free" else "factor_proj"
+            head[key] = getattr(self, key)
         save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.items()},
                   str(directory / HEAD_FILE))
         config = {
@@ -170,7 +192,7 @@ class ValueModel(nn.Module):
             "vocab_size": self.vocab_size,
             "head_outputs": self.head.out_features,
             **({"support": vars(self.support)} if self.support else {}),
-            **({"rank": self.rank} if self.rank else {}),
+            **({"rank": self.rank, "token_factors": self.factor_source} if self.rank else {}),
             **self.init_info,
             **({"backbone_frozen": True} if self.frozen_backbone else {}),
         }
@@ -193,12 +215,14 @@ class ValueModel(nn.Module):
             backbone = base_model.base_model          # the very module: the decoder can share its forward
         else:
             backbone = _load_backbone(_frozen_backbone_dir(directory, config), trust_remote_code)
-        model = cls(backbone, config["parameterization"], support=support, rank=config.get("rank", 16))
+        model = cls(backbone, config["parameterization"], support=support, rank=config.get("rank", 16),
+                    token_factors=config.get("token_factors", "free"))
         model.frozen_backbone = bool(config.get("backbone_frozen"))
         head = load_file(str(directory / HEAD_FILE))
         if model.rank:
+            key = "token_factors" if model.factor_source == "free" else "factor_proj"
             with torch.no_grad():
-                model.token_factors.copy_(head.pop("token_factors"))
+                getattr(model, key).copy_(head.pop(key))
         model.head.load_state_dict(head)
         model.init_info = {k: config[k] for k in ("init_from", "init_weights_sha256") if k in config}
         return model.to(device).eval()
@@ -223,7 +247,7 @@ class ValueModel(nn.Module):
             rows = self.head.weight[tokens]                                           # (..., H)
             return (hidden.float() * rows).sum(-1) + self.head.bias[tokens]
         mix = self.head(hidden.float()).unflatten(-1, (self.support.n_bins, self.rank))   # (..., n_bins, rank)
-        return (mix * self.token_factors[tokens][..., None, :]).sum(-1)                # (..., n_bins)
+        return (mix * self.factors(tokens)[..., None, :]).sum(-1)                      # (..., n_bins)
 
     def path_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      action_mask: torch.Tensor) -> torch.Tensor:

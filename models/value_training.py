@@ -57,6 +57,9 @@ class ValueTrainConfig:
     # the calibrated decoder (values in pi0-quantile units) becomes available. v_min/v_max must be None.
     calibrated_bins: bool = True
     rank: int = 16
+    # distributional_qhead's token factors: "free" (a learned vector per token id) or "embedding" (a
+    # learned projection of the backbone's token embeddings: for real vocabularies, ValueModel.factors)
+    token_factors: str = "free"
     # Rows per forward within a step (0 = the whole batch): the step's rows sorted by length and cut
     # into micro-batches, each padded only to its own longest row. The gradient is the whole batch's.
     micro_batch_size: int = 16
@@ -276,7 +279,7 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
         support, fitted = (calibrated_targets(rollouts, config, None) if calibrated
                            else (support_for(rollouts, config), rollouts))
         model = ValueModel.from_base(model_dir, parameterization=config.parameterization,
-                                     support=support, rank=config.rank).to(dev)
+                                     support=support, rank=config.rank, token_factors=config.token_factors).to(dev)
     if model.is_distributional and config.gamma != 1.0:
         raise ValueError("distributional TD(lambda) needs gamma = 1: a discounted histogram is not a mixture "
                          f"of histograms on the same bins (got gamma {config.gamma})")

@@ -139,3 +139,29 @@ def test_checkpoints_hold_the_trained_weights_only_and_restore_them(frozen_world
     assert load_checkpoint(tmp_path, model, optimizer, "f", "cpu") == (7, [1.0])
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, before[name], msg=name)
+
+
+def test_embedding_token_factors_project_the_backbones_token_embeddings(frozen_world, tmp_path):
+    import test_value_model
+
+    base_dir, _, _, _ = frozen_world
+    model = test_value_model.randomize_head(
+        ValueModel.from_base(base_dir, "distributional_qhead", token_factors="embedding"), seed=1).eval()
+    assert not hasattr(model, "token_factors") and model.factor_proj.shape == (16, 32)
+    tokens = torch.tensor([[3, 7], [9, 9]])
+    e = model.backbone.get_input_embeddings().weight[tokens]                        # (2, 2, 32) by hand
+    by_hand = (e / e.pow(2).mean(-1, keepdim=True).sqrt()) @ model.factor_proj.T
+    torch.testing.assert_close(model.factors(tokens), by_hand, rtol=1e-4, atol=1e-5)
+    model.save(tmp_path / "v")
+    assert json.loads((tmp_path / "v" / "value_config.json").read_text())["token_factors"] == "embedding"
+    loaded = ValueModel.load(tmp_path / "v")
+    ids, attention, actions, _ = make_batch(signal_rollouts(n=6), list(range(6)), pad_id=1)
+    torch.testing.assert_close(loaded.path_outputs(ids, attention, actions), model.path_outputs(ids, attention, actions))
+    with pytest.raises(ValueError, match="token_factors must be one of"):
+        ValueModel.from_base(base_dir, "distributional_qhead", token_factors="hashed")
+    # It learns: the first completion token decides the reward.
+    config = ValueTrainConfig(parameterization="distributional_qhead", train_steps=30, batch_size=16,
+                              learning_rate=3e-2, eval_fraction=0.25, prefix_lengths=(1,), freeze_backbone=True,
+                              token_factors="embedding")
+    _, metrics = train_value_model(signal_rollouts(), base_dir, config, pad_id=1)
+    assert metrics["corr_prefix_1"] > 0.8

@@ -21,7 +21,8 @@ def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel
         model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
         model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
         if model.rank:
-            model.token_factors.copy_(torch.randn(model.token_factors.shape, generator=gen))
+            factors = model.token_factors if model.factor_source == "free" else model.factor_proj
+            factors.copy_(torch.randn(factors.shape, generator=gen) / (1 if model.factor_source == "free" else 8))
     return model
 
 
