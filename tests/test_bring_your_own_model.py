@@ -1,6 +1,6 @@
 """Integration: the README's "Bring your own model" block, run as written with its paths filled in:
-tiny random Llamas written locally (a base and a smaller value backbone of the same tokenizer) and a
-prompts CSV. The project folder it runs in has the smoke profile's sizes as `default`, so the
+a tiny random Llama written locally and a prompts CSV, with the real profile's choices (reward
+models on the base's first layer, value heads on its frozen hidden states, DPO skipped). The project folder it runs in has the smoke profile's sizes as `default`, so the
 user's profile runs in a minute."""
 
 import json
@@ -30,10 +30,8 @@ def readme_block() -> str:
 def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_llama):
     tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=300, seed=3)).text.tolist(), 300)
     ids = dict(eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
-    base, backbone = tmp_path / "models" / "my-llama", tmp_path / "models" / "my-small-llama"
+    base = tmp_path / "models" / "my-llama"
     save_pretrained(tiny_llama(len(tokenizer), seed=0, **ids), tokenizer, base)
-    save_pretrained(tiny_llama(len(tokenizer), seed=1, hidden=16, n_layer=1, n_head=2, n_kv_head=1,
-                               intermediate=32, **ids), tokenizer, backbone)
     prompts = tmp_path / "data" / "my-prompts.csv"
     prompts.parent.mkdir()
     pd.DataFrame({"prompt": generate_openings(24, 4)}).to_csv(prompts, index=False)
@@ -42,7 +40,7 @@ def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_ll
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump({"default": load_profile("smoke")}))
     script = readme_block()
-    for placeholder, path in (("/models/my-small-llama", backbone), ("/models/my-llama", base),
+    for placeholder, path in (("/models/my-llama", base),
                               ("/data/my-prompts.csv", prompts), ("my-params.yaml", work / "my-params.yaml"),
                               ("data-mine", tmp_path / "data-mine"), (".venv/bin/", os.path.dirname(sys.executable) + "/")):
         assert placeholder in script, placeholder
@@ -58,7 +56,11 @@ def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_ll
     manifest = json.loads((data / "base_model" / "vas_manifest.json").read_text())
     assert manifest["embedded"] is False and manifest["weights_sha256"] == weights_sha256(base)
     value_config = json.loads((data / "value_models" / "positivity" / "value_config.json").read_text())
-    assert value_config["init_weights_sha256"] == weights_sha256(backbone) and value_config["hidden_size"] == 16
+    assert value_config["init_weights_sha256"] == weights_sha256(base) and value_config["backbone_frozen"]
+    assert value_config["token_factors"] == "embedding"
+    assert json.loads((data / "reward_models" / "positivity" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert (data / "dpo_model" / "SKIPPED.json").is_file() and "DPO baseline skipped" in \
+        (data / "report" / "report.md").read_text()
     assert set(pd.read_parquet(data / "prompts" / "prompts.parquet").prompt) == set(pd.read_csv(prompts).prompt)
     assert (data / "report" / "report.md").is_file()
     assert not (PROJECT_ROOT / "my-params.yaml").exists()          # nothing written into the real project
