@@ -108,7 +108,7 @@ def generate(prompts: str | Sequence[str], weights: Mapping[str, float], n: int 
         (base, tokenizer, _), client = load_frozen_base(base_dir, device=str(dev)), None
     # Weight-0 models are not even loaded: they would not be run.
     active = {name: float(w) for name, w in weights.items() if float(w) != 0.0}
-    value_models = {name: ValueModel.load(available[name], device=dev) for name in active}
+    value_models = {name: ValueModel.load(available[name], device=dev, base_model=base) for name in active}
 
     expanded = [p for p in prompt_list for _ in range(n)]
     scorers = reward_scorers(data_dir, reward_model_dirs, str(dev))

@@ -209,7 +209,9 @@ class Engine:
         if fingerprint == self.values.fingerprint:
             return self.values.version
         try:
-            models = {name: ValueModel.load(path, device=self.device) for name, path in find_value_models(root).items()}
+            # Beside the frozen base, a head on its own features shares its module (and its forward).
+            models = {name: ValueModel.load(path, device=self.device, base_model=self.base)
+                      for name, path in find_value_models(root).items()}
             version = dvc_md5(root).removesuffix(".dir") if models else "none"
         except (FileNotFoundError, NotADirectoryError):
             return self.values.version

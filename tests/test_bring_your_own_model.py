@@ -1,7 +1,8 @@
 """Integration: the README's "Bring your own model" block, run as written with its paths filled in:
 a tiny random Llama written locally and a prompts CSV, with the real profile's choices (reward
-models on the base's first layer, value heads on its frozen hidden states, DPO skipped). The project folder it runs in has the smoke profile's sizes as `default`, so the
-user's profile runs in a minute."""
+models on the base's first layer, value heads on its frozen hidden states, DPO skipped). The
+project folder it runs in has the smoke profile's sizes as `default`, so the user's profile runs in
+a minute."""
 
 import json
 import os
