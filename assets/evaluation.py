@@ -19,6 +19,23 @@ HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity
                     "distinct_2", "mean_tokens", "seconds_per_sample", "base_forwards_per_sample"]
 
 
+WORLD_FILE = "world.json"    # what the evaluated world is, for the report (report.world_section)
+
+
+def world_inputs(run: StageRun) -> dict:
+    """The inputs the report describes, from this asset's upstreams: the base model's manifest, the
+    gold's agreement with human raters (prompts from human-rated snippets), a skipped DPO's reason."""
+    from assets.synthesis import GOLD_AGREEMENT
+    from models.lm import read_manifest
+
+    world: dict = {"base_model": read_manifest(run.path("base_model"))}
+    if (agreement := run.path("prompts") / GOLD_AGREEMENT).exists():
+        world["gold_agreement"] = json.loads(agreement.read_text())
+    if (skipped := run.path("dpo_model") / DPO_SKIPPED).exists():
+        world["dpo_skipped"] = json.loads(skipped.read_text())["reason"]
+    return world
+
+
 class EvaluationConfig(dg.Config):
     betas: Optional[list[float]] = None
     bon_ns: Optional[list[int]] = None
@@ -47,7 +64,8 @@ def evaluation(run: StageRun) -> Produced:
     summary = summarize(runs)
     if evaluator.tilt is not None:
         summary = pd.concat([summary, evaluator.tilt], ignore_index=True)
-    write_folder(run.path("evaluation"), {"samples.parquet": samples, "summary.parquet": summary})
+    write_folder(run.path("evaluation"), {"samples.parquet": samples, "summary.parquet": summary,
+                                          WORLD_FILE: world_inputs(run)})
 
     rows = []
     for _, row in summary.iterrows():

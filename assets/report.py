@@ -6,6 +6,7 @@ import json
 import dagster as dg
 import pandas as pd
 
+from assets.evaluation import WORLD_FILE
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path
 
@@ -20,22 +21,6 @@ def study_files(settings) -> list[str]:
     study_dir = settings.path("study")
     return [str(study_dir / f) for f in ("aggregate.parquet", "study.parquet")] \
         if (study_dir / "aggregate.parquet").exists() else []
-
-
-def _world(run: StageRun) -> dict:
-    """The inputs the report describes: the base model's manifest, the gold's agreement with human
-    raters (prompts from human-rated snippets), a skipped DPO baseline's reason."""
-    from assets.baselines import DPO_SKIPPED
-    from assets.synthesis import GOLD_AGREEMENT
-    from models.lm import read_manifest
-
-    world: dict = {"base_model": read_manifest(run.path("base_model"))}
-    for key, path in (("gold_agreement", run.path("prompts") / GOLD_AGREEMENT),
-                      ("dpo_skipped", run.path("dpo_model") / DPO_SKIPPED)):
-        if path.exists():
-            found = json.loads(path.read_text())
-            world[key] = found["reason"] if key == "dpo_skipped" else found
-    return world
 
 
 @pipeline_asset("report", sources=lambda settings, params: study_files(settings), group_name="evaluation",
@@ -57,8 +42,9 @@ def report(run: StageRun) -> Produced:
         tmp.mkdir()
         text = report_verdict(summary, study_dir if study else None)
         per_seed = pd.read_parquet(study_dir / "study.parquet") if study else None
+        world_file = run.path("evaluation") / WORLD_FILE
         write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed,
-                     world=_world(run))
+                     world=json.loads(world_file.read_text()) if world_file.exists() else None)
     folder = run.path("report")
     run.log.info(text)
     metadata = {

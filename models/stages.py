@@ -77,7 +77,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                 "models/train_utils.py", "assets/value_error.py")),
     Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",
           code=("models/dpo.py", "assets/baselines.py")),
-    Stage("report", "report", upstream=("evaluation", "value_error", "base_model", "prompts", "dpo_model"),
+    Stage("report", "report", upstream=("evaluation", "value_error"),
           code=("models/report.py", "assets/report.py")),
 )}
 
