@@ -51,10 +51,10 @@ def evaluation(run: StageRun) -> Produced:
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     value_models = load_value_models(run.path("value_models"), device=device, base_model=base)
-    skipped = run.path("dpo_model") / DPO_SKIPPED
-    dpo = None if skipped.exists() else load_causal_lm(run.path("dpo_model"), device=device)[0]
-    if skipped.exists():
-        run.log.info(f"no DPO row: {json.loads(skipped.read_text())['reason']}")
+    world = world_inputs(run)
+    dpo = None if "dpo_skipped" in world else load_causal_lm(run.path("dpo_model"), device=device)[0]
+    if dpo is None:
+        run.log.info(f"no DPO row: {world['dpo_skipped']}")
     evaluator = Evaluator(base, tokenizer, value_models, scorers, [a for a in scorers if a in GOLD_REWARDS],
                           prompts, run.config_for(EvalConfig), device=device,
                           progress=run.log.info,
@@ -65,7 +65,7 @@ def evaluation(run: StageRun) -> Produced:
     if evaluator.tilt is not None:
         summary = pd.concat([summary, evaluator.tilt], ignore_index=True)
     write_folder(run.path("evaluation"), {"samples.parquet": samples, "summary.parquet": summary,
-                                          WORLD_FILE: world_inputs(run)})
+                                          WORLD_FILE: world})
 
     rows = []
     for _, row in summary.iterrows():

@@ -96,7 +96,7 @@ def base_model(run: StageRun) -> Produced:
         write_manifest,
     )
     from models.probe import sample_spread
-    from models.real_model import converted_gguf, file_sha256, is_gguf_source, resolve_gguf
+    from models.real_model import converted_gguf, is_gguf_source, resolve_gguf
 
     params, settings = run.params, run.settings
     metrics: dict[str, float] = {}
@@ -106,11 +106,11 @@ def base_model(run: StageRun) -> Produced:
         if params["source"] and is_gguf_source(params["source"]):
             gguf = resolve_gguf(params["source"])
             run.log.info(f"converting {gguf} to a Hugging Face folder under {GGUF_CACHE} (once per file)")
-            model_dir = converted_gguf(gguf, project_path(GGUF_CACHE), params["gguf_sha256"])
+            model_dir, gguf_sha = converted_gguf(gguf, project_path(GGUF_CACHE), params["gguf_sha256"])
             sha = weights_sha256(model_dir)
             run.log.info(f"pinning base model {model_dir}, converted from {gguf.name} (weights sha256 {sha[:12]})")
             write_manifest(tmp, {"embedded": False, "source": str(model_dir.resolve()), "weights_sha256": sha,
-                                 "gguf": str(gguf), "gguf_sha256": file_sha256(gguf),
+                                 "gguf": str(gguf), "gguf_sha256": gguf_sha,
                                  "trust_remote_code": False, "allow_download": False})
         elif params["source"]:
             model_dir = resolve_model_dir(params["source"], params["allow_download"])

