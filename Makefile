@@ -53,12 +53,13 @@ run: setup dvc-remote
 	@if [ "$(RUN_DATA_DIR)" = data ]; then $(BIN)/dvc push --quiet && \
 		echo "data versions pushed to $(DVC_REMOTE) (dvc checkout restores them)"; \
 	else echo "$(RUN_DATA_DIR)/ is not DVC's data/: report in $(RUN_DATA_DIR)/report/report.md, nothing pushed"; fi
+	@if [ "$(PROFILE)" = real ]; then $(MAKE) --no-print-directory bench-serve; fi
 
 ## Seed study (after `make run`): retrain rollouts, value models and evaluation once per seed under
 ## data/study/seed_<s>/, aggregate across seeds into data/study/; the report's verdict then uses it.
 SEEDS ?= 0 1 2
 study: setup
-	$(BIN)/vas study --profile $${VAS_PROFILE:-default} --seeds $(SEEDS)
+	$(BIN)/vas study --profile $(PROFILE) --data-dir $(RUN_DATA_DIR) --seeds $(SEEDS)
 
 ## llama.cpp's server (llama-cpp-python, built from source, CPU only) in its own venv, for the
 ## upstream tests (tests/test_llamacpp.py); minutes on 2 cores. GGML_NATIVE=OFF: no -march=native, so
@@ -97,9 +98,14 @@ serve: setup
 clean-data:
 	rm -rf data/corpus data/base_model data/prompts data/preference_pairs data/quarantine data/metrics.duckdb
 
-## Serving throughput (needs a materialized pipeline): base vs VAS, one at a time vs concurrent.
-bench-serve: setup
-	$(BIN)/python bench/serve.py
+## Serving throughput (needs a materialized pipeline): base vs VAS, one at a time vs concurrent, and
+## black-box VAS; then the report's "Serving" section. A base model converted from a GGUF (the real
+## profile) also gets black-box VAS through llama.cpp serving that file, and `make run` measures it
+## there (about 5 min, short requests).
+BENCH_SERVE_ARGS := --data-dir $(RUN_DATA_DIR) --profile $(PROFILE) --llamacpp auto \
+	$(if $(filter real,$(PROFILE)),--requests 8 --max-tokens 24 --concurrency 1 4)
+bench-serve: setup $(if $(filter default,$(PROFILE)),,llamacpp)
+	$(BIN)/python bench/serve.py $(BENCH_SERVE_ARGS)
 
 ## Decode-cost benchmark (needs a materialized pipeline): VAS vs base vs Best-of-N, side by side.
 bench: setup

@@ -2,6 +2,7 @@
 
 import base64
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -23,11 +24,18 @@ def study_files(settings) -> list[str]:
         if (study_dir / "aggregate.parquet").exists() else []
 
 
-@pipeline_asset("report", sources=lambda settings, params: study_files(settings), group_name="evaluation",
+def serving_file(settings) -> list[str]:
+    """bench/serve.py's throughput numbers (`make bench-serve`), when measured: a section of the report."""
+    path = settings.path("bench", "serve.json")
+    return [str(path)] if path.exists() else []
+
+
+@pipeline_asset("report", sources=lambda settings, params: study_files(settings) + serving_file(settings),
+                group_name="evaluation",
                 kinds={"python"}, pool="duckdb_writer",
                 description="Reward-vs-KL frontier, composition grid and cost plots, and the headline table with "
                             "a computed verdict: does VAS reach Best-of-128, and at what cost; the value models' "
-                            "error against Monte-Carlo estimates.")
+                            "error against Monte-Carlo estimates; serving throughput when bench/serve.py measured it.")
 def report(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.evaluation import headline_table
@@ -43,8 +51,10 @@ def report(run: StageRun) -> Produced:
         text = report_verdict(summary, study_dir if study else None)
         per_seed = pd.read_parquet(study_dir / "study.parquet") if study else None
         world_file = run.path("evaluation") / WORLD_FILE
+        serving = serving_file(run.settings)
         write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed,
-                     world=json.loads(world_file.read_text()) if world_file.exists() else None)
+                     world=json.loads(world_file.read_text()) if world_file.exists() else None,
+                     serving=json.loads(Path(serving[0]).read_text()) if serving else None)
     folder = run.path("report")
     run.log.info(text)
     metadata = {

@@ -8,6 +8,8 @@ Two measurements on a materialized default world (`make run` first), side by sid
         # a head on the frozen base vs the base's first layers (frozen, or trained for the last --steps)
     python bench/frontier.py iterate --states-only --control --calibrated --rollout-beta 4 --betas 3 4 5
         # round 2 on pi0 rollouts plus pi0 continuations of calibrated-VAS prefixes, against a control
+    python bench/frontier.py temperature --data-dir data-real --profile real --temperatures 1 0.5 0.25 0.1 --seeds 0 1 2
+        # a control with no value model: pi0 sharpened to temperature T, its gold reward at its exact KL
 
 Every point is soft VAS (calibrated VAS with --calibrated) with a distributional_qhead value model of
 the steered attribute, trained with the profile's value_models settings; the eval prompts, seed and scoring are the
@@ -107,6 +109,26 @@ class World:
                 "learned": float(np.mean(self.scorer(self.eval_prompts, gen.texts))),
                 "gold": float(np.mean(score_gold(gen.texts, [self.attribute])[self.attribute])),
                 "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts)}
+
+
+class Sharpened:
+    """Steering without a value model: pi0's logits divided by T, so sampling at temperature 1
+    draws from pi0 at temperature T and the sampler's KL is exactly KL(pi0_T || pi0). A control for
+    any steering that spends many nats: how much of its gold reward does sharpening alone buy?"""
+
+    def __init__(self, temperature: float):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def start(self, ids, mask) -> None:
+        pass
+
+    def adjust(self, base_logits):
+        return base_logits / self.temperature
+
+    def advance(self, tokens) -> None:
+        pass
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
@@ -255,9 +277,32 @@ def iterate(world: World, args) -> list[dict]:
     return rows
 
 
+def temperature(world: World, args) -> list[dict]:
+    """pi0 sharpened to each temperature, on the eval prompts, once per seed (the sampling seed)."""
+    import numpy as np
+
+    from models.evaluation import distinct_n
+    from models.rewards import score_gold
+    from models.sampling import SamplingConfig, sample
+
+    rows = []
+    for t in args.temperatures:
+        for seed in args.seeds:
+            config = SamplingConfig(max_new_tokens=world.profile["evaluation"]["max_new_tokens"], seed=seed,
+                                    batch_size=world.profile["evaluation"]["batch_size"])
+            gen = sample(world.base, world.tokenizer, world.eval_prompts, config, steering=Sharpened(t))
+            gold = np.asarray(score_gold(gen.texts, [world.attribute])[world.attribute])
+            rows.append({"temperature": t, "seed": seed, "gold": float(gold.mean()),
+                         "gold_ci95": float(1.96 * gold.std(ddof=1) / np.sqrt(len(gold))),
+                         "learned": float(np.mean(world.scorer(world.eval_prompts, gen.texts))),
+                         "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts)})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["compute", "iterate", "backbones"])
+    parser.add_argument("what", choices=["compute", "iterate", "backbones", "temperature"])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--attribute", default="positivity")
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: $VAS_PROFILE or default)")
@@ -281,6 +326,9 @@ def main(argv=None) -> int:
                         help="iterate: also round 1 trained for the same steps again on pi0's own rollouts")
     parser.add_argument("--calibrated", action="store_true",
                         help="decode every point (and iterate's round-2 rollouts) with calibrated VAS instead of soft VAS")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5, 0.25],
+                        help="temperature: the temperatures pi0 is sharpened to")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="temperature: sampling seeds")
     args = parser.parse_args(argv)
 
     import torch
@@ -290,7 +338,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     world = World(Path(args.data_dir), args.attribute, args.profile, args.train_prompts)
     started = time.perf_counter()
-    rows = {"compute": compute, "iterate": iterate, "backbones": backbones}[args.what](world, args)
+    rows = {"compute": compute, "iterate": iterate, "backbones": backbones, "temperature": temperature}[args.what](
+        world, args)
     columns = list(rows[0])
     print(f"\n{args.what}: {time.perf_counter() - started:.0f} s\n" + table(rows, columns))
     out = Path(args.data_dir) / "bench" / f"frontier_{args.what}.json"

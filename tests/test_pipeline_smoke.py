@@ -266,19 +266,29 @@ def test_decode_benchmark_runs_and_writes_every_key(smoke_world):
     assert result["device"] == "cpu"
 
 
-def test_serving_benchmark_measures_each_concurrency_and_the_black_box(smoke_world):
+def test_serving_benchmark_measures_each_concurrency_and_the_black_box(smoke_world, tmp_path, monkeypatch):
     pytest.importorskip("fastapi")
     sys.path.insert(0, str(PROJECT_ROOT))
     from bench.serve import main as serve_main
 
+    # Refreshing the report points the environment at this data folder and profile (as `vas study`
+    # does), in an instance of the test's own: undone at the end.
+    for key in ("VAS_PROFILE", "VAS_DATA_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     data = smoke_world["data_dir"]
     assert serve_main(["--data-dir", str(data), "--requests", "3", "--concurrency", "1", "3",
-                       "--max-tokens", "3"]) == 0
+                       "--max-tokens", "3", "--profile", "smoke", "--llamacpp", "auto"]) == 0
     result = json.loads((data / "bench" / "serve.json").read_text())
+    # --llamacpp auto: the smoke base model was not converted from a GGUF, so no llama.cpp row.
     assert set(result["rows"]) == {"base_c1", "base_c3", "vas_c1", "vas_c3", "vas_c1_top20", "blackbox_vas_c1"}
     assert all(row["requests"] == 3 and row["tokens_per_s"] > 0 for row in result["rows"].values())
     assert set(result["ratios"]) == {"base_c3_vs_c1", "vas_c3_vs_c1", "vas_vs_base_c1",
                                      "blackbox_vs_whitebox_vas_top20_c1"}
+    assert result["measured_at"] and result["git_sha"]
+    report = (data / "report" / "report.md").read_text()
+    assert "## Serving (bench/serve.py)" in report and "3 held-out prompts, 3 new tokens each" in report
+    assert f"{result['rows']['blackbox_vas_c1']['tokens_per_s']:.1f} |" in report
 
 
 @pytest.mark.parametrize("what", ["compute", "iterate"])
@@ -295,6 +305,31 @@ def test_frontier_benchmark_runs(smoke_world, what):
     if what == "compute":
         n_train = len(pd.read_parquet(data / "prompts" / "prompts.parquet").query("split == 'train'"))
         assert [r["rollouts"] for r in rows] == [n_train, 2 * n_train]
+
+
+def test_sharpening_control_at_temperature_one_is_base_sampling(smoke_world):
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.frontier import Sharpened
+    from bench.frontier import main as frontier_main
+    from models.lm import load_frozen_base
+    from models.sampling import SamplingConfig, sample
+
+    data = smoke_world["data_dir"]
+    model, tokenizer, _ = load_frozen_base(data / "base_model")
+    prompts = pd.read_parquet(data / "prompts" / "prompts.parquet").prompt.tolist()[:6]
+    config = SamplingConfig(max_new_tokens=8, seed=3, batch_size=6)
+    plain, same = sample(model, tokenizer, prompts, config), sample(model, tokenizer, prompts, config,
+                                                                     steering=Sharpened(1.0))
+    assert same.completion_ids == plain.completion_ids and max(same.kl_nats) == 0.0
+    assert min(sample(model, tokenizer, prompts, config, steering=Sharpened(0.25)).kl_nats) > 0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        Sharpened(0.0)
+
+    assert frontier_main(["temperature", "--data-dir", str(data), "--profile", "smoke", "--temperatures", "1", "0.25",
+                          "--seeds", "0", "1"]) == 0
+    rows = json.loads((data / "bench" / "frontier_temperature.json").read_text())["rows"]
+    assert [(r["temperature"], r["seed"]) for r in rows] == [(1.0, 0), (1.0, 1), (0.25, 0), (0.25, 1)]
+    assert all(r["kl_nats"] == 0.0 for r in rows[:2]) and all(r["kl_nats"] > 0 for r in rows[2:])
 
 
 def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 
 from models.evaluation import family_of
-from models.report import composition_figure, lift_over_base, verdict, write_report
+from models.report import composition_figure, lift_across_seeds, lift_over_base, verdict, write_report
 
 
 def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:
@@ -93,3 +93,34 @@ def test_report_describes_a_real_world_and_a_skipped_baseline(tmp_path):
     (tmp_path / "e").mkdir()
     embedded = write_report(summary(0.3, 0.05), tmp_path / "e", world={"base_model": {"embedded": True}})
     assert "## The world" not in embedded["report"].read_text()
+
+
+def test_lift_across_seeds_counts_the_seeds_whose_intervals_are_apart(tmp_path):
+    # Seed 0: VAS beta 4 at 0.275 ± 0.05 against base 0.1 ± 0.05 (apart); seed 1: VAS at 0.175 (not apart).
+    per_seed = pd.concat([summary(0.3, 0.05).assign(seed=0), summary(0.2, 0.05).assign(seed=1)], ignore_index=True)
+    text = lift_across_seeds(per_seed)
+    assert text.startswith("Across 2 seeds (0, 1): vas beta=4.0, parameterization=scalar")
+    # mean (0.275 + 0.175) / 2 = 0.225, sd (ddof=1) = 0.0707; base 0.1 in both seeds, sd 0
+    assert "0.225 ± 0.071 gold positivity (mean ± sd) at 4.00 nats, base 0.100 ± 0.000" in text
+    assert text.endswith("apart in 1 of 2 seeds.")
+    assert lift_across_seeds(None) == "" and lift_across_seeds(per_seed.query("method != 'base'")) == ""
+    report = write_report(summary(0.3, 0.05), tmp_path, per_seed=per_seed)
+    assert "are apart. Across 2 seeds" in report["report"].read_text()
+
+
+def test_report_has_the_serving_numbers_when_measured(tmp_path):
+    def row(tokens_per_s, upstream=0.0):
+        return {"tokens_per_s": tokens_per_s, "upstream_requests_per_token": upstream}
+
+    serving = {"rows": {"base_c1": row(20.0), "base_c4": row(21.0), "vas_c1": row(19.0), "vas_c1_top20": row(18.0),
+                        "blackbox_llamacpp_vas_c1": row(1.6, 1.0)},
+               "settings": {"requests": 8, "max_tokens": 24, "beta": 16.0}, "git_sha": "abc123",
+               "measured_at": "2026-11-30 10:00 UTC"}
+    text = write_report(summary(0.3, 0.05), tmp_path, serving=serving)["report"].read_text()
+    assert "## Serving (bench/serve.py)" in text
+    assert "8 held-out prompts, 24 new tokens each" in text and "git_sha abc123" in text
+    assert "| VAS, white-box | 19.0 | x0.95 | 0.00 |" in text                       # 19 / 20
+    assert "| black-box VAS, llama.cpp serving the base's GGUF as the upstream | 1.6 | x0.08 | 1.00 |" in text
+    assert "`vas serve` as the upstream" not in text                              # a row not measured is left out
+    (tmp_path / "none").mkdir()
+    assert "Serving" not in write_report(summary(0.3, 0.05), tmp_path / "none")["report"].read_text()
