@@ -162,3 +162,7 @@ def refresh_report(data: Path, profile: str) -> int:
     print(f"report refreshed: {data / output_of('report') / 'report.md'}" if result.success
           else "the report did not refresh: see the run log (`make ui`)")
     return 0 if result.success else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
