@@ -249,7 +249,8 @@ def serving_section(serving: dict | None) -> str:
         return ""
     rows, base = serving["rows"], serving["rows"]["base_c1"]["tokens_per_s"]
     settings = serving.get("settings", {})
-    when = ", ".join(f"{k} {serving[k]}" for k in ("measured_at", "git_sha") if serving.get(k))
+    when = " ".join(part for part in (serving.get("measured_at"),
+                                      f"at commit {serving['git_sha'][:7]}" if serving.get("git_sha") else "") if part)
     lines = ["\n## Serving (bench/serve.py)\n",
              f"{settings.get('requests', '?')} held-out prompts, {settings.get('max_tokens', '?')} new tokens each, "
              f"one request at a time, VAS at beta {settings.get('beta', '?')} on positivity"

@@ -114,11 +114,11 @@ def test_report_has_the_serving_numbers_when_measured(tmp_path):
 
     serving = {"rows": {"base_c1": row(20.0), "base_c4": row(21.0), "vas_c1": row(19.0), "vas_c1_top20": row(18.0),
                         "blackbox_llamacpp_vas_c1": row(1.6, 1.0)},
-               "settings": {"requests": 8, "max_tokens": 24, "beta": 16.0}, "git_sha": "abc123",
+               "settings": {"requests": 8, "max_tokens": 24, "beta": 16.0}, "git_sha": "abc1234def",
                "measured_at": "2026-11-30 10:00 UTC"}
     text = write_report(summary(0.3, 0.05), tmp_path, serving=serving)["report"].read_text()
     assert "## Serving (bench/serve.py)" in text
-    assert "8 held-out prompts, 24 new tokens each" in text and "git_sha abc123" in text
+    assert "8 held-out prompts, 24 new tokens each" in text and "; measured 2026-11-30 10:00 UTC at commit abc1234." in text
     assert "| VAS, white-box | 19.0 | x0.95 | 0.00 |" in text                       # 19 / 20
     assert "| black-box VAS, llama.cpp serving the base's GGUF as the upstream | 1.6 | x0.08 | 1.00 |" in text
     assert "`vas serve` as the upstream" not in text                              # a row not measured is left out
