@@ -39,6 +39,14 @@ def test_dagster_definitions_validate_cli():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("script", ["decode.py", "frontier.py", "serve.py"])
+def test_bench_scripts_run_as_scripts(script):
+    # The tests below call each benchmark's main(); this runs the file as `make bench*` does.
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / script), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
+
+
 def test_smoke_graph_materializes_with_passing_checks(smoke_world):
     result = smoke_world["result"]
     assert result.success
