@@ -284,6 +284,7 @@ def temperature(world: World, args) -> list[dict]:
     from models.evaluation import distinct_n
     from models.rewards import score_gold
     from models.sampling import SamplingConfig, sample
+    from models.study import mean_ci95
 
     rows = []
     for t in args.temperatures:
@@ -291,9 +292,8 @@ def temperature(world: World, args) -> list[dict]:
             config = SamplingConfig(max_new_tokens=world.profile["evaluation"]["max_new_tokens"], seed=seed,
                                     batch_size=world.profile["evaluation"]["batch_size"])
             gen = sample(world.base, world.tokenizer, world.eval_prompts, config, steering=Sharpened(t))
-            gold = np.asarray(score_gold(gen.texts, [world.attribute])[world.attribute])
-            rows.append({"temperature": t, "seed": seed, "gold": float(gold.mean()),
-                         "gold_ci95": float(1.96 * gold.std(ddof=1) / np.sqrt(len(gold))),
+            gold, gold_ci95 = mean_ci95(score_gold(gen.texts, [world.attribute])[world.attribute])
+            rows.append({"temperature": t, "seed": seed, "gold": gold, "gold_ci95": gold_ci95,
                          "learned": float(np.mean(world.scorer(world.eval_prompts, gen.texts))),
                          "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts)})
             print(rows[-1], flush=True)

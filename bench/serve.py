@@ -21,7 +21,6 @@ beyond overlapping HTTP and scoring with decoding; this measures what that costs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -145,8 +144,9 @@ def main(argv=None) -> int:
 
 def converted_from_gguf(data: Path) -> str | None:
     """The GGUF file the data folder's base model was converted from (its manifest says), if any."""
-    manifest = json.loads((data / "base_model" / "vas_manifest.json").read_text())
-    return manifest.get("gguf")
+    from models.lm import read_manifest
+
+    return read_manifest(data / "base_model").get("gguf")
 
 
 def refresh_report(data: Path, profile: str) -> int:
