@@ -23,6 +23,23 @@ def _classifiers(settings, params) -> list[str]:
     return sorted((params.get("sources") or {}).values())
 
 
+def _by_origin(eval_pairs: pd.DataFrame, margins: list[float], metrics: dict, attribute: str) -> dict:
+    """With pairs of human continuations among the training pairs, `heldout_accuracy` stays the
+    accuracy on held-out pairs of the base model's completions, what the reward must rank when it
+    scores rollouts and Best-of-N candidates (and what the gold ceiling is taken on); the human
+    pairs' own held-out accuracy goes beside it."""
+    from models.reward_model import pair_accuracy
+
+    if "origin" not in eval_pairs or not (eval_pairs.origin == "human_snippets").any():
+        return {}
+    human = (eval_pairs.origin == "human_snippets").to_numpy()
+    margins_human = [m for m, h in zip(margins, human) if h]
+    margins_sampled = [m for m, h in zip(margins, human) if not h]
+    metrics[f"{attribute}/heldout_accuracy_human_snippets"] = pair_accuracy(margins_human, [0.0] * len(margins_human))
+    sampled = pair_accuracy(margins_sampled, [0.0] * len(margins_sampled)) if margins_sampled else float("nan")
+    return {"heldout_accuracy": sampled, "n_eval_pairs": len(margins_sampled)}
+
+
 @pipeline_asset("reward_models", RewardModelsConfig, sources=_classifiers, group_name="rewards",
                 kinds={"pytorch", "huggingface"}, pool="gpu",
                 description="Bradley-Terry reward models (one per attribute) learned from the pairs; "
@@ -65,6 +82,9 @@ def reward_models(run: StageRun) -> Produced:
                     progress=run.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
                 eval_pairs = group.loc[train["eval_index"]]
+                train.update(_by_origin(eval_pairs, train["eval_margins"], metrics, attribute))
+                if "origin" in eval_pairs:
+                    eval_pairs = eval_pairs[eval_pairs.origin != "human_snippets"]
                 series[f"{attribute}/train_loss"] = train["loss_curve"][::5]
                 for key in ("heldout_accuracy", "heldout_loss", "train_loss", "n_train_pairs", "n_eval_pairs",
                             "train_seconds"):

@@ -167,17 +167,26 @@ def _prompts_source(settings, params) -> str | None:
 
 SNIPPET_OPENINGS = "human_snippet_openings.parquet"   # the file a snippet-prompt run imports
 GOLD_AGREEMENT = "gold_agreement.json"   # in the prompts folder: VADER vs the human ratings (the report's)
+# In the prompts folder: every usable snippet cut into opening and rest, with its prompt split
+# ("train", "eval", or "" for a snippet no prompt was cut from): preference_pairs' snippet_pairs.
+HUMAN_SNIPPETS = "human_snippets.parquet"
 
 
 def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
     """Openings of the human-rated snippets, imported as any prompts file is (validated, bad rows
     quarantined), with VADER's agreement with the human ratings on the held-out snippets."""
-    from models.human_snippets import SnippetPromptConfig, gold_agreement, read_snippets, snippet_prompts
+    from models.human_snippets import (
+        SnippetPromptConfig,
+        gold_agreement,
+        read_snippets,
+        snippet_prompts,
+        usable_snippets,
+    )
 
     params = run.params
     snippets = read_snippets(project_path(params["snippets"]))
-    chosen = snippet_prompts(snippets, run.config_for(SnippetPromptConfig, ignore=("source", "snippets",
-                                                                                    "validation")))
+    config = run.config_for(SnippetPromptConfig, ignore=("source", "snippets", "validation"))
+    chosen = snippet_prompts(snippets, config)
     openings = workdir / SNIPPET_OPENINGS
     write_parquet(chosen[["prompt_id", "split", "prompt"]], openings)
     df, report, quarantined, metrics = _import_source(run, import_prompt_file, rules, "prompt", path=openings,
@@ -188,7 +197,10 @@ def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
     run.log.info(f"{len(df)} prompts from {len(snippets)} human-rated snippets; VADER vs human ratings on "
                  f"{len(held_out)} held-out snippets: Spearman {agreement['spearman']:.3f}")
     metrics.update({f"gold_human_{k}": v for k, v in agreement.items()})
-    return df, report, quarantined, metrics
+    split = dict(zip(df.prompt_id, df.split))
+    usable = usable_snippets(snippets, config)
+    usable["split"] = [split.get(i, "") for i in usable.snippet_id]
+    return df, report, quarantined, metrics, usable
 
 
 @pipeline_asset("prompts", PromptsConfig, sources=_prompts_source, group_name=GROUP, kinds={"parquet"},
@@ -205,12 +217,13 @@ def prompts(run: StageRun) -> Produced:
     prompts_path = run.path("prompts") / "prompts.parquet"
     metrics: dict[str, float] = {}
     quarantined = None
+    usable = None
     if params["source"]:
         df, report, quarantined, metrics = _import_source(run, import_prompt_file, rules, "prompt",
                                                           n_eval=params["n_eval"], seed=params["seed"])
     elif params["snippets"]:
         with tempfile.TemporaryDirectory() as workdir:
-            df, report, quarantined, metrics = _snippet_prompts(run, rules, Path(workdir))
+            df, report, quarantined, metrics, usable = _snippet_prompts(run, rules, Path(workdir))
     else:
         openings = generate_openings(params["n_train"] + params["n_eval"], params["seed"] + 1)
         df = pd.DataFrame({
@@ -226,6 +239,7 @@ def prompts(run: StageRun) -> Produced:
         "prompts.parquet": df,
         "validation.json": {**report.to_dict(), "quarantine_file": str(quarantined) if quarantined else None},
         **({GOLD_AGREEMENT: agreement} if agreement else {}),
+        **({HUMAN_SNIPPETS: usable} if usable is not None else {}),
     })
     metrics.update({
         "n_train": int((df.split == "train").sum()),
@@ -240,6 +254,7 @@ class PreferencePairsConfig(dg.Config):
     source: Optional[str] = None
     pairs_per_attribute: Optional[int] = None
     max_new_tokens: Optional[int] = None
+    snippet_pairs: Optional[dict[str, int]] = None
 
 
 def _preference_pairs_upstream(settings, params) -> list[str]:
@@ -248,6 +263,29 @@ def _preference_pairs_upstream(settings, params) -> list[str]:
     if (output_path(settings, "imported_preferences") / "pairs.parquet").exists():
         upstream.append("imported_preferences")
     return upstream
+
+
+def _snippet_pairs(run: StageRun, config) -> pd.DataFrame:
+    """Pairs of human continuations of human openings, from the snippets no eval prompt was cut
+    from (an eval prompt's own continuation would leak into the reward its VAS steers by)."""
+    from models.human_snippets import continuation_triples
+    from models.preferences import snippet_pairs
+
+    path = run.path("prompts") / HUMAN_SNIPPETS
+    if not path.exists():
+        raise ValueError(f"preference_pairs.snippet_pairs {config.snippet_pairs} needs prompts cut from human-rated "
+                         f"snippets (prompts.snippets), and {path} does not exist")
+    usable = pd.read_parquet(path)
+    usable = usable[usable.split != "eval"].reset_index(drop=True)
+    frames = []
+    for i, (attribute, n) in enumerate(sorted(config.snippet_pairs.items())):
+        if attribute not in config.attributes:
+            raise ValueError(f"preference_pairs.snippet_pairs names {attribute!r}, which is not one of "
+                             f"preference_pairs.attributes {list(config.attributes)}")
+        triples = continuation_triples(usable, int(n), config.seed + i)
+        frames.append(snippet_pairs(triples, attribute, config))
+        run.log.info(f"{len(frames[-1])} {attribute} pairs of human continuations from {len(usable)} snippets")
+    return pd.concat(frames, ignore_index=True)
 
 
 @pipeline_asset("preference_pairs", PreferencePairsConfig, upstream=_preference_pairs_upstream,
@@ -273,13 +311,19 @@ def preference_pairs(run: StageRun) -> Produced:
         train = train[train.split == "train"]
         config = run.config_for(PairSynthesisConfig, ignore=("source", "validation"))
         df = synthesize_pairs(model, tokenizer, train, config, device=device, progress=run.log.info)
-        metrics["n_dropped_identical_or_empty"] = params["pairs_per_attribute"] * len(params["attributes"]) - len(df)
+        n_asked = params["pairs_per_attribute"] * len(params["attributes"])
+        if config.snippet_pairs:
+            human = _snippet_pairs(run, config)
+            n_asked += sum(config.snippet_pairs.values())
+            df = pd.concat([df, human], ignore_index=True)
+        metrics["n_dropped_identical_or_empty"] = n_asked - len(df)
         metrics["gold_agreement"] = float((df.gold_chosen > df.gold_rejected).mean())
         report = validate_pairs(df, str(pairs_path), rules)
     if "imported_preferences" in run.inputs:
         imported = pd.read_parquet(run.path("imported_preferences") / "pairs.parquet")
         if len(imported):
             run.log.info(f"merging {len(imported)} imported pairs from {imported.source_md5.nunique()} file(s)")
+            imported = imported.assign(origin="imported")
             df = pd.concat([df, imported[list(df.columns.intersection(imported.columns))]], ignore_index=True)
         metrics["n_imported"] = len(imported)
     write_folder(run.path("preference_pairs"), {

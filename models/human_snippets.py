@@ -94,14 +94,28 @@ def opening(text: str, n_words: int) -> str:
     return " ".join(text.split()[:n_words])
 
 
+def rest(text: str, n_words: int) -> str:
+    """What follows the first n_words words, with its leading space: a continuation of the opening."""
+    words = text.split()[n_words:]
+    return " " + " ".join(words) if words else ""
+
+
+def usable_snippets(snippets: pd.DataFrame, config: SnippetPromptConfig) -> pd.DataFrame:
+    """The snippets long enough to be a prompt (opening_words + min_rest_words words), each cut
+    into its opening and the rest: the snippet columns plus `opening` and `rest`."""
+    if config.opening_words < 1 or config.min_rest_words < 0:
+        raise ValueError(f"opening_words must be >= 1 and min_rest_words >= 0, got {config}")
+    words = snippets.text.str.split().str.len()
+    usable = snippets[words >= config.opening_words + config.min_rest_words].reset_index(drop=True)
+    return usable.assign(opening=[opening(t, config.opening_words) for t in usable.text],
+                         rest=[rest(t, config.opening_words) for t in usable.text])
+
+
 def snippet_prompts(snippets: pd.DataFrame, config: SnippetPromptConfig) -> pd.DataFrame:
     """Seeded train and eval prompts, half of each split from each corpus (as far as it goes):
     prompt_id, split, prompt, corpus, human_rating, snippet. Only snippets with at least
     opening_words + min_rest_words words are used; the rest of each chosen snippet is not shown."""
-    if config.opening_words < 1 or config.min_rest_words < 0:
-        raise ValueError(f"opening_words must be >= 1 and min_rest_words >= 0, got {config}")
-    words = snippets.text.str.split().str.len()
-    usable = snippets[words >= config.opening_words + config.min_rest_words]
+    usable = usable_snippets(snippets, config)
     rng = np.random.default_rng(config.seed)
     corpora = sorted(usable.corpus.unique())
     picked = []
@@ -118,7 +132,7 @@ def snippet_prompts(snippets: pd.DataFrame, config: SnippetPromptConfig) -> pd.D
     return pd.DataFrame({
         "prompt_id": out.snippet_id,
         "split": out.split,
-        "prompt": [opening(t, config.opening_words) for t in out.text],
+        "prompt": out.opening,
         "corpus": out.corpus,
         "human_rating": out.human_rating,
         "snippet": out.text,
@@ -134,3 +148,20 @@ def gold_agreement(snippets: pd.DataFrame, scores) -> dict[str, float]:
         out[f"spearman_{corpus}"] = float(group.gold.corr(group.human_rating, method="spearman"))
         out[f"n_{corpus}"] = float(len(group))
     return out
+
+
+def continuation_triples(usable: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """n seeded (opening, continuation a, continuation b) triples of human text, the shape of a
+    completion pair: the opening of one snippet and the rests of two others, all three distinct.
+    `usable` is usable_snippets' frame; returns prompt_id (the opening's snippet), prompt, text_a,
+    text_b. Which continuation a rater prefers is the caller's (models.preferences)."""
+    if len(usable) < 3:
+        raise ValueError(f"continuation pairs need at least 3 usable snippets, found {len(usable)}")
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(len(usable), size=3, replace=False) for _ in range(n)]) if n else np.zeros((0, 3), int)
+    return pd.DataFrame({
+        "prompt_id": usable.snippet_id.to_numpy()[idx[:, 0]],
+        "prompt": usable.opening.to_numpy()[idx[:, 0]],
+        "text_a": usable.rest.to_numpy()[idx[:, 1]],
+        "text_b": usable.rest.to_numpy()[idx[:, 2]],
+    })

@@ -27,6 +27,9 @@ class PairSynthesisConfig:
     batch_size: int = 128
     # attribute -> Bradley-Terry scale (0.1 for an attribute not listed)
     bt_scale: dict | None = field(default_factory=lambda: {"positivity": 0.15, "conciseness": 0.08})
+    # attribute -> pairs of human-written continuations (snippet_pairs) added to the sampled ones,
+    # when the prompts are cut from human-rated snippets (prompts.snippets).
+    snippet_pairs: dict = field(default_factory=dict)
     seed: int = 0
 
 
@@ -52,7 +55,8 @@ def synthesize_pairs(model, tokenizer, prompts: pd.DataFrame, config: PairSynthe
                      device: str = "cpu", progress: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Pairs for every attribute from `prompts` (columns prompt_id, prompt), cycled as needed.
 
-    Columns: pair_id, attribute, prompt_id, prompt, chosen, rejected, gold_chosen, gold_rejected.
+    Columns: pair_id, attribute, prompt_id, prompt, chosen, rejected, gold_chosen, gold_rejected,
+    origin ("sampled").
     """
     rng = np.random.default_rng(config.seed)
     frames = []
@@ -64,19 +68,39 @@ def synthesize_pairs(model, tokenizer, prompts: pd.DataFrame, config: PairSynthe
                                   seed=config.seed + 1000 * (a_index + 1), batch_size=config.batch_size)
         gen = sample(model, tokenizer, doubled, sampling, device=device, progress=progress)
         texts_a, texts_b = gen.texts[:n], gen.texts[n:]
-        scale = (config.bt_scale or {}).get(attribute, 0.1)
-        a_chosen, r_a, r_b = label_pairs(texts_a, texts_b, attribute, scale, rng)
-        frames.append(pd.DataFrame({
-            "pair_id": [f"{attribute[:3]}-{i:06d}" for i in range(n)],
-            "attribute": attribute,
-            "prompt_id": rows.prompt_id.tolist(),
-            "prompt": rows.prompt.tolist(),
-            "chosen": [a if c else b for a, b, c in zip(texts_a, texts_b, a_chosen)],
-            "rejected": [b if c else a for a, b, c in zip(texts_a, texts_b, a_chosen)],
-            "gold_chosen": [x if c else y for x, y, c in zip(r_a, r_b, a_chosen)],
-            "gold_rejected": [y if c else x for x, y, c in zip(r_a, r_b, a_chosen)],
-        }))
-    pairs = pd.concat(frames, ignore_index=True)
-    # Identical or empty samples carry no preference; they are counted by the caller, not kept.
+        frames.append(_labelled(attribute, f"{attribute[:3]}-", rows.prompt_id.tolist(), rows.prompt.tolist(),
+                                texts_a, texts_b, config, rng))
+    return _informative(pd.concat(frames, ignore_index=True).assign(origin="sampled"))
+
+
+def snippet_pairs(triples: pd.DataFrame, attribute: str, config: PairSynthesisConfig) -> pd.DataFrame:
+    """Pairs of human-written continuations, labelled by the same Bradley-Terry rater as the
+    sampled pairs: `triples` holds prompt_id, prompt, text_a, text_b
+    (models.human_snippets.continuation_triples). Columns as synthesize_pairs', origin
+    "human_snippets"; they cost no sampling, so a reward model can learn from many more of them."""
+    rng = np.random.default_rng(config.seed + 7)
+    pairs = _labelled(attribute, f"{attribute[:3]}-snip-", triples.prompt_id.tolist(), triples.prompt.tolist(),
+                      triples.text_a.tolist(), triples.text_b.tolist(), config, rng)
+    return _informative(pairs.assign(origin="human_snippets"))
+
+
+def _labelled(attribute: str, id_prefix: str, prompt_ids: list, prompts: list, texts_a: list, texts_b: list,
+              config: PairSynthesisConfig, rng: np.random.Generator) -> pd.DataFrame:
+    scale = (config.bt_scale or {}).get(attribute, 0.1)
+    a_chosen, r_a, r_b = label_pairs(texts_a, texts_b, attribute, scale, rng)
+    return pd.DataFrame({
+        "pair_id": [f"{id_prefix}{i:06d}" for i in range(len(texts_a))],
+        "attribute": attribute,
+        "prompt_id": prompt_ids,
+        "prompt": prompts,
+        "chosen": [a if c else b for a, b, c in zip(texts_a, texts_b, a_chosen)],
+        "rejected": [b if c else a for a, b, c in zip(texts_a, texts_b, a_chosen)],
+        "gold_chosen": [x if c else y for x, y, c in zip(r_a, r_b, a_chosen)],
+        "gold_rejected": [y if c else x for x, y, c in zip(r_a, r_b, a_chosen)],
+    })
+
+
+def _informative(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Identical or empty texts carry no preference; they are counted by the caller, not kept."""
     keep = (pairs.chosen != pairs.rejected) & (pairs.chosen.str.strip() != "") & (pairs.rejected.str.strip() != "")
     return pairs[keep].reset_index(drop=True)

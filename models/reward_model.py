@@ -273,8 +273,8 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
     """Fit a Bradley-Terry reward model on pairs (prompt, chosen, rejected[, prompt_id]).
 
     Returns (model on CPU in eval mode, tokenizer, metrics). metrics["eval_index"] lists the
-    held-out rows' index labels in `pairs`, so the caller can compare with the gold ceiling on
-    exactly those pairs.
+    held-out rows' index labels in `pairs` and metrics["eval_margins"] their reward margins, so the
+    caller can compare with the gold ceiling on exactly those pairs, or on a subset of them.
 
     A hand-written loop rather than TRL's RewardTrainer (which DPO uses): on the default world's
     reward model (GPT-2, 4 layers x 128, 1.3k pairs of 10-90 tokens, batch 32, one CPU thread) it
@@ -336,6 +336,7 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
 
     model.eval()
     heldout_accuracy = heldout_loss = float("nan")
+    margins = torch.zeros(0)
     if eval_chosen:
         s_chosen = score_rows(model, eval_chosen, pad, side, dev)
         s_rejected = score_rows(model, eval_rejected, pad, side, dev)
@@ -362,6 +363,7 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
         "max_length": max_length,
         "device": str(dev),
         "eval_index": pairs.index[held].tolist(),
+        "eval_margins": margins.tolist(),     # r(chosen) - r(rejected) of each held-out pair, as eval_index
     }
     if isinstance(model.base_model, FrozenFeatures):
         setattr(model, model.base_model_prefix, model.base_model.inner)   # the plain body again, to save

@@ -14,10 +14,13 @@ from models.human_snippets import (
     SDIST_NAME,
     SnippetPromptConfig,
     _parse,
+    continuation_triples,
     gold_agreement,
     opening,
     read_snippets,
+    rest,
     snippet_prompts,
+    usable_snippets,
 )
 from models.profiles import PROJECT_ROOT
 
@@ -88,6 +91,47 @@ def test_prompts_are_seeded_openings_balanced_across_corpora_and_splits(snippets
         snippet_prompts(snippets, SnippetPromptConfig(n_train=8000, n_eval=0))
 
 
+def test_continuation_pairs_are_human_openings_and_two_other_snippets_rests(snippets):
+    usable = usable_snippets(snippets, SnippetPromptConfig(opening_words=5, min_rest_words=3))
+    assert (usable.text.str.split().str.len() >= 8).all()
+    for row in usable.head(50).itertuples():   # the opening and the rest are the snippet, cut once
+        assert (row.opening + row.rest).split() == row.text.split() and row.rest.startswith(" ")
+    assert rest("one two three", 1) == " two three" and rest("one two", 2) == ""
+
+    triples = continuation_triples(usable, 200, seed=3)
+    by_id = usable.set_index("snippet_id")
+    openings, rests = set(usable.opening), dict(zip(usable.rest, usable.snippet_id))
+    assert len(triples) == 200 and set(triples.text_a) <= set(rests) and set(triples.text_b) <= set(rests)
+    for row in triples.itertuples():
+        assert row.prompt == by_id.loc[row.prompt_id, "opening"] and row.prompt in openings
+        assert len({row.prompt_id, rests[row.text_a], rests[row.text_b]}) == 3     # three distinct snippets
+    pd.testing.assert_frame_equal(triples, continuation_triples(usable, 200, seed=3))   # seeded
+    assert not triples.equals(continuation_triples(usable, 200, seed=4))
+    with pytest.raises(ValueError, match="at least 3 usable snippets"):
+        continuation_triples(usable.head(2), 5, seed=0)
+
+
+def test_snippet_pairs_are_labelled_by_the_same_bradley_terry_rater():
+    from models.preferences import PairSynthesisConfig, snippet_pairs
+    from models.rewards import positivity
+
+    triples = pd.DataFrame({"prompt_id": ["m-1", "m-2", "m-3"], "prompt": ["The film", "This phone", "Its plot"],
+                            "text_a": [" is wonderful and great.", " broke.", " is dull, awful and bad."],
+                            "text_b": [" is awful.", " is great, I love it!", " is superb."]})
+    sharp = PairSynthesisConfig(bt_scale={"positivity": 1e-6})   # a rater that never errs
+    pairs = snippet_pairs(triples, "positivity", sharp)
+    assert pairs.chosen.tolist() == [" is wonderful and great.", " is great, I love it!", " is superb."]
+    assert (pairs.gold_chosen > pairs.gold_rejected).all() and set(pairs.origin) == {"human_snippets"}
+    assert pairs.gold_chosen.tolist() == positivity(pairs.chosen.tolist())
+    assert pairs.prompt.tolist() == triples.prompt.tolist() and pairs.pair_id.is_unique
+    # A coin-flip rater (huge scale) still labels every pair, chosen or not by its draw.
+    noisy = snippet_pairs(triples, "positivity", PairSynthesisConfig(bt_scale={"positivity": 1e6}))
+    assert sorted([*noisy.chosen, *noisy.rejected]) == sorted([*triples.text_a, *triples.text_b])
+    # An identical or empty continuation carries no preference and is dropped.
+    same = triples.assign(text_b=[" is wonderful and great.", " ", " is superb."])
+    assert snippet_pairs(same, "positivity", sharp).prompt_id.tolist() == ["m-3"]
+
+
 def test_gold_agreement_is_the_spearman_rank_correlation_per_corpus():
     frame = pd.DataFrame({"corpus": ["a", "a", "a", "b", "b", "b"],
                           "human_rating": [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]})
@@ -108,3 +152,31 @@ def test_vader_agrees_with_the_human_raters_as_published(snippets):
 
     out = gold_agreement(snippets, positivity(snippets.text.tolist()))
     assert 0.35 < out["spearman_movie"] < 0.55 and 0.5 < out["spearman_amazon"] < 0.7
+
+
+def test_the_pairs_asset_never_pairs_an_eval_prompts_snippet_and_says_what_it_needs(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from assets.synthesis import HUMAN_SNIPPETS, _snippet_pairs
+    from models.preferences import PairSynthesisConfig
+
+    run = SimpleNamespace(path=lambda asset: tmp_path / asset, log=logging.getLogger("test"))
+    config = PairSynthesisConfig(snippet_pairs={"positivity": 60})
+    with pytest.raises(ValueError, match=r"snippet_pairs .* needs prompts cut from human-rated snippets"):
+        _snippet_pairs(run, config)
+    texts = ["a great fine film", "a dull bad plot", "the best phone ever", "it broke so sad",
+             "an awful mess here", "a lovely warm story", "one fine day indeed"]
+    usable = usable_snippets(pd.DataFrame({"snippet_id": [f"s{i}" for i in range(7)], "corpus": "movie",
+                                           "human_rating": 0.0, "text": texts}),
+                             SnippetPromptConfig(opening_words=1, min_rest_words=1))
+    usable["split"] = ["eval", "eval", "eval", "train", "", "", ""]
+    (tmp_path / "prompts").mkdir()
+    usable.to_parquet(tmp_path / "prompts" / HUMAN_SNIPPETS)
+    pairs = _snippet_pairs(run, config)
+    assert 0 < len(pairs) <= 60 and set(pairs.origin) == {"human_snippets"}
+    assert set(pairs.prompt_id) <= {"s3", "s4", "s5", "s6"}
+    eval_rests = set(usable.rest[usable.split == "eval"])
+    assert not eval_rests & set(pairs.chosen) and not eval_rests & set(pairs.rejected)
+    with pytest.raises(ValueError, match="'tone', which is not one of preference_pairs.attributes"):
+        _snippet_pairs(run, PairSynthesisConfig(snippet_pairs={"tone": 5}))

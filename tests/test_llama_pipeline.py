@@ -116,6 +116,7 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     smoke = params["smoke"]
     smoke["base_model"]["source"] = str(paths["base"])
     smoke["prompts"]["snippets"] = str(PROJECT_ROOT / ".cache" / "sources" / SDIST_NAME)
+    smoke["preference_pairs"]["snippet_pairs"] = {"positivity": 40}
     smoke["reward_models"]["base_layers"] = 1
     smoke["value_backbone"]["base_layers"] = 1
     smoke["value_models"].update(backbone_init="base", freeze_backbone=True)
@@ -135,6 +136,21 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     assert set(prompts.corpus) == {"movie", "amazon"}
     assert all(s.startswith(p) for p, s in zip(prompts.prompt, prompts.snippet))
     assert 0.3 < events["prompts"]["gold_human_spearman"].value < 0.6
+    # Pairs of human continuations beside the sampled ones, never from an eval prompt's snippet;
+    # the reward's held-out accuracy stays the one on the base model's completion pairs.
+    pairs = pd.read_parquet(data_dir / "preference_pairs" / "pairs.parquet")
+    human = pairs[pairs.origin == "human_snippets"]
+    assert 35 <= len(human) <= 40 and set(human.attribute) == {"positivity"}
+    assert (pairs.origin == "sampled").sum() == len(pairs) - len(human)
+    usable = pd.read_parquet(data_dir / "prompts" / "human_snippets.parquet")
+    eval_rows = usable[usable.split == "eval"]
+    assert set(eval_rows.snippet_id) == set(prompts.prompt_id[prompts.split == "eval"])
+    assert not set(human.prompt_id) & set(eval_rows.snippet_id)
+    assert not set(human.chosen) & set(eval_rows.rest) and not set(human.rejected) & set(eval_rows.rest)
+    rewards = events["reward_models"]
+    assert 0 <= rewards["positivity/heldout_accuracy_human_snippets"].value <= 1
+    sampled_held = rewards["positivity/n_eval_pairs"].value
+    assert 0 < sampled_held < (pairs[pairs.attribute == "positivity"].origin == "sampled").sum()
     for folder in ("reward_models/positivity", "value_backbone"):
         assert json.loads((data_dir / folder / "config.json").read_text())["num_hidden_layers"] == 1, folder
     base_sha = weights_sha256(paths["base"])
