@@ -24,7 +24,9 @@ WORLD_FILE = "world.json"    # what the evaluated world is, for the report (repo
 
 def world_inputs(run: StageRun) -> dict:
     """The inputs the report describes, from this asset's upstreams: the base model's manifest, the
-    gold's agreement with human raters (prompts from human-rated snippets), a skipped DPO's reason."""
+    gold's agreement with human raters (prompts from human-rated snippets), a skipped DPO's reason,
+    what the learned rewards are worth (held-out accuracy against the gold's ceiling)."""
+    from assets.rewards import HELDOUT_FILE
     from assets.synthesis import GOLD_AGREEMENT
     from models.lm import read_manifest
 
@@ -33,6 +35,8 @@ def world_inputs(run: StageRun) -> dict:
         world["gold_agreement"] = json.loads(agreement.read_text())
     if (skipped := run.path("dpo_model") / DPO_SKIPPED).exists():
         world["dpo_skipped"] = json.loads(skipped.read_text())["reason"]
+    if (rewards := run.path("reward_models") / HELDOUT_FILE).exists():
+        world["reward_models"] = json.loads(rewards.read_text())
     return world
 
 

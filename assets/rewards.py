@@ -7,8 +7,12 @@ import dagster as dg
 import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
-from models.artifacts import atomic_path
+from models.artifacts import atomic_path, write_json
 from models.rewards import GOLD_REWARDS
+
+# Beside the reward models' folders: each one's held-out accuracy, the gold's ceiling and its pairs
+# by origin (what the report says the learned rewards are worth).
+HELDOUT_FILE = "heldout.json"
 
 
 class RewardModelsConfig(dg.Config):
@@ -61,6 +65,7 @@ def reward_models(run: StageRun) -> Produced:
     device = str(pick_device(run.settings.device))
     metrics: dict[str, float] = {}
     series: dict[str, list[float]] = {}
+    summary: dict[str, dict] = {}
     with atomic_path(run.path("reward_models")) as tmp:
         tmp.mkdir()
         for attribute, group in pairs.groupby("attribute", sort=True):
@@ -95,4 +100,11 @@ def reward_models(run: StageRun) -> Produced:
             run.log.info(f"reward model {attribute}: held-out accuracy "
                              f"{metrics[f'{attribute}/heldout_accuracy']:.3f} (gold ceiling "
                              f"{metrics.get(f'{attribute}/gold_ceiling_accuracy', float('nan')):.3f})")
+            summary[attribute] = {
+                **{key: metrics[f"{attribute}/{key}"] for key in ("heldout_accuracy", "gold_ceiling_accuracy")
+                   if f"{attribute}/{key}" in metrics},
+                "pairs_by_origin": {str(k): int(n) for k, n in group.origin.value_counts().items()}
+                if "origin" in group else {"sampled": len(group)},
+            }
+        write_json(summary, tmp / HELDOUT_FILE)
     return Produced(metrics, series=series)

@@ -139,7 +139,11 @@ def main(argv=None) -> int:
     write_json({"rows": rows, "ratios": ratios, "settings": vars(args), "git_sha": git_sha(),
                 "measured_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}, out)
     print(f"wrote {out}")
-    return 0 if args.no_report else refresh_report(data, args.profile)
+    if args.no_report:
+        return 0
+    from orchestration.cli import refresh_report
+
+    return refresh_report(data, args.profile, "bench/serve.py")
 
 
 def converted_from_gguf(data: Path) -> str | None:
@@ -147,21 +151,6 @@ def converted_from_gguf(data: Path) -> str | None:
     from models.lm import read_manifest
 
     return read_manifest(data / "base_model").get("gguf")
-
-
-def refresh_report(data: Path, profile: str) -> int:
-    """Re-materialize the report of this data folder, which now reads serve.json (when the pipeline
-    has been evaluated there)."""
-    from models.stages import output_of
-    from orchestration.cli import materialize
-
-    if not (data / output_of("evaluation") / "summary.parquet").exists():
-        print(f"no evaluation under {data}: the report is not refreshed")
-        return 0
-    result, _ = materialize(["report"], profile, str(data))
-    print(f"report refreshed: {data / output_of('report') / 'report.md'}" if result.success
-          else "the report did not refresh: see the run log (`make ui`)")
-    return 0 if result.success else 1
 
 
 if __name__ == "__main__":

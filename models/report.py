@@ -265,8 +265,9 @@ def serving_section(serving: dict | None) -> str:
 
 
 def world_section(world: dict | None) -> str:
-    """What this run is about, when its inputs are not the embedded world's: the base model, where
-    the prompts came from and what the gold is worth against human raters, a skipped baseline."""
+    """What this run is about: the base model, where the prompts came from and what the gold is
+    worth against human raters (when they are not the embedded world's), a skipped baseline, and
+    what the learned rewards are worth against the gold."""
     if not world:
         return ""
     lines = ["\n## The world\n"]
@@ -281,7 +282,24 @@ def world_section(world: dict | None) -> str:
                      f"{agreement['spearman']:.3f} ({per}).")
     if skipped := world.get("dpo_skipped"):
         lines.append(f"- DPO baseline skipped: {skipped}.")
+    if rewards := world.get("reward_models"):
+        lines.append("- Learned rewards (Bradley-Terry, from the pairs only), ranking held-out pairs of the base "
+                     "model's completions: " + "; ".join(_reward_worth(a, r) for a, r in sorted(rewards.items()))
+                     + ".")
     return "\n".join(lines) + "\n" if len(lines) > 1 else ""
+
+
+def _reward_worth(attribute: str, reward: dict) -> str:
+    """One reward's held-out accuracy, the gold's own ceiling on those labels, and what it learned from."""
+    text = f"{attribute} {reward['heldout_accuracy']:.3f}"
+    if "gold_ceiling_accuracy" in reward:
+        text += f" (the gold itself: {reward['gold_ceiling_accuracy']:.3f})"
+    origins = reward.get("pairs_by_origin", {})
+    if len(origins) > 1:
+        names = {"human_snippets": "human-continuation"}
+        text += ", from " + " and ".join(f"{n:,} {names.get(origin, origin)}" for origin, n in sorted(origins.items())) \
+            + " pairs"
+    return text
 
 
 def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,

@@ -285,12 +285,21 @@ def cmd_study(args) -> int:
     print(f"\n{text}")
     print(f"per-seed summaries {out / 'study.parquet'}, aggregate {out / 'aggregate.parquet'}, "
           f"{out / 'study.md'}; DuckDB run {run_id} (asset seed_study) in {settings.path('metrics.duckdb')}")
-    if settings.path(output_of("evaluation")).exists():
-        result, _ = materialize(["report"], settings.profile, settings.data_dir)
-        if not result.success:
-            print("vas study: the report did not refresh: see the run log", file=sys.stderr)
-            return 1
-        print(f"report verdict now from the study: {settings.path(output_of('report'), 'report.md')}")
+    return refresh_report(settings.data_dir, settings.profile, "vas study")
+
+
+def refresh_report(data_dir: str | Path, profile: str, caller: str) -> int:
+    """Re-materialize a data folder's report after something it reads changed beside the pipeline
+    (a seed study, a serving benchmark); nothing to refresh before the folder has an evaluation."""
+    data = Path(data_dir)
+    if not (data / output_of("evaluation") / "summary.parquet").exists():
+        print(f"{caller}: no evaluation under {data}: the report is not refreshed")
+        return 0
+    result, _ = materialize(["report"], profile, str(data))
+    if not result.success:
+        print(f"{caller}: the report did not refresh: see the run log (`make ui`)", file=sys.stderr)
+        return 1
+    print(f"{caller}: report refreshed: {data / output_of('report') / 'report.md'}")
     return 0
 
 

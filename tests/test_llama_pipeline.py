@@ -4,6 +4,7 @@ vocabulary (value_models.backbone), a local Llama sequence classifier as the pos
 (reward_models.sources; conciseness is trained on the Llama base), imported prompts and pairs."""
 
 import json
+import re
 
 import dagster as dg
 import pandas as pd
@@ -151,6 +152,11 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     assert 0 <= rewards["positivity/heldout_accuracy_human_snippets"].value <= 1
     sampled_held = rewards["positivity/n_eval_pairs"].value
     assert 0 < sampled_held < (pairs[pairs.attribute == "positivity"].origin == "sampled").sum()
+    heldout = json.loads((data_dir / "reward_models" / "heldout.json").read_text())
+    assert heldout["positivity"]["pairs_by_origin"] == pairs[pairs.attribute == "positivity"].origin.value_counts().to_dict()
+    assert heldout["positivity"]["heldout_accuracy"] == rewards["positivity/heldout_accuracy"].value
+    assert re.search(r"Learned rewards .* positivity [01]\.\d{3} \(the gold itself: [01]\.\d{3}\), from "
+                     rf"{len(human)} human-continuation and \d+ sampled pairs\.", (data_dir / "report" / "report.md").read_text())
     for folder in ("reward_models/positivity", "value_backbone"):
         assert json.loads((data_dir / folder / "config.json").read_text())["num_hidden_layers"] == 1, folder
     base_sha = weights_sha256(paths["base"])

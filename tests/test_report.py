@@ -84,12 +84,17 @@ def test_report_describes_a_real_world_and_a_skipped_baseline(tmp_path):
     world = {"base_model": {"embedded": False, "source": "/m/smollm2", "gguf": "/p/SmolLM2.gguf",
                             "weights_sha256": "11d5b668dc68ffff"},
              "gold_agreement": {"spearman": 0.466, "n": 14121, "spearman_movie": 0.44, "spearman_amazon": 0.59},
-             "dpo_skipped": "too slow on 2 cores"}
+             "dpo_skipped": "too slow on 2 cores",
+             "reward_models": {"positivity": {"heldout_accuracy": 0.7012, "gold_ceiling_accuracy": 0.858,
+                                              "pairs_by_origin": {"sampled": 768, "human_snippets": 5991}},
+                               "conciseness": {"heldout_accuracy": 0.64, "pairs_by_origin": {"sampled": 760}}}}
     text = write_report(summary(0.3, 0.05), tmp_path, world=world)["report"].read_text()
     assert "Lift over base sampling" in text and "## The world" in text
     assert "/m/smollm2, converted from SmolLM2.gguf (weights sha256 11d5b668dc68)" in text
     assert "14121 held-out snippets: Spearman 0.466 (movie 0.440, amazon 0.590)" in text
     assert "DPO baseline skipped: too slow on 2 cores." in text
+    assert ("ranking held-out pairs of the base model's completions: conciseness 0.640; positivity 0.701 "
+            "(the gold itself: 0.858), from 5,991 human-continuation and 768 sampled pairs.") in text
     (tmp_path / "e").mkdir()
     embedded = write_report(summary(0.3, 0.05), tmp_path / "e", world={"base_model": {"embedded": True}})
     assert "## The world" not in embedded["report"].read_text()
