@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from models.dpo import PolicySteering
 from models.rewards import score_gold
@@ -122,6 +123,12 @@ def is_distributional(parameterization: str) -> bool:
     return parameterization in DISTRIBUTIONAL
 
 
+def _own_params(model: torch.nn.Module, base: torch.nn.Module) -> int:
+    """Parameters of `model` that are not the base model's (shared modules are counted once, in the base)."""
+    shared = {id(p) for p in base.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in shared)
+
+
 class Evaluator:
     """Runs every method on the same prompts; scoring happens once per sample at the end."""
 
@@ -208,10 +215,11 @@ class Evaluator:
     def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str) -> float:
         """Base forward + value forwards per token, in base-model units (value forwards scale by
         size): scalar-shaped heads score the k candidates and the chosen token, per-token heads
-        read one forward."""
+        read one forward. A value model's parameters that are the base model's own (a head on the
+        frozen base's hidden states, which the sampler hands it) cost no second forward."""
         models = self.value_models[parameterization]
         active = [models[a] for a, w in weights.items() if w]
-        ratio = sum(sum(p.numel() for p in m.parameters()) for m in active) / self.base_params
+        ratio = sum(_own_params(m, self.base) for m in active) / self.base_params
         return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,

@@ -135,6 +135,13 @@ def test_a_frozen_base_value_head_decodes_on_the_base_forward_as_on_its_own(real
     two = vas_sample(base, tokenizer, PROMPTS, {"p": separate}, {"p": 2.0}, config, VASConfig(top_k=20))
     assert one.completion_ids == two.completion_ids and max(one.kl_nats) > 0
     assert one.kl_nats == pytest.approx(two.kl_nats, abs=1e-4)
+    # What the evaluation counts as decode cost: the shared head is a few parameters on top of the
+    # base forward; the separate copy is a second 30-layer forward.
+    from models.evaluation import _own_params
+
+    head = sum(p.numel() for name, p in shared.named_parameters() if not name.startswith("backbone."))
+    assert 0 < _own_params(shared, base) == head < 0.05 * sum(p.numel() for p in base.parameters())
+    assert _own_params(separate, base) == sum(p.numel() for p in separate.parameters()) > 20 * head
 
 
 def test_llamacpp_serves_this_gguf_and_black_box_vas_steers_it(real_base, llamacpp):
