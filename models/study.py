@@ -124,14 +124,18 @@ def ratio_sentence(ratio: dict) -> str:
                 f"seed(s); no VAS setting kept distinct-2 at {ratio['min_distinct_fraction']:g}x {bon}'s in "
                 f"{no_vas}).")
     picks = "; ".join(f"seed {s['seed']}: {s['ratio']:.2f} ({_label('vas', s['vas_params'])})"
-                      for s in ratio["per_seed"])
-    missing = ratio["n_seeds"] - ratio["n_with_ratio"]
+                      for s in ratio["per_seed"] if not math.isnan(s["ratio"]))
+    no_vas = [str(s["seed"]) for s in ratio["per_seed"] if s["n_vas_eligible"] == 0]
+    no_lift = [str(s["seed"]) for s in ratio["per_seed"] if s["n_vas_eligible"] and math.isnan(s["ratio"])]
+    missing = "".join(f" No ratio in seed {', '.join(seeds)}: {why}." for seeds, why in (
+        (no_lift, f"{bon} did not lift gold positivity over base there"),
+        (no_vas, f"no VAS setting kept distinct-2 at {ratio['min_distinct_fraction']:g}x {bon}'s")) if seeds)
     return (f"Across {n} seeds: the best VAS setting whose distinct-2 stays at least "
             f"{ratio['min_distinct_fraction']:g}x {bon}'s reaches ratio mean ± sd = "
             f"{_pm(ratio['ratio_mean'], ratio['ratio_sd'], 2)} of {bon}'s gold-positivity lift over base, at "
             f"{_pm(ratio['cost_vs_bon_mean'], ratio['cost_vs_bon_sd'])}x its base-model forwards per sample "
             f"({picks})."
-            + (f" {missing} seed(s) had no eligible VAS setting." if missing else ""))
+            + missing)
 
 
 def study_markdown(aggregate: pd.DataFrame, ratio: dict) -> str:

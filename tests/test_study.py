@@ -72,6 +72,15 @@ def test_no_eligible_vas_row_gives_no_ratio():
     assert "no lift ratio" in ratio_sentence(ratio) and "distinct-2 at 0.8x Best-of-4's in 2)" in ratio_sentence(ratio)
 
 
+def test_a_seed_where_best_of_n_did_not_lift_is_named_as_such():
+    # seed 1's Best-of-4 (0.15) below its base (0.2): no ratio there, although VAS rows are eligible.
+    frame = pd.DataFrame(seed_rows(0, 0.1, 0.5, 0.3, 0.6, 0.35) + seed_rows(1, 0.2, 0.15, 0.5, 0.9, 0.3))
+    text = ratio_sentence(lift_ratio(frame))
+    assert "(seed 0: 0.62 (" in text and "; seed 1" not in text
+    assert text.endswith(" No ratio in seed 1: Best-of-4 did not lift gold positivity over base there.")
+    assert "no VAS setting" not in text
+
+
 def test_aggregate_mean_and_sample_sd_across_seeds():
     table = aggregate(study_frame())
     assert len(table) == 6 and (table.n_seeds == 2).all()
