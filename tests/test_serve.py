@@ -12,6 +12,8 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from models.artifacts import visible_subfolders  # noqa: E402
+
 PROMPT = "The movie was"
 
 
@@ -73,7 +75,7 @@ def test_steered_completions_report_kl_learned_rewards_and_version(served):
     assert body["vas"]["weights"] == weights and body["vas"]["top_k"] == 10 and body["vas"]["min_p"] == 0
     for choice in body["choices"]:
         assert choice["vas"]["kl_nats"] > 0
-        assert set(choice["vas"]["learned"]) == {p.name for p in (served["data_dir"] / "reward_models").iterdir()}
+        assert set(choice["vas"]["learned"]) == {p.name for p in visible_subfolders(served["data_dir"] / "reward_models")}
 
 
 def test_calibrated_steering_needs_calibrated_bins(served):
