@@ -4,6 +4,7 @@ import shutil
 from typing import Optional
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
@@ -27,21 +28,24 @@ def _classifiers(settings, params) -> list[str]:
     return sorted((params.get("sources") or {}).values())
 
 
-def _by_origin(eval_pairs: pd.DataFrame, margins: list[float], metrics: dict, attribute: str) -> dict:
+def _completion_pairs(eval_pairs: pd.DataFrame, margins: list[float], metrics: dict,
+                      attribute: str) -> tuple[pd.DataFrame, dict]:
     """With pairs of human continuations among the training pairs, `heldout_accuracy` stays the
     accuracy on held-out pairs of the base model's completions, what the reward must rank when it
     scores rollouts and Best-of-N candidates (and what the gold ceiling is taken on); the human
-    pairs' own held-out accuracy goes beside it."""
+    pairs' own held-out accuracy goes beside it. Returns those completion pairs and the training
+    metrics they replace."""
+    from models.preferences import HUMAN_SNIPPETS
     from models.reward_model import pair_accuracy
 
-    if "origin" not in eval_pairs or not (eval_pairs.origin == "human_snippets").any():
-        return {}
-    human = (eval_pairs.origin == "human_snippets").to_numpy()
-    margins_human = [m for m, h in zip(margins, human) if h]
-    margins_sampled = [m for m, h in zip(margins, human) if not h]
-    metrics[f"{attribute}/heldout_accuracy_human_snippets"] = pair_accuracy(margins_human, [0.0] * len(margins_human))
-    sampled = pair_accuracy(margins_sampled, [0.0] * len(margins_sampled)) if margins_sampled else float("nan")
-    return {"heldout_accuracy": sampled, "n_eval_pairs": len(margins_sampled)}
+    human = (eval_pairs.origin == HUMAN_SNIPPETS).to_numpy() if "origin" in eval_pairs else None
+    if human is None or not human.any():
+        return eval_pairs, {}
+    margins = np.asarray(margins)
+    metrics[f"{attribute}/heldout_accuracy_human_snippets"] = pair_accuracy(margins[human], np.zeros(human.sum()))
+    sampled = margins[~human]
+    accuracy = pair_accuracy(sampled, np.zeros(len(sampled))) if len(sampled) else float("nan")
+    return eval_pairs[~human], {"heldout_accuracy": accuracy, "n_eval_pairs": len(sampled)}
 
 
 @pipeline_asset("reward_models", RewardModelsConfig, sources=_classifiers, group_name="rewards",
@@ -51,6 +55,7 @@ def _by_origin(eval_pairs: pd.DataFrame, margins: list[float], metrics: dict, at
 def reward_models(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.lm import pick_device
+    from models.preferences import SAMPLED
     from models.reward_model import (
         RewardTrainConfig,
         gold_ceiling_accuracy,
@@ -86,10 +91,9 @@ def reward_models(run: StageRun) -> Produced:
                     run.config_for(RewardTrainConfig, ignore=("sources",)), device=device,
                     progress=run.log.info)
                 save_reward_model(model, tokenizer, tmp / attribute)
-                eval_pairs = group.loc[train["eval_index"]]
-                train.update(_by_origin(eval_pairs, train["eval_margins"], metrics, attribute))
-                if "origin" in eval_pairs:
-                    eval_pairs = eval_pairs[eval_pairs.origin != "human_snippets"]
+                eval_pairs, replaced = _completion_pairs(group.loc[train["eval_index"]], train["eval_margins"],
+                                                         metrics, attribute)
+                train.update(replaced)
                 series[f"{attribute}/train_loss"] = train["loss_curve"][::5]
                 for key in ("heldout_accuracy", "heldout_loss", "train_loss", "n_train_pairs", "n_eval_pairs",
                             "train_seconds"):
@@ -104,7 +108,7 @@ def reward_models(run: StageRun) -> Produced:
                 **{key: metrics[f"{attribute}/{key}"] for key in ("heldout_accuracy", "gold_ceiling_accuracy")
                    if f"{attribute}/{key}" in metrics},
                 "pairs_by_origin": {str(k): int(n) for k, n in group.origin.value_counts().items()}
-                if "origin" in group else {"sampled": len(group)},
+                if "origin" in group else {SAMPLED: len(group)},
             }
         write_json(summary, tmp / HELDOUT_FILE)
     return Produced(metrics, series=series)

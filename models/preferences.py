@@ -17,6 +17,9 @@ import pandas as pd
 from models.rewards import gold_reward
 from models.sampling import SamplingConfig, sample
 
+# The `origin` of a pair: sampled from the base model, or a pair of human continuations (snippet_pairs).
+SAMPLED, HUMAN_SNIPPETS = "sampled", "human_snippets"
+
 
 @dataclass
 class PairSynthesisConfig:
@@ -70,7 +73,7 @@ def synthesize_pairs(model, tokenizer, prompts: pd.DataFrame, config: PairSynthe
         texts_a, texts_b = gen.texts[:n], gen.texts[n:]
         frames.append(_labelled(attribute, f"{attribute[:3]}-", rows.prompt_id.tolist(), rows.prompt.tolist(),
                                 texts_a, texts_b, config, rng))
-    return _informative(pd.concat(frames, ignore_index=True).assign(origin="sampled"))
+    return _informative(pd.concat(frames, ignore_index=True).assign(origin=SAMPLED))
 
 
 def snippet_pairs(triples: pd.DataFrame, attribute: str, config: PairSynthesisConfig) -> pd.DataFrame:
@@ -81,7 +84,7 @@ def snippet_pairs(triples: pd.DataFrame, attribute: str, config: PairSynthesisCo
     rng = np.random.default_rng(config.seed + 7)
     pairs = _labelled(attribute, f"{attribute[:3]}-snip-", triples.prompt_id.tolist(), triples.prompt.tolist(),
                       triples.text_a.tolist(), triples.text_b.tolist(), config, rng)
-    return _informative(pairs.assign(origin="human_snippets"))
+    return _informative(pairs.assign(origin=HUMAN_SNIPPETS))
 
 
 def _labelled(attribute: str, id_prefix: str, prompt_ids: list, prompts: list, texts_a: list, texts_b: list,
