@@ -16,7 +16,7 @@ from models.value_store import load_value_models
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
                     "gold_conciseness_ci95", "learned_positivity_mean", "kl_nats_mean", "gold_positivity_winrate",
-                    "distinct_2", "mean_tokens", "seconds_per_sample", "base_forwards_per_sample"]
+                    "distinct_2", "repeat_4gram_share", "mean_tokens", "seconds_per_sample", "base_forwards_per_sample"]
 
 
 WORLD_FILE = "world.json"    # what the evaluated world is, for the report (report.world_section)

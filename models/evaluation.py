@@ -57,6 +57,9 @@ class EvalConfig:
     rerank_parameterization: str = "distributional_qhead"
     rerank_betas: tuple[float, ...] = (16.0,)
     rerank_ns: tuple[int, ...] = (2, 4, 8)
+    # ARGS (models/reward_guidance.py): the steered attribute's reward model scores prefix + each
+    # top-k candidate at every step, at these weights per sd of the reward over base samples (empty: skipped).
+    args_weights: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     top_k: int = VASConfig.top_k
     min_p: float = VASConfig.min_p
     max_new_tokens: int = 80
@@ -91,6 +94,20 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return len(grams) / total if total else 0.0
 
 
+def repeats_ngram(text: str, n: int = 4) -> bool:
+    """Whether some word n-gram occurs at least twice within the text: the loop a lexicon pays for
+    ("everything you wish you did and everything you wish you did")."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+def repeat_share(texts: Sequence[str], n: int = 4) -> float:
+    """Share of texts that repeat a word n-gram within themselves (repeats_ngram); 0 for no texts."""
+    texts = list(texts)
+    return sum(repeats_ngram(t, n) for t in texts) / len(texts) if texts else 0.0
+
+
 def _frame(prompts: pd.DataFrame, gen, method: str, params: dict) -> pd.DataFrame:
     return pd.DataFrame({
         "method": method,
@@ -109,6 +126,8 @@ def _frame(prompts: pd.DataFrame, gen, method: str, params: dict) -> pd.DataFram
 def family_of(method: str, params: dict) -> str:
     """The curve a summary row belongs to: Best-of-N along N, a VAS decoder along beta, VAS +
     rerank at one beta along N."""
+    if method == "args":
+        return "ARGS"
     if method in ("vas", "vas_rerank"):
         label = f"VAS {params['parameterization']}"
         if params.get("calibrated"):
@@ -123,10 +142,15 @@ def is_distributional(parameterization: str) -> bool:
     return parameterization in DISTRIBUTIONAL
 
 
-def _own_params(model: torch.nn.Module, base: torch.nn.Module) -> int:
-    """Parameters of `model` that are not the base model's (shared modules are counted once, in the base)."""
-    shared = {id(p) for p in base.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in shared)
+def forward_params(model: torch.nn.Module, shared_with: torch.nn.Module | None = None) -> int:
+    """Parameters a forward of `model` multiplies by, each counted once: all but embedding tables,
+    which are looked up, not multiplied (a table tied to an output layer is that layer's weights and
+    counts), and but those of `shared_with` (the base model, whose forward already ran them)."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
+    if shared_with is not None:
+        skip |= {id(p) for p in shared_with.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 class Evaluator:
@@ -149,7 +173,7 @@ class Evaluator:
         rows = prompts.loc[prompts.index.repeat(config.samples_per_prompt)].reset_index(drop=True)
         rows["draw"] = np.tile(np.arange(config.samples_per_prompt), len(prompts))
         self.prompts = rows
-        self.base_params = sum(p.numel() for p in base_model.parameters())
+        self.base_params = forward_params(base_model)
         self.tilt: pd.DataFrame | None = None      # run_best_of_n fills it: the exact tilt's reference rows
 
     def sampling(self, candidate: int = 0) -> SamplingConfig:
@@ -212,26 +236,58 @@ class Evaluator:
         gold = {f"gold_{a}": np.stack([g[a] for g in golds], axis=1) for a in self.gold_attributes}   # (S, n_max)
         return tilt_curve(scores.T, self.config.tilt_betas, self.config.bon_attribute, gold)
 
-    def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str) -> float:
+    def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str,
+                               value_models: Mapping[str, torch.nn.Module] | None = None) -> float:
         """Base forward + value forwards per token, in base-model units (value forwards scale by
-        size): scalar-shaped heads score the k candidates and the chosen token, per-token heads
-        read one forward. A value model's parameters that are the base model's own (a head on the
-        frozen base's hidden states, which the sampler hands it) cost no second forward."""
-        models = self.value_models[parameterization]
+        the parameters they multiply by, forward_params): scalar-shaped heads score the k candidates
+        and the chosen token, per-token heads read one forward. A value model's parameters that are
+        the base model's own (a head on the frozen base's hidden states, which the sampler hands
+        it) cost no second forward."""
+        models = value_models if value_models is not None else self.value_models[parameterization]
         active = [models[a] for a, w in weights.items() if w]
-        ratio = sum(_own_params(m, self.base) for m in active) / self.base_params
+        ratio = sum(forward_params(m, shared_with=self.base) for m in active) / self.base_params
         return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
-                soft: bool = True, candidate: int = 0, calibrated: bool = False) -> MethodRun:
+                soft: bool = True, candidate: int = 0, calibrated: bool = False,
+                value_models: Mapping[str, torch.nn.Module] | None = None) -> MethodRun:
+        """value_models: attribute -> value model, instead of the saved ones of this parameterization."""
         vas_config = VASConfig(top_k=self.config.top_k, min_p=self.config.min_p, soft=soft, calibrated=calibrated)
+        models = value_models if value_models is not None else self.value_models[parameterization]
         start = time.perf_counter()
-        gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), self.value_models[parameterization],
+        gen = vas_sample(self.base, self.tokenizer, self.prompts.prompt.tolist(), models,
                          weights, self.sampling(candidate), vas_config=vas_config, device=self.device)
         seconds = time.perf_counter() - start
         frame = self.score(_frame(self.prompts, gen, method, params))
-        per_token = self.vas_forwards_per_token(weights, parameterization)
+        per_token = self.vas_forwards_per_token(weights, parameterization, models)
         return MethodRun(method, params, frame, seconds, float(frame.n_tokens.mean()) * per_token)
+
+    def run_args(self, base: MethodRun) -> list[MethodRun]:
+        """ARGS at each of args_weights: the steered attribute's reward model read at every prefix
+        (models/reward_guidance.py), its scale the sd of that reward over the base samples. Needs
+        a reward model the decoder can read (a RewardScorer); none is skipped with a log line."""
+        from models.reward_guidance import reward_as_value
+
+        c = self.config
+        attribute = c.steer_attribute
+        scorer = self.scorers.get(attribute)
+        if not c.args_weights or not hasattr(scorer, "model"):
+            if c.args_weights:
+                self.progress(f"no ARGS rows: no reward model to read for {attribute!r}")
+            return []
+        sd = float(base.frame[f"learned_{attribute}"].std(ddof=1))
+        try:
+            reward = {attribute: reward_as_value(scorer, scale=sd if sd > 0 else 1.0,
+                                                 vocab_size=self.base.config.vocab_size)}
+        except ValueError as err:       # an encoder classifier, or another tokenizer: nothing to read per prefix
+            self.progress(f"no ARGS rows: {err}")
+            return []
+        runs = []
+        for w in c.args_weights:
+            params = {"weight": w, "attribute": attribute}
+            runs.append(self.run_vas({attribute: w}, "scalar", "args", params, value_models=reward))
+            self.progress(f"ARGS weight={w}: done")
+        return runs
 
     def run_vas_rerank(self, beta: float, parameterization: str) -> list[MethodRun]:
         """N VAS samples per prompt draw (candidates 0..N-1, see sampling(); candidate 0 is plain VAS), the
@@ -270,6 +326,7 @@ class Evaluator:
         self.progress(f"evaluating on {len(self.prompts)} prompt draws")
         runs = [self.run_base()]
         runs += self.run_best_of_n()
+        runs += self.run_args(runs[0])
         if self.dpo is not None:
             runs.append(self.run_dpo())
         for parameterization in c.parameterizations:
@@ -321,6 +378,7 @@ def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
                 row[f"{column}_winrate"] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
         row["kl_nats_mean"] = float(f.kl_nats.mean())
         row["distinct_2"] = distinct_n(f.completion.tolist(), 2)
+        row["repeat_4gram_share"] = repeat_share(f.completion.tolist(), 4)
         row["mean_tokens"] = float(f.n_tokens.mean())
         row["seconds_per_sample"] = run.seconds / len(f)
         row["base_forwards_per_sample"] = run.forwards_per_sample
@@ -330,7 +388,7 @@ def summarize(runs: Sequence[MethodRun]) -> pd.DataFrame:
 
 def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
     """The rows a reader compares first: base, Best-of-16/128, DPO, per VAS decoder the beta with
-    the best gold positivity and the one whose KL is closest to Best-of-128's, and VAS + rerank."""
+    the best gold positivity and the one whose KL is closest to Best-of-128's, VAS + rerank, ARGS."""
     picks = [summary[summary.method == "base"]]
     bon = summary[summary.method == "bon"]
     picks.append(bon[bon.param_n.isin([16, 128])] if "param_n" in bon else bon.iloc[0:0])
@@ -342,6 +400,7 @@ def headline_rows(summary: pd.DataFrame) -> pd.DataFrame:
             chosen.add((group.kl_nats_mean - bon_kl).abs().idxmin())
         picks.append(group.loc[sorted(chosen)])
     picks.append(summary[summary.method == "vas_rerank"])
+    picks.append(summary[summary.method == "args"])
     return pd.concat(picks)
 
 
@@ -355,7 +414,8 @@ def headline_table(summary: pd.DataFrame) -> str:
     ref_fwd = float(bon128.base_forwards_per_sample.iloc[0]) \
         if len(bon128) and "base_forwards_per_sample" in bon128 else float("nan")
     lines = ["| method | gold positivity | gold conciseness | learned positivity | KL (nats) | win vs base "
-             "| distinct-2 | s/sample | cost vs BoN-128 | forwards vs BoN-128 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| distinct-2 | 4-gram repeats | s/sample | cost vs BoN-128 | forwards vs BoN-128 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in rows.iterrows():
         params = json.loads(r.params)
         label = r.method + ("" if not params else " " + ", ".join(f"{k}={v}" for k, v in params.items()
@@ -365,7 +425,8 @@ def headline_table(summary: pd.DataFrame) -> str:
             f"| {label} | {r.gold_positivity_mean:.3f} ± {r.gold_positivity_ci95:.3f} | "
             f"{r.gold_conciseness_mean:.3f} ± {r.gold_conciseness_ci95:.3f} | {r.learned_positivity_mean:.3f} | "
             f"{r.kl_nats_mean:.2f} | {r.gold_positivity_winrate:.2f} | {r.distinct_2:.3f} | "
-            f"{r.seconds_per_sample:.4f} | {r.seconds_per_sample / ref_cost:.3f} | {forwards / ref_fwd:.3f} |")
+            f"{r.get('repeat_4gram_share', float('nan')):.3f} | {r.seconds_per_sample:.4f} | "
+            f"{r.seconds_per_sample / ref_cost:.3f} | {forwards / ref_fwd:.3f} |")
     return "\n".join(lines)
 
 
@@ -390,6 +451,11 @@ def headline_numbers(summary: pd.DataFrame) -> dict[str, float]:
         out[f"{key}/gold_positivity_ci95"] = best.gold_positivity_ci95
         out[f"{key}/kl_nats"] = best.kl_nats_mean
         out[f"{key}/seconds_per_sample"] = best.seconds_per_sample
+    args = summary[summary.method == "args"]
+    if len(args):
+        best = args.loc[args.gold_positivity_mean.idxmax()]
+        out.update({"args/best_weight": best.param_weight, "args/gold_positivity": best.gold_positivity_mean,
+                    "args/kl_nats": best.kl_nats_mean, "args/base_forwards_per_sample": best.base_forwards_per_sample})
     dpo = summary[summary.method == "dpo"]
     if len(dpo):
         out["dpo/gold_positivity"] = dpo.iloc[0].gold_positivity_mean

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.evaluation import headline_table
-from models.study import MIN_DISTINCT_FRACTION
+from models.study import ELIGIBILITY, eligible
 
 
 def _plt():
@@ -40,6 +40,9 @@ def _families(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame, str]]:
         out.append((label, group.sort_values("param_beta"), "param_beta"))
     for label, group in summary[summary.method == "vas_rerank"].groupby("family"):
         out.append((label, group.sort_values("param_n"), "param_n"))
+    args = summary[summary.method == "args"]
+    if len(args):
+        out.append(("ARGS (reward model at every prefix)", args.sort_values("param_weight"), "param_weight"))
     return out
 
 
@@ -127,7 +130,7 @@ def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
 
 
 def verdict(summary: pd.DataFrame) -> str:
-    """Does the best VAS setting (among those keeping distinct-2 at least 0.8x Best-of-max-N's) reach
+    """Does the best eligible VAS setting (models.study.eligible: text like base sampling's) reach
     Best-of-max-N's gold positivity (95% intervals overlap), and at what share of its decode time?"""
     bon = summary[summary.method == "bon"]
     vas = summary[summary.method == "vas"]
@@ -135,10 +138,9 @@ def verdict(summary: pd.DataFrame) -> str:
         return "No Best-of-N or VAS rows: nothing to compare."
     ref = bon.loc[bon.param_n.idxmax()]
     # A setting that buys reward by collapsing diversity does not count (as in the targets).
-    vas = vas[vas.distinct_2 >= MIN_DISTINCT_FRACTION * ref.distinct_2]
+    vas = eligible(vas, summary[summary.method == "base"].iloc[0])
     if vas.empty:
-        return (f"Every VAS setting's distinct-2 falls below {MIN_DISTINCT_FRACTION:g}x Best-of-{int(ref.param_n)}'s: "
-                "nothing to compare.")
+        return f"No VAS setting keeps {ELIGIBILITY}: nothing to compare."
     best = vas.loc[vas.gold_positivity_mean.idxmax()]
     reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
     ratio = best.seconds_per_sample / ref.seconds_per_sample
@@ -148,6 +150,27 @@ def verdict(summary: pd.DataFrame) -> str:
             f"gold positivity ({best.gold_positivity_mean:.3f} ± {best.gold_positivity_ci95:.3f} vs "
             f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}) at {ratio:.3f}x its decode time "
             f"per sample.")
+
+
+def args_comparison(summary: pd.DataFrame) -> str:
+    """The best eligible VAS row against the best eligible ARGS row (the peer that needs no value
+    training): gold positivity, KL and base-model forwards of each, and whether VAS beats it (more
+    gold at no more forwards). "" without ARGS rows."""
+    base = summary[summary.method == "base"]
+    args = eligible(summary[summary.method == "args"], base.iloc[0]) if len(base) else base
+    if args.empty:
+        return "" if not (summary.method == "args").any() else f"No ARGS row keeps {ELIGIBILITY}."
+    a = args.loc[args.gold_positivity_mean.idxmax()]
+    text = (f"ARGS (weight {a.param_weight:g}): {a.gold_positivity_mean:.3f} ± {a.gold_positivity_ci95:.3f} gold "
+            f"positivity at {a.kl_nats_mean:.2f} nats and {a.base_forwards_per_sample:.0f} base-model forwards per sample")
+    vas = eligible(summary[summary.method == "vas"], base.iloc[0])
+    if vas.empty:
+        return text + "; no VAS row is eligible."
+    v = vas.loc[vas.gold_positivity_mean.idxmax()]
+    beats = v.gold_positivity_mean > a.gold_positivity_mean and v.base_forwards_per_sample <= a.base_forwards_per_sample
+    return (text + f"; the best eligible VAS row ({v.family}, beta {v.param_beta:g}) {v.gold_positivity_mean:.3f} ± "
+            f"{v.gold_positivity_ci95:.3f} at {v.kl_nats_mean:.2f} nats and {v.base_forwards_per_sample:.0f} forwards: "
+            + ("VAS beats ARGS at no more cost." if beats else "VAS does not beat ARGS at equal or lower cost."))
 
 
 def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None) -> str:
@@ -311,7 +334,7 @@ def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str
         "composition": composition_figure(summary, directory / "composition.png"),
         "cost": cost_figure(summary, directory / "cost.png"),
     }
-    lift = " ".join(t for t in (lift_over_base(summary), lift_across_seeds(per_seed)) if t)
+    lift = " ".join(t for t in (lift_over_base(summary), lift_across_seeds(per_seed), args_comparison(summary)) if t)
     text = (f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n" + (f"{lift}\n\n" if lift else "")
             + f"{headline_table(summary)}\n" + world_section(world) + serving_section(serving))
     text += targets_section(summary, per_seed, value_error)

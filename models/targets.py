@@ -8,7 +8,8 @@
    over base, at <= 1/16 of its base-model forwards per sample;
 3. rerank: VAS + rerank reaches Best-of-max-N's lift (95% intervals overlap) at <= 1/8 of its cost.
 
-A row whose distinct-2 is below 0.8x Best-of-max-N's does not count, whatever its reward.
+A row that is not `models.study.eligible` (its distinct-2 below 0.9x base sampling's, or its share
+of samples repeating a 4-gram more than 0.05 above base's) does not count, whatever its reward.
 Pure pandas; the report and the seed study print what these return.
 """
 
@@ -20,7 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from models.study import MIN_DISTINCT_FRACTION
+from models.study import ELIGIBILITY, eligible
 
 KL_POINTS = (1.0, 2.0, 4.0)
 LIFT_SHARE, LIFT_COST = 0.95, 1 / 16
@@ -51,10 +52,6 @@ def _soft_curves(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def _eligible(rows: pd.DataFrame, ref: pd.Series) -> pd.DataFrame:
-    return rows[rows.distinct_2 >= MIN_DISTINCT_FRACTION * ref.distinct_2]
-
-
 def check(summary: pd.DataFrame) -> dict:
     """The three targets on one evaluation summary (models.evaluation.summarize)."""
     base = summary[summary.method == "base"].iloc[0]
@@ -75,7 +72,7 @@ def check(summary: pd.DataFrame) -> dict:
                  # What exact values would reach (models/tilt.py): the room the value estimate has.
                  "tilt": interpolate(tilt.kl_nats_mean, tilt.learned_positivity_mean, at)}
         for family, rows in _soft_curves(summary).items():
-            rows = _eligible(rows, ref)
+            rows = eligible(rows, base)
             value = interpolate(rows.kl_nats_mean, rows.learned_positivity_mean, at)
             if math.isfinite(value) and not value <= point["vas"]:
                 point.update(vas=value, vas_ci=interpolate(rows.kl_nats_mean, rows.learned_positivity_ci95, at),
@@ -84,7 +81,7 @@ def check(summary: pd.DataFrame) -> dict:
         frontier.append(point)
 
     def best(rows: pd.DataFrame, max_cost: float) -> dict:
-        rows = _eligible(rows, ref)
+        rows = eligible(rows, base)
         rows = rows[rows.base_forwards_per_sample <= max_cost * ref.base_forwards_per_sample]
         if rows.empty:
             return {"row": None, "share": float("nan"), "cost": float("nan"), "overlaps": False}
@@ -148,7 +145,7 @@ def markdown(result: dict, heading: str = "Targets", value_error: pd.DataFrame |
               f"3. VAS + rerank reaches Best-of-{n}'s lift at <= 1/8 of its cost: {_yes(result['rerank_met'])}: "
               + (f"{rr['share']:.2f} of the lift (gold {rr['gold']:.3f} vs {result['bon_gold']:.3f}) at {rr['cost']:.3f}x "
                  f"({rr['row']})" if rr["row"] else "no rerank row within that cost") + ".",
-              "", f"Rows whose distinct-2 falls below {MIN_DISTINCT_FRACTION:g}x Best-of-{n}'s do not count.", ""]
+              "", f"Only rows with {ELIGIBILITY} count.", ""]
     missed = not (result["frontier_met"] and result["lift_met"] and result["rerank_met"])
     return "\n".join(lines) + ("\n" + why(value_error) if missed else "")
 

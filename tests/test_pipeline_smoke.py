@@ -198,7 +198,7 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     expected = {"method", "params", "prompt_id", "prompt", "completion", "n_tokens", "kl_nats",
                 "gold_positivity", "gold_conciseness", "learned_positivity", "learned_conciseness"}
     assert expected <= set(samples.columns)
-    assert set(samples.method) == {"base", "bon", "vas", "vas_rerank", "compose", "dpo"}
+    assert set(samples.method) == {"base", "bon", "args", "vas", "vas_rerank", "compose", "dpo"}
     for params in samples.params:
         json.loads(params)
     key = ["prompt_id", "draw"]
@@ -224,6 +224,11 @@ def test_evaluation_samples_schema_and_invariants(smoke_world):
     assert len({round(float(d.kl_nats.mean()), 9) for d in (soft, mean, by_quantile)}) == 3
     texts = [soft.completion.tolist(), mean.completion.tolist(), by_quantile.completion.tolist()]
     assert texts[0] != texts[1] or texts[0] != texts[2]
+    # ARGS (the reward model at every prefix) with weight 0 is base sampling too; weight 2 steers.
+    args = samples[samples.method == "args"]
+    args0 = args[args.params.str.contains('"weight": 0.0')].sort_values(key)
+    assert args0.completion.tolist() == base.completion.tolist() and (args0.kl_nats == 0).all()
+    assert (args[args.params.str.contains('"weight": 2.0')].kl_nats > 0).any()
     # VAS + rerank: KL = the kept sample's log pi/pi0 + log N - (N-1)/N.
     rerank = samples[samples.method == "vas_rerank"]
     assert len(rerank) == len(base)
@@ -248,7 +253,7 @@ def test_evaluation_metrics_in_duckdb_once_per_run(smoke_world):
         if method == "tilt":                         # a reference estimated on the pool, not a decoder
             assert {"gold_positivity_mean", "learned_positivity_mean", "kl_nats_mean", "ess_mean"} <= metrics
             continue
-        assert {"gold_positivity_mean", "gold_positivity_ci95", "kl_nats_mean", "distinct_2",
+        assert {"gold_positivity_mean", "gold_positivity_ci95", "kl_nats_mean", "distinct_2", "repeat_4gram_share",
                 "seconds_per_sample", "base_forwards_per_sample", "learned_positivity_mean"} <= metrics
     bon = summary[summary.method == "bon"].set_index("param_n")
     assert bon.loc[4, "kl_nats_mean"] == pytest.approx(np.log(4) - 3 / 4)
@@ -388,7 +393,7 @@ def test_headline_table_picks_the_rows_to_compare(smoke_world):
 
     summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
     rows = headline_rows(summary)
-    assert set(rows.method) == {"base", "dpo", "vas", "vas_rerank"}          # smoke has no Best-of-16/128
+    assert set(rows.method) == {"base", "dpo", "vas", "vas_rerank", "args"}          # smoke has no Best-of-16/128
     assert set(rows[rows.method == "vas"].family) == {"VAS scalar", "VAS distributional_qhead soft",
                                                       "VAS distributional_qhead calibrated",
                                                       "VAS distributional_qhead mean"}

@@ -49,7 +49,7 @@ def test_verdict_is_computed_from_the_intervals():
 def test_verdict_ignores_settings_that_collapse_diversity():
     table = summary(0.3, 0.05)
     collapsed = (table.method == "vas") & (table.param_beta == 4.0)
-    table.loc[collapsed, "distinct_2"] = 0.2                 # below 0.8 x Best-of-128's 0.3
+    table.loc[collapsed, "distinct_2"] = 0.2                 # below 0.9 x base sampling's 0.3
     text = verdict(table)
     assert "(beta=1)" in text and "falls short of Best-of-128" in text
     table.loc[table.method == "vas", "distinct_2"] = 0.1

@@ -18,24 +18,29 @@ def row(seed, method, params, gold, distinct, forwards, **extra):
             "gold_positivity_mean": gold, "gold_positivity_ci95": 0.05, "learned_positivity_mean": gold / 2,
             "gold_conciseness_mean": 0.7, "gold_conciseness_ci95": 0.02, "kl_nats_mean": forwards / 10,
             "distinct_2": distinct, "mean_tokens": 20.0, "seconds_per_sample": 0.01 * forwards,
-            "gold_positivity_winrate": 0.5, "base_forwards_per_sample": forwards, **extra}
+            "gold_positivity_winrate": 0.5, "base_forwards_per_sample": forwards, "repeat_4gram_share": 0.0, **extra}
 
 
-def seed_rows(seed, base, bon, vas_scalar1, vas_scalar8, vas_qhead2):
-    """base, Best-of-2 and Best-of-4 (distinct-2 0.5, so the VAS bar is 0.4), three VAS rows."""
+def seed_rows(seed, base, bon, vas_scalar1, vas_scalar8, vas_qhead2, args2=None):
+    """base, Best-of-2 and Best-of-4 (distinct-2 0.5, so the VAS bar is 0.45), four VAS rows, and an
+    ARGS row at 8 forwards when args2 is given."""
     return [
         row(seed, "base", {}, base, 0.5, 1.0),
         row(seed, "bon", {"n": 2}, (base + bon) / 2, 0.5, 2.0, param_n=2),
         row(seed, "bon", {"n": 4}, bon, 0.5, 4.0, param_n=4),
         row(seed, "vas", {"beta": 1.0, "parameterization": "scalar"}, vas_scalar1, 0.45, 2.0,
             param_beta=1.0, param_parameterization="scalar"),
-        # the highest reward of all, but distinct-2 0.3 < 0.8 x 0.5: never the best VAS row
+        # the highest reward of all, but distinct-2 0.3 < 0.9 x base's 0.5: never the best VAS row
         row(seed, "vas", {"beta": 8.0, "parameterization": "scalar"}, vas_scalar8, 0.3, 2.0,
             param_beta=8.0, param_parameterization="scalar"),
-        # distinct-2 exactly 0.8 x Best-of-4's: eligible
-        row(seed, "vas", {"beta": 2.0, "parameterization": "qhead"}, vas_qhead2, 0.4, 1.0,
+        # distinct-2 exactly 0.9 x base's: eligible
+        row(seed, "vas", {"beta": 2.0, "parameterization": "qhead"}, vas_qhead2, 0.45, 1.0,
             param_beta=2.0, param_parameterization="qhead"),
-    ]
+        # the best reward, base's distinct-2, but 6% more of its samples loop than base's: never the best
+        row(seed, "vas", {"beta": 16.0, "parameterization": "scalar"}, 0.99, 0.5, 2.0,
+            param_beta=16.0, param_parameterization="scalar", repeat_4gram_share=0.06),
+    ] + ([row(seed, "args", {"weight": 2.0, "attribute": "positivity"}, args2, 0.5, 8.0, param_weight=2.0)]
+         if args2 is not None else [])
 
 
 def study_frame() -> pd.DataFrame:
@@ -50,7 +55,7 @@ def test_lift_ratio_per_seed_excludes_collapsed_diversity():
     ratio = lift_ratio(study_frame())
     s0, s1 = ratio["per_seed"]
     assert (s0["seed"], s1["seed"]) == (0, 1)
-    assert s0["bon_n"] == 4 and s0["n_vas_rows"] == 3 and s0["n_vas_eligible"] == 2
+    assert s0["bon_n"] == 4 and s0["n_vas_rows"] == 4 and s0["n_vas_eligible"] == 2
     assert json.loads(s0["vas_params"]) == {"beta": 2.0, "parameterization": "qhead"}
     assert json.loads(s1["vas_params"]) == {"beta": 1.0, "parameterization": "scalar"}
     assert s0["ratio"] == pytest.approx(0.625) and s1["ratio"] == pytest.approx(0.75)
@@ -65,11 +70,14 @@ def test_lift_ratio_per_seed_excludes_collapsed_diversity():
 
 def test_no_eligible_vas_row_gives_no_ratio():
     frame = study_frame()
-    frame = frame[~((frame.method == "vas") & (frame.distinct_2 >= 0.4))]   # only the collapsed beta 8 left
+    # only the collapsed beta 8 and the looping beta 16 left
+    frame = frame[~((frame.method == "vas") & (frame.distinct_2 >= 0.4) & (frame.repeat_4gram_share == 0))]
     ratio = lift_ratio(frame)
     assert all(s["vas_params"] is None and math.isnan(s["ratio"]) for s in ratio["per_seed"])
     assert ratio["n_with_ratio"] == 0 and math.isnan(ratio["ratio_mean"])
-    assert "no lift ratio" in ratio_sentence(ratio) and "distinct-2 at 0.8x Best-of-4's in 2)" in ratio_sentence(ratio)
+    assert "no lift ratio" in ratio_sentence(ratio)
+    assert "no VAS setting kept distinct-2 at least 0.9x base sampling's and a share of samples repeating a 4-gram " \
+           "at most 0.05 above base's in 2)" in ratio_sentence(ratio)
 
 
 def test_a_seed_where_best_of_n_did_not_lift_is_named_as_such():
@@ -81,9 +89,27 @@ def test_a_seed_where_best_of_n_did_not_lift_is_named_as_such():
     assert "no VAS setting" not in text
 
 
+def test_args_rows_are_compared_with_vas_per_seed():
+    # seed 0: ARGS 0.3 (lift 0.2 of 0.4: 0.5) at 8 / 4 = 2x Best-of-4's forwards; VAS 0.35 at 0.25x beats it.
+    # seed 1: ARGS 0.55 (0.875) beats VAS's 0.5, so VAS does not beat it there.
+    frame = pd.DataFrame(seed_rows(0, 0.1, 0.5, 0.3, 0.6, 0.35, args2=0.3) + seed_rows(1, 0.2, 0.6, 0.5, 0.9, 0.3,
+                                                                                   args2=0.55))
+    ratio = lift_ratio(frame)
+    s0, s1 = ratio["per_seed"]
+    assert s0["args_ratio"] == pytest.approx(0.5) and s1["args_ratio"] == pytest.approx(0.875)
+    assert s0["args_cost_vs_bon"] == pytest.approx(2.0)
+    assert s0["beats_args"] is True and s1["beats_args"] is False
+    assert ratio["n_with_args"] == 2 and ratio["n_beats_args"] == 1
+    assert ratio["args_ratio_mean"] == pytest.approx(0.6875)
+    text = ratio_sentence(ratio)
+    assert "ARGS" in text and text.endswith("VAS beats it (more gold at no more cost) in 1 of 2 seeds.")
+    # Without ARGS rows the sentence says nothing of it.
+    assert "ARGS" not in ratio_sentence(lift_ratio(study_frame()))
+
+
 def test_aggregate_mean_and_sample_sd_across_seeds():
     table = aggregate(study_frame())
-    assert len(table) == 6 and (table.n_seeds == 2).all()
+    assert len(table) == 7 and (table.n_seeds == 2).all()
     base = table[table.method == "base"].iloc[0]
     assert base.gold_positivity_mean == pytest.approx(0.15)
     assert base.gold_positivity_mean_sd == pytest.approx(0.1 / math.sqrt(2))   # ddof=1
@@ -105,7 +131,7 @@ def test_aggregate_mean_and_sample_sd_across_seeds():
 def test_study_markdown_has_the_verdict_and_every_row():
     frame = study_frame()
     text = study_markdown(aggregate(frame), lift_ratio(frame))
-    assert "Across 2 seeds" in text and "0.69 ± 0.09" in text
+    assert "Across 2 seeds" in text and "0.69 ± 0.09" in text and "| 4-gram repeat share |" in text
     assert "| base | 2 | 0.150 ± 0.071 |" in text
     assert "| bon n=4 | 2 | 0.550 ± 0.071 |" in text
     assert "| vas beta=8.0, parameterization=scalar |" in text

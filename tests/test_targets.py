@@ -71,7 +71,7 @@ def test_frontier_lift_and_rerank_targets_by_hand():
 def test_targets_met_and_low_diversity_rows_do_not_count():
     result = check(summary(soft_learned_at_2=1.08, lift_gold=0.68))
     assert result["frontier"][1]["met"] and result["lift_met"]                      # 0.58 / 0.6 >= 0.95
-    # The same row with distinct-2 below 0.8 x Best-of-16's (0.3) does not count.
+    # The same row with distinct-2 below 0.9 x base sampling's (0.3) does not count.
     collapsed = check(summary(soft_learned_at_2=1.08, lift_gold=0.68, lift_distinct=0.2))
     assert collapsed["lift"]["share"] < 0.95 and not collapsed["lift_met"]
     assert not collapsed["frontier"][1]["met"]

@@ -1,0 +1,48 @@
+"""ARGS-style decoding (Khanov et al. 2024): the learned reward model itself scores every prefix.
+
+The peer that needs no value training: at each step the reward model reads prefix + each of pi0's
+top-k candidate tokens, and the decoder samples pi0(a|s)·exp(w·(r(s·a) - mean_k r)). That is VAS
+with V(s) = r(s), so it is built as a `scalar` value model whose backbone is the reward model's
+body and whose head is its score layer: the same `ValueGuidance` steers with it (top-k, min_p,
+centring, the shared-cache candidate scoring, exact KL), and weight 0 is base sampling exactly.
+
+`scale` divides the reward, so w is in standard deviations of the reward over pi0's own samples,
+as a VAS beta is in standard deviations of the rollouts' rewards (value models are trained on the
+standardized reward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.value_model import ValueModel
+
+
+def _score_layer(classifier) -> torch.nn.Linear:
+    """The one-output `score` Linear of a causal LM's Hugging Face sequence classifier (GPT-2,
+    Llama, Mistral, Qwen...), which reads the last token's hidden state. Encoder classifiers (BERT's
+    `classifier` on a pooled [CLS]) cannot be read at a prefix's last token and are refused."""
+    layer = getattr(classifier, "score", None)
+    if not isinstance(layer, torch.nn.Linear) or layer.out_features != 1:
+        raise ValueError(f"{type(classifier).__name__} has no one-output `score` layer on its last token's hidden "
+                         "state; ARGS reads causal-LM sequence classifiers (GPT-2, Llama, ...) at every prefix")
+    return layer
+
+
+@torch.no_grad()
+def reward_as_value(scorer, scale: float = 1.0, vocab_size: int | None = None) -> ValueModel:
+    """A scalar ValueModel giving V(prefix) = r(prefix) / scale, from a RewardScorer (its frozen
+    classifier: the body is shared, not copied). The classifier must pool at the last token
+    (GPT-2, Llama): a prefix's value is then what the reward model says of that prefix as a text.
+    vocab_size: the base model's, which the reward model's must equal (it reads the base's tokens)."""
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    classifier = scorer.model
+    layer = _score_layer(classifier)
+    if vocab_size is not None and classifier.config.vocab_size != vocab_size:
+        raise ValueError(f"the reward model has a vocabulary of {classifier.config.vocab_size} tokens and the base "
+                         f"model {vocab_size}: ARGS feeds it the base's token ids, so they must share a tokenizer")
+    value = ValueModel(classifier.base_model, "scalar")
+    value.head.weight.copy_(layer.weight.float() / scale)
+    value.head.bias.copy_(layer.bias.float() / scale if layer.bias is not None else torch.zeros(1))
+    return value.to(layer.weight.device).eval()

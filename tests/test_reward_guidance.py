@@ -1,0 +1,145 @@
+"""ARGS (the reward model read at every prefix) as an evaluation row, and the degenerate-text
+measures every row carries: the 4-gram repeat share, and which rows count toward a target."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from models.corpus import CorpusConfig, generate_corpus
+from models.evaluation import EvalConfig, Evaluator, forward_params, repeat_share, repeats_ngram, summarize
+from models.lm import TinyLMConfig, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
+from models.reward_guidance import reward_as_value
+from models.reward_model import RewardScorer, reward_forward, reward_model_from_base
+from models.sampling import SamplingConfig, encode_prompts, sample
+from models.study import eligible
+from models.vas import VASConfig, vas_sample
+
+QUIET = lambda _: None  # noqa: E731
+PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "My"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny trained base GPT-2 and a reward model on its first layer with a random score head."""
+    texts = generate_corpus(CorpusConfig(n_reviews=300, seed=1)).text.tolist()
+    config = TinyLMConfig(vocab_size=320, n_layer=2, n_head=2, n_embd=32, n_positions=96, train_steps=30,
+                          batch_size=8, warmup_steps=2)
+    base, tokenizer, _ = train_tiny_lm(texts, config, device="cpu", progress=QUIET)
+    path = tmp_path_factory.mktemp("base")
+    save_pretrained(base, tokenizer, path)
+    write_manifest(path, {"embedded": True, "source": "test", "weights_sha256": weights_sha256(path)})
+    reward, _ = reward_model_from_base(path, base_layers=1)
+    with torch.no_grad():
+        score = reward.score.weight
+        score.copy_(torch.randn(score.shape, generator=torch.Generator().manual_seed(3)))
+    return base.eval(), tokenizer, RewardScorer(reward.eval(), tokenizer)
+
+
+def test_reward_as_value_is_the_reward_of_each_prefix_and_candidate(world):
+    base, tokenizer, scorer = world
+    value = reward_as_value(scorer, scale=2.0)
+    assert value.backbone is scorer.model.base_model          # shared, not copied
+    prefix = encode_prompts(tokenizer, ["The lamp"])[0]
+    ids = torch.tensor([prefix])
+    state = value.start(ids, torch.ones_like(ids))
+    candidates = torch.tensor([[5, 17, 40, 101]])
+    q = value.candidate_q(state, candidates)[0]                                 # (4,)
+    by_hand = reward_forward(scorer.model, [prefix + [int(c)] for c in candidates[0]], tokenizer.pad_token_id,
+                             "right", "cpu") / 2.0
+    assert q.tolist() == pytest.approx(by_hand.tolist(), abs=1e-5)
+    assert len(set(q.tolist())) == 4                                            # the test is not trivial
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        reward_as_value(scorer, scale=0.0)
+
+
+def test_args_weight_zero_is_base_sampling_and_a_weight_steers(world):
+    base, tokenizer, scorer = world
+    config = SamplingConfig(max_new_tokens=12, seed=5, batch_size=4)
+    plain = sample(base, tokenizer, PROMPTS, config)
+    value = {"positivity": reward_as_value(scorer)}
+    zero = vas_sample(base, tokenizer, PROMPTS, value, {"positivity": 0.0}, config, VASConfig(top_k=10))
+    assert zero.completion_ids == plain.completion_ids and zero.kl_nats == [0.0] * len(PROMPTS)
+    steered = vas_sample(base, tokenizer, PROMPTS, value, {"positivity": 4.0}, config, VASConfig(top_k=10))
+    assert steered.completion_ids != plain.completion_ids and min(steered.kl_nats) >= 0 < max(steered.kl_nats)
+
+
+def test_the_evaluation_runs_args_rows_with_their_cost(world):
+    base, tokenizer, scorer = world
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS})
+    config = EvalConfig(bon_ns=(1,), betas=(), args_weights=(0.0, 3.0), top_k=10, max_new_tokens=12, batch_size=4,
+                        seed=2, rerank_betas=(), compose_weights=())
+    evaluator = Evaluator(base, tokenizer, {}, {"positivity": scorer}, ["positivity"], prompts, config, progress=QUIET)
+    first = evaluator.run_base()
+    zero, three = evaluator.run_args(first)
+    assert zero.method == "args" and zero.params == {"weight": 0.0, "attribute": "positivity"}
+    assert zero.frame.completion.tolist() == first.frame.completion.tolist()
+    assert three.frame.kl_nats.mean() > 0
+    # Cost: a weight-0 row runs no reward forward; a steering one scores k candidates and the chosen
+    # token per step with the reward model's body and score layer, counted at their size.
+    ratio = (forward_params(scorer.model) + 1) / forward_params(base)      # + 1: the value head's (zero) bias
+    assert zero.forwards_per_sample == pytest.approx(first.forwards_per_sample)
+    assert three.forwards_per_sample == pytest.approx(three.frame.n_tokens.mean() * (1 + ratio * 11))
+    summary = summarize([first, zero, three])
+    assert list(summary.family) == ["base", "ARGS", "ARGS"]
+    assert summary.param_weight.tolist()[1:] == [0.0, 3.0]
+
+
+def test_forward_params_skip_lookup_tables_but_not_a_tied_output_layer(world):
+    base, _, scorer = world
+    total = sum(p.numel() for p in base.parameters())
+    positions = base.transformer.wpe.weight.numel()       # looked up; wte is tied to lm_head, so it counts
+    assert forward_params(base) == total - positions
+    body = scorer.model.base_model
+    lookups = body.wte.weight.numel() + body.wpe.weight.numel()
+    assert forward_params(scorer.model) == sum(p.numel() for p in scorer.model.parameters()) - lookups
+    assert forward_params(base, shared_with=base) == 0
+
+
+def test_repeat_share_by_hand():
+    texts = [
+        "the cat sat on the cat sat on",        # "the cat sat on" twice: repeats
+        "a b c a b c d",                        # only 3-grams repeat
+        "everything you wish you did and everything you wish you did",   # repeats
+        "short",                                # no 4-gram at all
+    ]
+    assert [repeats_ngram(t) for t in texts] == [True, False, True, False]
+    assert repeat_share(texts) == 0.5
+    assert repeat_share(texts, n=3) == 0.75
+    assert repeat_share([]) == 0.0
+
+
+def test_eligible_rows_keep_base_sampling_text():
+    base = pd.Series({"distinct_2": 0.9, "repeat_4gram_share": 0.02})
+    rows = pd.DataFrame({"distinct_2": [0.9, 0.81, 0.80, 0.95, 0.95],
+                         "repeat_4gram_share": [0.02, 0.07, 0.0, 0.071, 0.0]})
+    # 0.81 = 0.9 x 0.9 keeps; 0.80 does not; 0.07 = 0.02 + 0.05 keeps; 0.071 does not.
+    assert eligible(rows, base).index.tolist() == [0, 1, 4]
+    # A summary written before the repeat share existed: distinct-2 alone.
+    assert eligible(rows.drop(columns="repeat_4gram_share"), base.drop("repeat_4gram_share")).index.tolist() \
+        == [0, 1, 3, 4]
+
+
+def test_summary_carries_the_repeat_share(world):
+    base, tokenizer, scorer = world
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["The lamp", "My"]})
+    evaluator = Evaluator(base, tokenizer, {}, {"positivity": scorer}, ["positivity"], prompts,
+                          EvalConfig(bon_ns=(1,), max_new_tokens=8, batch_size=2), progress=QUIET)
+    run = evaluator.run_base()
+    run.frame["completion"] = ["the cat sat on the cat sat on", "fine"]
+    row = summarize([run]).iloc[0]
+    assert row.repeat_4gram_share == 0.5 and json.loads(row.params) == {}
+
+
+def test_args_refuses_a_reward_it_cannot_read_at_a_prefix(world, tmp_path):
+    from test_reward_model import tiny_bert_classifier
+
+    from models.reward_model import load_reward_model
+
+    _, _, scorer = world
+    with pytest.raises(ValueError, match="must share a tokenizer"):
+        reward_as_value(scorer, vocab_size=scorer.model.config.vocab_size + 1)
+    tiny_bert_classifier(tmp_path / "bert")
+    with pytest.raises(ValueError, match="no one-output `score` layer"):
+        reward_as_value(load_reward_model(tmp_path / "bert"))
