@@ -153,6 +153,20 @@ def forward_params(model: torch.nn.Module, shared_with: torch.nn.Module | None =
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+def forwards_per_token(value_models: Sequence[torch.nn.Module], base: torch.nn.Module, top_k: int) -> float:
+    """Base forward + value forwards per decoded token, in base-model units: a value forward counts
+    the parameters it multiplies by (forward_params) against the base's. Scalar-shaped heads score
+    the top_k candidates and the chosen token, per-token heads read one forward. A value model's
+    parameters that are the base model's own (a head on the frozen base's hidden states, which the
+    sampler hands it) cost no second forward."""
+    total = forward_params(base)
+    cost = 1.0
+    for model in value_models:
+        calls = 1 if getattr(model, "parameterization", "scalar") in PER_TOKEN_HEADS else top_k + 1
+        cost += calls * forward_params(model, shared_with=base) / total
+    return cost
+
+
 class Evaluator:
     """Runs every method on the same prompts; scoring happens once per sample at the end."""
 
@@ -173,7 +187,6 @@ class Evaluator:
         rows = prompts.loc[prompts.index.repeat(config.samples_per_prompt)].reset_index(drop=True)
         rows["draw"] = np.tile(np.arange(config.samples_per_prompt), len(prompts))
         self.prompts = rows
-        self.base_params = forward_params(base_model)
         self.tilt: pd.DataFrame | None = None      # run_best_of_n fills it: the exact tilt's reference rows
 
     def sampling(self, candidate: int = 0) -> SamplingConfig:
@@ -238,15 +251,10 @@ class Evaluator:
 
     def vas_forwards_per_token(self, weights: Mapping[str, float], parameterization: str,
                                value_models: Mapping[str, torch.nn.Module] | None = None) -> float:
-        """Base forward + value forwards per token, in base-model units (value forwards scale by
-        the parameters they multiply by, forward_params): scalar-shaped heads score the k candidates
-        and the chosen token, per-token heads read one forward. A value model's parameters that are
-        the base model's own (a head on the frozen base's hidden states, which the sampler hands
-        it) cost no second forward."""
+        """forwards_per_token of the value models these weights run (the saved ones of this
+        parameterization unless value_models are given)."""
         models = value_models if value_models is not None else self.value_models[parameterization]
-        active = [models[a] for a, w in weights.items() if w]
-        ratio = sum(forward_params(m, shared_with=self.base) for m in active) / self.base_params
-        return 1 + ratio * (1 if parameterization in PER_TOKEN_HEADS else (self.config.top_k + 1))
+        return forwards_per_token([models[a] for a, w in weights.items() if w], self.base, self.config.top_k)
 
     def run_vas(self, weights: Mapping[str, float], parameterization: str, method: str, params: dict,
                 soft: bool = True, candidate: int = 0, calibrated: bool = False,

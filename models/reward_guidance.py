@@ -8,7 +8,9 @@ centring, the shared-cache candidate scoring, exact KL), and weight 0 is base sa
 
 `scale` divides the reward, so w is in standard deviations of the reward over pi0's own samples,
 as a VAS beta is in standard deviations of the rollouts' rewards (value models are trained on the
-standardized reward).
+standardized reward). With the rollouts' mean as `offset` and their sd as `scale` it is a value
+model in the units value training fits: the start of a value model fine-tuned from the reward
+model on every prefix (PARGS), rather than a zero head on its body.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def _score_layer(classifier) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def reward_as_value(scorer, scale: float = 1.0, vocab_size: int | None = None) -> ValueModel:
-    """A scalar ValueModel giving V(prefix) = r(prefix) / scale, from a RewardScorer (its frozen
+def reward_as_value(scorer, scale: float = 1.0, offset: float = 0.0, vocab_size: int | None = None) -> ValueModel:
+    """A scalar ValueModel giving V(prefix) = (r(prefix) - offset) / scale, from a RewardScorer (its frozen
     classifier: the body is shared, not copied). The classifier must pool at the last token
     (GPT-2, Llama): a prefix's value is then what the reward model says of that prefix as a text.
     vocab_size: the base model's, which the reward model's must equal (it reads the base's tokens)."""
@@ -44,5 +46,6 @@ def reward_as_value(scorer, scale: float = 1.0, vocab_size: int | None = None) -
                          f"model {vocab_size}: ARGS feeds it the base's token ids, so they must share a tokenizer")
     value = ValueModel(classifier.base_model, "scalar")
     value.head.weight.copy_(layer.weight.float() / scale)
-    value.head.bias.copy_(layer.bias.float() / scale if layer.bias is not None else torch.zeros(1))
+    bias = layer.bias.float() if layer.bias is not None else torch.zeros(1)
+    value.head.bias.copy_((bias - offset) / scale)
     return value.to(layer.weight.device).eval()

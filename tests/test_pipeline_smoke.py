@@ -39,7 +39,7 @@ def test_dagster_definitions_validate_cli():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", ["decode.py", "frontier.py", "serve.py"])
+@pytest.mark.parametrize("script", ["decode.py", "frontier.py", "serve.py", "value_estimates.py"])
 def test_bench_scripts_run_as_scripts(script):
     # The tests below call each benchmark's main(); this runs the file as `make bench*` does.
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / script), "--help"], capture_output=True,
@@ -318,6 +318,24 @@ def test_frontier_benchmark_runs(smoke_world, what):
     if what == "compute":
         n_train = len(pd.read_parquet(data / "prompts" / "prompts.parquet").query("split == 'train'"))
         assert [r["rollouts"] for r in rows] == [n_train, 2 * n_train]
+
+
+def test_value_estimates_benchmark_measures_every_candidate(smoke_world):
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.value_estimates import CANDIDATES
+    from bench.value_estimates import main as value_main
+
+    data = smoke_world["data_dir"]
+    assert value_main(["--data-dir", str(data), "--profile", "smoke", "--steps", "2", "--prompts", "2",
+                       "--prefix-lengths", "0", "2", "--candidates-per-state", "3", "--continuations", "2",
+                       "--betas", "2", "--top-k", "3"]) == 0
+    result = json.loads((data / "bench" / "value_estimates.json").read_text())
+    assert [r["candidate"] for r in result["value_error"]] == list(CANDIDATES)
+    assert all(r["states"] >= 0 and np.isfinite(r["mse"]) for r in result["value_error"])
+    assert [p["candidate"] for p in result["decode"]] == list(CANDIDATES)
+    # The reward model's candidates run a 1-layer body per candidate: more than one base forward per token.
+    by_name = {p["candidate"]: p for p in result["decode"]}
+    assert by_name["args"]["forwards_per_token"] > 1 and by_name["args"]["kl_nats"] >= 0
 
 
 def test_sharpening_control_at_temperature_one_is_base_sampling(smoke_world):

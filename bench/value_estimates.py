@@ -1,0 +1,186 @@
+"""Which value estimate ranks pi0's candidates? Candidate value models side by side on one world.
+
+On a materialized data folder (`vas run` first), every candidate is measured on the same held-out
+states, the same Monte-Carlo continuations and the same decoding prompts and seeds:
+
+    python bench/value_estimates.py --data-dir data-real --profile real --steps 300 --betas 1 2 4
+
+Candidates (--candidates picks some):
+- head: the saved primary value model (value_models/<attribute>), today's default;
+- args: the reward model read at every prefix (models/reward_guidance.py), no training;
+- reward_mc: a scalar value model that starts as the reward model (its body and score layer, in the
+  rollouts' standardized units) and is fitted on every prefix of the rollouts to Monte-Carlo
+  targets (lambda 1), as PARGS fine-tunes the reward model on prefixes;
+- reward_td: the same fitted by TD(lambda) (the profile's lambda);
+- reward_body: the reward model's body with a zero scalar head (value_models.backbone_init:
+  reward_model), fitted by TD(lambda): what the head learns without the reward's own view.
+
+Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
+n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
+gold and learned reward, exact KL, distinct-2, the 4-gram repeat share, and base-model forwards per
+token (models.evaluation.forwards_per_token). Writes <data-dir>/bench/value_estimates.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body")
+
+
+def reward_start(world, trainable: bool):
+    """The reward model as a scalar value model in standardized units (a copy when trainable)."""
+    from models.reward_guidance import reward_as_value
+
+    value = reward_as_value(world.scorer, scale=world.stats["std"], offset=world.stats["mean"],
+                            vocab_size=world.base.config.vocab_size)
+    if trainable:
+        value = copy.deepcopy(value)
+        for p in value.parameters():
+            p.requires_grad_(True)
+    return value
+
+
+def train_scalar(world, args, lam: float, init_model=None, init_dir=None):
+    """A scalar value model fitted on the world's rollouts; (model, seconds)."""
+    import pandas as pd
+
+    from assets.training import VALUE_MODELS_OWN_KEYS
+    from models.profiles import config_from
+    from models.rollouts import training_rollouts
+    from models.value_training import ValueTrainConfig, train_value_model
+
+    params = {k: v for k, v in world.profile["value_models"].items() if k != "freeze_backbone"}
+    config = config_from(ValueTrainConfig, {**params, "seed": world.profile["seed"]}, "value_models",
+                         ignore=VALUE_MODELS_OWN_KEYS, parameterization="scalar", train_steps=args.steps,
+                         learning_rate=args.lr, lam=lam, batch_size=args.batch_size,
+                         micro_batch_size=args.batch_size, freeze_backbone=False)
+    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
+    start = time.perf_counter()
+    model, result = train_value_model(data, init_dir or world.data / "reward_models" / world.attribute, config,
+                                      pad_id=world.tokenizer.pad_token_id, device="cpu",
+                                      progress=lambda m: print("  " + m, flush=True), init_model=init_model)
+    return model.eval(), time.perf_counter() - start
+
+
+def build(world, name: str, args):
+    """(value model, training seconds) of a candidate."""
+    from models.value_model import ValueModel
+
+    if name == "head":
+        return ValueModel.load(world.data / "value_models" / world.attribute, base_model=world.base), 0.0
+    if name == "args":
+        return reward_start(world, trainable=False), 0.0
+    if name == "reward_mc":
+        return train_scalar(world, args, lam=1.0, init_model=reward_start(world, trainable=True))
+    if name == "reward_td":
+        return train_scalar(world, args, lam=world.profile["value_models"]["lam"],
+                            init_model=reward_start(world, trainable=True))
+    if name == "reward_body":
+        return train_scalar(world, args, lam=world.profile["value_models"]["lam"])
+    raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+
+
+def decode(world, model, beta: float, top_k: int) -> dict:
+    """Mean-value VAS at beta on the eval prompts, with the evaluation's seed and budget."""
+    import numpy as np
+
+    from models.evaluation import distinct_n, forwards_per_token, repeat_share
+    from models.rewards import score_gold
+    from models.sampling import SamplingConfig
+    from models.vas import VASConfig, vas_sample
+
+    ev = world.profile["evaluation"]
+    config = SamplingConfig(max_new_tokens=ev["max_new_tokens"], seed=world.profile["seed"], batch_size=ev["batch_size"])
+    start = time.perf_counter()
+    gen = vas_sample(world.base, world.tokenizer, world.eval_prompts, {"r": model}, {"r": beta}, config,
+                     VASConfig(top_k=top_k, min_p=ev["min_p"], soft=False))
+    seconds = time.perf_counter() - start
+    return {"beta": beta, "gold": float(np.mean(score_gold(gen.texts, [world.attribute])[world.attribute])),
+            "learned": float(np.mean(world.scorer(world.eval_prompts, gen.texts))),
+            "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts),
+            "repeat_share": repeat_share(gen.texts), "mean_tokens": float(np.mean(gen.n_tokens)),
+            "forwards_per_token": forwards_per_token([model], world.base, top_k),
+            "s_per_sample": seconds / len(gen.texts)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="data-real")
+    parser.add_argument("--profile", default="real")
+    parser.add_argument("--attribute", default="positivity")
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the trained candidates")
+    parser.add_argument("--lr", type=float, default=1e-4, help="their learning rate (the whole body trains)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=16, help="held-out prompts whose completions give the states")
+    parser.add_argument("--prefix-lengths", type=int, nargs="+", default=[0, 8])
+    parser.add_argument("--candidates-per-state", type=int, default=8)
+    parser.add_argument("--continuations", type=int, default=16)
+    parser.add_argument("--betas", type=float, nargs="*", default=[], help="decode each candidate at these betas")
+    parser.add_argument("--top-k", type=int, default=None, help="decoding top-k (default: the profile's)")
+    args = parser.parse_args(argv)
+
+    import pandas as pd
+    import torch
+
+    from bench.frontier import World, table
+    from models.profiles import project_path
+    from models.value_error import ScoredModel, ValueErrorConfig, evaluate_value_error
+
+    torch.set_num_threads(2)
+    data = project_path(args.data_dir)
+    world = World(data, args.attribute, args.profile)
+    prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
+    prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
+    top_k = args.top_k or world.profile["evaluation"]["top_k"]
+
+    models, seconds = {}, {}
+    for name in args.candidates:
+        print(f"building {name}", flush=True)
+        models[name], seconds[name] = build(world, name, args)
+    config = ValueErrorConfig(n_prompts=args.prompts, prefix_lengths=tuple(args.prefix_lengths),
+                              n_candidates=args.candidates_per_state, n_continuations=args.continuations,
+                              betas=(2.0,), max_new_tokens=world.profile["rollouts"]["max_new_tokens"],
+                              seed=world.profile["seed"], batch_size=256)
+    scored = [ScoredModel(name, model, args.attribute, model.parameterization, world.stats)
+              for name, model in models.items()]
+    start = time.perf_counter()
+    metrics, _ = evaluate_value_error(world.base, world.tokenizer, prompts, {args.attribute: world.scorer}, scored,
+                                      config)
+    mc_seconds = time.perf_counter() - start
+    means = metrics[metrics.target == "mean"].set_index("model")
+    rows = [{"candidate": name, "spearman": float(means.loc[name, "spearman"]), "mse": float(means.loc[name, "mse"]),
+             "mc_noise_mse": float(means.loc[name, "mc_noise_mse"]), "target_var": float(means.loc[name, "target_var"]),
+             "states": int(means.loc[name, "n_ranked_states"]), "train_min": seconds[name] / 60}
+            for name in models]
+    print(f"\nValue error ({config.n_prompts} prompts x prefix lengths {list(config.prefix_lengths)}, "
+          f"{config.n_candidates} candidates x {config.n_continuations} continuations; MC in {mc_seconds / 60:.1f} min)\n")
+    print(table(rows, ["candidate", "spearman", "mse", "mc_noise_mse", "target_var", "states", "train_min"]))
+    points = []
+    for name, model in models.items():
+        for beta in args.betas:
+            points.append({"candidate": name, **decode(world, model, beta, top_k)})
+            print(f"decoded {name} beta {beta}: {points[-1]}", flush=True)
+    if points:
+        print(f"\nMean-value VAS on {len(world.eval_prompts)} eval prompts, top-k {top_k}\n")
+        print(table(points, ["candidate", "beta", "gold", "learned", "kl_nats", "distinct_2", "repeat_share",
+                             "forwards_per_token", "s_per_sample"]))
+    out = data / "bench" / "value_estimates.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "value_error": rows, "decode": points}, indent=2) + "\n")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
