@@ -39,7 +39,7 @@ def test_dagster_definitions_validate_cli():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("script", ["decode.py", "frontier.py", "serve.py", "value_estimates.py"])
+@pytest.mark.parametrize("script", ["decode.py", "frontier.py", "serve.py", "value_estimates.py", "reward_ensemble.py"])
 def test_bench_scripts_run_as_scripts(script):
     # The tests below call each benchmark's main(); this runs the file as `make bench*` does.
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench" / script), "--help"], capture_output=True,
@@ -336,6 +336,21 @@ def test_value_estimates_benchmark_measures_every_candidate(smoke_world):
     # The reward model's candidates run a 1-layer body per candidate: more than one base forward per token.
     by_name = {p["candidate"]: p for p in result["decode"]}
     assert by_name["args"]["forwards_per_token"] > 1 and by_name["args"]["kl_nats"] >= 0
+
+
+def test_reward_ensemble_benchmark_compares_objectives_at_equal_n(smoke_world):
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.reward_ensemble import main as ensemble_main
+
+    data = smoke_world["data_dir"]
+    assert ensemble_main(["--data-dir", str(data), "--profile", "smoke", "--members", "2", "--steps", "2",
+                          "--ns", "1", "2", "--ks", "0", "1"]) == 0
+    result = json.loads((data / "bench" / "reward_ensemble.json").read_text())
+    rows = {(r["objective"], r["n"]): r for r in result["rows"]}
+    assert set(rows) == {(o, n) for o in ("single (seed 0)", "mean - 0 sd", "mean - 1 sd", "worst case")
+                         for n in (1, 2)}
+    # Best-of-1 is base sampling whatever the objective.
+    assert all(rows[(o, 1)]["gold"] == pytest.approx(result["base_gold"]) for o, _ in rows)
 
 
 def test_sharpening_control_at_temperature_one_is_base_sampling(smoke_world):

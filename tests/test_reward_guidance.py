@@ -1,5 +1,6 @@
-"""ARGS (the reward model read at every prefix) as an evaluation row, and the degenerate-text
-measures every row carries: the 4-gram repeat share, and which rows count toward a target."""
+"""ARGS (the reward model read at every prefix) as an evaluation row, the degenerate-text measures
+every row carries (the 4-gram repeat share, and which rows count toward a target), and
+conservative reward ensembles."""
 
 import json
 
@@ -143,3 +144,25 @@ def test_args_refuses_a_reward_it_cannot_read_at_a_prefix(world, tmp_path):
     tiny_bert_classifier(tmp_path / "bert")
     with pytest.raises(ValueError, match="no one-output `score` layer"):
         reward_as_value(load_reward_model(tmp_path / "bert"))
+
+
+def test_an_ensemble_of_identical_members_equals_its_member(world):
+    from models.reward_ensemble import EnsembleScorer, combine
+
+    _, _, scorer = world
+    prompts, completions = ["The lamp", "My"], [" is great and bright.", " kettle broke."]
+    one = scorer(prompts, completions)
+    for objective in ("mean_minus_sd", "worst_case"):
+        assert EnsembleScorer([scorer, scorer, scorer], k=2.0, objective=objective)(prompts, completions) \
+            == pytest.approx(one, abs=1e-9)
+    # By hand: members 1, 3 -> mean 2, sd (ddof 0) 1: k = 1 gives 1, k = 0 the mean, the worst case 1.
+    scores = [[1.0, 0.0], [3.0, 0.0]]
+    assert combine(scores, k=1.0).tolist() == [1.0, 0.0]
+    assert combine(scores, k=0.0).tolist() == [2.0, 0.0]
+    assert combine(scores, objective="worst_case").tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        EnsembleScorer([scorer], k=-1.0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        EnsembleScorer([scorer], objective="median")
+    with pytest.raises(ValueError, match="at least one member"):
+        EnsembleScorer([])
