@@ -30,6 +30,26 @@ def value_error_config(run: StageRun):
                           max_new_tokens=int(run.params["rollouts"]["max_new_tokens"]))
 
 
+def reward_models_as_values(models, scorers, base, log) -> list:
+    """ARGS's value estimate, measured beside the value models: each steered attribute's reward model
+    read at every prefix (models/reward_guidance.py), in the units of that attribute's value models
+    (their reward_stats), named `args.<attribute>`. A reward it cannot read per prefix is left out."""
+    from models.reward_guidance import reward_as_value
+    from models.value_error import ScoredModel
+
+    stats = {m.attribute: m.reward_stats for m in models}
+    out = []
+    for attribute, s in sorted(stats.items()):
+        try:
+            value = reward_as_value(scorers[attribute], scale=s["std"] or 1.0, offset=s["mean"],
+                                    vocab_size=base.config.vocab_size)
+        except (KeyError, ValueError) as err:
+            log(f"value_error: no ARGS row for {attribute}: {err}")
+            continue
+        out.append(ScoredModel(f"args.{attribute}", value, attribute, "scalar", s))
+    return out
+
+
 @pipeline_asset("value_error", ValueErrorAssetConfig, group_name="evaluation", kinds={"pytorch", "parquet"},
                 pool="gpu",
                 description="Each value model's Q(s, a) against a Monte-Carlo estimate from pi0 continuations (mean "
@@ -41,6 +61,7 @@ def value_error(run: StageRun) -> Produced:
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     models = load_scored_models(run.path("value_models"), device=device)
+    models += reward_models_as_values(models, scorers, base, run.log.info)
     metrics, pairs = evaluate_value_error(base, tokenizer, prompts, scorers, models,
                                           value_error_config(run), device=device)
     write_folder(run.path("value_error"), {"value_error.parquet": metrics, "pairs.parquet": pairs})

@@ -394,10 +394,15 @@ def test_value_error_against_monte_carlo_per_model_and_target(smoke_world):
     data = smoke_world["data_dir"]
     metrics = pd.read_parquet(data / "value_error" / "value_error.parquet")
     params = load_profile("smoke")["value_error"]
-    models = sorted(p.name for p in (data / "value_models").iterdir())
+    # Every value model, and ARGS's estimate (the reward model read at each prefix) per attribute.
+    saved = sorted(p.name for p in (data / "value_models").iterdir())
+    attributes = {json.loads((data / "value_models" / m / "vas_value.json").read_text())["attribute"] for m in saved}
+    models = saved + [f"args.{a}" for a in sorted(attributes)]
     targets = ["mean", *[f"soft_beta_{float(b)}" for b in params["betas"]]]
 
     def calibrated(model: str) -> bool:
+        if model.startswith("args."):
+            return False
         support = json.loads((data / "value_models" / model / "value_config.json").read_text()).get("support", {})
         return support.get("bin_values") is not None
 
