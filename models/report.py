@@ -138,7 +138,7 @@ def verdict(summary: pd.DataFrame) -> str:
         return "No Best-of-N or VAS rows: nothing to compare."
     ref = bon.loc[bon.param_n.idxmax()]
     # A setting that buys reward by collapsing diversity does not count (as in the targets).
-    vas = eligible(vas, summary[summary.method == "base"].iloc[0])
+    vas = eligible(vas, summary[summary.method == "base"].iloc[0], ref)
     if vas.empty:
         return f"No VAS setting keeps {ELIGIBILITY}: nothing to compare."
     best = vas.loc[vas.gold_positivity_mean.idxmax()]
@@ -156,14 +156,15 @@ def args_comparison(summary: pd.DataFrame) -> str:
     """The best eligible VAS row against the best eligible ARGS row (the peer that needs no value
     training): gold positivity, KL and base-model forwards of each, and whether VAS beats it (more
     gold at no more forwards). "" without ARGS rows."""
-    base = summary[summary.method == "base"]
-    args = eligible(summary[summary.method == "args"], base.iloc[0]) if len(base) else base
+    base, bon = summary[summary.method == "base"], summary[summary.method == "bon"]
+    ref = bon.loc[bon.param_n.idxmax()] if len(bon) else None
+    args = eligible(summary[summary.method == "args"], base.iloc[0], ref) if len(base) else base
     if args.empty:
         return "" if not (summary.method == "args").any() else f"No ARGS row keeps {ELIGIBILITY}."
     a = args.loc[args.gold_positivity_mean.idxmax()]
     text = (f"ARGS (weight {a.param_weight:g}): {a.gold_positivity_mean:.3f} ± {a.gold_positivity_ci95:.3f} gold "
             f"positivity at {a.kl_nats_mean:.2f} nats and {a.base_forwards_per_sample:.0f} base-model forwards per sample")
-    vas = eligible(summary[summary.method == "vas"], base.iloc[0])
+    vas = eligible(summary[summary.method == "vas"], base.iloc[0], ref)
     if vas.empty:
         return text + "; no VAS row is eligible."
     v = vas.loc[vas.gold_positivity_mean.idxmax()]

@@ -16,20 +16,24 @@ import pandas as pd
 # Per-seed summary columns aggregated across seeds (those present).
 STUDY_METRICS = ["gold_positivity_mean", "learned_positivity_mean", "gold_conciseness_mean", "kl_nats_mean",
                  "distinct_2", "repeat_4gram_share", "base_forwards_per_sample", "mean_tokens"]
-# A decoding setting counts toward a target only if its text stays like base sampling's: distinct-2
-# at least MIN_DISTINCT_FRACTION x base's, and the share of samples that repeat a word 4-gram within
-# themselves at most MAX_REPEAT_EXCESS above base's. Reward bought by loops that a lexicon scores
-# ("everything you wish you did and everything you wish you did") does not count.
+# A decoding setting counts toward a target only if its text stays like the references': distinct-2
+# at least MIN_DISTINCT_FRACTION x that of base sampling, or of Best-of-max-N where Best-of-N itself
+# is less diverse (on the embedded world Best-of-128 keeps 0.72x base's: a bar above it would rule
+# out the very reference), and the share of samples that repeat a word 4-gram within themselves at
+# most MAX_REPEAT_EXCESS above base's. Reward bought by loops that a lexicon scores ("everything
+# you wish you did and everything you wish you did") does not count.
 MIN_DISTINCT_FRACTION = 0.9
 MAX_REPEAT_EXCESS = 0.05
-ELIGIBILITY = (f"distinct-2 at least {MIN_DISTINCT_FRACTION:g}x base sampling's and a share of samples repeating "
-               f"a 4-gram at most {MAX_REPEAT_EXCESS:g} above base's")
+ELIGIBILITY = (f"distinct-2 at least {MIN_DISTINCT_FRACTION:g}x base sampling's (or Best-of-N's, where lower) and "
+               f"a share of samples repeating a 4-gram at most {MAX_REPEAT_EXCESS:g} above base's")
 
 
-def eligible(rows: pd.DataFrame, base: pd.Series) -> pd.DataFrame:
-    """The rows (summary rows of one seed) that keep base sampling's text (ELIGIBILITY). A summary
-    written before the repeat share existed is judged by distinct-2 alone."""
-    keep = rows.distinct_2 >= MIN_DISTINCT_FRACTION * float(base.distinct_2)
+def eligible(rows: pd.DataFrame, base: pd.Series, bon: pd.Series | None = None) -> pd.DataFrame:
+    """The rows (summary rows of one seed) that keep the references' text (ELIGIBILITY); bon: the
+    Best-of-max-N row, when there is one. A summary written before the repeat share existed is
+    judged by distinct-2 alone."""
+    reference = float(base.distinct_2) if bon is None else min(float(base.distinct_2), float(bon.distinct_2))
+    keep = rows.distinct_2 >= MIN_DISTINCT_FRACTION * reference - 1e-12
     if "repeat_4gram_share" in rows and pd.notna(base.get("repeat_4gram_share")):
         keep &= rows.repeat_4gram_share <= float(base.repeat_4gram_share) + MAX_REPEAT_EXCESS + 1e-12
     return rows[keep]
@@ -76,7 +80,7 @@ def _one_seed(summary: pd.DataFrame) -> dict:
     base_gold = float(base.gold_positivity_mean.iloc[0])
     ref = bon.loc[bon.param_n.idxmax()]
     vas = summary[summary.method == "vas"]
-    kept = eligible(vas, base.iloc[0])
+    kept = eligible(vas, base.iloc[0], ref)
     out = {"base_gold": base_gold, "bon_n": int(ref.param_n), "bon_gold": float(ref.gold_positivity_mean),
            "bon_distinct_2": float(ref.distinct_2), "n_vas_rows": len(vas), "n_vas_eligible": len(kept),
            "vas_params": None, "vas_gold": float("nan"), "vas_distinct_2": float("nan"), "vas_kl": float("nan"),
@@ -91,7 +95,7 @@ def _one_seed(summary: pd.DataFrame) -> dict:
 
     # ARGS, the peer that needs no value training: its best eligible row, and whether VAS beats it
     # (more gold at no more cost).
-    args = eligible(summary[summary.method == "args"], base.iloc[0])
+    args = eligible(summary[summary.method == "args"], base.iloc[0], ref)
     if not args.empty:
         top = args.loc[args.gold_positivity_mean.idxmax()]
         out.update(args_params=top.params, args_gold=float(top.gold_positivity_mean), args_ratio=share(top),

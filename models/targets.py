@@ -8,8 +8,9 @@
    over base, at <= 1/16 of its base-model forwards per sample;
 3. rerank: VAS + rerank reaches Best-of-max-N's lift (95% intervals overlap) at <= 1/8 of its cost.
 
-A row that is not `models.study.eligible` (its distinct-2 below 0.9x base sampling's, or its share
-of samples repeating a 4-gram more than 0.05 above base's) does not count, whatever its reward.
+A row that is not `models.study.eligible` (its distinct-2 below 0.9x base sampling's, or Best-of-N's
+where lower, or its share of samples repeating a 4-gram more than 0.05 above base's) does not
+count, whatever its reward.
 Pure pandas; the report and the seed study print what these return.
 """
 
@@ -72,7 +73,7 @@ def check(summary: pd.DataFrame) -> dict:
                  # What exact values would reach (models/tilt.py): the room the value estimate has.
                  "tilt": interpolate(tilt.kl_nats_mean, tilt.learned_positivity_mean, at)}
         for family, rows in _soft_curves(summary).items():
-            rows = eligible(rows, base)
+            rows = eligible(rows, base, ref)
             value = interpolate(rows.kl_nats_mean, rows.learned_positivity_mean, at)
             if math.isfinite(value) and not value <= point["vas"]:
                 point.update(vas=value, vas_ci=interpolate(rows.kl_nats_mean, rows.learned_positivity_ci95, at),
@@ -81,7 +82,7 @@ def check(summary: pd.DataFrame) -> dict:
         frontier.append(point)
 
     def best(rows: pd.DataFrame, max_cost: float) -> dict:
-        rows = eligible(rows, base)
+        rows = eligible(rows, base, ref)
         rows = rows[rows.base_forwards_per_sample <= max_cost * ref.base_forwards_per_sample]
         if rows.empty:
             return {"row": None, "share": float("nan"), "cost": float("nan"), "overlaps": False}

@@ -117,6 +117,10 @@ def test_eligible_rows_keep_base_sampling_text():
                          "repeat_4gram_share": [0.02, 0.07, 0.0, 0.071, 0.0]})
     # 0.81 = 0.9 x 0.9 keeps; 0.80 does not; 0.07 = 0.02 + 0.05 keeps; 0.071 does not.
     assert eligible(rows, base).index.tolist() == [0, 1, 4]
+    # Where Best-of-max-N is itself less diverse than base, the bar is 0.9x Best-of-N's: 0.9 x 0.85.
+    bon = pd.Series({"distinct_2": 0.85, "repeat_4gram_share": 0.0})
+    assert eligible(rows, base, bon).index.tolist() == [0, 1, 2, 4]
+    assert eligible(rows, base, pd.Series({"distinct_2": 0.95})).index.tolist() == [0, 1, 4]
     # A summary written before the repeat share existed: distinct-2 alone.
     assert eligible(rows.drop(columns="repeat_4gram_share"), base.drop("repeat_4gram_share")).index.tolist() \
         == [0, 1, 3, 4]
