@@ -17,7 +17,25 @@ from models.value_store import META_FILE, value_model_name
 
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
-                         "backbone")
+                         "backbone", "head_init")
+HEAD_INITS = ("zero", "reward_model")
+
+
+def reward_model_start(reward_dir, stats: dict, vocab_size: int):
+    """A scalar value model that starts as the reward model in reward_dir read at every prefix (its
+    body and score layer, models/reward_guidance.py), in the standardized units value training
+    fits (stats: the rollouts' reward mean and sd), every weight trainable: value_models.head_init
+    reward_model, PARGS's start."""
+    from models.lm import weights_sha256
+    from models.reward_guidance import reward_as_value
+    from models.reward_model import load_reward_model
+
+    value = reward_as_value(load_reward_model(reward_dir), scale=stats["std"] or 1.0, offset=stats["mean"],
+                            vocab_size=vocab_size)
+    for p in value.parameters():
+        p.requires_grad_(True)
+    value.init_info = {"init_from": str(reward_dir), "init_weights_sha256": weights_sha256(reward_dir)}
+    return value
 
 
 class ValueBackboneConfig(dg.Config):
@@ -122,12 +140,18 @@ def value_models(run: StageRun) -> Produced:
     base_dir = run.path("base_model")
     model_dir = base_model_dir(base_dir)
     base_sha = read_manifest(base_dir)["weights_sha256"]
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     device = pick_device(run.settings.device)
     primary = params["parameterization"]
     parameterizations = [primary] + [p for p in params["extra_parameterizations"] if p != primary]
+    if params["head_init"] not in HEAD_INITS:
+        raise ValueError(f"value_models.head_init must be one of {', '.join(map(repr, HEAD_INITS))}, "
+                         f"got {params['head_init']!r}")
+    if params["head_init"] == "reward_model" and "scalar" not in parameterizations:
+        raise ValueError("value_models.head_init 'reward_model' starts scalar value models as the reward model; "
+                         f"none is trained here (parameterization {primary!r}, extra {params['extra_parameterizations']})")
     metrics: dict[str, float] = {"device_cuda": float(device.type == "cuda")}
     series: dict[str, list[float]] = {}
     backbones: dict[str, str] = {}            # value model -> sha256 of the weights its backbone started from
@@ -149,9 +173,13 @@ def value_models(run: StageRun) -> Produced:
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute, params["backbone"],
                                              run.path("value_backbone"))
+                # head_init reward_model: scalar models start as the reward model itself, the others at a zero head.
+                start = reward_model_start(run.path("reward_models") / attribute, stats[attribute],
+                                           AutoConfig.from_pretrained(model_dir).vocab_size) \
+                    if params["head_init"] == "reward_model" and parameterization == "scalar" else None
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
-                                                  progress=run.log.info)
+                                                  progress=run.log.info, init_model=start)
                 model.save(tmp / name)
                 backbones[name] = model.init_info["init_weights_sha256"]
                 (tmp / name / META_FILE).write_text(json.dumps({

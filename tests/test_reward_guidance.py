@@ -170,3 +170,45 @@ def test_an_ensemble_of_identical_members_equals_its_member(world):
         EnsembleScorer([scorer], objective="median")
     with pytest.raises(ValueError, match="at least one member"):
         EnsembleScorer([])
+
+
+def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
+    """value_models.head_init reward_model: the scalar value model starts as the reward model read at
+    every prefix, in standardized units; with no training steps it is exactly that."""
+    import shutil
+
+    import dagster as dg
+    import yaml
+
+    from assets.resources import VasSettings, build_resources
+    from models.profiles import PARAMS_FILE
+    from models.reward_model import load_reward_model
+    from models.value_model import ValueModel
+    from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_world["data_dir"], data)
+    profiles = yaml.safe_load(PARAMS_FILE.read_text())
+    profiles["smoke"]["value_models"].update(head_init="reward_model", train_steps=0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(profiles))
+    settings = VasSettings(profile="smoke", data_dir=str(data), device="cpu", params_file=str(params))
+    result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("value_models"),
+                            resources=build_resources(settings), instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    stats = json.loads((data / "rollouts" / "reward_stats.json").read_text())["positivity"]
+    value = ValueModel.load(data / "value_models" / "positivity.scalar")
+    scorer = load_reward_model(data / "reward_models" / "positivity")
+    rows = [[scorer.tokenizer.bos_token_id, 20, 31, 7], [scorer.tokenizer.bos_token_id, 9]]
+    expected = (reward_forward(scorer.model, rows, scorer.tokenizer.pad_token_id, "right", "cpu") - stats["mean"]) \
+        / stats["std"]
+    assert value.text_values(rows, scorer.tokenizer.pad_token_id).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    # The distributional primary keeps its zero head: an untrained model steers nothing.
+    primary = ValueModel.load(data / "value_models" / "positivity")
+    assert float(primary.head.weight.abs().max()) == 0.0
+
+    profiles["smoke"]["value_models"].update(head_init="sideways")
+    params.write_text(yaml.safe_dump(profiles))
+    with pytest.raises(Exception, match="head_init must be one of"):
+        dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("value_models"),
+                       resources=build_resources(settings), instance=dg.DagsterInstance.ephemeral())
