@@ -1,6 +1,7 @@
 """Group `training`: the small value backbone, and one value model per reward attribute, fitted by
 TD(lambda) on the rollouts."""
 
+import dataclasses
 import json
 from datetime import datetime, timezone
 from typing import Optional
@@ -17,7 +18,7 @@ from models.value_store import META_FILE, value_model_name
 
 # value_models params this asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
-                         "backbone", "head_init")
+                         "backbone", "head_init", "extra_config")
 HEAD_INITS = ("zero", "reward_model")
 
 
@@ -146,6 +147,10 @@ def value_models(run: StageRun) -> Produced:
     device = pick_device(run.settings.device)
     primary = params["parameterization"]
     parameterizations = [primary] + [p for p in params["extra_parameterizations"] if p != primary]
+    known = {f.name for f in dataclasses.fields(ValueTrainConfig)} - {"parameterization", "seed"}
+    if unknown := sorted(set(params["extra_config"]) - known):
+        raise KeyError(f"unknown parameter(s) {', '.join('value_models.extra_config.' + k for k in unknown)}; "
+                       f"known: {', '.join(sorted(known))}")
     if params["head_init"] not in HEAD_INITS:
         raise ValueError(f"value_models.head_init must be one of {', '.join(map(repr, HEAD_INITS))}, "
                          f"got {params['head_init']!r}")
@@ -166,10 +171,11 @@ def value_models(run: StageRun) -> Produced:
                 if parameterization != primary and extra_for and attribute not in extra_for:
                     continue
                 name = value_model_name(attribute, parameterization, primary)
-                steps = {} if parameterization == primary or params["extra_train_steps"] is None \
-                    else {"train_steps": params["extra_train_steps"]}
+                extra = {} if parameterization == primary else {
+                    **({} if params["extra_train_steps"] is None else {"train_steps": params["extra_train_steps"]}),
+                    **params["extra_config"]}
                 train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
-                                              parameterization=parameterization, **steps)
+                                              parameterization=parameterization, **extra)
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute, params["backbone"],
                                              run.path("value_backbone"))

@@ -13,7 +13,10 @@ Candidates (--candidates picks some):
   targets (lambda 1), as PARGS fine-tunes the reward model on prefixes;
 - reward_td: the same fitted by TD(lambda) (the profile's lambda);
 - reward_body: the reward model's body with a zero scalar head (value_models.backbone_init:
-  reward_model), fitted by TD(lambda): what the head learns without the reward's own view.
+  reward_model), fitted by TD(lambda): what the head learns without the reward's own view;
+- reward_mc_more: reward_mc on the rollouts plus --extra-samples pi0 samples of each of
+  --extra-prompts more openings (human snippets no prompt uses, from prompts/human_snippets.parquet;
+  never an eval prompt's): more distinct prompts.
 
 Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
 n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
@@ -33,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body")
+CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_mc_more")
 
 
 def reward_start(world, trainable: bool):
@@ -49,8 +52,30 @@ def reward_start(world, trainable: bool):
     return value
 
 
-def train_scalar(world, args, lam: float, init_model=None, init_dir=None):
-    """A scalar value model fitted on the world's rollouts; (model, seconds)."""
+def extra_rollouts(world, n_prompts: int, samples: int):
+    """Scored pi0 rollouts of n_prompts openings of human snippets that no prompt uses (seeded pick)."""
+    import pandas as pd
+
+    from models.rollouts import RolloutConfig, sample_rollouts
+
+    snippets = pd.read_parquet(world.data / "prompts" / "human_snippets.parquet")
+    unused = snippets[snippets.split == ""].sample(frac=1.0, random_state=world.profile["seed"]).head(n_prompts)
+    prompts = pd.DataFrame({"prompt_id": "extra-" + unused.snippet_id.astype(str), "prompt": unused.opening})
+    prompts = prompts.reset_index(drop=True)
+    config = RolloutConfig(samples_per_prompt=samples, batch_size=128, seed=world.profile["seed"],
+                           max_new_tokens=world.profile["rollouts"]["max_new_tokens"])
+    start = time.perf_counter()
+    # Positions after the train split's, so no (position, sample) numbers repeat the rollouts'.
+    offset = len(world.train_prompts)
+    df = sample_rollouts(world.base, world.tokenizer, prompts, config, positions=range(offset, offset + len(prompts)))
+    df[f"learned_{world.attribute}"] = world.scorer(df.prompt.tolist(), df.completion.tolist())
+    print(f"  {len(df)} extra rollouts of {len(prompts)} openings in {(time.perf_counter() - start) / 60:.1f} min",
+          flush=True)
+    return df
+
+
+def train_scalar(world, args, lam: float, init_model=None, init_dir=None, extra=None):
+    """A scalar value model fitted on the world's rollouts (and extra ones); (model, seconds)."""
     import pandas as pd
 
     from assets.training import VALUE_MODELS_OWN_KEYS
@@ -64,6 +89,8 @@ def train_scalar(world, args, lam: float, init_model=None, init_dir=None):
                          learning_rate=args.lr, lam=lam, batch_size=args.batch_size,
                          micro_batch_size=args.batch_size, freeze_backbone=False)
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    if extra is not None:
+        df = pd.concat([df, extra[[c for c in df.columns if c in extra.columns]]], ignore_index=True)
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
     start = time.perf_counter()
     model, result = train_value_model(data, init_dir or world.data / "reward_models" / world.attribute, config,
@@ -87,6 +114,9 @@ def build(world, name: str, args):
                             init_model=reward_start(world, trainable=True))
     if name == "reward_body":
         return train_scalar(world, args, lam=world.profile["value_models"]["lam"])
+    if name == "reward_mc_more":
+        extra = extra_rollouts(world, args.extra_prompts, args.extra_samples)
+        return train_scalar(world, args, lam=1.0, init_model=reward_start(world, trainable=True), extra=extra)
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
 
 
@@ -126,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix-lengths", type=int, nargs="+", default=[0, 8])
     parser.add_argument("--candidates-per-state", type=int, default=8)
     parser.add_argument("--continuations", type=int, default=16)
+    parser.add_argument("--extra-prompts", type=int, default=768, help="reward_mc_more: openings added")
+    parser.add_argument("--extra-samples", type=int, default=2, help="reward_mc_more: pi0 samples of each")
     parser.add_argument("--betas", type=float, nargs="*", default=[], help="decode each candidate at these betas")
     parser.add_argument("--top-k", type=int, default=None, help="decoding top-k (default: the profile's)")
     args = parser.parse_args(argv)

@@ -322,17 +322,19 @@ def test_frontier_benchmark_runs(smoke_world, what):
 
 def test_value_estimates_benchmark_measures_every_candidate(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
-    from bench.value_estimates import CANDIDATES
     from bench.value_estimates import main as value_main
 
+    # reward_mc_more needs the human snippets of the real profile's prompts; the smoke world has none.
+    CANDIDATES = ["head", "args", "reward_mc", "reward_td", "reward_body"]
     data = smoke_world["data_dir"]
-    assert value_main(["--data-dir", str(data), "--profile", "smoke", "--steps", "2", "--prompts", "2",
+    assert value_main(["--data-dir", str(data), "--profile", "smoke", "--candidates", *CANDIDATES,
+                       "--steps", "2", "--prompts", "2",
                        "--prefix-lengths", "0", "2", "--candidates-per-state", "3", "--continuations", "2",
                        "--betas", "2", "--top-k", "3"]) == 0
     result = json.loads((data / "bench" / "value_estimates.json").read_text())
-    assert [r["candidate"] for r in result["value_error"]] == list(CANDIDATES)
+    assert [r["candidate"] for r in result["value_error"]] == CANDIDATES
     assert all(r["states"] >= 0 and np.isfinite(r["mse"]) for r in result["value_error"])
-    assert [p["candidate"] for p in result["decode"]] == list(CANDIDATES)
+    assert [p["candidate"] for p in result["decode"]] == CANDIDATES
     # The reward model's candidates run a 1-layer body per candidate: more than one base forward per token.
     by_name = {p["candidate"]: p for p in result["decode"]}
     assert by_name["args"]["forwards_per_token"] > 1 and by_name["args"]["kl_nats"] >= 0

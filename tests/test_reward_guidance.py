@@ -189,7 +189,8 @@ def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(smoke_world["data_dir"], data)
     profiles = yaml.safe_load(PARAMS_FILE.read_text())
-    profiles["smoke"]["value_models"].update(head_init="reward_model", train_steps=0)
+    profiles["smoke"]["value_models"].update(head_init="reward_model", train_steps=0,
+                                             extra_config={"learning_rate": 1e-4, "freeze_backbone": False})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(profiles))
     settings = VasSettings(profile="smoke", data_dir=str(data), device="cpu", params_file=str(params))
@@ -203,11 +204,21 @@ def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
     expected = (reward_forward(scorer.model, rows, scorer.tokenizer.pad_token_id, "right", "cpu") - stats["mean"]) \
         / stats["std"]
     assert value.text_values(rows, scorer.tokenizer.pad_token_id).tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+    # extra_config reaches the extra (scalar) model only.
+    def trained_with(name):
+        return json.loads((data / "value_models" / name / "vas_value.json").read_text())["train_config"]
+    assert trained_with("positivity.scalar")["learning_rate"] == 1e-4
+    assert trained_with("positivity")["learning_rate"] == profiles["default"]["value_models"]["learning_rate"]
     # The distributional primary keeps its zero head: an untrained model steers nothing.
     primary = ValueModel.load(data / "value_models" / "positivity")
     assert float(primary.head.weight.abs().max()) == 0.0
 
-    profiles["smoke"]["value_models"].update(head_init="sideways")
+    profiles["smoke"]["value_models"].update(extra_config={"learning_rat": 1e-4})
+    params.write_text(yaml.safe_dump(profiles))
+    with pytest.raises(Exception, match="value_models.extra_config.learning_rat"):
+        dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("value_models"),
+                       resources=build_resources(settings), instance=dg.DagsterInstance.ephemeral())
+    profiles["smoke"]["value_models"].update(head_init="sideways", extra_config={})
     params.write_text(yaml.safe_dump(profiles))
     with pytest.raises(Exception, match="head_init must be one of"):
         dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("value_models"),
