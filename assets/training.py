@@ -14,27 +14,20 @@ from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
 from models.stages import STAGES, code_version
-from models.value_store import META_FILE, value_model_name
+from models.value_store import META_FILE, VALUE_MODELS_OWN_KEYS, value_model_name
 
-# value_models params this asset reads itself; the rest configure ValueTrainConfig.
-VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
-                         "backbone", "head_init", "extra_config")
 HEAD_INITS = ("zero", "reward_model")
 
 
 def reward_model_start(reward_dir, stats: dict, vocab_size: int):
-    """A scalar value model that starts as the reward model in reward_dir read at every prefix (its
-    body and score layer, models/reward_guidance.py), in the standardized units value training
-    fits (stats: the rollouts' reward mean and sd), every weight trainable: value_models.head_init
-    reward_model, PARGS's start."""
+    """value_models.head_init reward_model: a scalar value model that starts as the reward model in
+    reward_dir read at every prefix (models.reward_guidance.reward_value_start), recording where
+    its weights came from."""
     from models.lm import weights_sha256
-    from models.reward_guidance import reward_as_value
+    from models.reward_guidance import reward_value_start
     from models.reward_model import load_reward_model
 
-    value = reward_as_value(load_reward_model(reward_dir), scale=stats["std"] or 1.0, offset=stats["mean"],
-                            vocab_size=vocab_size)
-    for p in value.parameters():
-        p.requires_grad_(True)
+    value = reward_value_start(load_reward_model(reward_dir), stats, vocab_size)
     value.init_info = {"init_from": str(reward_dir), "init_weights_sha256": weights_sha256(reward_dir)}
     return value
 

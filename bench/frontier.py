@@ -71,9 +71,9 @@ class World:
     def train(self, df, train_steps: int, init_model=None, init_dir=None, **overrides):
         """A distributional_qhead value model of the profile's settings (overrides: ValueTrainConfig
         fields) on df's rollouts, from init_dir's backbone (None: the profile's backbone_init)."""
-        from assets.training import VALUE_MODELS_OWN_KEYS
         from models.profiles import config_from
         from models.rollouts import training_rollouts
+        from models.value_store import VALUE_MODELS_OWN_KEYS
         from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
         params = self.profile["value_models"]

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from bench.frontier import World, table
     from models.evaluation import CANDIDATE_SEED_STRIDE
     from models.profiles import project_path
-    from models.reward_ensemble import combine
+    from models.reward_ensemble import EnsembleScorer, combine
     from models.rewards import score_gold
     from models.sampling import SamplingConfig, sample
 
@@ -85,14 +85,15 @@ def main(argv=None) -> int:
     print(f"pool: {max(args.ns)} x {len(prompts)} samples in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     n_max = len(texts)
     flat = [t for pool in texts for t in pool]
-    scores = np.stack([np.asarray(m(prompts * n_max, flat)) for m in members])     # (members, n_max * P)
-    scores = scores.reshape(len(members), n_max, len(prompts))
+    ensemble = EnsembleScorer(members)
+    scores = ensemble.member_scores(prompts * n_max, flat).reshape(len(members), n_max, len(prompts))
     gold = np.asarray(score_gold(flat, [args.attribute])[args.attribute]).reshape(n_max, len(prompts))
 
+    flat_scores = scores.reshape(len(members), -1)
     objectives = {"single (seed 0)": scores[0]}
     for k in args.ks:
-        objectives[f"mean - {k:g} sd"] = combine(scores.reshape(len(members), -1), k).reshape(n_max, len(prompts))
-    objectives["worst case"] = scores.min(0)
+        objectives[f"mean - {k:g} sd"] = combine(flat_scores, k).reshape(n_max, len(prompts))
+    objectives["worst case"] = combine(flat_scores, objective="worst_case").reshape(n_max, len(prompts))
     rows = []
     for name, objective in objectives.items():
         for n in args.ns:

@@ -27,7 +27,6 @@ token (models.evaluation.forwards_per_token). Writes <data-dir>/bench/value_esti
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -40,16 +39,13 @@ CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_m
 
 
 def reward_start(world, trainable: bool):
-    """The reward model as a scalar value model in standardized units (a copy when trainable)."""
-    from models.reward_guidance import reward_as_value
+    """The reward model as a scalar value model in standardized units (a trainable copy when trainable)."""
+    from models.reward_guidance import reward_as_value, reward_value_start
 
-    value = reward_as_value(world.scorer, scale=world.stats["std"], offset=world.stats["mean"],
-                            vocab_size=world.base.config.vocab_size)
     if trainable:
-        value = copy.deepcopy(value)
-        for p in value.parameters():
-            p.requires_grad_(True)
-    return value
+        return reward_value_start(world.scorer, world.stats, world.base.config.vocab_size)
+    return reward_as_value(world.scorer, scale=world.stats["std"], offset=world.stats["mean"],
+                           vocab_size=world.base.config.vocab_size)
 
 
 def extra_rollouts(world, n_prompts: int, samples: int):
@@ -78,9 +74,9 @@ def train_scalar(world, args, lam: float, init_model=None, init_dir=None, extra=
     """A scalar value model fitted on the world's rollouts (and extra ones); (model, seconds)."""
     import pandas as pd
 
-    from assets.training import VALUE_MODELS_OWN_KEYS
     from models.profiles import config_from
     from models.rollouts import training_rollouts
+    from models.value_store import VALUE_MODELS_OWN_KEYS
     from models.value_training import ValueTrainConfig, train_value_model
 
     params = {k: v for k, v in world.profile["value_models"].items() if k != "freeze_backbone"}

@@ -23,8 +23,8 @@ import torch
 
 from models.dpo import PolicySteering
 from models.rewards import score_gold
-from models.sampling import SamplingConfig, sample
-from models.study import mean_ci95
+from models.sampling import SamplingConfig, encode_prompts, sample
+from models.study import best_eligible, mean_ci95
 from models.tilt import tilt_curve
 from models.value_model import DISTRIBUTIONAL, PER_TOKEN_HEADS
 from models.vas import VASConfig, vas_sample
@@ -143,11 +143,16 @@ def is_distributional(parameterization: str) -> bool:
 
 
 def forward_params(model: torch.nn.Module, shared_with: torch.nn.Module | None = None) -> int:
-    """Parameters a forward of `model` multiplies by, each counted once: all but embedding tables,
-    which are looked up, not multiplied (a table tied to an output layer is that layer's weights and
-    counts), and but those of `shared_with` (the base model, whose forward already ran them)."""
+    """Parameters a forward of `model` multiplies by, each counted once: all but embedding tables
+    (and distributional_qhead's free token factors), which are looked up, not multiplied (a table
+    tied to an output layer is that layer's weights and counts), and but those of `shared_with` (the
+    base model, whose forward already ran them). A qhead's vocabulary-sized head counts whole,
+    although decoding gathers only the k candidates' rows of it."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
+    # distributional_qhead's free token factors are a table too: decoding gathers the k candidates' rows.
+    skip |= {id(m.token_factors) for m in model.modules() if isinstance(getattr(m, "token_factors", None),
+                                                                         torch.nn.Parameter)}
     if shared_with is not None:
         skip |= {id(p) for p in shared_with.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
@@ -188,6 +193,7 @@ class Evaluator:
         rows["draw"] = np.tile(np.arange(config.samples_per_prompt), len(prompts))
         self.prompts = rows
         self.tilt: pd.DataFrame | None = None      # run_best_of_n fills it: the exact tilt's reference rows
+        self._prompt_tokens: float | None = None   # mean prompt length in tokens (reward_forwards)
 
     def sampling(self, candidate: int = 0) -> SamplingConfig:
         """Candidate k (Best-of-N, VAS + rerank) samples with seed + CANDIDATE_SEED_STRIDE·k: candidate 0
@@ -239,8 +245,20 @@ class Evaluator:
             frame = self.score(frame)
             tokens = float(np.mean([pool[k].n_tokens.mean() for k in range(n)]))
             wall = sum(seconds[:n]) + rerank_seconds * n / n_max
-            runs.append(MethodRun("bon", {"n": n}, frame, wall, n * tokens))
+            runs.append(MethodRun("bon", {"n": n}, frame, wall, n * (tokens + self.reward_forwards(scorer, tokens))))
         return runs
+
+    def reward_forwards(self, scorer, completion_tokens: float) -> float:
+        """Base-forward equivalents of the reward model scoring one text (prompt + completion of
+        completion_tokens): what reranking a candidate costs beside sampling it. 0 for a scorer
+        with no model to count (a plain function)."""
+        model = getattr(scorer, "model", None)
+        if model is None:
+            return 0.0
+        if self._prompt_tokens is None:
+            self._prompt_tokens = float(np.mean([len(r) for r in encode_prompts(self.tokenizer,
+                                                                                 self.prompts.prompt.tolist())]))
+        return (self._prompt_tokens + completion_tokens) * forward_params(model) / forward_params(self.base)
 
     def tilt_reference(self, pool: Sequence[pd.DataFrame], scores: np.ndarray) -> pd.DataFrame:
         """The exact tilt by the Best-of-N reward, estimated on the pool (n_max frames of S samples,
@@ -314,8 +332,9 @@ class Evaluator:
             frame = pd.concat([pool[b].frame.iloc[[i]] for i, b in enumerate(best)], ignore_index=True)
             frame["params"] = json.dumps({**params, "n": n}, sort_keys=True)
             frame["kl_nats"] = frame["log_ratio"] + bon_kl(n)
+            rerank = sum(self.reward_forwards(self.scorers[c.bon_attribute], r.frame.n_tokens.mean()) for r in pool[:n])
             runs.append(MethodRun("vas_rerank", {**params, "n": n}, frame, sum(r.seconds for r in pool[:n]),
-                                  sum(r.forwards_per_sample for r in pool[:n])))
+                                  sum(r.forwards_per_sample for r in pool[:n]) + rerank))
         self.progress(f"VAS + rerank ({parameterization}, beta={beta}): done")
         return runs
 
@@ -459,9 +478,8 @@ def headline_numbers(summary: pd.DataFrame) -> dict[str, float]:
         out[f"{key}/gold_positivity_ci95"] = best.gold_positivity_ci95
         out[f"{key}/kl_nats"] = best.kl_nats_mean
         out[f"{key}/seconds_per_sample"] = best.seconds_per_sample
-    args = summary[summary.method == "args"]
-    if len(args):
-        best = args.loc[args.gold_positivity_mean.idxmax()]
+    best = best_eligible(summary, "args")
+    if best is not None:
         out.update({"args/best_weight": best.param_weight, "args/gold_positivity": best.gold_positivity_mean,
                     "args/kl_nats": best.kl_nats_mean, "args/base_forwards_per_sample": best.base_forwards_per_sample})
     dpo = summary[summary.method == "dpo"]

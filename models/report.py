@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.evaluation import headline_table
-from models.study import ELIGIBILITY, eligible
+from models.study import ELIGIBILITY, beats, best_eligible
 
 
 def _plt():
@@ -137,11 +137,10 @@ def verdict(summary: pd.DataFrame) -> str:
     if bon.empty or vas.empty:
         return "No Best-of-N or VAS rows: nothing to compare."
     ref = bon.loc[bon.param_n.idxmax()]
-    # A setting that buys reward by collapsing diversity does not count (as in the targets).
-    vas = eligible(vas, summary[summary.method == "base"].iloc[0], ref)
-    if vas.empty:
+    # A setting that buys reward with loops or by collapsing diversity does not count (as in the targets).
+    best = best_eligible(summary, "vas")
+    if best is None:
         return f"No VAS setting keeps {ELIGIBILITY}: nothing to compare."
-    best = vas.loc[vas.gold_positivity_mean.idxmax()]
     reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
     ratio = best.seconds_per_sample / ref.seconds_per_sample
     what = "reaches" if reaches else "falls short of"
@@ -156,22 +155,18 @@ def args_comparison(summary: pd.DataFrame) -> str:
     """The best eligible VAS row against the best eligible ARGS row (the peer that needs no value
     training): gold positivity, KL and base-model forwards of each, and whether VAS beats it (more
     gold at no more forwards). "" without ARGS rows."""
-    base, bon = summary[summary.method == "base"], summary[summary.method == "bon"]
-    ref = bon.loc[bon.param_n.idxmax()] if len(bon) else None
-    args = eligible(summary[summary.method == "args"], base.iloc[0], ref) if len(base) else base
-    if args.empty:
-        return "" if not (summary.method == "args").any() else f"No ARGS row keeps {ELIGIBILITY}."
-    a = args.loc[args.gold_positivity_mean.idxmax()]
+    if not (summary.method == "args").any():
+        return ""
+    a, v = best_eligible(summary, "args"), best_eligible(summary, "vas")
+    if a is None:
+        return f"No ARGS row keeps {ELIGIBILITY}."
     text = (f"ARGS (weight {a.param_weight:g}): {a.gold_positivity_mean:.3f} ± {a.gold_positivity_ci95:.3f} gold "
             f"positivity at {a.kl_nats_mean:.2f} nats and {a.base_forwards_per_sample:.0f} base-model forwards per sample")
-    vas = eligible(summary[summary.method == "vas"], base.iloc[0], ref)
-    if vas.empty:
+    if v is None:
         return text + "; no VAS row is eligible."
-    v = vas.loc[vas.gold_positivity_mean.idxmax()]
-    beats = v.gold_positivity_mean > a.gold_positivity_mean and v.base_forwards_per_sample <= a.base_forwards_per_sample
     return (text + f"; the best eligible VAS row ({v.family}, beta {v.param_beta:g}) {v.gold_positivity_mean:.3f} ± "
             f"{v.gold_positivity_ci95:.3f} at {v.kl_nats_mean:.2f} nats and {v.base_forwards_per_sample:.0f} forwards: "
-            + ("VAS beats ARGS at no more cost." if beats else "VAS does not beat ARGS at equal or lower cost."))
+            + ("VAS beats ARGS at no more cost." if beats(v, a) else "VAS does not beat ARGS at equal or lower cost."))
 
 
 def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None) -> str:

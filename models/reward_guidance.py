@@ -15,6 +15,8 @@ model on every prefix (PARGS), rather than a zero head on its body.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from models.value_model import ValueModel
@@ -31,12 +33,34 @@ def _score_layer(classifier) -> torch.nn.Linear:
     return layer
 
 
+class PrefixReward(ValueModel):
+    """The scalar value model reward_as_value builds: V(s·a) is the reward model's score of s·a read at
+    its last token. Where the reward model's framing appends no EOS to a text (its EOS is its pad
+    token, as SmolLM2's), a finished text is scored at its last real token, so choosing EOS is worth
+    V(s), the reward of the text as it stands: `eos_id` says which candidate that is."""
+
+    eos_id: int | None = None
+
+    @torch.no_grad()
+    def candidate_q(self, state, candidates: torch.Tensor, beta: float | None = None,
+                    calibrated: bool = False) -> torch.Tensor:
+        q = super().candidate_q(state, candidates, beta, calibrated)
+        if self.eos_id is None:
+            return q
+        finished = self.head(state.hidden.float()).squeeze(-1)                      # (B,) V(s)
+        return torch.where(candidates == self.eos_id, finished[:, None].to(q), q)
+
+
 @torch.no_grad()
 def reward_as_value(scorer, scale: float = 1.0, offset: float = 0.0, vocab_size: int | None = None) -> ValueModel:
     """A scalar ValueModel giving V(prefix) = (r(prefix) - offset) / scale, from a RewardScorer (its frozen
     classifier: the body is shared, not copied). The classifier must pool at the last token
-    (GPT-2, Llama): a prefix's value is then what the reward model says of that prefix as a text.
-    vocab_size: the base model's, which the reward model's must equal (it reads the base's tokens)."""
+    (GPT-2, Llama): a prefix's value is then what the reward model says of that prefix as a text,
+    read at the prefix's last token, as ARGS reads it. A reward model whose framing appends EOS to a
+    text (the embedded world's: EOS is not its pad token) was trained reading at that EOS, so there a
+    prefix is read one position off its training (an unfinished text has no EOS yet); EOS itself is
+    read where it was trained. vocab_size: the base model's, which the reward model's must equal (it
+    reads the base's tokens)."""
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     classifier = scorer.model
@@ -44,8 +68,23 @@ def reward_as_value(scorer, scale: float = 1.0, offset: float = 0.0, vocab_size:
     if vocab_size is not None and classifier.config.vocab_size != vocab_size:
         raise ValueError(f"the reward model has a vocabulary of {classifier.config.vocab_size} tokens and the base "
                          f"model {vocab_size}: ARGS feeds it the base's token ids, so they must share a tokenizer")
-    value = ValueModel(classifier.base_model, "scalar")
+    value = PrefixReward(classifier.base_model, "scalar")
+    tokenizer = scorer.tokenizer
+    # RewardScorer's framing (models.reward_model.encode_texts): EOS is appended unless it is the pad token.
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id == tokenizer.pad_token_id:
+        value.eos_id = tokenizer.eos_token_id
     value.head.weight.copy_(layer.weight.float() / scale)
     bias = layer.bias.float() if layer.bias is not None else torch.zeros(1)
     value.head.bias.copy_((bias - offset) / scale)
     return value.to(layer.weight.device).eval()
+
+
+def reward_value_start(scorer, stats, vocab_size: int | None = None) -> ValueModel:
+    """What a value model fitted from the reward model starts as (value_models.head_init:
+    reward_model, PARGS): reward_as_value in the standardized units value training fits (stats: the
+    rollouts' reward mean and std), a copy with every weight trainable, the scorer untouched."""
+    value = copy.deepcopy(reward_as_value(scorer, scale=stats["std"] or 1.0, offset=stats["mean"],
+                                          vocab_size=vocab_size))
+    for p in value.parameters():
+        p.requires_grad_(True)
+    return value

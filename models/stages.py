@@ -66,7 +66,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models", "value_backbone"),
           section="value_models", versions="value_model_versions",
           code=("models/distributional.py", "models/value_model.py", "models/value_store.py",
-                "models/value_training.py", "models/td.py", "models/train_utils.py", "assets/training.py")),
+                "models/value_training.py", "models/td.py", "models/train_utils.py", "models/reward_guidance.py",
+                "models/reward_model.py", "assets/training.py")),
     Stage("evaluation", "eval", upstream=("base_model", "prompts", "reward_models", "value_models", "dpo_model"),
           section="evaluation",
           code=("models/evaluation.py", "models/vas.py", "models/sampling.py", "models/value_store.py",
@@ -74,7 +75,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("value_error", "value_error", upstream=("base_model", "prompts", "reward_models", "value_models"),
           section="value_error", also_params=("rollouts",),   # its completion budget is the rollouts'
           code=("models/value_error.py", "models/value_model.py", "models/value_store.py", "models/sampling.py",
-                "models/train_utils.py", "assets/value_error.py")),
+                "models/train_utils.py", "models/reward_guidance.py", "assets/value_error.py")),
     Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",
           code=("models/dpo.py", "assets/baselines.py")),
     Stage("report", "report", upstream=("evaluation", "value_error"),

@@ -39,6 +39,22 @@ def eligible(rows: pd.DataFrame, base: pd.Series, bon: pd.Series | None = None) 
     return rows[keep]
 
 
+def best_eligible(summary: pd.DataFrame, method: str) -> pd.Series | None:
+    """The `method` row of one seed's summary with the highest gold positivity among the eligible
+    ones (against its base and Best-of-max-N rows), or None."""
+    base, bon = summary[summary.method == "base"], summary[summary.method == "bon"]
+    if base.empty:
+        return None
+    rows = eligible(summary[summary.method == method], base.iloc[0], bon.loc[bon.param_n.idxmax()] if len(bon) else None)
+    return None if rows.empty else rows.loc[rows.gold_positivity_mean.idxmax()]
+
+
+def beats(vas: pd.Series, args: pd.Series) -> bool:
+    """Whether a VAS row beats an ARGS row: more gold positivity at no more base-model forwards."""
+    return bool(vas.gold_positivity_mean > args.gold_positivity_mean
+                and vas.base_forwards_per_sample <= args.base_forwards_per_sample)
+
+
 def mean_ci95(values) -> tuple[float, float]:
     """Mean and the half-width of its normal 95% interval, 1.96 · sd (ddof=1) / sqrt(n); NaN half
     with fewer than two values."""
@@ -81,6 +97,7 @@ def _one_seed(summary: pd.DataFrame) -> dict:
     ref = bon.loc[bon.param_n.idxmax()]
     vas = summary[summary.method == "vas"]
     kept = eligible(vas, base.iloc[0], ref)
+    best, top = best_eligible(summary, "vas"), best_eligible(summary, "args")
     out = {"base_gold": base_gold, "bon_n": int(ref.param_n), "bon_gold": float(ref.gold_positivity_mean),
            "bon_distinct_2": float(ref.distinct_2), "n_vas_rows": len(vas), "n_vas_eligible": len(kept),
            "vas_params": None, "vas_gold": float("nan"), "vas_distinct_2": float("nan"), "vas_kl": float("nan"),
@@ -95,19 +112,16 @@ def _one_seed(summary: pd.DataFrame) -> dict:
 
     # ARGS, the peer that needs no value training: its best eligible row, and whether VAS beats it
     # (more gold at no more cost).
-    args = eligible(summary[summary.method == "args"], base.iloc[0], ref)
-    if not args.empty:
-        top = args.loc[args.gold_positivity_mean.idxmax()]
+    if top is not None:
         out.update(args_params=top.params, args_gold=float(top.gold_positivity_mean), args_ratio=share(top),
                    args_cost_vs_bon=cost(top), args_kl=float(top.kl_nats_mean))
-    if kept.empty:
+    if best is None:
         return out
-    best = kept.loc[kept.gold_positivity_mean.idxmax()]
     out.update(vas_params=best.params, vas_gold=float(best.gold_positivity_mean),
                vas_distinct_2=float(best.distinct_2), vas_kl=float(best.kl_nats_mean),
                ratio=share(best), cost_vs_bon=cost(best))
-    if "args_gold" in out:
-        out["beats_args"] = bool(out["vas_gold"] > out["args_gold"] and out["cost_vs_bon"] <= out["args_cost_vs_bon"])
+    if top is not None:
+        out["beats_args"] = beats(best, top)
     return out
 
 
@@ -213,10 +227,14 @@ def study_markdown(aggregate: pd.DataFrame, ratio: dict) -> str:
                      f"{cell(row, 'learned_positivity_mean')} | {cell(row, 'gold_conciseness_mean')} | "
                      f"{cell(row, 'kl_nats_mean', 2)} | {cell(row, 'distinct_2')} | "
                      f"{cell(row, 'repeat_4gram_share')} | {cell(row, 'base_forwards_per_sample', 1)} |")
-    lines += ["", "| seed | base gold | Best-of-N gold | best eligible VAS | VAS gold | lift ratio | cost vs Best-of-N |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| seed | base gold | Best-of-N gold | best eligible VAS | VAS gold | VAS KL | lift ratio "
+              "| cost vs Best-of-N | best eligible ARGS | ARGS lift ratio (cost) | VAS beats ARGS |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in ratio["per_seed"]:
         vas = _label("vas", s["vas_params"]) if s["vas_params"] else "none eligible"
+        args = (_label("args", s["args_params"]), f"{s['args_ratio']:.2f} ({s['args_cost_vs_bon']:.3f})",
+                "yes" if s.get("beats_args") else "no") if s.get("args_params") else ("-", "-", "-")
         lines.append(f"| {s['seed']} | {s['base_gold']:.3f} | {s['bon_gold']:.3f} (N={s['bon_n']}) | {vas} | "
-                     f"{s['vas_gold']:.3f} | {s['ratio']:.2f} | {s['cost_vs_bon']:.3f} |")
+                     f"{s['vas_gold']:.3f} | {s['vas_kl']:.2f} | {s['ratio']:.2f} | {s['cost_vs_bon']:.3f} | "
+                     + " | ".join(args) + " |")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Mapping
 
 META_FILE = "vas_value.json"
+# value_models params the value_models asset reads itself; the rest configure ValueTrainConfig.
+VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
+                         "backbone", "head_init", "extra_config")
 
 
 def value_model_name(attribute: str, parameterization: str, primary: str) -> str:

@@ -129,9 +129,12 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 # -- training --------------------------------------------------------------------------------
 
-def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir) -> str:
+def fingerprint_of(rollouts: Rollouts, config: ValueTrainConfig, model_dir, start: dict | None = None) -> str:
+    """What a checkpoint must match to be resumed: the data, the config, where the backbone starts
+    and, for a run started from a given value model (init_model), that model's init_info."""
     settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
-    blob = json.dumps({"data": rollouts.digest(), "config": settings, "base": str(model_dir)}, sort_keys=True)
+    blob = json.dumps({"data": rollouts.digest(), "config": settings, "base": str(model_dir),
+                       **({"start": start} if start is not None else {})}, sort_keys=True, default=str)
     return hashlib.md5(blob.encode()).hexdigest()
 
 
@@ -289,7 +292,8 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
-    fingerprint = fingerprint_of(rollouts, config, model_dir)
+    fingerprint = fingerprint_of(rollouts, config, model_dir,
+                                 None if init_model is None else getattr(init_model, "init_info", {}) or {"given": True})
     start_step, losses = 0, []
     if checkpoint_dir is not None:
         # Every rank loads the same files, into the bare module, before DDP wraps it.

@@ -270,7 +270,9 @@ def cmd_study(args) -> int:
                     rows.append(metric_row(f"{metric}/{stat}", row[column], split="eval", method=row.method,
                                            params=method_params))
         rows.append(metric_row("n_seeds", row.n_seeds, split="eval", method=row.method, params=method_params))
-    for key in ("ratio_mean", "ratio_sd", "cost_vs_bon_mean", "cost_vs_bon_sd"):
+    for key in ("ratio_mean", "ratio_sd", "cost_vs_bon_mean", "cost_vs_bon_sd", "vas_kl_mean", "vas_kl_sd",
+                "args_ratio_mean", "args_ratio_sd", "args_cost_vs_bon_mean", "args_cost_vs_bon_sd",
+                "n_with_args", "n_beats_args"):
         if pd.notna(ratio[key]):
             rows.append(metric_row(f"vas_bon_lift_{key}", ratio[key], split="eval"))
     for s in ratio["per_seed"]:

@@ -333,11 +333,14 @@ def test_value_estimates_benchmark_measures_every_candidate(smoke_world):
                        "--betas", "2", "--top-k", "3"]) == 0
     result = json.loads((data / "bench" / "value_estimates.json").read_text())
     assert [r["candidate"] for r in result["value_error"]] == CANDIDATES
-    assert all(r["states"] >= 0 and np.isfinite(r["mse"]) for r in result["value_error"])
+    # Every candidate on the same states, each a finite error.
+    assert len({r["states"] for r in result["value_error"]}) == 1 and result["value_error"][0]["states"] > 0
+    assert all(np.isfinite(r["mse"]) for r in result["value_error"])
     assert [p["candidate"] for p in result["decode"]] == CANDIDATES
     # The reward model's candidates run a 1-layer body per candidate: more than one base forward per token.
     by_name = {p["candidate"]: p for p in result["decode"]}
-    assert by_name["args"]["forwards_per_token"] > 1 and by_name["args"]["kl_nats"] >= 0
+    assert by_name["args"]["forwards_per_token"] > 1 and by_name["args"]["kl_nats"] > 0
+    assert by_name["head"]["forwards_per_token"] < by_name["args"]["forwards_per_token"]
 
 
 def test_reward_ensemble_benchmark_compares_objectives_at_equal_n(smoke_world):

@@ -55,6 +55,25 @@ def test_reward_as_value_is_the_reward_of_each_prefix_and_candidate(world):
         reward_as_value(scorer, scale=0.0)
 
 
+def test_where_eos_is_the_pad_token_choosing_eos_is_worth_the_text_as_it_stands(world):
+    """SmolLM2's framing: no EOS is appended to a scored text, so a finished text is scored at its
+    last real token, and ARGS's value of the EOS candidate is the reward of the prefix itself."""
+    import copy
+
+    base, tokenizer, scorer = world
+    same_pad = copy.deepcopy(tokenizer)
+    same_pad.pad_token = same_pad.eos_token
+    framed = RewardScorer(scorer.model, same_pad)
+    value = reward_as_value(framed, scale=2.0)
+    assert value.eos_id == tokenizer.eos_token_id and reward_as_value(scorer).eos_id is None
+    prefix = encode_prompts(same_pad, ["The lamp"])[0]
+    ids = torch.tensor([prefix])
+    q = value.candidate_q(value.start(ids, torch.ones_like(ids)), torch.tensor([[tokenizer.eos_token_id, 17]]))[0]
+    assert float(q[0]) == pytest.approx(framed.score_texts(["The lamp"])[0] / 2.0, abs=1e-5)
+    by_hand = reward_forward(scorer.model, [prefix + [17]], tokenizer.pad_token_id, "right", "cpu") / 2.0
+    assert float(q[1]) == pytest.approx(float(by_hand[0]), abs=1e-5) != float(q[0])   # other candidates: read as before
+
+
 def test_args_weight_zero_is_base_sampling_and_a_weight_steers(world):
     base, tokenizer, scorer = world
     config = SamplingConfig(max_new_tokens=12, seed=5, batch_size=4)
@@ -82,6 +101,15 @@ def test_the_evaluation_runs_args_rows_with_their_cost(world):
     ratio = (forward_params(scorer.model) + 1) / forward_params(base)      # + 1: the value head's (zero) bias
     assert zero.forwards_per_sample == pytest.approx(first.forwards_per_sample)
     assert three.forwards_per_sample == pytest.approx(three.frame.n_tokens.mean() * (1 + ratio * 11))
+    # Best-of-N pays for its reranking too: n samples and n reward scorings of prompt + completion.
+    bon_config = EvalConfig(bon_ns=(1, 2), tilt_betas=(), max_new_tokens=12, batch_size=4, seed=2)
+    bon1, bon2 = Evaluator(base, tokenizer, {}, {"positivity": scorer}, ["positivity"], prompts, bon_config,
+                           progress=QUIET).run_best_of_n()
+    prompt_tokens = sum(len(r) for r in encode_prompts(tokenizer, PROMPTS)) / len(PROMPTS)
+    reward_ratio = forward_params(scorer.model) / forward_params(base)
+    tokens = bon1.frame.n_tokens.mean()
+    assert bon1.forwards_per_sample == pytest.approx(tokens + (prompt_tokens + tokens) * reward_ratio)
+    assert bon2.forwards_per_sample > 2 * tokens
     summary = summarize([first, zero, three])
     assert list(summary.family) == ["base", "ARGS", "ARGS"]
     assert summary.param_weight.tolist()[1:] == [0.0, 3.0]

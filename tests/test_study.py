@@ -135,7 +135,11 @@ def test_study_markdown_has_the_verdict_and_every_row():
     assert "| base | 2 | 0.150 ± 0.071 |" in text
     assert "| bon n=4 | 2 | 0.550 ± 0.071 |" in text
     assert "| vas beta=8.0, parameterization=scalar |" in text
-    assert "| 0 | 0.100 | 0.500 (N=4) | vas beta=2.0, parameterization=qhead | 0.350 | 0.62 | 0.250 |" in text
+    assert "| 0 | 0.100 | 0.500 (N=4) | vas beta=2.0, parameterization=qhead | 0.350 | 0.10 | 0.62 | 0.250 | - | - | - |" \
+        in text
+    with_args = pd.DataFrame(seed_rows(0, 0.1, 0.5, 0.3, 0.6, 0.35, args2=0.3))
+    assert "| 0.62 | 0.250 | args weight=2.0 | 0.50 (2.000) | yes |" in study_markdown(aggregate(with_args),
+                                                                                  lift_ratio(with_args))
 
 
 def test_report_verdict_uses_the_study_when_there_is_one(tmp_path):
