@@ -251,3 +251,24 @@ def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
     with pytest.raises(Exception, match="head_init must be one of"):
         dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=dg.AssetSelection.assets("value_models"),
                        resources=build_resources(settings), instance=dg.DagsterInstance.ephemeral())
+
+
+def test_the_report_says_whether_vas_beats_args_at_no_more_cost():
+    from models.report import args_comparison
+
+    def row(method, gold, forwards, **params):
+        return {"method": method, "family": {"vas": "VAS scalar", "args": "ARGS"}.get(method, method),
+                "gold_positivity_mean": gold, "gold_positivity_ci95": 0.05, "kl_nats_mean": 1.0,
+                "distinct_2": 0.9, "repeat_4gram_share": 0.0, "base_forwards_per_sample": forwards,
+                **{f"param_{k}": v for k, v in params.items()}}
+
+    base = [row("base", 0.1, 30), row("bon", 0.5, 500, n=16)]
+    cheap_good = pd.DataFrame(base + [row("vas", 0.45, 31, beta=4.0), row("args", 0.4, 100, weight=2.0),
+                                      row("args", 0.6, 100, weight=8.0) | {"repeat_4gram_share": 0.2}])
+    text = args_comparison(cheap_good)
+    # The looping ARGS row (repeat share 0.2) does not count: the best eligible one is weight 2.
+    assert text.startswith("ARGS (weight 2): 0.400") and text.endswith("VAS beats ARGS at no more cost.")
+    pricey = cheap_good.assign(base_forwards_per_sample=lambda f: f.base_forwards_per_sample.where(
+        f.method != "vas", 200))
+    assert args_comparison(pricey).endswith("VAS does not beat ARGS at equal or lower cost.")
+    assert args_comparison(cheap_good[cheap_good.method != "args"]) == ""
