@@ -59,7 +59,7 @@ class EvalConfig:
     rerank_ns: tuple[int, ...] = (2, 4, 8)
     # ARGS (models/reward_guidance.py): the steered attribute's reward model scores prefix + each
     # top-k candidate at every step, at these weights per sd of the reward over base samples (empty: skipped).
-    args_weights: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    args_weights: tuple[float, ...] = (2.0, 8.0)
     top_k: int = VASConfig.top_k
     min_p: float = VASConfig.min_p
     max_new_tokens: int = 80
