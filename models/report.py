@@ -145,10 +145,16 @@ def verdict(summary: pd.DataFrame) -> str:
     ratio = best.seconds_per_sample / ref.seconds_per_sample
     what = "reaches" if reaches else "falls short of"
     name = best.family if "family" in best else f"VAS {best.param_parameterization}"
+    base = summary[summary.method == "base"].iloc[0]
+    lift = ref.gold_positivity_mean - base.gold_positivity_mean
+    share = f"{(best.gold_positivity_mean - base.gold_positivity_mean) / lift:.2f}" if lift > 0 else "no share (no lift)"
+    forwards = ""
+    if "base_forwards_per_sample" in best:
+        forwards = f" and {best.base_forwards_per_sample / ref.base_forwards_per_sample:.3f}x its base-model forwards"
     return (f"{name} (beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
             f"gold positivity ({best.gold_positivity_mean:.3f} ± {best.gold_positivity_ci95:.3f} vs "
-            f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}) at {ratio:.3f}x its decode time "
-            f"per sample.")
+            f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}): {share} of its lift over base, at "
+            f"{best.kl_nats_mean:.2f} nats, {ratio:.3f}x its decode time per sample{forwards}.")
 
 
 def args_comparison(summary: pd.DataFrame) -> str:

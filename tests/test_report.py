@@ -44,6 +44,10 @@ def test_verdict_is_computed_from_the_intervals():
     assert "falls short of Best-of-128" in verdict(summary(0.2, 0.02))
     assert "reaches Best-of-128" in verdict(summary(0.3, 0.05))
     assert "0.016x" in verdict(summary(0.3, 0.05))
+    # The best VAS row (beta 4: 0.3 - 0.025 = 0.275) holds (0.275 - 0.1) / (0.3 - 0.1) = 0.875 of
+    # Best-of-128's lift, at 4 nats and 20 / 1280 of its forwards.
+    text = verdict(summary(0.3, 0.05))
+    assert "0.87 of its lift over base, at 4.00 nats" in text and "0.016x its base-model forwards" in text
 
 
 def test_verdict_ignores_settings_that_collapse_diversity():
