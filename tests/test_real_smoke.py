@@ -137,14 +137,14 @@ def test_a_frozen_base_value_head_decodes_on_the_base_forward_as_on_its_own(real
     assert one.kl_nats == pytest.approx(two.kl_nats, abs=1e-4)
     # What the evaluation counts as decode cost: the shared head is a few parameters on top of the
     # base forward; the separate copy is a second 30-layer forward.
-    # Embedding tables are looked up, not multiplied: the separate body counts its layers only, the
-    # base its layers and its (tied) output layer.
+    # Embedding tables (and the head's free token factors) are looked up, not multiplied: the head
+    # counts its Linear, the separate body its layers only, the base its layers and its (tied) output layer.
     from models.evaluation import forward_params
 
-    head = sum(p.numel() for name, p in shared.named_parameters() if not name.startswith("backbone."))
+    head = sum(p.numel() for p in shared.head.parameters())
     assert 0 < forward_params(shared, shared_with=base) == head < 0.05 * forward_params(base)
-    table = separate.backbone.get_input_embeddings().weight.numel()
-    assert forward_params(separate, shared_with=base) == sum(p.numel() for p in separate.parameters()) - table
+    tables = separate.backbone.get_input_embeddings().weight.numel() + separate.token_factors.numel()
+    assert forward_params(separate, shared_with=base) == sum(p.numel() for p in separate.parameters()) - tables
     assert forward_params(separate, shared_with=base) > 20 * head
 
 
