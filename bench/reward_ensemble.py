@@ -16,7 +16,6 @@ Writes <data-dir>/bench/reward_ensemble.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -65,11 +64,13 @@ def main(argv=None) -> int:
     import torch
 
     from bench.frontier import World, table
+    from models.artifacts import write_json
     from models.evaluation import CANDIDATE_SEED_STRIDE
     from models.profiles import project_path
     from models.reward_ensemble import EnsembleScorer, combine
     from models.rewards import score_gold
     from models.sampling import SamplingConfig, sample
+    from models.study import mean_ci95
 
     torch.set_num_threads(2)
     data = project_path(args.data_dir)
@@ -99,15 +100,15 @@ def main(argv=None) -> int:
         for n in args.ns:
             pick = objective[:n].argmax(0)                                          # (P,)
             chosen_gold = gold[pick, np.arange(len(prompts))]
-            rows.append({"objective": name, "n": n, "gold": float(chosen_gold.mean()),
-                         "gold_ci95": float(1.96 * chosen_gold.std(ddof=1) / np.sqrt(len(prompts))),
+            gold_mean, gold_ci95 = mean_ci95(chosen_gold)
+            rows.append({"objective": name, "n": n, "gold": gold_mean, "gold_ci95": gold_ci95,
                          "learned_seed0": float(scores[0][pick, np.arange(len(prompts))].mean())})
     base_gold = float(gold[0].mean())
     print(f"\nBest-of-N on {len(prompts)} eval prompts, {len(members)} members; base sampling gold {base_gold:.3f}\n")
     print(table(rows, ["objective", "n", "gold", "gold_ci95", "learned_seed0"]))
     out = data / "bench" / "reward_ensemble.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "base_gold": base_gold, "rows": rows}, indent=2) + "\n")
+    write_json({"args": vars(args), "base_gold": base_gold, "rows": rows}, out)
     print(f"\nwritten to {out}")
     return 0
 

@@ -27,7 +27,6 @@ token (models.evaluation.forwards_per_token). Writes <data-dir>/bench/value_esti
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -162,6 +161,7 @@ def main(argv=None) -> int:
     import torch
 
     from bench.frontier import World, table
+    from models.artifacts import write_json
     from models.profiles import project_path
     from models.value_error import ScoredModel, ValueErrorConfig, evaluate_value_error
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                              "forwards_per_token", "s_per_sample"]))
     out = data / "bench" / "value_estimates.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "value_error": rows, "decode": points}, indent=2) + "\n")
+    write_json({"args": vars(args), "value_error": rows, "decode": points}, out)
     print(f"\nwritten to {out}")
     return 0
 
