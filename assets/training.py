@@ -14,7 +14,7 @@ from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
 from models.stages import STAGES, code_version
-from models.value_store import META_FILE, VALUE_MODELS_OWN_KEYS, value_model_name
+from models.value_store import DISTILLED, META_FILE, VALUE_MODELS_OWN_KEYS, value_model_name
 
 HEAD_INITS = ("zero", "reward_model")
 
@@ -123,7 +123,9 @@ def value_models(run: StageRun) -> Produced:
     # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
     # loads these definitions without torch
     from models.checkpoints import clear_checkpoint
-    from models.lm import base_model_dir, pick_device, read_manifest
+    from models.distill import DistillConfig, distill_head
+    from models.lm import base_model_dir, load_frozen_base, pick_device, read_manifest
+    from models.profiles import config_from
     from models.rollouts import training_rollouts
     from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
@@ -155,10 +157,33 @@ def value_models(run: StageRun) -> Produced:
     backbones: dict[str, str] = {}            # value model -> sha256 of the weights its backbone started from
     checkpoints = run.settings.path(".checkpoints", "value_models")
     rollouts_md5 = run.inputs["rollouts"]
+    distill_from = params["distill_from"]
+    if distill_from and distill_from not in parameterizations:
+        raise ValueError(f"value_models.distill_from {distill_from!r} names no value model trained here; "
+                         f"trained: {', '.join(parameterizations)}")
+    distill_config = config_from(DistillConfig, params["distill"], "value_models.distill", seed=params["seed"])
+    base = None                               # the frozen base, loaded when a head is distilled onto it
+
+    def save(model, name: str, parameterization: str, result: dict, loss: str, **meta) -> None:
+        """A value model, its vas_value.json, and its metrics under its name."""
+        model.save(tmp / name)
+        backbones[name] = model.init_info["init_weights_sha256"]
+        (tmp / name / META_FILE).write_text(json.dumps({
+            "attribute": attribute, "parameterization": parameterization,
+            "reward": f"learned_{attribute}", "reward_stats": stats[attribute],
+            "rollouts_md5": rollouts_md5, "base_weights_sha256": base_sha,
+            "device": result.get("device"), **meta,
+        }, indent=2, sort_keys=True, default=str))
+        series[f"{name}/{loss}"] = result.pop("loss_curve")[::5]
+        for key, value in result.items():
+            if isinstance(value, (int, float)):
+                metrics[f"{name}/{key}"] = value
+
     with atomic_path(run.path("value_models")) as tmp:
         tmp.mkdir()
         for attribute in sorted(stats):
             data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
+            trained = {}                       # parameterization -> the value model just trained
             for parameterization in parameterizations:
                 extra_for = params["extra_attributes"]
                 if parameterization != primary and extra_for and attribute not in extra_for:
@@ -179,22 +204,21 @@ def value_models(run: StageRun) -> Produced:
                 model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=run.log.info, init_model=start)
-                model.save(tmp / name)
-                backbones[name] = model.init_info["init_weights_sha256"]
-                (tmp / name / META_FILE).write_text(json.dumps({
-                    "attribute": attribute, "parameterization": parameterization,
-                    "reward": f"learned_{attribute}", "reward_stats": stats[attribute],
-                    "rollouts_md5": rollouts_md5, "base_weights_sha256": base_sha,
-                    "train_config": train_config.__dict__ | {"prefix_lengths": list(train_config.prefix_lengths)},
-                    "device": result["device"],
-                }, indent=2, sort_keys=True, default=str))
-                series[f"{name}/td_loss"] = result.pop("loss_curve")[::5]
-                for key, value in result.items():
-                    if isinstance(value, (int, float)):
-                        metrics[f"{name}/{key}"] = value
+                trained[parameterization] = model
+                save(model, name, parameterization, result, "td_loss",
+                     train_config=train_config.__dict__ | {"prefix_lengths": list(train_config.prefix_lengths)})
                 run.log.info(f"value model {name}: held-out corr(V(prefix), reward) "
                              + ", ".join(f"{k.removeprefix('corr_prefix_')}: {v:.2f}" for k, v in result.items()
                                          if k.startswith("corr_prefix_")))
+            if distill_from in trained:
+                # The per-token head reads the frozen base's own hidden states: saved by reference to it.
+                base = base or load_frozen_base(base_dir, device=str(device))[0]
+                student, result = distill_head(base, trained[distill_from].to(device), data, distill_config,
+                                               tokenizer.pad_token_id, progress=run.log.info)
+                student.init_info = {"init_from": str(model_dir), "init_weights_sha256": base_sha}
+                save(student.cpu(), f"{attribute}.{DISTILLED}", DISTILLED, result, "distill_loss",
+                     teacher=value_model_name(attribute, distill_from, primary),
+                     distill_config=dataclasses.asdict(distill_config), device=str(device))
     # The models are saved: checkpoints only served a run that might have been killed.
     for name in list(checkpoints.glob("*")):
         clear_checkpoint(name)

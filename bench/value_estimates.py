@@ -16,7 +16,11 @@ Candidates (--candidates picks some):
   reward_model), fitted by TD(lambda): what the head learns without the reward's own view;
 - reward_mc_more: reward_mc on the rollouts plus --extra-samples pi0 samples of each of
   --extra-prompts more openings (human snippets no prompt uses, from prompts/human_snippets.parquet;
-  never an eval prompt's): more distinct prompts.
+  never an eval prompt's): more distinct prompts;
+- scalar: the saved scalar value model (value_models/<attribute>.scalar), the profile's choice;
+- distilled: a factorized per-token head on the frozen base's hidden states, fitted to that scalar's
+  values of pi0's top-k at every state of the rollouts (models/distill.py; --distill-* options):
+  one forward per token instead of the scalar's k + 1 value forwards.
 
 Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
 n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
@@ -34,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_mc_more")
+CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_mc_more", "scalar", "distilled")
 
 
 def reward_start(world, trainable: bool):
@@ -112,7 +116,33 @@ def build(world, name: str, args):
     if name == "reward_mc_more":
         extra = extra_rollouts(world, args.extra_prompts, args.extra_samples)
         return train_scalar(world, args, lam=1.0, init_model=reward_start(world, trainable=True), extra=extra)
+    if name == "scalar":
+        return ValueModel.load(world.data / "value_models" / f"{world.attribute}.scalar"), 0.0
+    if name == "distilled":
+        return distilled(world, args)
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
+
+
+def distilled(world, args):
+    """The per-token head distilled from the saved scalar on the rollouts' states; (model, seconds)."""
+    import pandas as pd
+
+    from models.distill import DistillConfig, distill_head
+    from models.rollouts import training_rollouts
+    from models.value_model import ValueModel
+
+    teacher = ValueModel.load(world.data / "value_models" / f"{world.attribute}.scalar")
+    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
+    ev = world.profile["evaluation"]
+    config = DistillConfig(top_k=args.top_k or ev["top_k"], min_p=ev["min_p"], rank=args.distill_rank,
+                           train_steps=args.distill_steps, max_rollouts=args.distill_rollouts,
+                           seed=world.profile["seed"])
+    start = time.perf_counter()
+    model, metrics = distill_head(world.base, teacher, data, config, world.tokenizer.pad_token_id,
+                                  progress=lambda m: print("  " + m, flush=True))
+    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+    return model.eval(), time.perf_counter() - start
 
 
 def decode(world, model, beta: float, top_k: int) -> dict:
@@ -155,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-samples", type=int, default=2, help="reward_mc_more: pi0 samples of each")
     parser.add_argument("--betas", type=float, nargs="*", default=[], help="decode each candidate at these betas")
     parser.add_argument("--top-k", type=int, default=None, help="decoding top-k (default: the profile's)")
+    parser.add_argument("--distill-rank", type=int, default=64, help="distilled: rank of the head")
+    parser.add_argument("--distill-steps", type=int, default=2000, help="distilled: fitting steps")
+    parser.add_argument("--distill-rollouts", type=int, default=0, help="distilled: rollouts used (0: all)")
     args = parser.parse_args(argv)
 
     import pandas as pd

@@ -14,7 +14,9 @@ sampled in any order or on any worker, equals the unsharded rollouts bit for bit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +24,27 @@ import pandas as pd
 
 from models.rewards import score_gold
 from models.sampling import SamplingConfig, encode_prompts, row_uniforms, sample
-from models.value_training import Rollouts
+
+
+@dataclass
+class Rollouts:
+    """Token-level rollouts of pi0: prompt ids, action ids (EOS included when the sample ended)."""
+
+    prompt_ids: list[list[int]]
+    action_ids: list[list[int]]
+    rewards: list[float]
+    groups: list[str] = field(default_factory=list)   # prompt ids: held-out split never shares a prompt
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def subset(self, index: Sequence[int]) -> "Rollouts":
+        return Rollouts([self.prompt_ids[i] for i in index], [self.action_ids[i] for i in index],
+                        [self.rewards[i] for i in index], [self.groups[i] for i in index] if self.groups else [])
+
+    def digest(self) -> str:
+        blob = json.dumps([self.prompt_ids, self.action_ids, [round(r, 6) for r in self.rewards]])
+        return hashlib.md5(blob.encode()).hexdigest()
 
 
 @dataclass

@@ -67,7 +67,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           section="value_models", versions="value_model_versions",
           code=("models/distributional.py", "models/value_model.py", "models/value_store.py",
                 "models/value_training.py", "models/td.py", "models/train_utils.py", "models/reward_guidance.py",
-                "models/reward_model.py", "assets/training.py")),
+                "models/reward_model.py", "models/distill.py", "assets/training.py")),
     Stage("evaluation", "eval", upstream=("base_model", "prompts", "reward_models", "value_models", "dpo_model"),
           section="evaluation",
           code=("models/evaluation.py", "models/vas.py", "models/sampling.py", "models/value_store.py",

@@ -6,7 +6,10 @@ Two parameterizations share one interface:
   Q(s, a) = V(s·a). Decoding scores the k candidate tokens in one forward that reuses the prefix
   KV cache (or, for a backbone that refuses the 4D mask this needs, by repeating the cache).
 - `qhead`: head Linear(H, vocab) read at s's last token gives Q(s, ·) for every token at once, so
-  decoding costs one value forward per generated token.
+  decoding costs one value forward per generated token. With token_factors "embedding" it is
+  factorized instead, Q(s, a) = M(h_s) · f_a with M: Linear(H, rank) and f_a from a's embedding, as
+  distributional_qhead's below: a real vocabulary's rare tokens get the values of the tokens they
+  resemble, not a row of their own that training never reaches (models/distill.py fits one so).
 
 - `distributional`: head Linear(H, n_bins) read like `scalar`, giving a histogram over reward
   bins for V(s·a) (models/distributional.py): its mean is the paper's value, its soft value
@@ -48,7 +51,7 @@ PARAMETERIZATIONS = ("scalar", "qhead", "distributional", "distributional_qhead"
 DISTRIBUTIONAL = ("distributional", "distributional_qhead")
 PER_TOKEN_HEADS = ("qhead", "distributional_qhead")     # Q(s, ·) for all tokens from s's hidden state
 HEAD_FILE = "value_head.safetensors"
-TOKEN_FACTORS = ("free", "embedding")       # distributional_qhead's f_a: a vector per token, or P · e_a
+TOKEN_FACTORS = ("free", "embedding")       # f_a of the factorized heads: a vector per token, or P · e_a
 CONFIG_FILE = "value_config.json"
 
 
@@ -114,15 +117,18 @@ class ValueModel(nn.Module):
         self.candidate_scoring = CandidateScoring("auto")   # V(s·a) heads: how candidates are scored
         config = backbone.config
         self.support = (support or Support()) if parameterization in DISTRIBUTIONAL else None
-        self.rank = rank if parameterization == "distributional_qhead" else 0
-        out = {"scalar": 1, "qhead": config.vocab_size, "distributional": self.support and self.support.n_bins,
+        if token_factors not in TOKEN_FACTORS:
+            raise ValueError(f"token_factors must be one of {', '.join(TOKEN_FACTORS)}, got {token_factors!r}")
+        factored = parameterization == "distributional_qhead" or (parameterization == "qhead"
+                                                                  and token_factors == "embedding")
+        self.rank = rank if factored else 0
+        out = {"scalar": 1, "qhead": rank if self.rank else config.vocab_size,
+               "distributional": self.support and self.support.n_bins,
                "distributional_qhead": self.support and self.support.n_bins * rank}[parameterization]
         # float32 head whatever the backbone dtype: values are small differences, TD needs precision.
         self.head = nn.Linear(config.hidden_size, out)
         nn.init.zeros_(self.head.weight)     # zero head: an untrained value model steers nothing
         nn.init.zeros_(self.head.bias)
-        if token_factors not in TOKEN_FACTORS:
-            raise ValueError(f"token_factors must be one of {', '.join(TOKEN_FACTORS)}, got {token_factors!r}")
         self.factor_source = token_factors if self.rank else "free"
         if self.rank:
             # Random, fixed by a seed of its own: with the zero head, gradients reach the head first.
@@ -241,11 +247,14 @@ class ValueModel(nn.Module):
         """Per-token heads: outputs for hidden (..., H) and tokens (...) that broadcast together.
 
         qhead -> (...): only the head rows of the tokens asked for are used, so no (..., vocab)
-        tensor is built. distributional_qhead -> (..., n_bins): M(h) (n_bins x rank) times f_token.
+        tensor is built; factorized, M(h) (rank) times f_token. distributional_qhead -> (..., n_bins):
+        M(h) (n_bins x rank) times f_token.
         """
-        if self.parameterization == "qhead":
+        if self.parameterization == "qhead" and not self.rank:
             rows = self.head.weight[tokens]                                           # (..., H)
             return (hidden.float() * rows).sum(-1) + self.head.bias[tokens]
+        if self.parameterization == "qhead":
+            return (self.head(hidden.float()) * self.factors(tokens)).sum(-1)         # (...)
         mix = self.head(hidden.float()).unflatten(-1, (self.support.n_bins, self.rank))   # (..., n_bins, rank)
         return (mix * self.factors(tokens)[..., None, :]).sum(-1)                      # (..., n_bins)
 

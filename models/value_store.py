@@ -10,7 +10,10 @@ from typing import Mapping
 META_FILE = "vas_value.json"
 # value_models params the value_models asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
-                         "backbone", "head_init", "extra_config")
+                         "backbone", "head_init", "extra_config", "distill_from", "distill")
+# The parameterization vas_value.json names for a per-token head distilled from another value model
+# (value_models.distill_from; models/distill.py), saved as <attribute>.distilled.
+DISTILLED = "distilled"
 
 
 def value_model_name(attribute: str, parameterization: str, primary: str) -> str:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +25,7 @@ import torch
 from models import distributed
 from models.checkpoints import load_checkpoint, save_checkpoint
 from models.distributional import Support, calibrated_support, distributional_lambda_returns, histogram_cross_entropy, hl_gauss
+from models.rollouts import Rollouts
 from models.td import lambda_returns, masked_mse
 from models.train_utils import FrozenFeatures, autocast_for, pad_rows, split_groups
 
@@ -67,27 +68,6 @@ class ValueTrainConfig:
     # a value head on a large frozen model, e.g. the base model's own body, which the decoder then
     # shares instead of running a second forward (models/vas.py). Saved by reference, not copied.
     freeze_backbone: bool = False
-
-
-@dataclass
-class Rollouts:
-    """Token-level rollouts of pi0: prompt ids, action ids (EOS included when the sample ended)."""
-
-    prompt_ids: list[list[int]]
-    action_ids: list[list[int]]
-    rewards: list[float]
-    groups: list[str] = field(default_factory=list)   # prompt ids: held-out split never shares a prompt
-
-    def __len__(self) -> int:
-        return len(self.rewards)
-
-    def subset(self, index: Sequence[int]) -> "Rollouts":
-        return Rollouts([self.prompt_ids[i] for i in index], [self.action_ids[i] for i in index],
-                        [self.rewards[i] for i in index], [self.groups[i] for i in index] if self.groups else [])
-
-    def digest(self) -> str:
-        blob = json.dumps([self.prompt_ids, self.action_ids, [round(r, 6) for r in self.rewards]])
-        return hashlib.md5(blob.encode()).hexdigest()
 
 
 def make_batch(rollouts: Rollouts, index: Sequence[int], pad_id: int):

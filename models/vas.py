@@ -39,6 +39,16 @@ class VASConfig:
     min_p: float = 0.01       # the default profile's evaluation.min_p
 
 
+def steered_candidates(candidate_logits: torch.Tensor, min_p: float) -> torch.Tensor | None:
+    """(B, k) bool: the candidates min_p lets the values steer, from their base logits or log-probs
+    (log pi0(a) - log max pi0 is a logit difference; the likeliest candidate always qualifies).
+    None when min_p is 0: all of them."""
+    if min_p <= 0:
+        return None
+    best = candidate_logits.max(-1, keepdim=True).values
+    return (candidate_logits - best) >= math.log(min_p)
+
+
 class ValueGuidance:
     """Adds Σ_i w_i · (Q_i - mean_k Q_i) to the base logits of the top-k base tokens, per step.
 
@@ -102,13 +112,8 @@ class ValueGuidance:
         return base_logits.scatter_add(1, top, bonus)
 
     def steered(self, candidate_logits: torch.Tensor) -> torch.Tensor | None:
-        """(B, k) bool: the candidates min_p lets the values steer, from their base logits or log-probs
-        (log pi0(a) - log max pi0 is a logit difference; the likeliest candidate always qualifies).
-        None when min_p is 0: all of them."""
-        if self.config.min_p <= 0:
-            return None
-        best = candidate_logits.max(-1, keepdim=True).values
-        return (candidate_logits - best) >= math.log(self.config.min_p)
+        """steered_candidates at this guidance's min_p."""
+        return steered_candidates(candidate_logits, self.config.min_p)
 
     def bonus(self, q_of: Callable, steered: torch.Tensor | None = None) -> torch.Tensor:
         """Σ_i w_i · (Q_i - mean Q_i), (B, k) float64, where q_of(model, state, beta) gives model i's

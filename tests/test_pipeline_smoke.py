@@ -160,14 +160,19 @@ def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
 
     root = smoke_world["data_dir"] / "value_models"
     names = sorted(p.name for p in root.iterdir())
-    # The primary parameterization for every attribute, the extra one (scalar) for positivity only.
-    assert names == ["conciseness", "positivity", "positivity.scalar"]
+    # The primary parameterization for every attribute, the extra one (scalar) for positivity only,
+    # and the per-token head distilled from that scalar (value_models.distill_from).
+    assert names == ["conciseness", "positivity", "positivity.distilled", "positivity.scalar"]
     meta = json.loads((root / "positivity" / "vas_value.json").read_text())
     assert meta["parameterization"] == "distributional_qhead" and meta["reward"] == "learned_positivity"
     assert meta["base_weights_sha256"] == read_manifest(smoke_world["data_dir"] / "base_model")["weights_sha256"]
     loaded = ValueModel.load(root / "positivity")
     assert loaded.parameterization == "distributional_qhead" and loaded.support.n_bins == 41
     assert ValueModel.load(root / "positivity.scalar").parameterization == "scalar"
+    distilled = json.loads((root / "positivity.distilled" / "vas_value.json").read_text())
+    assert distilled["parameterization"] == "distilled" and distilled["teacher"] == "positivity.scalar"
+    head = ValueModel.load(root / "positivity.distilled")
+    assert head.parameterization == "qhead" and head.frozen_backbone and head.factor_source == "embedding"
     assert not list((smoke_world["data_dir"] / ".checkpoints").rglob("progress.json"))   # cleared after saving
 
 
@@ -439,6 +444,6 @@ def test_headline_table_picks_the_rows_to_compare(smoke_world):
     assert set(rows.method) == {"base", "dpo", "vas", "vas_rerank", "args"}          # smoke has no Best-of-16/128
     assert set(rows[rows.method == "vas"].family) == {"VAS scalar", "VAS distributional_qhead soft",
                                                       "VAS distributional_qhead calibrated",
-                                                      "VAS distributional_qhead mean"}
+                                                      "VAS distributional_qhead mean", "VAS distilled"}
     table = headline_table(summary)
     assert table.count("\n") == len(rows) + 1 and table.startswith("| method |")

@@ -11,7 +11,14 @@ from models.train_utils import pad_rows
 from models.value_model import ValueModel
 
 VOCAB = 64
-PARAMS = ["scalar", "qhead", "distributional", "distributional_qhead"]
+# "qhead:embedding": the factorized per-token head (token factors from the embeddings), which
+# models/distill.py fits; the others take their default token factors.
+PARAMS = ["scalar", "qhead", "qhead:embedding", "distributional", "distributional_qhead"]
+
+
+def build(base_dir, spec: str) -> ValueModel:
+    parameterization, _, factors = spec.partition(":")
+    return ValueModel.from_base(base_dir, parameterization, token_factors=factors or "free")
 
 
 def randomize_head(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel:
@@ -36,7 +43,7 @@ def base_dir(tmp_path_factory, tiny_gpt2):
 
 @pytest.fixture(scope="module", params=PARAMS)
 def value_model(request, base_dir):
-    return randomize_head(ValueModel.from_base(base_dir, request.param), seed=1).eval()
+    return randomize_head(build(base_dir, request.param), seed=1).eval()
 
 
 def hidden_of(model: ValueModel, row: list[int]) -> torch.Tensor:
@@ -60,10 +67,11 @@ def action_masks(mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("parameterization", PARAMS)
 def test_fresh_value_model_outputs_exactly_zero_with_dropout_off(base_dir, parameterization):
-    model = ValueModel.from_base(base_dir, parameterization)
+    model = build(base_dir, parameterization)
     assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
     n_bins = 41
-    expected_out = {"scalar": 1, "qhead": VOCAB, "distributional": n_bins, "distributional_qhead": n_bins * 16}
+    expected_out = {"scalar": 1, "qhead": VOCAB, "qhead:embedding": 16, "distributional": n_bins,
+                    "distributional_qhead": n_bins * 16}
     assert model.head.out_features == expected_out[parameterization]
     rows = [p + c for p, c in ROWS]
     ids, mask = left_pad(rows, 1)
@@ -146,10 +154,16 @@ def reference_q(model: ValueModel, prefix: list[int], candidates: list[int]) -> 
             h = model.backbone(input_ids=seqs).last_hidden_state[:, -1]          # (k, H)
             out = model.head(h)
             return out.squeeze(-1) if model.parameterization == "scalar" else out
-        if model.parameterization == "qhead":
+        if model.parameterization == "qhead" and not model.rank:
             return model.head(hidden_of(model, prefix)[-1])[candidates]
+        # Factorized heads: f_c = P · e_c / rms(e_c), or a free vector per token.
+        e = model.backbone.get_input_embeddings().weight[candidates]                # (k, E)
+        f = (e / e.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()) @ model.factor_proj.T \
+            if model.factor_source == "embedding" else model.token_factors[candidates]  # (k, rank)
+        if model.parameterization == "qhead":
+            return f @ model.head(hidden_of(model, prefix)[-1])
         m = model.head(hidden_of(model, prefix)[-1]).view(model.support.n_bins, model.rank)
-        return torch.stack([m @ model.token_factors[c] for c in candidates])
+        return torch.stack([m @ fc for fc in f])
 
 
 def test_candidate_q_with_kv_cache_matches_uncached_forward(value_model):
