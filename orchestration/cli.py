@@ -63,10 +63,13 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
     from assets.resources import build_resources, settings_from_env
     from assets.rollouts import all_shards_tags
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
+    from orchestration.recovery import launch_tags, recover_dead_runs
 
     resources = build_resources(settings_from_env(seed))
     settings = resources["settings"]
     instance = dg.DagsterInstance.get()
+    # A run killed before it could end holds its pool slots until someone frees them: this launch does.
+    recover_dead_runs(instance)
     # Selections are built as objects: dvc pins antlr4 4.9 (through hydra), which cannot load
     # the parser Dagster uses for selection strings.
     return dg.materialize(
@@ -77,7 +80,7 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
         # rollout_shards, when selected, materializes every shard (its partitions) in one step of this run.
         tags={"vas/profile": settings.profile, **({FORCE_TAG: "true"} if force else {}),
               **(all_shards_tags() if not selection or "rollout_shards" in selection else {}),
-              **({"vas/seed": str(seed)} if seed is not None else {}), **(tags or {})},
+              **({"vas/seed": str(seed)} if seed is not None else {}), **launch_tags(), **(tags or {})},
         run_config=run_config,
         raise_on_error=False,
     ), settings
