@@ -171,3 +171,20 @@ def test_a_run_that_waits_too_long_fails_naming_the_holder(held_gpu):
     assert child.returncode != 0
     assert "VAS_POOL_WAIT_S" in out and "run holder (STARTED" in out, out[-3000:]
     assert instance.get_run_by_id("holder").status == dg.DagsterRunStatus.STARTED   # alive: left alone
+
+
+def test_the_project_instance_turns_run_monitoring_on(tmp_path):
+    """The daemon's path (UI, schedule, sensor): Dagster's run monitoring, with the slots of ended
+    runs freed (orchestration/dagster.yaml), loaded through Dagster's own schema."""
+    import shutil
+
+    from models.profiles import PROJECT_ROOT
+
+    shutil.copy(PROJECT_ROOT / "orchestration" / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert instance.run_monitoring_enabled
+        assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
+        assert instance.run_monitoring_start_timeout_seconds == 180
+    finally:
+        instance.dispose()
