@@ -63,13 +63,15 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
     from assets.resources import build_resources, settings_from_env
     from assets.rollouts import all_shards_tags
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
-    from orchestration.recovery import launch_tags, recover_dead_runs
+    from orchestration.recovery import launch_tags, recover_dead_runs, remove_dead_temporaries
 
     resources = build_resources(settings_from_env(seed))
     settings = resources["settings"]
     instance = dg.DagsterInstance.get()
-    # A run killed before it could end holds its pool slots until someone frees them: this launch does.
+    # A run killed before it could end holds its pool slots until someone frees them, and leaves its
+    # half-written temporaries behind: this launch clears both.
     recover_dead_runs(instance)
+    remove_dead_temporaries(instance, settings.root)
     # Selections are built as objects: dvc pins antlr4 4.9 (through hydra), which cannot load
     # the parser Dagster uses for selection strings.
     return dg.materialize(

@@ -9,6 +9,10 @@ belongs to a process that started later) is marked failed with an engine event s
 slots are freed. A run whose process is alive, such as a `vas run` in another shell, is never
 touched. Slots still claimed by runs that already ended are freed too.
 
+Temporaries of dead writers (models.artifacts.atomic_path's `.<name>.tmp-<hex>` siblings) are then
+removed from the data folder, but only when no other run of this instance is STARTED or STARTING:
+a live run, or one whose process this host cannot judge, may still be writing its own.
+
 Runs the UI, schedule or sensor launch go through the daemon, whose run monitoring
 (orchestration/dagster.yaml) fails their dead workers the same way.
 """
@@ -16,10 +20,14 @@ Runs the UI, schedule or sensor launch go through the daemon, whose run monitori
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+from pathlib import Path
 from typing import Callable
 
 HOST_TAG, PID_TAG, PID_START_TAG = "vas/host", "vas/pid", "vas/pid_start"
+TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")      # models.artifacts._tmp_sibling's names
 
 
 def process_start(pid: int) -> str:
@@ -83,3 +91,34 @@ def recover_dead_runs(instance, log: Callable[[str], None] = print) -> list[str]
                     + ("no longer exists" if run is None else f"ended {run.status.value}"))
                 recovered.append(run_id)
     return recovered
+
+
+def unfinished_runs(instance) -> list:
+    """STARTED or STARTING runs of the instance other than this process's own."""
+    import dagster as dg
+
+    mine = str(os.getpid())
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED,
+                                                            dg.DagsterRunStatus.STARTING]))
+    return [run for run in runs if not (run.tags.get(HOST_TAG) == socket.gethostname()
+                                        and run.tags.get(PID_TAG) == mine)]
+
+
+def remove_dead_temporaries(instance, data_dir: str | Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Remove the atomic-write temporaries under data_dir when no other run could own them
+    (recover_dead_runs first, so a dead run does not count); returns what was removed."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.rglob(".*.tmp-*") if TEMPORARY.match(p.name))
+    if not found:
+        return []
+    if others := unfinished_runs(instance):
+        log(f"left {len(found)} temporaries under {root}: run {others[0].run_id} is still "
+            f"{others[0].status.value} and may own them")
+        return []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    log(f"removed {len(found)} temporaries of dead writers under {root}: "
+        + ", ".join(str(p.relative_to(root)) for p in found[:5]) + (" ..." if len(found) > 5 else ""))
+    return found

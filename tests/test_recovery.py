@@ -188,3 +188,22 @@ def test_the_project_instance_turns_run_monitoring_on(tmp_path):
         assert instance.run_monitoring_start_timeout_seconds == 180
     finally:
         instance.dispose()
+
+
+def test_temporaries_go_only_when_no_other_run_may_own_them(instance, tmp_path):
+    from orchestration.recovery import remove_dead_temporaries
+
+    data = tmp_path / "data"
+    (data / "sub" / ".base_model.tmp-0123abcd").mkdir(parents=True)
+    (data / ".summary.parquet.tmp-89abcdef").write_text("half")
+    (data / "kept.tmp-0123abcd").write_text("not hidden: not an atomic temporary")
+    (data / ".checkpoints").mkdir()
+    started_run(instance, "writing", launch_tags() | {PID_TAG: str(os.getppid())})     # a live writer
+    lines = []
+    assert remove_dead_temporaries(instance, data, lines.append) == []
+    assert (data / ".summary.parquet.tmp-89abcdef").exists() and "run writing is still STARTED" in lines[0]
+    instance.report_run_failed(instance.get_run_by_id("writing"), message="done")
+    removed = remove_dead_temporaries(instance, data, lines.append)
+    assert sorted(p.name for p in removed) == [".base_model.tmp-0123abcd", ".summary.parquet.tmp-89abcdef"]
+    assert sorted(p.name for p in data.iterdir()) == [".checkpoints", "kept.tmp-0123abcd", "sub"]
+    assert list((data / "sub").iterdir()) == [] and "removed 2 temporaries" in lines[-1]
