@@ -68,6 +68,10 @@ def materialize(selection: list[str] | None, profile: str | None, data_dir: str 
     resources = build_resources(settings_from_env(seed))
     settings = resources["settings"]
     instance = dg.DagsterInstance.get()
+    # torch before the run: a SIGTERM or Ctrl-C that lands while a step imports it (its C++ start-up)
+    # aborts the process instead of failing the run, or is swallowed by an import-time `except:`.
+    import torch  # noqa: F401
+
     # A run killed before it could end holds its pool slots until someone frees them, and leaves its
     # half-written temporaries behind: this launch clears both.
     recover_dead_runs(instance)

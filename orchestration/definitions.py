@@ -7,13 +7,15 @@ import dagster as dg
 from assets import baselines, evaluation, ingest, report, rewards, rollouts, synthesis, training, validation, value_error
 from assets.resources import build_resources
 from models.environment import read_env
-from orchestration import pool_wait
+from orchestration import interrupts, pool_wait
 from orchestration.schedules import full_pipeline, nightly_retrain, nightly_retrain_schedule
 from orchestration.sensors import incoming_preferences_sensor, incoming_retrain
 
-# A step blocked on a pool sleeps between checks and gives up after VAS_POOL_WAIT_S, in every process
-# that runs these assets (the CLI, the UI's and the daemon's run workers).
+# In every process that runs these assets (the CLI, the UI's and the daemon's run workers): a step
+# blocked on a pool sleeps between checks and gives up after VAS_POOL_WAIT_S, and SIGTERM/Ctrl-C end a
+# step even when Python drops the first interrupt.
 pool_wait.install()
+interrupts.install()
 
 ALL_ASSETS = dg.load_assets_from_modules([ingest, synthesis, rewards, rollouts, training, baselines, evaluation,
                                          value_error, report])

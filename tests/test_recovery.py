@@ -207,3 +207,30 @@ def test_temporaries_go_only_when_no_other_run_may_own_them(instance, tmp_path):
     assert sorted(p.name for p in removed) == [".base_model.tmp-0123abcd", ".summary.parquet.tmp-89abcdef"]
     assert sorted(p.name for p in data.iterdir()) == [".checkpoints", "kept.tmp-0123abcd", "sub"]
     assert list((data / "sub").iterdir()) == [] and "removed 2 temporaries" in lines[-1]
+
+
+def test_an_interrupt_a_callback_swallowed_still_fails_the_step():
+    """Python drops an exception raised from a signal handler into a GC callback ("Exception
+    ignored in ..."): the step must still fail when its compute ends."""
+    import signal
+
+    from dagster._core import errors
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from orchestration import interrupts
+
+    interrupts.install()
+    with pytest.raises(DagsterExecutionInterruptedError):
+        with errors.raise_execution_interrupts():
+            handler = signal.getsignal(signal.SIGTERM)
+            try:                                     # what a weakref callback does with it
+                handler(signal.SIGTERM, None)
+            except DagsterExecutionInterruptedError:
+                pass
+    # An interrupt that propagates is raised once, and nothing stays pending.
+    with pytest.raises(DagsterExecutionInterruptedError):
+        with errors.raise_execution_interrupts():
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    with errors.raise_execution_interrupts():
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
