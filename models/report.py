@@ -218,12 +218,15 @@ def targets_section(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None,
 
 
 def lift_over_base(summary: pd.DataFrame) -> str:
-    """The best VAS row's gold positivity against base sampling's, and whether their 95% intervals
-    are apart: is the lift more than this run's noise?"""
-    base, vas = summary[summary.method == "base"], summary[summary.method == "vas"]
-    if base.empty or vas.empty:
+    """The best eligible VAS row's gold positivity (models.study.ELIGIBILITY: loops do not count)
+    against base sampling's, and whether their 95% intervals are apart: is the lift more than this
+    run's noise?"""
+    from models.study import best_eligible
+
+    base, best = summary[summary.method == "base"], best_eligible(summary, "vas")
+    if base.empty or best is None:
         return ""
-    base, best = base.iloc[0], vas.loc[vas.gold_positivity_mean.idxmax()]
+    base = base.iloc[0]
     apart = best.gold_positivity_mean - best.gold_positivity_ci95 > base.gold_positivity_mean + base.gold_positivity_ci95
     name = best.family if "family" in best else f"VAS {best.param_parameterization}"
     return (f"Lift over base sampling: {name} (beta={best.param_beta:g}) {best.gold_positivity_mean:.3f} ± "
@@ -238,9 +241,16 @@ def lift_across_seeds(per_seed: pd.DataFrame | None) -> str:
     are apart. One seed's apart intervals can be luck; this says how often they are."""
     if per_seed is None or per_seed.empty:
         return ""
-    from models.study import _label, _pm, _sd
+    from models.study import _label, _pm, _sd, eligible
 
     base, vas = per_seed[per_seed.method == "base"], per_seed[per_seed.method == "vas"]
+    # Only settings eligible in every seed (models.study.ELIGIBILITY): a loop's lift does not count.
+    for _, seed in per_seed.groupby("seed"):
+        seed_base, bon = seed[seed.method == "base"], seed[seed.method == "bon"]
+        if len(seed_base):
+            kept = eligible(seed[seed.method == "vas"], seed_base.iloc[0],
+                            bon.loc[bon.param_n.idxmax()] if len(bon) else None)
+            vas = vas[vas.params.isin(set(kept.params))]
     if base.empty or vas.empty:
         return ""
     best = vas.groupby("params").gold_positivity_mean.mean().idxmax()

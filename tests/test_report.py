@@ -82,6 +82,10 @@ def test_lift_over_base_says_whether_the_intervals_are_apart():
     assert "are apart" in lift_over_base(summary(0.3, 0.05))                 # 0.275 - 0.05 > 0.15
     assert "are not apart" in lift_over_base(summary(0.2, 0.05))             # 0.175 - 0.05 < 0.15
     assert lift_over_base(summary(0.3, 0.05).query("method != 'vas'")) == ""
+    # A looping row does not count: with beta 4 collapsed, the best eligible row is beta 1.
+    looping = summary(0.3, 0.05)
+    looping.loc[(looping.method == "vas") & (looping.param_beta == 4.0), "distinct_2"] = 0.2
+    assert "(beta=1) 0.200" in lift_over_base(looping)
 
 
 def test_report_describes_a_real_world_and_a_skipped_baseline(tmp_path):
@@ -113,6 +117,9 @@ def test_lift_across_seeds_counts_the_seeds_whose_intervals_are_apart(tmp_path):
     assert "0.225 ± 0.071 gold positivity (mean ± sd) at 4.00 nats, base 0.100 ± 0.000" in text
     assert text.endswith("apart in 1 of 2 seeds.")
     assert lift_across_seeds(None) == "" and lift_across_seeds(per_seed.query("method != 'base'")) == ""
+    # Beta 4 collapses diversity in seed 1 only: it does not count in any, and beta 1 is the best.
+    per_seed.loc[(per_seed.seed == 1) & (per_seed.param_beta == 4.0), "distinct_2"] = 0.2
+    assert lift_across_seeds(per_seed).startswith("Across 2 seeds (0, 1): vas beta=1.0")
     report = write_report(summary(0.3, 0.05), tmp_path, per_seed=per_seed)
     assert "are apart. Across 2 seeds" in report["report"].read_text()
 
