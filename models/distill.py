@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models.sampling import CachedLM, left_pad
-from models.train_utils import split_groups
+from models.train_utils import split_groups, warmup_lr
 from models.value_model import ValueModel
 from models.vas import steered_candidates
 
@@ -41,6 +41,8 @@ class DistillConfig:
     train_steps: int = 2000
     batch_size: int = 256         # states per step
     learning_rate: float = 3e-3
+    warmup_steps: int = 100       # then a linear decay to 0 at train_steps
+    max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     max_rollouts: int = 0         # rollouts whose states are collected (0: all of them)
     eval_fraction: float = 0.1    # held-out rollouts, split by prompt as value training splits them
@@ -155,20 +157,19 @@ def fit_quality(student: ValueModel, targets: TeacherTargets) -> dict[str, float
     return {"spearman": float(rho.mean()) if len(rho) else float("nan"), "r2": r2, "n_states": len(targets)}
 
 
-def distill_head(base, teacher: ValueModel, rollouts, config: DistillConfig, pad_id: int,
-                 progress: Callable[[str], None] = log.info) -> tuple[ValueModel, dict]:
+def fit_student(base, targets: TeacherTargets, config: DistillConfig,
+                progress: Callable[[str], None] = log.info) -> tuple[ValueModel, dict]:
     """(student, metrics): a factorized qhead on base's body (shared, frozen: saved by reference),
     fitted to the teacher's centred values on the states of the training rollouts, checked on the
-    held-out rollouts' states. base: the frozen base model (models.lm.load_frozen_base)."""
-    started = time.perf_counter()
-    targets = collect_targets(base, teacher, rollouts, config, pad_id, progress)
-    collect_seconds = time.perf_counter() - started
+    held-out rollouts' states. Warmup, then a linear decay to 0, and clipped gradients: at a constant
+    rate Adam drifts off after a few thousand steps (measured: held-out R^2 from 0.31 to -22)."""
     train_idx, eval_idx = split_groups(targets.groups, config.eval_fraction, config.seed)
     if not train_idx:
         raise ValueError("no distillation states left after the held-out split; lower eval_fraction")
     train, held = targets.subset(train_idx), targets.subset(eval_idx)
     torch.manual_seed(config.seed)
-    student = ValueModel(base.base_model, "qhead", rank=config.rank, token_factors="embedding").to(teacher.device)
+    student = ValueModel(base.base_model, "qhead", rank=config.rank, token_factors="embedding")
+    student = student.to(targets.hidden.device)
     student.frozen_backbone = True
     frozen = [p for p in student.backbone.parameters() if p.requires_grad]
     for p in frozen:                 # the base's embeddings feed the token factors: no gradient for them
@@ -176,16 +177,20 @@ def distill_head(base, teacher: ValueModel, rollouts, config: DistillConfig, pad
     trainable = [p for name, p in student.named_parameters() if not name.startswith("backbone.")]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    progress(f"distilling a rank-{config.rank} qhead from {teacher.parameterization}: {len(train)} train / "
-             f"{len(held)} held-out states, {config.train_steps} steps")
+    progress(f"distilling a rank-{config.rank} qhead: {len(train)} train / {len(held)} held-out states, "
+             f"{config.train_steps} steps")
     losses, log_every = [], max(1, config.train_steps // 10)
-    fit_started = time.perf_counter()
+    warmup = min(config.warmup_steps, config.train_steps // 2)
+    started = time.perf_counter()
     try:
         for step in range(config.train_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_lr(step, config.learning_rate, warmup, config.train_steps)
             rows = torch.randint(len(train), (min(config.batch_size, len(train)),), generator=generator)
             loss = distill_loss(student, train.subset(rows.tolist()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             losses.append(loss.item())
             if (step + 1) % log_every == 0 or step + 1 == config.train_steps:
@@ -195,7 +200,7 @@ def distill_head(base, teacher: ValueModel, rollouts, config: DistillConfig, pad
             p.requires_grad_(True)
     student.eval()
     metrics = {"distill_loss": float(np.mean(losses[-50:])), "loss_curve": losses,
-               "collect_seconds": collect_seconds, "fit_seconds": time.perf_counter() - fit_started,
+               "fit_seconds": time.perf_counter() - started,
                "teacher_value_sd": float(centred(train.values, train.steered)[train.steered].std()),
                **{f"train_{k}": v for k, v in fit_quality(student, train).items()}}
     if len(held):
@@ -203,3 +208,12 @@ def distill_head(base, teacher: ValueModel, rollouts, config: DistillConfig, pad
     progress(f"distilled head: Spearman to the teacher {metrics['train_spearman']:.2f} on training states"
              + (f", {metrics['heldout_spearman']:.2f} held out" if len(held) else ""))
     return student, metrics
+
+
+def distill_head(base, teacher: ValueModel, rollouts, config: DistillConfig, pad_id: int,
+                 progress: Callable[[str], None] = log.info) -> tuple[ValueModel, dict]:
+    """collect_targets, then fit_student: (student on the teacher's device, metrics)."""
+    started = time.perf_counter()
+    targets = collect_targets(base, teacher, rollouts, config, pad_id, progress)
+    student, metrics = fit_student(base, targets, config, progress)
+    return student, {"collect_seconds": time.perf_counter() - started - metrics["fit_seconds"], **metrics}
