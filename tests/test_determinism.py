@@ -17,7 +17,9 @@ def fingerprints(data) -> dict[str, str]:
     """md5 of the rollout shards, the rollouts folder and every value model's weights."""
     found = {"rollout_shards": dvc_md5(data / "rollout_shards"), "rollouts": dvc_md5(data / "rollouts")}
     for folder in sorted(p for p in (data / "value_models").iterdir() if p.is_dir()):
-        for name in ("model.safetensors", "value_head.safetensors"):
+        # A head on a frozen backbone (the distilled one) saves its backbone by reference: no model.safetensors.
+        frozen = '"backbone_frozen": true' in (folder / "value_config.json").read_text()
+        for name in ("value_head.safetensors",) + (() if frozen else ("model.safetensors",)):
             found[f"value_models/{folder.name}/{name}"] = dvc_md5(folder / name)
     return found
 

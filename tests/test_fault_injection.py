@@ -37,23 +37,25 @@ def home(tmp_path_factory):
 
 
 def launch(home, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--profile", "smoke",
-                             "--data-dir", str(home["data"]), *extra],
-                            cwd=PROJECT_ROOT, env=home["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    child = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--profile", "smoke",
+                              "--data-dir", str(home["data"]), *extra],
+                             cwd=PROJECT_ROOT, env=home["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    child.started = process_start(child.pid)      # read while it runs: its run's tag, pid reuse aside
+    return child
 
 
 def run_of(instance, child, timeout: float = 120.0):
     """The child's run: tagged with its pid and that pid's start time (a pid an earlier child of
     this test had is not enough)."""
     deadline = time.time() + timeout
-    started = process_start(child.pid)
     while time.time() < deadline:
         runs = [r for r in instance.get_runs() if r.tags.get(PID_TAG) == str(child.pid)
-                and r.tags.get(PID_START_TAG) == started]
+                and r.tags.get(PID_START_TAG) == child.started]
         if runs:
             return runs[0]
-        assert child.poll() is None, child.stdout.read()
+        assert child.poll() is None, "the child ended without a run" + ("" if child.stdout.closed else
+                                                                      ":\n" + child.stdout.read()[-4000:])
         time.sleep(0.2)
     raise AssertionError("the child's run never started")
 

@@ -33,7 +33,8 @@ def llama_dir(tmp_path_factory, tiny_llama):
 
 
 def fresh_value_model(model_dir, parameterization: str) -> ValueModel:
-    return value_model_tests.randomize_head(ValueModel.from_base(model_dir, parameterization), seed=1).eval()
+    """parameterization: one of test_value_model.PARAMS ("qhead:embedding": its token factors too)."""
+    return value_model_tests.randomize_head(value_model_tests.build(model_dir, parameterization), seed=1).eval()
 
 
 @pytest.fixture(scope="module", params=PARAMS)

@@ -78,12 +78,18 @@ def test_llama_base_backbone_and_classifier_reward_through_the_smoke_graph(tmp_p
     assert names and {"positivity", "conciseness"} <= set(names)
     for name in names:
         config = json.loads((data_dir / "value_models" / name / "value_config.json").read_text())
+        if json.loads((data_dir / "value_models" / name / META_FILE).read_text())["parameterization"] == "distilled":
+            # The distilled head reads the frozen base model's own hidden states, not the value backbone's.
+            assert config["backbone_frozen"] and config["init_weights_sha256"] == manifest["weights_sha256"]
+            continue
         assert config["hidden_size"] == 16 and config["init_weights_sha256"] == backbone_sha, name
         assert config["init_from"] == str(paths["backbone"])
         assert json.loads((data_dir / "value_models" / name / META_FILE).read_text())["base_weights_sha256"] \
             == manifest["weights_sha256"]
     value_meta = events["value_models"]
-    assert set(value_meta["backbone_weights_sha256"].value.values()) == {backbone_sha}
+    started_from = value_meta["backbone_weights_sha256"].value
+    assert {sha for name, sha in started_from.items() if not name.endswith(".distilled")} == {backbone_sha}
+    assert started_from["positivity.distilled"] == manifest["weights_sha256"]
     assert value_meta["params"].value["backbone"] == str(paths["backbone"])
     assert value_meta["inputs"].value[f"source:{paths['backbone']}"] not in ("", "unhashed")
 
@@ -100,8 +106,9 @@ def test_llama_base_backbone_and_classifier_reward_through_the_smoke_graph(tmp_p
     save_pretrained(other, tokenizer, paths["backbone"])
     retrained = materialize("value_models")["value_models"]
     assert "reused_from_run" not in retrained
-    assert set(retrained["backbone_weights_sha256"].value.values()) == {weights_sha256(paths["backbone"])} \
-        != {backbone_sha}
+    retrained_from = {sha for name, sha in retrained["backbone_weights_sha256"].value.items()
+                      if not name.endswith(".distilled")}         # the distilled head stays on the base
+    assert retrained_from == {weights_sha256(paths["backbone"])} != {backbone_sha}
 
 
 def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
