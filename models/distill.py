@@ -28,7 +28,7 @@ import torch
 from models.sampling import CachedLM, left_pad
 from models.train_utils import split_groups, warmup_lr
 from models.value_model import ValueModel
-from models.vas import steered_candidates
+from models.vas import centred, steered_candidates
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,6 @@ def collect_targets(base, teacher: ValueModel, rollouts, config: DistillConfig, 
             progress(f"distillation targets: {start + len(rows)}/{len(index)} rollouts, {len(groups)} states, "
                      f"{time.perf_counter() - started:.0f} s")
     return TeacherTargets(*(torch.cat(parts[k]) for k in ("hidden", "candidates", "steered", "values")), groups)
-
-
-def centred(values: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """values (N, k) minus their mean over the `on` candidates of each row; 0 off them."""
-    mean = (values * on).sum(-1, keepdim=True) / on.sum(-1, keepdim=True).clamp(min=1)
-    return torch.where(on, values - mean, 0.0)
 
 
 def student_values(student: ValueModel, hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

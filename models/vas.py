@@ -39,6 +39,15 @@ class VASConfig:
     min_p: float = 0.01       # the default profile's evaluation.min_p
 
 
+def centred(values: torch.Tensor, on: torch.Tensor | None) -> torch.Tensor:
+    """values (B, k) minus their mean over each row's `on` candidates (all of them when on is None),
+    0 off them: the part of a value that steers (a per-state offset never does)."""
+    if on is None:
+        return values - values.mean(-1, keepdim=True)
+    mean = (values * on).sum(-1, keepdim=True) / on.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(on, values - mean, 0.0)
+
+
 def steered_candidates(candidate_logits: torch.Tensor, min_p: float) -> torch.Tensor | None:
     """(B, k) bool: the candidates min_p lets the values steer, from their base logits or log-probs
     (log pi0(a) - log max pi0 is a logit difference; the likeliest candidate always qualifies).
@@ -126,13 +135,7 @@ class ValueGuidance:
             q = q_of(model, state, weight if self.config.soft and not self.config.calibrated else None)
             # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
             q = q.double()                                                           # (B, k)
-            if steered is None:
-                centred = q - q.mean(-1, keepdim=True)
-            else:
-                on = steered.to(q.device)
-                mean = (q * on).sum(-1, keepdim=True) / on.sum(-1, keepdim=True)
-                centred = torch.where(on, q - mean, 0.0)
-            total = weight * centred + total.to(q.device)
+            total = weight * centred(q, None if steered is None else steered.to(q.device)) + total.to(q.device)
         return total
 
     def advance(self, tokens: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.corpus import CorpusConfig, generate_corpus
-from models.distill import DistillConfig, centred, collect_targets, distill_head, student_values
+from models.distill import DistillConfig, collect_targets, distill_head, student_values
 from models.evaluation import forward_params, forwards_per_token
 from models.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
 from models.reward_guidance import reward_as_value
@@ -14,7 +14,7 @@ from models.reward_model import RewardScorer, reward_model_from_base
 from models.rollouts import Rollouts
 from models.sampling import SamplingConfig, encode_prompts, sample
 from models.value_model import ValueModel
-from models.vas import VASConfig, vas_sample
+from models.vas import VASConfig, centred, vas_sample
 
 QUIET = lambda _: None  # noqa: E731
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "My", "This is"]
