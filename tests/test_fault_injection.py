@@ -1,9 +1,10 @@
 """Integration: `vas run` killed with SIGKILL at several points (inside an asset that holds the gpu
 pool, inside the DuckDB writer, after the evaluation and before the report), then re-run: it
 completes, says which dead run it recovered from, reproduces an uninterrupted run's evaluation,
-leaves no temporary, and its metrics database opens with every asset's lineage row. SIGTERM and
-Ctrl-C (SIGINT) end a working run as failed with its slots freed. All on the smoke profile, in a
-Dagster home and data folder of the test's own."""
+leaves no temporary, and its metrics database opens with every asset's lineage row. On DVC's own
+data/ (a throwaway copy of the project under git and DVC), `dvc status` is clean after the re-run.
+SIGTERM and Ctrl-C (SIGINT) end a working run as failed with its slots freed. All on the smoke
+profile, in a Dagster home and data folder of the test's own."""
 
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -22,6 +24,8 @@ from orchestration.recovery import PID_START_TAG, PID_TAG, TEMPORARY, process_st
 
 pytestmark = pytest.mark.integration
 TIMING = ["seconds_per_sample"]          # wall-clock columns: the only ones a re-run may change
+DVC = str(Path(sys.executable).with_name("dvc"))
+CODE = ["models", "assets", "orchestration", "params.yaml", "dvc.yaml", ".gitignore"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,12 @@ def home(tmp_path_factory):
     instance.dispose()
 
 
-def launch(home, *extra: str) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--profile", "smoke",
-                              "--data-dir", str(home["data"]), *extra],
-                             cwd=PROJECT_ROOT, env=home["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def launch(home, *extra: str, project: Path = PROJECT_ROOT) -> subprocess.Popen:
+    """`vas run` of the smoke profile, from `project`'s code; on home's data folder unless that is
+    the project's own data/ (its default)."""
+    data = [] if home["data"] == project / "data" else ["--data-dir", str(home["data"])]
+    child = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "run", "--profile", "smoke", *data, *extra],
+                             cwd=project, env=home["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     child.started = process_start(child.pid)      # read while it runs: its run's tag, pid reuse aside
     return child
@@ -73,9 +79,9 @@ def wait_for(instance, child, asset: str, event: dg.DagsterEventType, timeout: f
     raise AssertionError(f"{asset} never logged {event}")
 
 
-def finish(home, *extra: str) -> tuple[str, str]:
+def finish(home, *extra: str, project: Path = PROJECT_ROOT) -> tuple[str, str]:
     """A run to completion: (its run id, its output)."""
-    child = launch(home, *extra)
+    child = launch(home, *extra, project=project)
     out, _ = child.communicate(timeout=900)
     assert child.returncode == 0, out[-4000:]
     return run_of(home["instance"], child).run_id, out
@@ -129,6 +135,44 @@ def test_killed_runs_are_recovered_and_reproduce_the_uninterrupted_run(home, smo
     slots = instance.event_log_storage.get_concurrency_run_ids()
     assert slots == set(), f"slots still held by {slots}"
     print(f"fault injection: 3 kills and re-runs in {time.time() - started:.0f} s")
+
+
+def sh(cwd, *args) -> str:
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test",
+                               "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+                               "GIT_COMMITTER_EMAIL": "test@example.com"})
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_a_run_killed_on_dvcs_data_folder_leaves_dvc_status_clean_after_the_rerun(home, smoke_world, tmp_path):
+    """`vas run` on data/ records its outputs in dvc.lock (`dvc commit`) only when it completes: a
+    run killed inside base_model records nothing and leaves nothing DVC would see, and the re-run
+    records every stage."""
+    project = tmp_path / "project"
+    for name in CODE:
+        src = PROJECT_ROOT / name
+        shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \
+            else shutil.copy(src, project / name)
+    shutil.copytree(smoke_world["data_dir"], project / "data")
+    sh(project, "git", "init", "-q")
+    sh(project, DVC, "init", "-q")
+    sh(project, DVC, "config", "core.analytics", "false")
+    sh(project, "git", "add", "-A")      # no dvc.lock yet: only the completed re-run writes one
+    sh(project, "git", "commit", "-qm", "smoke world")
+    on_data = {**home, "data": project / "data"}
+    child = launch(on_data, "--force", project=project)
+    dead = wait_for(home["instance"], child, "base_model", dg.DagsterEventType.STEP_START)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    run_id, out = finish(on_data, project=project)
+    assert f"recovered from dead run {dead}" in out, out[-4000:]
+    assert "dvc.lock updated" in out, out[-4000:]
+    check_whole(on_data, run_id, pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet"))
+    assert (project / "dvc.lock").is_file()
+    status = sh(project, DVC, "status", "--json")
+    assert status.strip() in ("{}", ""), status
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
