@@ -10,7 +10,7 @@ from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
 
-METRIC_COLUMNS = ["mse", "spearman", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
+METRIC_COLUMNS = ["mse", "spearman", "spearman_ceiling", "mc_noise_mse", "target_var", "n_states", "n_pairs"]
 
 
 class ValueErrorAssetConfig(dg.Config):

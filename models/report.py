@@ -201,7 +201,9 @@ def value_error_section(value_error: pd.DataFrame | None) -> str:
             "the model's calibration map, what the calibrated decoder steers by. `mc_noise_mse` is the floor an "
             "exact model would show (MC standard error squared), "
             "`target_var` the mse of the best constant guess; `spearman` is the mean over states of the "
-            "rank correlation across candidates.\n\n" + markdown_table(value_error) + "\n")
+            "rank correlation across candidates, and `spearman_ceiling` the one an exact model would get "
+            "against the same noisy MC targets (estimated from their spread and standard errors).\n\n"
+            + markdown_table(value_error) + "\n")
 
 
 def targets_section(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None,

@@ -116,7 +116,9 @@ def why(value_error: pd.DataFrame | None) -> str:
         return ""
     rows = value_error[value_error.attribute == "positivity"]
     parts = [f"{r.model} {r.target}: MSE {r.mse:.3f} (MC noise floor {r.mc_noise_mse:.3f}, a constant guess "
-             f"{r.target_var:.3f}), Spearman over pi0's top candidates {r.spearman:.2f}" for r in rows.itertuples()]
+             f"{r.target_var:.3f}), Spearman over pi0's top candidates {r.spearman:.2f}"
+             + (f" (an exact model: {r.spearman_ceiling:.2f})" if pd.notna(getattr(r, "spearman_ceiling", None)) else "")
+             for r in rows.itertuples()]
     return ("Why targets are missed: the value models rank pi0's top candidates at held-out states only "
             "weakly against Monte-Carlo estimates of the same values: " + "; ".join(parts) + ".\n")
 

@@ -11,7 +11,8 @@ of one sample is the value plus a lot of noise. Here the ground truth is estimat
   whole text (prompt + completion) by the learned reward model and standardized with the value
   model's own reward_stats, the units of its values. The MC mean is mean R, the MC soft value at
   beta is (1/beta)·log mean exp(beta·R), and the standard error of the MC mean is the noise floor:
-  the mse an exact value model would still show. A model with calibrated bins is also measured on
+  the mse an exact value model would still show, and the Spearman it would get against these
+  noisy targets is `spearman_ceiling`. A model with calibrated bins is also measured on
   the target its calibrated decoder steers by, `calibrated`: the MC mean of the normal scores
   z = Phi^-1(F(R)) of the continuations' rewards, through that model's own calibration map.
   Choosing EOS ends the completion, so its continuation is empty and its value is known exactly.
@@ -282,8 +283,44 @@ def mean_spearman(pairs: pd.DataFrame, truth: str, estimate: str) -> tuple[float
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 
+def spearman_ceiling(pairs: pd.DataFrame, truth: str, se: str, draws: int = 200, seed: int = 0) -> float:
+    """The mean per-state Spearman an exact value model would get against these MC targets: the
+    ceiling that MC noise puts on `spearman`. Within a state the MC values spread across
+    candidates by the true spread plus noise; the pooled share of that spread which is not noise,
+    reliability = 1 - mean(se^2) / mean(within-state variance), gives the true values as the MC
+    values shrunk toward their state's mean by sqrt(reliability). Those are re-measured `draws`
+    times with fresh noise of each pair's own standard error (seeded) and ranked against
+    themselves as mean_spearman ranks a model. 1 for noiseless targets; 0 where the spread is all
+    noise. States must have the same number of candidates (value_error's do)."""
+    frame = pairs[["state_id", truth, se]].dropna()
+    sizes = frame.groupby("state_id").size()
+    if frame.empty or sizes.nunique() != 1 or sizes.iloc[0] < 2:
+        return float("nan")
+    frame = frame.sort_values("state_id", kind="stable")
+    values = frame[truth].to_numpy().reshape(len(sizes), -1)                    # (states, candidates)
+    noise_sd = frame[se].to_numpy().reshape(values.shape)
+    spread = values.var(axis=1, ddof=1).mean()
+    reliability = 0.0 if spread <= 0 else max(0.0, 1.0 - float((noise_sd ** 2).mean()) / spread)
+    centre = values.mean(axis=1, keepdims=True)
+    exact = centre + math.sqrt(reliability) * (values - centre)
+    rng = np.random.default_rng(seed)
+    measured = exact + rng.normal(size=(draws, *exact.shape)) * noise_sd       # (draws, states, candidates)
+    flat = measured.reshape(-1, exact.shape[1])
+    r_measured = pd.DataFrame(flat).rank(axis=1).to_numpy().reshape(measured.shape)
+    r_exact = pd.DataFrame(exact).rank(axis=1).to_numpy()[None]
+    dm = r_measured - r_measured.mean(-1, keepdims=True)
+    de = r_exact - r_exact.mean(-1, keepdims=True)
+    denominator = np.sqrt((dm ** 2).sum(-1) * (de ** 2).sum(-1))
+    # rank_correlation: an exact value that is the same for every candidate ranks nothing (0);
+    # mean_spearman: a state whose measured values are all equal is skipped.
+    rho = np.where(denominator > 0, (dm * de).sum(-1) / np.where(denominator > 0, denominator, 1.0), 0.0)
+    ranked = np.ptp(measured, axis=-1) > 0                                      # (draws, states)
+    return float(rho[ranked].mean()) if ranked.any() else float("nan")
+
+
 def error_metrics(pairs: pd.DataFrame, betas: Sequence[float]) -> pd.DataFrame:
-    """One row per (model, target): mse, mean per-state Spearman, counts, and the MC noise floor."""
+    """One row per (model, target): mse, mean per-state Spearman, counts, the MC noise floor, and
+    the Spearman an exact model would get (spearman_ceiling)."""
     rows = []
     for (name, parameterization, attribute), frame in pairs.groupby(["model", "parameterization", "attribute"],
                                                                     sort=False):
@@ -296,6 +333,7 @@ def error_metrics(pairs: pd.DataFrame, betas: Sequence[float]) -> pd.DataFrame:
                 "model": name, "parameterization": parameterization, "attribute": attribute, "target": target,
                 "mse": float(((frame[estimate] - frame[truth]) ** 2).mean()),
                 "spearman": spearman,
+                "spearman_ceiling": spearman_ceiling(frame, truth, f"mc_se_{target}"),
                 "n_states": int(frame.state_id.nunique()),
                 "n_pairs": len(frame),
                 "n_ranked_states": ranked,
@@ -369,5 +407,7 @@ def load_scored_models(root: str | Path, device="cpu") -> list[ScoredModel]:
 
 def markdown_table(metrics: pd.DataFrame) -> str:
     """The metrics as a markdown table, for the report and the Dagster UI."""
-    columns = ["model", "target", "mse", "mc_noise_mse", "target_var", "spearman", "n_states", "n_pairs"]
-    return metrics[columns].to_markdown(index=False, floatfmt=".3f")
+    columns = ["model", "target", "mse", "mc_noise_mse", "target_var", "spearman", "spearman_ceiling", "n_states",
+               "n_pairs"]
+    # value_error.parquet written before spearman_ceiling existed has no such column
+    return metrics[[c for c in columns if c in metrics]].to_markdown(index=False, floatfmt=".3f")

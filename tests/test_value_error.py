@@ -21,6 +21,7 @@ from models.value_error import (
     sample_from_ids,
     score_rewards,
     soft_target,
+    spearman_ceiling,
     top_candidates,
 )
 
@@ -179,6 +180,37 @@ def test_rank_correlation_is_spearman():
     assert rank_correlation(x, pd.Series([2.0, 1.0, 4.0, 3.0])) == pytest.approx(0.6)
     assert rank_correlation(x, pd.Series([0.0] * 4)) == 0.0
     assert not math.isnan(rank_correlation(x, pd.Series([1.0, 1.0, 2.0, 2.0])))
+
+
+def ceiling_pairs(spread: float, se: float, states: int = 64, candidates: int = 8, seed: int = 1) -> pd.DataFrame:
+    """MC means of `states` x `candidates` pairs whose true values spread by `spread` (sd) within a
+    state and are measured with noise of standard error `se`."""
+    rng = np.random.default_rng(seed)
+    exact = rng.normal(size=(states, 1)) + spread * rng.normal(size=(states, candidates))
+    measured = exact + se * rng.normal(size=exact.shape)
+    return pd.DataFrame({"state_id": np.repeat(np.arange(states), candidates), "mc_mean": measured.ravel(),
+                         "mc_se_mean": se, "exact": exact.ravel()})
+
+
+def test_the_spearman_ceiling_is_what_an_exact_model_gets_against_noisy_targets():
+    # Noiseless targets: an exact model ranks them perfectly.
+    assert spearman_ceiling(ceiling_pairs(1.0, 0.0), "mc_mean", "mc_se_mean") == pytest.approx(1.0)
+    # All spread is noise (no true spread): nothing to rank. Estimated, the share of spread that is
+    # not noise comes out a little above 0 by chance, and the ceiling with it (clipped at 0 below).
+    assert 0.0 <= spearman_ceiling(ceiling_pairs(0.0, 1.0, states=400), "mc_mean", "mc_se_mean") < 0.2
+    # In between it matches the exact model's own Spearman against these very targets (a few
+    # hundredths of noise between one sample of states and the estimate), and it falls with the noise.
+    found = []
+    for se in (0.3, 1.0, 2.0):
+        pairs = ceiling_pairs(1.0, se, states=400)
+        ceiling = spearman_ceiling(pairs, "mc_mean", "mc_se_mean")
+        exact_model = np.mean([rank_correlation(g.mc_mean, g.exact) for _, g in pairs.groupby("state_id")])
+        assert ceiling == pytest.approx(exact_model, abs=0.05)
+        found.append(ceiling)
+    assert found[0] > found[1] > found[2] > 0.1
+    # Ragged states are refused (nan), not silently misaligned.
+    ragged = ceiling_pairs(1.0, 0.5).iloc[:-1]
+    assert math.isnan(spearman_ceiling(ragged, "mc_mean", "mc_se_mean"))
 
 
 def test_real_value_models_are_measured(small, tmp_path):
