@@ -14,7 +14,7 @@ from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
 from models.stages import STAGES, code_version
-from models.value_store import DISTILLED, META_FILE, VALUE_MODELS_OWN_KEYS, value_model_name
+from models.value_store import DISTILLED, META_FILE, VALUE_MODELS_OWN_KEYS, default_parameterization, value_model_name
 
 HEAD_INITS = ("zero", "reward_model")
 
@@ -162,6 +162,10 @@ def value_models(run: StageRun) -> Produced:
         raise ValueError(f"value_models.distill_from {distill_from!r} names no value model trained here; "
                          f"trained: {', '.join(parameterizations)}")
     distill_config = config_from(DistillConfig, params["distill"], "value_models.distill", seed=params["seed"])
+    preferred = params["default_parameterization"] or primary
+    if preferred not in parameterizations + ([DISTILLED] if distill_from else []):
+        raise ValueError(f"value_models.default_parameterization {preferred!r} names no value model trained here; "
+                         f"trained: {', '.join(parameterizations + ([DISTILLED] if distill_from else []))}")
     base = None                               # the frozen base, loaded when a head is distilled onto it
 
     def save(model, name: str, parameterization: str, result: dict, loss: str, **meta) -> None:
@@ -183,12 +187,13 @@ def value_models(run: StageRun) -> Produced:
         tmp.mkdir()
         for attribute in sorted(stats):
             data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
+            extra_for = params["extra_attributes"]
+            planned = [p for p in parameterizations if p == primary or not extra_for or attribute in extra_for]
+            default = default_parameterization(planned + ([DISTILLED] if distill_from in planned else []),
+                                               primary, preferred)
             trained = {}                       # parameterization -> the value model just trained
-            for parameterization in parameterizations:
-                extra_for = params["extra_attributes"]
-                if parameterization != primary and extra_for and attribute not in extra_for:
-                    continue
-                name = value_model_name(attribute, parameterization, primary)
+            for parameterization in planned:
+                name = value_model_name(attribute, parameterization, default)
                 extra = {} if parameterization == primary else {
                     **({} if params["extra_train_steps"] is None else {"train_steps": params["extra_train_steps"]}),
                     **params["extra_config"]}
@@ -216,8 +221,8 @@ def value_models(run: StageRun) -> Produced:
                 student, result = distill_head(base, trained[distill_from].to(device), data, distill_config,
                                                tokenizer.pad_token_id, progress=run.log.info)
                 student.init_info = {"init_from": str(model_dir), "init_weights_sha256": base_sha}
-                save(student.cpu(), f"{attribute}.{DISTILLED}", DISTILLED, result, "distill_loss",
-                     teacher=value_model_name(attribute, distill_from, primary),
+                save(student.cpu(), value_model_name(attribute, DISTILLED, default), DISTILLED, result,
+                     "distill_loss", teacher=value_model_name(attribute, distill_from, default),
                      distill_config=dataclasses.asdict(distill_config), device=str(device))
     # The models are saved: checkpoints only served a run that might have been killed.
     for name in list(checkpoints.glob("*")):

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from models.rollouts import reward_stats, training_rollouts
     from models.sampling import SamplingConfig, sample
     from models.value_model import ValueModel
+    from models.value_store import value_model_folder
     from models.value_training import ValueTrainConfig, train_value_model
     from models.vas import VASConfig, vas_sample
 
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
     prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].prompt.tolist()
     prompts = [prompts[i % len(prompts)] for i in range(args.prompts)]
-    values = {p: ValueModel.load(data / "value_models" / (args.attribute if p == "distributional_qhead"
-                                                          else f"{args.attribute}.{p}"),
+    values = {p: ValueModel.load(value_model_folder(data / "value_models", args.attribute, p),
                                  device=str(device)).eval() for p in PARAMETERIZATIONS}
     scorer = load_reward_model(data / "reward_models" / args.attribute, device=str(device))
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)

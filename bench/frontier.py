@@ -246,9 +246,11 @@ def iterate(world: World, args) -> list[dict]:
     import pandas as pd
 
     from models.value_model import ValueModel
+    from models.value_store import value_model_folder
     from models.vas import ValueGuidance, VASConfig
 
-    first = ValueModel.load(world.data / "value_models" / world.attribute).eval()
+    first = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute,
+                                               world.profile["value_models"]["parameterization"])).eval()
     decoder = VASConfig(top_k=args.top_k[0], soft=not args.calibrated, calibrated=args.calibrated)
     steering = ValueGuidance({"r": first}, {"r": args.rollout_beta}, decoder)
     pi0 = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")

@@ -19,8 +19,12 @@ Candidates (--candidates picks some):
   never an eval prompt's): more distinct prompts;
 - scalar: the saved scalar value model (value_models/<attribute>.scalar), the profile's choice;
 - distilled: a factorized per-token head on the frozen base's hidden states, fitted to that scalar's
-  values of pi0's top-k at every state of the rollouts (models/distill.py; --distill-* options):
-  one forward per token instead of the scalar's k + 1 value forwards.
+  values (or, with reward_mc among the candidates, to that reward_mc's) of pi0's top-k at every
+  state of the rollouts (models/distill.py; --distill-* options): one forward per token instead of
+  the scalar's k + 1 value forwards.
+
+--seeds 0 1 2 trains every trained candidate once per seed on the same rollouts and measures each on
+the same states, continuations and decoding prompts and seed: the spread across training seeds.
 
 Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
 n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
@@ -73,8 +77,9 @@ def extra_rollouts(world, n_prompts: int, samples: int):
     return df
 
 
-def train_scalar(world, args, lam: float, init_model=None, init_dir=None, extra=None):
-    """A scalar value model fitted on the world's rollouts (and extra ones); (model, seconds)."""
+def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=None, extra=None):
+    """A scalar value model fitted on the world's rollouts (and extra ones) with training seed
+    `seed`; (model, seconds)."""
     import pandas as pd
 
     from models.profiles import config_from
@@ -83,7 +88,7 @@ def train_scalar(world, args, lam: float, init_model=None, init_dir=None, extra=
     from models.value_training import ValueTrainConfig, train_value_model
 
     params = {k: v for k, v in world.profile["value_models"].items() if k != "freeze_backbone"}
-    config = config_from(ValueTrainConfig, {**params, "seed": world.profile["seed"]}, "value_models",
+    config = config_from(ValueTrainConfig, {**params, "seed": seed}, "value_models",
                          ignore=VALUE_MODELS_OWN_KEYS, parameterization="scalar", train_steps=args.steps,
                          learning_rate=args.lr, lam=lam, batch_size=args.batch_size,
                          micro_batch_size=args.batch_size, freeze_backbone=False)
@@ -98,46 +103,53 @@ def train_scalar(world, args, lam: float, init_model=None, init_dir=None, extra=
     return model.eval(), time.perf_counter() - start
 
 
-def build(world, name: str, args):
-    """(value model, training seconds) of a candidate."""
+def build(world, name: str, args, seed: int, built: dict):
+    """(value model, training seconds) of a candidate, trained with seed `seed`; `built` holds this
+    seed's candidates built so far (distilled takes reward_mc as its teacher when it is there)."""
     from models.value_model import ValueModel
+    from models.value_store import value_model_folder
 
     if name == "head":
-        return ValueModel.load(world.data / "value_models" / world.attribute, base_model=world.base), 0.0
+        head = value_model_folder(world.data / "value_models", world.attribute,
+                                  world.profile["value_models"]["parameterization"])
+        return ValueModel.load(head, base_model=world.base), 0.0
     if name == "args":
         return reward_start(world, trainable=False), 0.0
     if name == "reward_mc":
-        return train_scalar(world, args, lam=1.0, init_model=reward_start(world, trainable=True))
+        return train_scalar(world, args, lam=1.0, seed=seed, init_model=reward_start(world, trainable=True))
     if name == "reward_td":
-        return train_scalar(world, args, lam=world.profile["value_models"]["lam"],
+        return train_scalar(world, args, lam=world.profile["value_models"]["lam"], seed=seed,
                             init_model=reward_start(world, trainable=True))
     if name == "reward_body":
-        return train_scalar(world, args, lam=world.profile["value_models"]["lam"])
+        return train_scalar(world, args, lam=world.profile["value_models"]["lam"], seed=seed)
     if name == "reward_mc_more":
         extra = extra_rollouts(world, args.extra_prompts, args.extra_samples)
-        return train_scalar(world, args, lam=1.0, init_model=reward_start(world, trainable=True), extra=extra)
+        return train_scalar(world, args, lam=1.0, seed=seed, init_model=reward_start(world, trainable=True),
+                            extra=extra)
     if name == "scalar":
-        return ValueModel.load(world.data / "value_models" / f"{world.attribute}.scalar"), 0.0
+        return ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar")), 0.0
     if name == "distilled":
-        return distilled(world, args)
+        return distilled(world, args, seed, teacher=built.get("reward_mc"))
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
 
 
-def distilled(world, args):
-    """The per-token head distilled from the saved scalar on the rollouts' states; (model, seconds)."""
+def distilled(world, args, seed: int, teacher=None):
+    """The per-token head distilled from `teacher` (None: the saved scalar) on the rollouts' states,
+    fitted with seed `seed`; (model, seconds)."""
     import pandas as pd
 
     from models.distill import DistillConfig, distill_head
     from models.rollouts import training_rollouts
     from models.value_model import ValueModel
+    from models.value_store import value_model_folder
 
-    teacher = ValueModel.load(world.data / "value_models" / f"{world.attribute}.scalar")
+    if teacher is None:
+        teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
     ev = world.profile["evaluation"]
     config = DistillConfig(top_k=args.top_k or ev["top_k"], min_p=ev["min_p"], rank=args.distill_rank,
-                           train_steps=args.distill_steps, max_rollouts=args.distill_rollouts,
-                           seed=world.profile["seed"])
+                           train_steps=args.distill_steps, max_rollouts=args.distill_rollouts, seed=seed)
     start = time.perf_counter()
     model, metrics = distill_head(world.base, teacher, data, config, world.tokenizer.pad_token_id,
                                   progress=lambda m: print("  " + m, flush=True))
@@ -168,6 +180,35 @@ def decode(world, model, beta: float, top_k: int) -> dict:
             "s_per_sample": seconds / len(gen.texts)}
 
 
+def across_seeds(rows: list[dict], points: list[dict], candidate_of: dict) -> dict:
+    """Mean and sd across training seeds of each candidate's value error and, per beta, its decode;
+    printed and returned as {"value_error_across_seeds": [...], "decode_across_seeds": [...]}."""
+    import pandas as pd
+
+    from bench.frontier import table
+
+    def summarize(frame: pd.DataFrame, by: list[str], columns: list[str]) -> list[dict]:
+        out = []
+        for key, group in frame.groupby(by, sort=False):
+            row = dict(zip(by, key if isinstance(key, tuple) else (key,)), seeds=len(group))
+            for column in columns:
+                row[column] = f"{group[column].mean():.3f} ± {group[column].std(ddof=1):.3f}"
+            out.append(row)
+        return out
+
+    errors = pd.DataFrame(rows).assign(candidate=lambda f: f.candidate.map(candidate_of))
+    summary = {"value_error_across_seeds": summarize(errors, ["candidate"], ["spearman", "mse", "train_min"])}
+    print("\nAcross training seeds (mean ± sd)\n")
+    print(table(summary["value_error_across_seeds"], ["candidate", "seeds", "spearman", "mse", "train_min"]))
+    if points:
+        decoded = pd.DataFrame(points).assign(candidate=lambda f: f.candidate.map(candidate_of))
+        columns = ["gold", "learned", "kl_nats", "distinct_2", "repeat_share"]
+        summary["decode_across_seeds"] = summarize(decoded, ["candidate", "beta"], columns)
+        print()
+        print(table(summary["decode_across_seeds"], ["candidate", "beta", "seeds", *columns]))
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data-real")
@@ -188,6 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-rank", type=int, default=64, help="distilled: rank of the head")
     parser.add_argument("--distill-steps", type=int, default=2000, help="distilled: fitting steps")
     parser.add_argument("--distill-rollouts", type=int, default=0, help="distilled: rollouts used (0: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds of the trained candidates (default: the profile's seed); with "
+                             "several, each candidate is trained once per seed, decoded and measured on the same "
+                             "prompts, states and continuations, and summarized as mean and sd across seeds")
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -205,10 +250,15 @@ def main(argv=None) -> int:
     prompts = prompts[prompts.split == "eval"].reset_index(drop=True)
     top_k = args.top_k or world.profile["evaluation"]["top_k"]
 
-    models, seconds = {}, {}
-    for name in args.candidates:
-        print(f"building {name}", flush=True)
-        models[name], seconds[name] = build(world, name, args)
+    seeds = args.seeds or [world.profile["seed"]]
+    models, seconds, seed_of, candidate_of = {}, {}, {}, {}
+    for seed in seeds:
+        built = {}
+        for name in args.candidates:
+            key = name if len(seeds) == 1 else f"{name}@{seed}"
+            print(f"building {key}", flush=True)
+            built[name], seconds[key] = build(world, name, args, seed, built)
+            models[key], seed_of[key], candidate_of[key] = built[name], seed, name
     config = ValueErrorConfig(n_prompts=args.prompts, prefix_lengths=tuple(args.prefix_lengths),
                               n_candidates=args.candidates_per_state, n_continuations=args.continuations,
                               betas=(2.0,), max_new_tokens=world.profile["rollouts"]["max_new_tokens"],
@@ -220,25 +270,29 @@ def main(argv=None) -> int:
                                       config)
     mc_seconds = time.perf_counter() - start
     means = metrics[metrics.target == "mean"].set_index("model")
-    rows = [{"candidate": name, "spearman": float(means.loc[name, "spearman"]), "mse": float(means.loc[name, "mse"]),
+    rows = [{"candidate": name, "seed": seed_of[name], "spearman": float(means.loc[name, "spearman"]),
+             "mse": float(means.loc[name, "mse"]),
              "mc_noise_mse": float(means.loc[name, "mc_noise_mse"]), "target_var": float(means.loc[name, "target_var"]),
+             "spearman_ceiling": float(means.loc[name, "spearman_ceiling"]),
              "states": int(means.loc[name, "n_ranked_states"]), "train_min": seconds[name] / 60}
             for name in models]
     print(f"\nValue error ({config.n_prompts} prompts x prefix lengths {list(config.prefix_lengths)}, "
           f"{config.n_candidates} candidates x {config.n_continuations} continuations; MC in {mc_seconds / 60:.1f} min)\n")
-    print(table(rows, ["candidate", "spearman", "mse", "mc_noise_mse", "target_var", "states", "train_min"]))
+    print(table(rows, ["candidate", "spearman", "spearman_ceiling", "mse", "mc_noise_mse", "target_var", "states",
+                       "train_min"]))
     points = []
     for name, model in models.items():
         for beta in args.betas:
-            points.append({"candidate": name, **decode(world, model, beta, top_k)})
+            points.append({"candidate": name, "seed": seed_of[name], **decode(world, model, beta, top_k)})
             print(f"decoded {name} beta {beta}: {points[-1]}", flush=True)
     if points:
         print(f"\nMean-value VAS on {len(world.eval_prompts)} eval prompts, top-k {top_k}\n")
         print(table(points, ["candidate", "beta", "gold", "learned", "kl_nats", "distinct_2", "repeat_share",
                              "forwards_per_token", "s_per_sample"]))
+    across = across_seeds(rows, points, candidate_of) if len(seeds) > 1 else {}
     out = data / "bench" / "value_estimates.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json({"args": vars(args), "value_error": rows, "decode": points}, out)
+    write_json({"args": vars(args), "value_error": rows, "decode": points, **across}, out)
     print(f"\nwritten to {out}")
     return 0
 

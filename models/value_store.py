@@ -10,16 +10,24 @@ from typing import Mapping
 META_FILE = "vas_value.json"
 # value_models params the value_models asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
-                         "backbone", "head_init", "extra_config", "distill_from", "distill")
+                         "backbone", "head_init", "extra_config", "distill_from", "distill",
+                         "default_parameterization")
 # The parameterization vas_value.json names for a per-token head distilled from another value model
 # (value_models.distill_from; models/distill.py), saved as <attribute>.distilled.
 DISTILLED = "distilled"
 
 
-def value_model_name(attribute: str, parameterization: str, primary: str) -> str:
-    """Folder of a value model under data/value_models: the attribute for the primary
-    parameterization (what `vas generate` uses by default), attribute.param for the others."""
-    return attribute if parameterization == primary else f"{attribute}.{parameterization}"
+def value_model_name(attribute: str, parameterization: str, default: str) -> str:
+    """Folder of a value model under data/value_models: the attribute itself for the attribute's
+    default parameterization (what `vas generate --weight <attribute>=W` and `vas serve` steer
+    with), attribute.param for the others."""
+    return attribute if parameterization == default else f"{attribute}.{parameterization}"
+
+
+def default_parameterization(trained: list[str], primary: str, preferred: str) -> str:
+    """The parameterization an attribute's plain name answers to: `preferred`
+    (value_models.default_parameterization) where that attribute has it, else the primary."""
+    return preferred if preferred in trained else primary
 
 
 def saved_value_models(root: str | Path) -> list[tuple[Path, dict]]:
@@ -28,6 +36,18 @@ def saved_value_models(root: str | Path) -> list[tuple[Path, dict]]:
     from models.artifacts import visible_subfolders  # pandas: `vas --help` starts without it
 
     return [(folder, json.loads((folder / META_FILE).read_text())) for folder in visible_subfolders(root)]
+
+
+def value_model_folder(root: str | Path, attribute: str, parameterization: str) -> Path:
+    """The folder under root of the value model saved for (attribute, parameterization), by its
+    vas_value.json rather than by folder name: which one answers to the attribute's plain name is
+    the profile's choice (value_models.default_parameterization)."""
+    saved = saved_value_models(root)
+    for folder, meta in saved:
+        if meta["attribute"] == attribute and meta["parameterization"] == parameterization:
+            return folder
+    have = ", ".join(f"{f.name} ({m['attribute']}, {m['parameterization']})" for f, m in saved) or "none"
+    raise FileNotFoundError(f"no {parameterization} value model for {attribute} under {root}; saved: {have}")
 
 
 def find_value_models(root: str | Path, overrides: Mapping[str, str] | None = None) -> dict[str, Path]:

@@ -2,6 +2,8 @@
 the decoder would use, the student reproduces them on its training states, and it decodes on the
 base model's own forward."""
 
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from models.reward_model import RewardScorer, reward_model_from_base
 from models.rollouts import Rollouts
 from models.sampling import SamplingConfig, encode_prompts, sample
 from models.value_model import ValueModel
+from models.value_store import default_parameterization, value_model_folder, value_model_name
 from models.vas import VASConfig, centred, vas_sample
 
 QUIET = lambda _: None  # noqa: E731
@@ -129,3 +132,21 @@ def test_masked_spearman_by_hand():
     # A partial order: ranks (0, 1, 2) against (0, 2, 1): 1 - 6 * 2 / (3 * 8) = 0.5.
     assert masked_spearman(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0]]),
                            torch.ones(1, 3, dtype=torch.bool))[0].item() == pytest.approx(0.5)
+
+
+def test_the_plain_name_answers_to_the_preferred_parameterization_where_the_attribute_has_it(tmp_path):
+    # positivity has a distilled head, conciseness only its primary.
+    assert default_parameterization(["distributional_qhead", "scalar", "distilled"], "distributional_qhead",
+                                    "distilled") == "distilled"
+    assert default_parameterization(["distributional_qhead"], "distributional_qhead", "distilled") == "distributional_qhead"
+    assert value_model_name("positivity", "distilled", "distilled") == "positivity"
+    assert value_model_name("positivity", "distributional_qhead", "distilled") == "positivity.distributional_qhead"
+    for name, attribute, parameterization in (("positivity", "positivity", "distilled"),
+                                              ("positivity.distributional_qhead", "positivity", "distributional_qhead")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vas_value.json").write_text(json.dumps({"attribute": attribute,
+                                                                   "parameterization": parameterization}))
+    assert value_model_folder(tmp_path, "positivity", "distributional_qhead") == tmp_path / "positivity.distributional_qhead"
+    with pytest.raises(FileNotFoundError, match=r"no scalar value model for positivity under .*saved: positivity "
+                                                r"\(positivity, distilled\)"):
+        value_model_folder(tmp_path, "positivity", "scalar")

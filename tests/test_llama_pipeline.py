@@ -15,7 +15,7 @@ from assets.resources import VasSettings, build_resources
 from models.corpus import CorpusConfig, generate_corpus, generate_openings
 from models.lm import load_tokenizer, save_pretrained, train_tokenizer, weights_sha256
 from models.profiles import PARAMS_FILE
-from models.value_store import META_FILE
+from models.value_store import META_FILE, find_value_models, value_model_folder
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     smoke["preference_pairs"]["snippet_pairs"] = {"positivity": 40}
     smoke["reward_models"]["base_layers"] = 1
     smoke["value_backbone"]["base_layers"] = 1
-    smoke["value_models"].update(backbone_init="base", freeze_backbone=True)
+    smoke["value_models"].update(backbone_init="base", freeze_backbone=True, default_parameterization="distilled")
     smoke["dpo"]["skip"] = "too slow for this test"
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
@@ -167,10 +167,22 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     for folder in ("reward_models/positivity", "value_backbone"):
         assert json.loads((data_dir / folder / "config.json").read_text())["num_hidden_layers"] == 1, folder
     base_sha = weights_sha256(paths["base"])
-    for name in ("positivity", "conciseness", "positivity.scalar"):
-        config = json.loads((data_dir / "value_models" / name / "value_config.json").read_text())
+    # positivity answers to the distilled head (default_parameterization), as in the real profile:
+    # `vas generate --weight positivity=W` steers with it; the primary head keeps its own name, and
+    # conciseness, which has no distilled head, answers to its primary.
+    root = data_dir / "value_models"
+    metas = {name: json.loads((root / name / "vas_value.json").read_text()) for name in find_value_models(root)}
+    assert {name: m["parameterization"] for name, m in metas.items()} == {
+        "positivity": "distilled", "positivity.distributional_qhead": "distributional_qhead",
+        "positivity.scalar": "scalar", "conciseness": "distributional_qhead"}
+    assert metas["positivity"]["teacher"] == "positivity.scalar"
+    assert value_model_folder(root, "positivity", "distributional_qhead") == root / "positivity.distributional_qhead"
+    vas = pd.read_parquet(data_dir / "eval" / "summary.parquet").query("method == 'vas'")
+    assert set(vas.param_parameterization) >= {"distilled", "scalar", "distributional_qhead"}
+    for name in ("positivity.distributional_qhead", "conciseness", "positivity.scalar"):
+        config = json.loads((root / name / "value_config.json").read_text())
         assert config["backbone_frozen"] and config["init_weights_sha256"] == base_sha, name
-        assert not list((data_dir / "value_models" / name).glob("model*.safetensors")), name
+        assert not list((root / name).glob("model*.safetensors")), name
     assert json.loads((data_dir / "dpo_model" / "SKIPPED.json").read_text())["reason"] == "too slow for this test"
     summary = pd.read_parquet(data_dir / "eval" / "summary.parquet")
     assert "dpo" not in set(summary.method) and summary.method.str.contains("vas").any()
