@@ -25,6 +25,8 @@ Candidates (--candidates picks some):
 
 --seeds 0 1 2 trains every trained candidate once per seed on the same rollouts and measures each on
 the same states, continuations and decoding prompts and seed: the spread across training seeds.
+With distilled among them, distilled_mean is one more student, fitted to the mean of the seeds'
+teachers' values at the same states.
 
 Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
 n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
@@ -129,16 +131,24 @@ def build(world, name: str, args, seed: int, built: dict):
     if name == "scalar":
         return ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar")), 0.0
     if name == "distilled":
-        return distilled(world, args, seed, teacher=built.get("reward_mc"))
+        return distilled(world, args, seed, teacher=built.get("reward_mc"), keep=built.setdefault("_kept", {}))
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
 
 
-def distilled(world, args, seed: int, teacher=None):
+def distill_config(world, args, seed: int):
+    from models.distill import DistillConfig
+
+    ev = world.profile["evaluation"]
+    return DistillConfig(top_k=args.top_k or ev["top_k"], min_p=ev["min_p"], rank=args.distill_rank,
+                         train_steps=args.distill_steps, max_rollouts=args.distill_rollouts, seed=seed)
+
+
+def distilled(world, args, seed: int, teacher=None, keep: dict | None = None):
     """The per-token head distilled from `teacher` (None: the saved scalar) on the rollouts' states,
-    fitted with seed `seed`; (model, seconds)."""
+    fitted with seed `seed`; (model, seconds). The teacher's targets go to keep["targets"]."""
     import pandas as pd
 
-    from models.distill import DistillConfig, distill_head
+    from models.distill import collect_targets, fit_student
     from models.rollouts import training_rollouts
     from models.value_model import ValueModel
     from models.value_store import value_model_folder
@@ -147,12 +157,34 @@ def distilled(world, args, seed: int, teacher=None):
         teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
-    ev = world.profile["evaluation"]
-    config = DistillConfig(top_k=args.top_k or ev["top_k"], min_p=ev["min_p"], rank=args.distill_rank,
-                           train_steps=args.distill_steps, max_rollouts=args.distill_rollouts, seed=seed)
+    config = distill_config(world, args, seed)
     start = time.perf_counter()
-    model, metrics = distill_head(world.base, teacher, data, config, world.tokenizer.pad_token_id,
-                                  progress=lambda m: print("  " + m, flush=True))
+    targets = collect_targets(world.base, teacher, data, config, world.tokenizer.pad_token_id,
+                              progress=lambda m: print("  " + m, flush=True))
+    model, metrics = fit_student(world.base, targets, config, progress=lambda m: print("  " + m, flush=True))
+    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+    if keep is not None:
+        keep["targets"] = targets
+    return model.eval(), time.perf_counter() - start
+
+
+def distilled_from_mean(world, args, seed: int, targets: list) -> tuple:
+    """One student fitted to the mean of several teachers' values at the same states (each seed's
+    reward_mc): their seed-to-seed noise averages out, at the student's one forward per token."""
+    import dataclasses
+
+    import torch
+
+    from models.distill import fit_student
+
+    first = targets[0]
+    for other in targets[1:]:
+        if not torch.equal(other.candidates, first.candidates):
+            raise ValueError("the teachers' targets are not of the same states and candidates")
+    mean = dataclasses.replace(first, values=torch.stack([t.values for t in targets]).mean(0))
+    start = time.perf_counter()
+    model, metrics = fit_student(world.base, mean, distill_config(world, args, seed),
+                                 progress=lambda m: print("  " + m, flush=True))
     print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
     return model.eval(), time.perf_counter() - start
 
@@ -192,7 +224,8 @@ def across_seeds(rows: list[dict], points: list[dict], candidate_of: dict) -> di
         for key, group in frame.groupby(by, sort=False):
             row = dict(zip(by, key if isinstance(key, tuple) else (key,)), seeds=len(group))
             for column in columns:
-                row[column] = f"{group[column].mean():.3f} ± {group[column].std(ddof=1):.3f}"
+                spread = f" ± {group[column].std(ddof=1):.3f}" if len(group) > 1 else ""
+                row[column] = f"{group[column].mean():.3f}{spread}"
             out.append(row)
         return out
 
@@ -251,14 +284,21 @@ def main(argv=None) -> int:
     top_k = args.top_k or world.profile["evaluation"]["top_k"]
 
     seeds = args.seeds or [world.profile["seed"]]
-    models, seconds, seed_of, candidate_of = {}, {}, {}, {}
+    models, seconds, seed_of, candidate_of, kept_targets = {}, {}, {}, {}, []
     for seed in seeds:
         built = {}
-        for name in args.candidates:
+        for name in sorted(args.candidates, key=lambda n: n == "distilled"):     # after its teacher
             key = name if len(seeds) == 1 else f"{name}@{seed}"
             print(f"building {key}", flush=True)
             built[name], seconds[key] = build(world, name, args, seed, built)
             models[key], seed_of[key], candidate_of[key] = built[name], seed, name
+        kept_targets.append(built.get("_kept", {}).get("targets"))
+    if len(seeds) > 1 and "distilled" in args.candidates:
+        print("building distilled_mean (one student on the mean of the seeds' teachers)", flush=True)
+        key = "distilled_mean"
+        models[key], seconds[key] = distilled_from_mean(world, args, seeds[0], kept_targets)
+        seed_of[key], candidate_of[key] = seeds[0], key
+        del kept_targets
     config = ValueErrorConfig(n_prompts=args.prompts, prefix_lengths=tuple(args.prefix_lengths),
                               n_candidates=args.candidates_per_state, n_continuations=args.continuations,
                               betas=(2.0,), max_new_tokens=world.profile["rollouts"]["max_new_tokens"],
