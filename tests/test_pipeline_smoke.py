@@ -348,6 +348,31 @@ def test_value_estimates_benchmark_measures_every_candidate(smoke_world):
     assert by_name["head"]["forwards_per_token"] < by_name["args"]["forwards_per_token"]
 
 
+def test_value_estimates_benchmark_across_training_seeds(smoke_world):
+    """--seeds: each trained candidate once per seed (distilled from that seed's reward_mc), a
+    student on the seeds' mean teacher values, and mean ± sd across seeds."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.value_estimates import main as value_main
+
+    data = smoke_world["data_dir"]
+    assert value_main(["--data-dir", str(data), "--profile", "smoke", "--candidates", "distilled", "reward_mc",
+                       "--seeds", "0", "1", "--steps", "2", "--distill-steps", "3", "--prompts", "2",
+                       "--prefix-lengths", "0", "2", "--candidates-per-state", "3", "--continuations", "2",
+                       "--betas", "2", "--top-k", "3"]) == 0
+    result = json.loads((data / "bench" / "value_estimates.json").read_text())
+    names = ["reward_mc@0", "distilled@0", "reward_mc@1", "distilled@1", "distilled_mean"]
+    assert [r["candidate"] for r in result["value_error"]] == names          # the teacher before its student
+    assert [r["seed"] for r in result["value_error"]] == [0, 0, 1, 1, 0]
+    assert all(0 <= r["spearman_ceiling"] <= 1 or np.isnan(r["spearman_ceiling"]) for r in result["value_error"])
+    across = {r["candidate"]: r for r in result["value_error_across_seeds"]}
+    assert {k: r["seeds"] for k, r in across.items()} == {"reward_mc": 2, "distilled": 2, "distilled_mean": 1}
+    mean, sd = (float(x) for x in across["reward_mc"]["spearman"].split(" ± "))
+    by_seed = [r["spearman"] for r in result["value_error"] if r["candidate"].startswith("reward_mc@")]
+    assert mean == pytest.approx(np.mean(by_seed), abs=1e-3) and sd == pytest.approx(np.std(by_seed, ddof=1), abs=1e-3)
+    assert {(r["candidate"], r["beta"]) for r in result["decode_across_seeds"]} == {
+        ("reward_mc", 2.0), ("distilled", 2.0), ("distilled_mean", 2.0)}
+
+
 def test_reward_ensemble_benchmark_compares_objectives_at_equal_n(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
     from bench.reward_ensemble import main as ensemble_main
