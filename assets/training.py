@@ -163,9 +163,10 @@ def value_models(run: StageRun) -> Produced:
                          f"trained: {', '.join(parameterizations)}")
     distill_config = config_from(DistillConfig, params["distill"], "value_models.distill", seed=params["seed"])
     preferred = params["default_parameterization"] or primary
-    if preferred not in parameterizations + ([DISTILLED] if distill_from else []):
+    saved = parameterizations + ([DISTILLED] if distill_from else [])
+    if preferred not in saved:
         raise ValueError(f"value_models.default_parameterization {preferred!r} names no value model trained here; "
-                         f"trained: {', '.join(parameterizations + ([DISTILLED] if distill_from else []))}")
+                         f"trained: {', '.join(saved)}")
     base = None                               # the frozen base, loaded when a head is distilled onto it
 
     def save(model, name: str, parameterization: str, result: dict, loss: str, **meta) -> None:

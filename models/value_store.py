@@ -13,7 +13,8 @@ VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_t
                          "backbone", "head_init", "extra_config", "distill_from", "distill",
                          "default_parameterization")
 # The parameterization vas_value.json names for a per-token head distilled from another value model
-# (value_models.distill_from; models/distill.py), saved as <attribute>.distilled.
+# (value_models.distill_from; models/distill.py), saved as <attribute>.distilled (or as <attribute>
+# where value_models.default_parameterization names it).
 DISTILLED = "distilled"
 
 
