@@ -220,6 +220,9 @@ def test_an_interrupt_a_callback_swallowed_still_fails_the_step():
     from orchestration import interrupts
 
     interrupts.install()
+    # What SIGINT did before: Python's default_int_handler, or SIG_IGN where a shell started the
+    # tests in the background (`cmd &`).
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(DagsterExecutionInterruptedError):
         with errors.raise_execution_interrupts():
             handler = signal.getsignal(signal.SIGTERM)
@@ -233,4 +236,4 @@ def test_an_interrupt_a_callback_swallowed_still_fails_the_step():
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     with errors.raise_execution_interrupts():
         pass
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before                          # handlers restored
