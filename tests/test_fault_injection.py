@@ -18,14 +18,13 @@ import dagster as dg
 import duckdb
 import pandas as pd
 import pytest
+from dvc_repo import DVC, dvc_repo, sh
 
 from models.profiles import PROJECT_ROOT
 from orchestration.recovery import PID_START_TAG, PID_TAG, TEMPORARY, process_start
 
 pytestmark = pytest.mark.integration
 TIMING = ["seconds_per_sample"]          # wall-clock columns: the only ones a re-run may change
-DVC = str(Path(sys.executable).with_name("dvc"))
-CODE = ["models", "assets", "orchestration", "params.yaml", "dvc.yaml", ".gitignore"]
 
 
 @pytest.fixture(scope="module")
@@ -137,27 +136,11 @@ def test_killed_runs_are_recovered_and_reproduce_the_uninterrupted_run(home, smo
     print(f"fault injection: 3 kills and re-runs in {time.time() - started:.0f} s")
 
 
-def sh(cwd, *args) -> str:
-    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test",
-                               "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-                               "GIT_COMMITTER_EMAIL": "test@example.com"})
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 def test_a_run_killed_on_dvcs_data_folder_leaves_dvc_status_clean_after_the_rerun(home, smoke_world, tmp_path):
     """`vas run` on data/ records its outputs in dvc.lock (`dvc commit`) only when it completes: a
     run killed inside base_model records nothing and leaves nothing DVC would see, and the re-run
     records every stage."""
-    project = tmp_path / "project"
-    for name in CODE:
-        src = PROJECT_ROOT / name
-        shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \
-            else shutil.copy(src, project / name)
-    shutil.copytree(smoke_world["data_dir"], project / "data")
-    sh(project, "git", "init", "-q")
-    sh(project, DVC, "init", "-q")
+    project = dvc_repo(tmp_path / "project", smoke_world["data_dir"])
     sh(project, DVC, "config", "core.analytics", "false")
     sh(project, "git", "add", "-A")      # no dvc.lock yet: only the completed re-run writes one
     sh(project, "git", "commit", "-qm", "smoke world")

@@ -10,31 +10,18 @@ the DVC remote after the local cache is gone).
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+from dvc_repo import DVC, dvc_repo, sh
 
 from models.artifacts import dvc_md5
-from models.profiles import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
-DVC = str(Path(sys.executable).with_name("dvc"))
-CODE = ["models", "assets", "orchestration", "params.yaml", "dvc.yaml", ".gitignore"]
 TRACKED_OUTS = ["imported_preferences", "preference_pairs", "reward_models", "rollouts", "value_models"]
-
-
-def sh(repo, *args):
-    proc = subprocess.run(list(args), cwd=repo, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test",
-                               "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-                               "GIT_COMMITTER_EMAIL": "test@example.com"})
-    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def preference_file(path: Path, prompts: list[str], chosen: str, rejected: str) -> Path:
@@ -53,15 +40,8 @@ def retrains(smoke_world, tmp_path_factory):
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
     from orchestration.sensors import incoming_preferences_sensor, incoming_retrain
 
-    repo = tmp_path_factory.mktemp("repo")
-    for name in CODE:
-        src = PROJECT_ROOT / name
-        shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \
-            else shutil.copy(src, repo / name)
-    shutil.copytree(smoke_world["data_dir"], repo / "data")
+    repo = dvc_repo(tmp_path_factory.mktemp("repo"), smoke_world["data_dir"])
     remote = tmp_path_factory.mktemp("remote")
-    sh(repo, "git", "init", "-q")
-    sh(repo, DVC, "init", "-q")
     sh(repo, DVC, "remote", "add", "-d", "local", str(remote))
 
     data = repo / "data"
