@@ -105,9 +105,10 @@ def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=N
     return model.eval(), time.perf_counter() - start
 
 
-def build(world, name: str, args, seed: int, built: dict):
+def build(world, name: str, args, seed: int, built: dict, targets: list):
     """(value model, training seconds) of a candidate, trained with seed `seed`; `built` holds this
-    seed's candidates built so far (distilled takes reward_mc as its teacher when it is there)."""
+    seed's candidates built so far (distilled takes reward_mc as its teacher when it is there), and
+    distilled appends its teacher's targets to `targets`."""
     from models.value_model import ValueModel
     from models.value_store import value_model_folder
 
@@ -131,7 +132,7 @@ def build(world, name: str, args, seed: int, built: dict):
     if name == "scalar":
         return ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar")), 0.0
     if name == "distilled":
-        return distilled(world, args, seed, teacher=built.get("reward_mc"), keep=built.setdefault("_kept", {}))
+        return distilled(world, args, seed, targets, teacher=built.get("reward_mc"))
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
 
 
@@ -143,12 +144,24 @@ def distill_config(world, args, seed: int):
                          train_steps=args.distill_steps, max_rollouts=args.distill_rollouts, seed=seed)
 
 
-def distilled(world, args, seed: int, teacher=None, keep: dict | None = None):
+def fit(world, args, seed: int, targets) -> tuple:
+    """A student fitted to teacher targets with seed `seed`, its fit printed; (model, seconds)."""
+    from models.distill import fit_student
+
+    start = time.perf_counter()
+    model, metrics = fit_student(world.base, targets, distill_config(world, args, seed),
+                                 progress=lambda m: print("  " + m, flush=True))
+    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+    return model.eval(), time.perf_counter() - start
+
+
+def distilled(world, args, seed: int, kept: list, teacher=None):
     """The per-token head distilled from `teacher` (None: the saved scalar) on the rollouts' states,
-    fitted with seed `seed`; (model, seconds). The teacher's targets go to keep["targets"]."""
+    fitted with seed `seed`; (model, seconds, collection included). The teacher's targets are
+    appended to `kept`."""
     import pandas as pd
 
-    from models.distill import collect_targets, fit_student
+    from models.distill import collect_targets
     from models.rollouts import training_rollouts
     from models.value_model import ValueModel
     from models.value_store import value_model_folder
@@ -157,15 +170,12 @@ def distilled(world, args, seed: int, teacher=None, keep: dict | None = None):
         teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
-    config = distill_config(world, args, seed)
     start = time.perf_counter()
-    targets = collect_targets(world.base, teacher, data, config, world.tokenizer.pad_token_id,
-                              progress=lambda m: print("  " + m, flush=True))
-    model, metrics = fit_student(world.base, targets, config, progress=lambda m: print("  " + m, flush=True))
-    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-    if keep is not None:
-        keep["targets"] = targets
-    return model.eval(), time.perf_counter() - start
+    targets = collect_targets(world.base, teacher, data, distill_config(world, args, seed),
+                              world.tokenizer.pad_token_id, progress=lambda m: print("  " + m, flush=True))
+    kept.append(targets)
+    model, _ = fit(world, args, seed, targets)
+    return model, time.perf_counter() - start
 
 
 def distilled_from_mean(world, args, seed: int, targets: list) -> tuple:
@@ -175,18 +185,11 @@ def distilled_from_mean(world, args, seed: int, targets: list) -> tuple:
 
     import torch
 
-    from models.distill import fit_student
-
     first = targets[0]
     for other in targets[1:]:
         if not torch.equal(other.candidates, first.candidates):
             raise ValueError("the teachers' targets are not of the same states and candidates")
-    mean = dataclasses.replace(first, values=torch.stack([t.values for t in targets]).mean(0))
-    start = time.perf_counter()
-    model, metrics = fit_student(world.base, mean, distill_config(world, args, seed),
-                                 progress=lambda m: print("  " + m, flush=True))
-    print("  " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-    return model.eval(), time.perf_counter() - start
+    return fit(world, args, seed, dataclasses.replace(first, values=torch.stack([t.values for t in targets]).mean(0)))
 
 
 def decode(world, model, beta: float, top_k: int) -> dict:
@@ -290,9 +293,8 @@ def main(argv=None) -> int:
         for name in sorted(args.candidates, key=lambda n: n == "distilled"):     # after its teacher
             key = name if len(seeds) == 1 else f"{name}@{seed}"
             print(f"building {key}", flush=True)
-            built[name], seconds[key] = build(world, name, args, seed, built)
+            built[name], seconds[key] = build(world, name, args, seed, built, kept_targets)
             models[key], seed_of[key], candidate_of[key] = built[name], seed, name
-        kept_targets.append(built.get("_kept", {}).get("targets"))
     if len(seeds) > 1 and "distilled" in args.candidates:
         print("building distilled_mean (one student on the mean of the seeds' teachers)", flush=True)
         key = "distilled_mean"
