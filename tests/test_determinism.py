@@ -1,6 +1,7 @@
 """Same seed, same data, same code: re-materializing gives the same rollouts, value-model weights
 and evaluation metrics (fixed thread count and deterministic torch kernels, assets.common.torch_threads)."""
 
+import json
 import shutil
 
 import pandas as pd
@@ -18,7 +19,7 @@ def fingerprints(data) -> dict[str, str]:
     found = {"rollout_shards": dvc_md5(data / "rollout_shards"), "rollouts": dvc_md5(data / "rollouts")}
     for folder in sorted(p for p in (data / "value_models").iterdir() if p.is_dir()):
         # A head on a frozen backbone (the distilled one) saves its backbone by reference: no model.safetensors.
-        frozen = '"backbone_frozen": true' in (folder / "value_config.json").read_text()
+        frozen = json.loads((folder / "value_config.json").read_text()).get("backbone_frozen", False)
         for name in ("value_head.safetensors",) + (() if frozen else ("model.safetensors",)):
             found[f"value_models/{folder.name}/{name}"] = dvc_md5(folder / name)
     return found
