@@ -126,7 +126,7 @@ def value_tokenizer(base_dir: str | Path):
 
 def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
                 sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None,
-                upstream=None) -> list[dict]:
+                upstream=None, scheduler=None, score=None) -> list[dict]:
     """One VAS completion per prompt (repeat a prompt for several), each scored by every learned
     reward model: the decode of `vas generate` and of `vas serve`.
 
@@ -134,7 +134,9 @@ def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, 
     (models/blackbox.py; base is then unused and tokenizer is the value models' own).
     Each dict: prompt, completion, kl_nats, n_tokens, finished, then completion_ids and
     base_logprobs (local base) or upstream (requests, prompt_tokens, dropped_mass), and
-    learned_<attribute> per scorer. watch: told each step's tokens while decoding (models.vas.Watched)."""
+    learned_<attribute> per scorer. watch: told each step's tokens while decoding (models.vas.Watched).
+    scheduler: a models.scheduler.Scheduler, whose running batch decodes these rows beside other
+    requests' (`vas serve`), with the tokens vas_sample would draw."""
     if upstream is not None:
         from models.blackbox import blackbox_rows
 
@@ -142,13 +144,15 @@ def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, 
     else:
         from models.vas import vas_sample
 
-        gen = vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device,
-                         watch=watch)
+        gen = (scheduler.generate(list(prompts), value_models, weights, sampling, vas, watch=watch) if scheduler
+               else vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device,
+                               watch=watch))
         rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids,
                  "base_logprobs": lp}
                 for p, c, kl, nt, f, ids, lp in zip(gen.prompts, gen.texts, gen.kl_nats, gen.n_tokens, gen.finished,
                                                      gen.completion_ids, gen.base_logprobs)]
-    for name, scores in score_all(scorers, [r["prompt"] for r in rows], [r["completion"] for r in rows]).items():
+    score = score or (lambda prompts, completions: score_all(scorers, prompts, completions))
+    for name, scores in score([r["prompt"] for r in rows], [r["completion"] for r in rows]).items():
         for row, score in zip(rows, scores):
             row[f"learned_{name}"] = score
     return rows

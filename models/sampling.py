@@ -47,6 +47,17 @@ class Generation:
     def n_tokens(self) -> list[int]:
         return [len(ids) for ids in self.completion_ids]
 
+    @classmethod
+    def concat(cls, parts: Sequence[Generation]) -> Generation:
+        """The generations of consecutive prompt batches as one, in order."""
+        return cls(prompts=[p for g in parts for p in g.prompts],
+                   completion_ids=[c for g in parts for c in g.completion_ids],
+                   texts=[t for g in parts for t in g.texts],
+                   base_logprobs=[lp for g in parts for lp in g.base_logprobs],
+                   finished=[f for g in parts for f in g.finished],
+                   kl_nats=[k for g in parts for k in g.kl_nats],
+                   log_ratio=[r for g in parts for r in g.log_ratio])
+
 
 class Steering(Protocol):
     """Changes pi0's next-token logits during sampling (value-augmented decoding implements it).
@@ -101,10 +112,13 @@ class CachedLM:
         self.mask = mask
         self.keep_hidden = keep_hidden      # also keep the last layer's hidden state, (B, H)
         self.last_hidden: torch.Tensor | None = None
-        self.hidden_kwargs = {"output_hidden_states": True} if keep_hidden else {}
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
                     **self.hidden_kwargs)
         self._keep(out)
+
+    @property
+    def hidden_kwargs(self) -> dict:
+        return {"output_hidden_states": True} if self.keep_hidden else {}
 
     def _keep(self, out) -> None:
         self.cache = out.past_key_values
@@ -157,60 +171,86 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
                  device: torch.device | str = "cpu", uniforms: torch.Tensor | None = None) -> Generation:
     """Sample one completion per prompt, all rows in one batch; with uniforms ((B, >= max_new_tokens)
     U[0, 1)), row i's token at step t is the inverse CDF of uniforms[i, t], not a generator draw."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad)
+    ids, mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
-    batch = len(prompts)
     share_hidden = bool(getattr(steering, "wants_base_hidden", False))
     lm = CachedLM(model, ids, mask, keep_hidden=share_hidden)
     if steering is not None:
         steering.start(ids, mask)
+    draws = Draws(len(prompts), config, tokenizer, generator, device, uniforms)
     logits = lm.last_hidden_logits
-    kl = torch.zeros(batch, device=device)
-    log_ratio = torch.zeros(batch, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens_out = torch.full((batch, config.max_new_tokens), pad, dtype=torch.long, device=device)
-    logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
-    lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
-    for step in range(config.max_new_tokens):
+    while not draws.finished:
         base_logits = logits.float()
-        if steering is not None:
-            if share_hidden:
-                steering.base_hidden(lm.last_hidden)
-            steered = steering.adjust(base_logits)
-            kl += torch.where(done, 0.0, step_kl(steered, base_logits, config.temperature))
-        else:
-            steered = base_logits
-        probs = torch.softmax(steered / config.temperature, dim=-1)
-        if uniforms is None:
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # (B,)
-        else:
-            token = inverse_cdf(probs, uniforms[:, step])
-        if steering is not None:
-            ratio = (torch.log_softmax(steered / config.temperature, -1)
-                     - torch.log_softmax(base_logits / config.temperature, -1)).gather(1, token[:, None]).squeeze(1)
-            log_ratio += torch.where(done, 0.0, ratio)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        logprobs_out[:, step] = torch.log_softmax(base_logits, -1).gather(1, token[:, None]).squeeze(1)
-        tokens_out[:, step] = token
-        newly_done = (~done) & (token == eos)
-        lengths = torch.where(newly_done, torch.full_like(lengths, step), lengths)
-        done = done | newly_done
-        if bool(done.all()) or step + 1 == config.max_new_tokens:
+        if steering is not None and share_hidden:
+            steering.base_hidden(lm.last_hidden)
+        fed = draws.draw(base_logits, None if steering is None else steering.adjust(base_logits))
+        if draws.finished:
             break
-        # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
-        fed = torch.where(done, torch.full_like(token, eos), token)
         logits = lm.step(fed)
         if steering is not None:
             steering.advance(fed)
-    completion_ids, logprobs = [], []
-    for i in range(batch):
-        n = int(lengths[i])
-        completion_ids.append(tokens_out[i, :n].tolist())
-        logprobs.append(logprobs_out[i, :n].tolist())
-    # Not stripped: prompt + text is exactly the sampled sequence (the leading space is a token).
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-    return Generation(list(prompts), completion_ids, texts, logprobs, done.tolist(), kl.tolist(), log_ratio.tolist())
+    return draws.generation(prompts)
+
+
+class Draws:
+    """The per-row state of one batch's sampling across steps: the tokens drawn, pi0's log-probs,
+    each row's end, KL and log-ratio. sample_batch keeps one per batch; the serving scheduler
+    (models/scheduler.py) one per request batch, so both draw the same tokens from the same logits."""
+
+    def __init__(self, batch: int, config: SamplingConfig, tokenizer, generator: torch.Generator,
+                 device: torch.device | str = "cpu", uniforms: torch.Tensor | None = None):
+        self.config, self.tokenizer, self.generator, self.uniforms = config, tokenizer, generator, uniforms
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.step = 0
+        self.kl = torch.zeros(batch, device=device)
+        self.log_ratio = torch.zeros(batch, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.tokens_out = torch.full((batch, config.max_new_tokens), self.pad, dtype=torch.long, device=device)
+        self.logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
+        self.lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+        self.finished = config.max_new_tokens < 1
+
+    def draw(self, base_logits: torch.Tensor, steered: torch.Tensor | None) -> torch.Tensor:
+        """One step: (B, V) float32 base logits and the logits to sample from (None: the base's) ->
+        (B,) the tokens to feed next (EOS for finished rows). Sets `finished` once every row has
+        ended or max_new_tokens are drawn; the tokens of that last step are then not to be fed."""
+        config, done, step = self.config, self.done, self.step
+        # Steering that changed nothing (the very tensor back) adds exactly 0 KL and 0 log-ratio.
+        steering = steered is not None and steered is not base_logits
+        if steering:
+            self.kl += torch.where(done, 0.0, step_kl(steered, base_logits, config.temperature))
+        else:
+            steered = base_logits
+        probs = torch.softmax(steered / config.temperature, dim=-1)
+        if self.uniforms is None:
+            token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)   # (B,)
+        else:
+            token = inverse_cdf(probs, self.uniforms[:, step])
+        if steering:
+            ratio = (torch.log_softmax(steered / config.temperature, -1)
+                     - torch.log_softmax(base_logits / config.temperature, -1)).gather(1, token[:, None]).squeeze(1)
+            self.log_ratio += torch.where(done, 0.0, ratio)
+        token = torch.where(done, torch.full_like(token, self.pad), token)
+        self.logprobs_out[:, step] = torch.log_softmax(base_logits, -1).gather(1, token[:, None]).squeeze(1)
+        self.tokens_out[:, step] = token
+        newly_done = (~done) & (token == self.eos)
+        self.lengths = torch.where(newly_done, torch.full_like(self.lengths, step), self.lengths)
+        self.done = done | newly_done
+        self.step += 1
+        self.finished = bool(self.done.all()) or self.step == config.max_new_tokens
+        # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
+        return torch.where(self.done, torch.full_like(token, self.eos), token)
+
+    def generation(self, prompts: Sequence[str]) -> Generation:
+        completion_ids, logprobs = [], []
+        for i in range(len(prompts)):
+            n = int(self.lengths[i])
+            completion_ids.append(self.tokens_out[i, :n].tolist())
+            logprobs.append(self.logprobs_out[i, :n].tolist())
+        # Not stripped: prompt + text is exactly the sampled sequence (the leading space is a token).
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+        return Generation(list(prompts), completion_ids, texts, logprobs, self.done.tolist(), self.kl.tolist(),
+                          self.log_ratio.tolist())
 
 
 @torch.no_grad()
@@ -234,12 +274,4 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
         # About ten progress lines per call, however many batches.
         if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):
             progress(f"sampled {done_count}/{len(prompts)} completions")
-    return Generation(
-        prompts=[p for g in parts for p in g.prompts],
-        completion_ids=[c for g in parts for c in g.completion_ids],
-        texts=[t for g in parts for t in g.texts],
-        base_logprobs=[lp for g in parts for lp in g.base_logprobs],
-        finished=[f for g in parts for f in g.finished],
-        kl_nats=[k for g in parts for k in g.kl_nats],
-        log_ratio=[r for g in parts for r in g.log_ratio],
-    )
+    return Generation.concat(parts)

@@ -13,21 +13,26 @@ upstream requests and prompt tokens sent.
 The value models are re-read between requests when data/value_models changes (a retrain replaced
 it): `Engine.refresh` compares a cheap stat fingerprint, loads the new folder fully, then swaps
 one reference, so a request uses one version from start to end. Streaming is live: chunks leave as
-the decode draws each token (a row's last token comes with its final chunk). The Engine is not thread-safe:
-the server calls it from one worker thread at a time (an asyncio.Lock in orchestration/serve.py).
+the decode draws each token (a row's last token comes with its final chunk).
+
+Concurrency: with the local base model, requests from any number of threads decode together in one
+running batch (models/scheduler.py, continuous batching), each row with the tokens it would get
+alone. With an upstream, the Engine serves one request at a time (the app holds a lock for it).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers, value_tokenizer
+from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers, score_all, value_tokenizer
 from models.logprobs import MAX_LOGPROBS, LogprobRecorder
 from models.sampling import encode_prompts
 from models.stages import output_of
@@ -170,11 +175,15 @@ class ValueModels:
 class Engine:
     """The loaded base model, reward scorers and current value models, and the completion logic."""
 
-    def __init__(self, data_dir: str | Path, device: str = "auto", model_id: str = "vas", upstream=None):
+    def __init__(self, data_dir: str | Path, device: str = "auto", model_id: str = "vas", upstream=None,
+                 max_batch_rows: int | None = None, max_batch_tokens: int | None = None):
         """upstream: a models.upstream.UpstreamConfig: completions come from that base model behind an
         OpenAI-compatible API, steered by the local value models (black-box VAS, models/blackbox.py);
-        the local base model's weights are then never loaded, only its tokenizer (the value models')."""
+        the local base model's weights are then never loaded, only its tokenizer (the value models').
+        max_batch_rows, max_batch_tokens: the bounds of the running batch (models.scheduler's
+        MAX_ROWS and MAX_KV_TOKENS when None)."""
         from models.lm import load_frozen_base, pick_device
+        from models.scheduler import MAX_KV_TOKENS, MAX_ROWS, BatchedScoring, Scheduler
 
         self.data_dir = Path(data_dir)
         self.model_id = model_id
@@ -196,11 +205,28 @@ class Engine:
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
         self.scorers = reward_scorers(self.data_dir, device=str(self.device))
         self.values = ValueModels("none", (), {})
+        self._refreshing = threading.Lock()
         self.refresh()
+        self.scheduler, self.score = None, None
+        if self.base is not None:
+            self.scheduler = Scheduler(self.base, self.tokenizer, self.device, max_batch_rows or MAX_ROWS,
+                                       max_batch_tokens or MAX_KV_TOKENS)
+            # Requests finishing together are scored together, on the scheduler's thread.
+            self.score = BatchedScoring(partial(score_all, self.scorers), self.scheduler)
+
+    def close(self) -> None:
+        """Stop the batch scheduler once the requests in it are done."""
+        if self.scheduler is not None:
+            self.scheduler.close()
 
     def refresh(self) -> str:
         """Load data/value_models again if it changed since the last request; the version in use.
-        A folder caught mid-replacement keeps the version already loaded (the next request retries)."""
+        A folder caught mid-replacement keeps the version already loaded (the next request retries).
+        Requests call it from several threads: one loads, the others wait for it."""
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> str:
         from models.artifacts import dvc_md5
         from models.value_model import ValueModel
 
@@ -263,7 +289,8 @@ class Engine:
         expanded = [p for p in req.prompts for _ in range(req.n)]
         requests, sent = (self.upstream.requests, self.upstream.prompt_tokens) if self.upstream else (0, 0)
         rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
-                           sampling, vas, self.device, self.scorers, watch=watch, upstream=self.upstream)
+                           sampling, vas, self.device, self.scorers, watch=watch, upstream=self.upstream,
+                           scheduler=self.scheduler, score=self.score)
         choices = [{"index": i, "text": row["completion"],
                     "logprobs": None if req.logprobs is None else watch.choice(i, row),
                     "finish_reason": "stop" if row["finished"] else "length",

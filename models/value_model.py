@@ -323,13 +323,23 @@ class ValueModel(nn.Module):
         is given (the decoder passes its weight), of the reward or (calibrated) of its normal score;
         the others ignore beta and refuse calibrated."""
         self.check_calibrated(calibrated)
+        return self.candidate_values(self.candidate_outputs(state, candidates), beta, calibrated)
+
+    @torch.no_grad()
+    def candidate_outputs(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
+        """The head's outputs for candidates (B, k): (B, k) values, or (B, k, n_bins) histogram logits
+        of distributional models; what candidate_values reads (the serving scheduler runs this once
+        for the rows of several requests, then reads each request's rows at its own beta)."""
         if self.parameterization in PER_TOKEN_HEADS:
-            out = self._per_token(state.hidden[:, None, :], candidates)               # (B, k[, n_bins])
-        else:
-            out = self.head(self._candidate_hidden(state, candidates).float())        # (B, k, 1 | n_bins)
-            if not self.is_distributional:
-                out = out.squeeze(-1)
-        return value_of(out, self.support, beta, calibrated) if self.is_distributional else out
+            return self._per_token(state.hidden[:, None, :], candidates)              # (B, k[, n_bins])
+        out = self.head(self._candidate_hidden(state, candidates).float())            # (B, k, 1 | n_bins)
+        return out if self.is_distributional else out.squeeze(-1)
+
+    def candidate_values(self, outputs: torch.Tensor, beta: float | None = None,
+                         calibrated: bool = False) -> torch.Tensor:
+        """candidate_outputs -> (B, k) Q: the mean, soft (beta) or calibrated value of a histogram."""
+        self.check_calibrated(calibrated)
+        return value_of(outputs, self.support, beta, calibrated) if self.is_distributional else outputs
 
     def _candidate_hidden(self, state: ValueDecodeState, candidates: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, k, H) of each candidate appended to its row's prefix: one forward over

@@ -102,18 +102,28 @@ class ValueGuidance:
 
     def adjust(self, base_logits: torch.Tensor) -> torch.Tensor:
         """(B, V) base logits -> (B, V) steered logits (temperature is the sampler's job)."""
+        # Only asked of models when set, so any object with candidate_q(state, candidates, beta) steers.
+        calibrated = {"calibrated": True} if self.config.calibrated else {}
+        return self.steer(base_logits, lambda model, state, top, beta: model.candidate_q(
+            state, top.to(model.device), beta=beta, **calibrated))
+
+    def candidates(self, base_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi0's top-k: (B, k) base logits and token ids, the tokens a value bonus can go to."""
+        return base_logits.topk(min(self.config.top_k, base_logits.shape[-1]), dim=-1)
+
+    def steer(self, base_logits: torch.Tensor, q_of: Callable, states: Sequence | None = None,
+              top: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """adjust(), with q_of(model, state, top_ids, beta) giving model i's (B, k) Q over the
+        candidates from states[i] (self.states unless given): the serving scheduler passes Q it computed
+        for several requests' rows at once (models/scheduler.py). top: candidates(base_logits), if known."""
         if not self.active:
             return base_logits       # the very same tensor: base sampling, bit for bit
-        k = min(self.config.top_k, base_logits.shape[-1])
-        top_logits, top = base_logits.topk(k, dim=-1)                               # (B, k)
+        top_logits, top = top if top is not None else self.candidates(base_logits)    # (B, k)
         for name, model, _ in self.active:
             if int(top.max()) >= model.vocab_size:
                 raise ValueError(f"value model {name!r} has a vocabulary of {model.vocab_size} tokens but the "
                                  f"base model proposed token {int(top.max())}: they must share a tokenizer")
-        # Only asked of models when set, so any object with candidate_q(state, candidates, beta) steers.
-        calibrated = {"calibrated": True} if self.config.calibrated else {}
-        bonus = self.bonus(lambda model, state, beta: model.candidate_q(state, top.to(model.device), beta=beta,
-                                                                         **calibrated), self.steered(top_logits))
+        bonus = self.bonus(lambda model, state, beta: q_of(model, state, top, beta), self.steered(top_logits), states)
         bonus = bonus.to(base_logits)
         if self.config.mask_outside_top_k:
             steered = torch.full_like(base_logits, float("-inf"))
@@ -124,19 +134,24 @@ class ValueGuidance:
         """steered_candidates at this guidance's min_p."""
         return steered_candidates(candidate_logits, self.config.min_p)
 
-    def bonus(self, q_of: Callable, steered: torch.Tensor | None = None) -> torch.Tensor:
+    def bonus(self, q_of: Callable, steered: torch.Tensor | None = None, states: Sequence | None = None) -> torch.Tensor:
         """Σ_i w_i · (Q_i - mean Q_i), (B, k) float64, where q_of(model, state, beta) gives model i's
         Q over the k candidates (B, k): token ids here, candidate texts in black-box decoding
         (models/blackbox.py). beta is the model's weight for soft values, None for mean values.
         steered (B, k) bool, or None for all: the candidates that get a bonus, centred over them;
-        the others get 0."""
+        the others get 0. states: one per active model (self.states unless given)."""
         total = torch.zeros((), dtype=torch.float64)          # no active model: no bonus
-        for (_, model, weight), state in zip(self.active, self.states or [None] * len(self.active)):
-            q = q_of(model, state, weight if self.config.soft and not self.config.calibrated else None)
+        states = self.states if states is None else states
+        for (_, model, weight), state in zip(self.active, states or [None] * len(self.active)):
+            q = q_of(model, state, self.beta(weight))
             # Centred in float64: k equal values (an untrained head) then centre to exactly 0.
             q = q.double()                                                           # (B, k)
             total = weight * centred(q, None if steered is None else steered.to(q.device)) + total.to(q.device)
         return total
+
+    def beta(self, weight: float) -> float | None:
+        """The beta a model's soft value is taken at: its weight, or None for mean (and calibrated) values."""
+        return weight if self.config.soft and not self.config.calibrated else None
 
     def advance(self, tokens: torch.Tensor) -> None:
         """tokens (B,): what the base model is fed next; every value prefix grows by it too."""

@@ -429,7 +429,7 @@ def cmd_serve(args) -> int:
         print(f"vas serve: {err}", file=sys.stderr)
         return 2
     serve(data_dir, host=args.host, port=args.port, device=args.device, model_id=args.model_name,
-          upstream=upstream)
+          upstream=upstream, max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens)
     return 0
 
 
@@ -555,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-dir", default=None, help="data folder (default: $VAS_DATA_DIR or data/)")
     srv.add_argument("--device", default="auto", help="auto, cpu or cuda")
     srv.add_argument("--model-name", default="vas", help="the model id clients ask for (default: vas)")
+    srv.add_argument("--max-batch-rows", type=int, default=None, metavar="N",
+                     help="completions decoding at once in the running batch (default: sized for a 2-core CPU)")
+    srv.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                     help="KV-cache tokens (prompt + max_tokens per completion) the running batch may reserve "
+                          "(default: models/scheduler.py MAX_KV_TOKENS)")
     add_upstream_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     exp = sub.add_parser("export-gguf", help="write the base model as a GGUF file for llama.cpp (gpt2, f32)")

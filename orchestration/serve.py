@@ -1,11 +1,12 @@
 """`vas serve`: VAS behind an OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 /v1/models and /v1/completions (streaming too) in the OpenAI protocol; the request logic is
-models.serving. Concurrency: one asyncio.Lock serializes access to the model (one decode at a
-time, requests wait their turn in arrival order), and each decode runs in a worker thread
-(anyio.to_thread) so the event loop keeps accepting and answering requests meanwhile. A request
-therefore never shares a batch with another, and its rows are its own. A streamed request holds
-the lock until its decode ends, and its chunks leave as the tokens are drawn.
+models.serving. Each request runs in a worker thread (anyio.to_thread, at most WORKER_THREADS at
+once), so the event loop keeps accepting and answering requests meanwhile. With the local base
+model the worker threads hand their rows to the Engine's scheduler, which decodes every request in
+flight in one running batch (continuous batching, models/scheduler.py). With an upstream base
+model, one asyncio.Lock serializes the decodes (one request at a time, in arrival order). A
+streamed request's chunks leave as the tokens are drawn.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from models.serving import Engine, ServingError
 
 log = logging.getLogger(__name__)
 
+WORKER_THREADS = 256      # requests being prepared, decoded or scored at once (each waits on the batch)
+
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
     return JSONResponse(ServingError(message, param, code, status, kind).body(), status_code=status)
@@ -35,7 +38,12 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param=
 
 def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="VAS", description="Value Augmented Sampling, OpenAI-compatible completions")
-    lock = asyncio.Lock()
+    # One decode at a time only where nothing batches them: an upstream base model.
+    lock = asyncio.Lock() if engine.scheduler is None else contextlib.nullcontext()
+    limiter = anyio.CapacityLimiter(WORKER_THREADS)
+
+    def in_thread(fn, *args):
+        return anyio.to_thread.run_sync(fn, *args, limiter=limiter)
     running: set[asyncio.Task] = set()     # streaming decodes in flight (a task needs a reference)
 
     @app.exception_handler(ServingError)
@@ -68,17 +76,17 @@ def create_app(engine: Engine) -> FastAPI:
             raise ServingError(f"the request body is not valid JSON: {err}") from None
         if not (isinstance(body, dict) and body.get("stream")):
             async with lock:
-                return await anyio.to_thread.run_sync(engine.handle, body)
+                return await in_thread(engine.handle, body)
         return await streamed(body)
 
     async def streamed(body) -> StreamingResponse:
         """Server-sent events as the decode draws tokens. The lock is taken here and released by the
         decode task when it ends, whether or not the client is still reading."""
-        await lock.acquire()
+        await lock.__aenter__()
         try:
-            req = await anyio.to_thread.run_sync(engine.prepare, body)   # a bad request: 4xx, not a stream
+            req = await in_thread(engine.prepare, body)   # a bad request: 4xx, not a stream
         except BaseException:
-            lock.release()
+            await lock.__aexit__(None, None, None)
             raise
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -87,13 +95,13 @@ def create_app(engine: Engine) -> FastAPI:
 
         async def decode():
             try:
-                await anyio.to_thread.run_sync(engine.stream, req, emit)
+                await in_thread(engine.stream, req, emit)
             except Exception as err:
                 log.exception("streamed request failed")
                 emit(ServingError(f"internal error: {type(err).__name__}", status=500, kind="server_error").body())
             finally:
                 emit(None)
-                lock.release()
+                await lock.__aexit__(None, None, None)
 
         task = asyncio.create_task(decode())
         running.add(task)
@@ -110,15 +118,20 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", model_id: str = "vas",
-          upstream=None) -> None:
-    """upstream: a models.upstream.UpstreamConfig to steer a base model behind an OpenAI-compatible API."""
+          upstream=None, max_batch_rows: int | None = None, max_batch_tokens: int | None = None) -> None:
+    """upstream: a models.upstream.UpstreamConfig to steer a base model behind an OpenAI-compatible API.
+    max_batch_rows, max_batch_tokens: the running batch's bounds (models.scheduler)."""
     import uvicorn
 
-    engine = Engine(data_dir, device=device, model_id=model_id, upstream=upstream)
+    engine = Engine(data_dir, device=device, model_id=model_id, upstream=upstream, max_batch_rows=max_batch_rows,
+                    max_batch_tokens=max_batch_tokens)
     base = f"upstream {upstream.base_url} ({upstream.model})" if upstream else "the local base model"
     log.info(f"serving {model_id} from {data_dir} with {base} (value models {engine.values.version}) "
              f"on http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine), host=host, port=port)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port)
+    finally:
+        engine.close()
 
 
 @contextlib.contextmanager
