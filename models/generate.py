@@ -126,7 +126,7 @@ def value_tokenizer(base_dir: str | Path):
 
 def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
                 sampling: SamplingConfig, vas: VASConfig, device, scorers: Mapping, watch=None,
-                upstream=None, scheduler=None, score=None) -> list[dict]:
+                upstream=None, scheduler=None, score=None, schedule: dict | None = None) -> list[dict]:
     """One VAS completion per prompt (repeat a prompt for several), each scored by every learned
     reward model: the decode of `vas generate` and of `vas serve`.
 
@@ -144,7 +144,8 @@ def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, 
     else:
         from models.vas import vas_sample
 
-        gen = (scheduler.generate(list(prompts), value_models, weights, sampling, vas, watch=watch) if scheduler
+        gen = (scheduler.generate(list(prompts), value_models, weights, sampling, vas, watch=watch, **(schedule or {}))
+               if scheduler
                else vas_sample(base, tokenizer, list(prompts), value_models, weights, sampling, vas, device=device,
                                watch=watch))
         rows = [{"prompt": p, "completion": c, "kl_nats": kl, "n_tokens": nt, "finished": f, "completion_ids": ids,

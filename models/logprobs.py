@@ -9,7 +9,7 @@ With VAS steering the tokens are the steered ones and the numbers still pi0's: l
 token taken and pi0's top n at each state reached. That is what an upstream for black-box VAS
 must give (models/upstream.py), and `vas serve` is one.
 
-- n (the request's `logprobs`) is at most MAX_LOGPROBS = 20 (the public OpenAI API: 5). Each
+- n (the request's `logprobs`) is at most models.openai_protocol.MAX_LOGPROBS = 20 (the public OpenAI API: 5). Each
   step lists exactly n entries; OpenAI and llama-cpp-python add the sampled token as an n+1-th
   when it is outside the top n, this server does not.
 - A completion that ended with EOS lists the EOS step too, as the token text "<|endoftext|>"
@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-MAX_LOGPROBS = 20
 
 
 def logaddexp(a: float, b: float) -> float:

@@ -27,6 +27,9 @@ class SamplingConfig:
     temperature: float = 1.0
     seed: int = 0
     batch_size: int = 64
+    # A row ends at the first of these strings in its text, which its completion then stops before
+    # (the OpenAI protocol's `stop`); its tokens keep the one that completed the string.
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,6 +95,12 @@ def join_prompt_completion(prompt: str, completion: str) -> str:
     if not completion or not prompt or completion[0].isspace() or prompt[-1].isspace() or not completion[0].isalnum():
         return prompt + completion
     return prompt + " " + completion
+
+
+def first_stop(text: str, stop: Sequence[str]) -> int:
+    """Where the first of the stop strings in text begins, or -1."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else -1
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +217,7 @@ class Draws:
         self.tokens_out = torch.full((batch, config.max_new_tokens), self.pad, dtype=torch.long, device=device)
         self.logprobs_out = torch.zeros((batch, config.max_new_tokens), device=device)
         self.lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
+        self.stop = tuple(s for s in config.stop if s)
         self.finished = config.max_new_tokens < 1
 
     def draw(self, base_logits: torch.Tensor, steered: torch.Tensor | None) -> torch.Tensor:
@@ -236,10 +246,20 @@ class Draws:
         newly_done = (~done) & (token == self.eos)
         self.lengths = torch.where(newly_done, torch.full_like(self.lengths, step), self.lengths)
         self.done = done | newly_done
+        if self.stop:
+            self._stop_rows(step)
         self.step += 1
         self.finished = bool(self.done.all()) or self.step == config.max_new_tokens
         # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
         return torch.where(self.done, torch.full_like(token, self.eos), token)
+
+    def _stop_rows(self, step: int) -> None:
+        """End the rows whose text now holds a stop string, keeping this step's token."""
+        for i in (~self.done).nonzero().flatten().tolist():
+            if first_stop(self.tokenizer.decode(self.tokens_out[i, :step + 1].tolist(), skip_special_tokens=True),
+                          self.stop) >= 0:
+                self.done[i] = True
+                self.lengths[i] = step + 1
 
     def generation(self, prompts: Sequence[str]) -> Generation:
         completion_ids, logprobs = [], []
@@ -249,6 +269,8 @@ class Draws:
             logprobs.append(self.logprobs_out[i, :n].tolist())
         # Not stripped: prompt + text is exactly the sampled sequence (the leading space is a token).
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+        if self.stop:
+            texts = [t if (at := first_stop(t, self.stop)) < 0 else t[:at] for t in texts]
         return Generation(list(prompts), completion_ids, texts, logprobs, self.done.tolist(), self.kl.tolist(),
                           self.log_ratio.tolist())
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -57,6 +59,8 @@ class Job:
     watch: object | None
     future: Future = field(default_factory=Future)
     draws: Draws | None = None
+    timing: dict | None = None     # gets "first_token": time.monotonic() of the request's first draw
+    cancelled: bool = False        # its caller gave up (a timeout): retired before the next step
 
     @property
     def rows(self) -> int:
@@ -121,24 +125,35 @@ class Scheduler:
     # ------------------------------------------------------------------ the request side
 
     def generate(self, prompts: Sequence[str], value_models: Mapping, weights: Mapping[str, float],
-                 sampling: SamplingConfig, vas: VASConfig | None = None, watch=None) -> Generation:
+                 sampling: SamplingConfig, vas: VASConfig | None = None, watch=None, timeout: float | None = None,
+                 timing: dict | None = None) -> Generation:
         """What models.vas.vas_sample returns for these arguments, decoded in the shared batch.
-        watch: told start(batch_size), then base_logits(logits) and tokens(ids) per step (models.vas.Watched)."""
+        watch: told start(batch_size), then base_logits(logits) and tokens(ids) per step (models.vas.Watched).
+        timeout: seconds for the whole request; past them its rows leave the batch and TimeoutError
+        is raised. timing: a dict that gets "first_token", the time.monotonic() of the first draw."""
         if sampling.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {sampling.temperature}")
         guidance = ValueGuidance(value_models, weights, vas, base_body=getattr(self.base, "base_model", None))
         generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         encoded = encode_prompts(self.tokenizer, prompts)
+        deadline = None if timeout is None else time.monotonic() + timeout
         parts = []
         for start in range(0, len(prompts), sampling.batch_size):
             end = start + sampling.batch_size
-            job = Job(list(prompts[start:end]), encoded[start:end], sampling, guidance, generator, watch)
+            job = Job(list(prompts[start:end]), encoded[start:end], sampling, guidance, generator, watch,
+                      timing=timing if start == 0 else None)
             with self._cv:
                 if self.closed:
                     raise RuntimeError("the scheduler is closed")
                 self.waiting.append(job)
                 self._cv.notify()
-            parts.append(job.future.result())
+            try:
+                parts.append(job.future.result(None if deadline is None else max(deadline - time.monotonic(), 0)))
+            except FutureTimeout:
+                job.cancelled = True
+                with self._cv:
+                    self._cv.notify()
+                raise TimeoutError(f"the request did not finish within {timeout:g} s") from None
         return Generation.concat(parts)
 
     @property
@@ -197,6 +212,9 @@ class Scheduler:
         admitted = []
         while self.waiting:
             job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
             if (self.jobs or admitted) and (rows + job.rows > self.max_rows
                                             or tokens + job.reserved_tokens > self.max_kv_tokens):
                 break
@@ -248,6 +266,11 @@ class Scheduler:
 
     @torch.no_grad()
     def _step(self) -> None:
+        cancelled = [job for job in self.jobs if job.cancelled]
+        if cancelled:
+            self._retire(cancelled)
+            if not self.jobs:
+                return
         logits, hidden = self.lm.last_hidden_logits, self.lm.last_hidden
         base_rows = dict((id(job), rows) for job, rows in self._rows_of())
         base_logits = {id(job): logits[base_rows[id(job)]].float() for job in self.jobs}
@@ -301,6 +324,8 @@ class Scheduler:
 
         steered = job.guidance.steer(base_logits, q_of, states, top)
         fed = job.draws.draw(base_logits, steered)
+        if job.timing is not None and job.draws.step == 1:
+            job.timing["first_token"] = time.monotonic()
         if job.draws.finished:
             job.future.set_result(job.draws.generation(job.prompts))
         return fed

@@ -22,136 +22,19 @@ alone. With an upstream, the Engine serves one request at a time (the app holds 
 
 from __future__ import annotations
 
-import math
-import secrets
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from models.generate import VALUE_MODELS, decode_configs, decode_rows, reward_scorers, score_all, value_tokenizer
-from models.logprobs import MAX_LOGPROBS, LogprobRecorder
-from models.sampling import encode_prompts
+from models.logprobs import LogprobRecorder
+from models.openai_protocol import OWNED_BY, Request, ServingError, as_chat, as_chat_chunk, chat_body, held_back, parse_request
+from models.sampling import encode_prompts, first_stop
 from models.stages import output_of
 from models.value_store import find_value_models
-
-MAX_N = 64                  # completions per prompt
-MAX_ROWS = 256              # completions per request (prompts x n)
-OWNED_BY = "vas"
-
-
-class ServingError(ValueError):
-    """A bad request: becomes an OpenAI error body {"error": {message, type, param, code}} with status."""
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.param, self.code, self.status, self.kind = param, code, status, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Request:
-    prompts: list[str]
-    n: int = 1
-    max_tokens: int = 16           # OpenAI's default for /v1/completions
-    temperature: float = 1.0
-    seed: int = 0
-    stream: bool = False
-    weights: dict[str, float] = field(default_factory=dict)
-    decode: dict[str, Any] = field(default_factory=dict)    # top_k, min_p, soft, calibrated: absent keeps VASConfig's
-    head: dict[str, Any] = field(default_factory=dict)      # id, object, created, model of the response
-    logprobs: int | None = None    # pi0's top-n log-probabilities per token (models/logprobs.py)
-    prompt_tokens: int = 0         # the prompts' tokens, counted once when the request is checked
-
-
-def _number(value, param: str, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        raise ServingError(f"{param} must be {'an integer' if integer else 'a number'}, got {value!r}", param)
-    if not math.isfinite(value):
-        raise ServingError(f"{param} must be finite, got {value!r}", param)
-    return int(value) if integer else float(value)
-
-
-# Fields of the OpenAI protocol this server does not implement, with the values that mean "off":
-# any other value is refused, never silently ignored.
-UNSUPPORTED = {"stop": (None,), "echo": (None, False), "suffix": (None,), "logit_bias": (None,),
-               "best_of": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
-
-
-def parse_request(body: Any, model_id: str, known_rewards: set[str]) -> Request:
-    """A /v1/completions JSON body -> Request, or a ServingError naming the bad parameter."""
-    if not isinstance(body, dict):
-        raise ServingError("the request body must be a JSON object")
-    if body.get("model") != model_id:
-        raise ServingError(f"the model {body.get('model')!r} does not exist; this server serves {model_id!r}",
-                           "model", "model_not_found", status=404)
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ServingError("prompt must be a string or a non-empty list of strings", "prompt")
-    for name, off in UNSUPPORTED.items():
-        if body.get(name) not in off:
-            raise ServingError(f"{name} is not supported by this server", name, "unsupported_parameter")
-    req = Request(prompts=prompts, stream=bool(body.get("stream") or False),
-                  head={"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                        "model": model_id})
-    if body.get("n") is not None:
-        req.n = _number(body["n"], "n", integer=True)
-        if not 1 <= req.n <= MAX_N:
-            raise ServingError(f"n must be between 1 and {MAX_N}, got {req.n}", "n")
-    if len(prompts) * req.n > MAX_ROWS:
-        raise ServingError(f"{len(prompts)} prompts x n={req.n} is over {MAX_ROWS} completions per request", "n")
-    if body.get("max_tokens") is not None:
-        req.max_tokens = _number(body["max_tokens"], "max_tokens", integer=True)
-        if req.max_tokens < 1:
-            raise ServingError(f"max_tokens must be at least 1, got {req.max_tokens}", "max_tokens")
-    if body.get("temperature") is not None:
-        req.temperature = _number(body["temperature"], "temperature")
-        if req.temperature <= 0:
-            raise ServingError("temperature must be > 0 (greedy decoding is not implemented)", "temperature")
-    if body.get("logprobs") is not None:
-        req.logprobs = _number(body["logprobs"], "logprobs", integer=True)
-        if not 0 <= req.logprobs <= MAX_LOGPROBS:
-            raise ServingError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
-        if req.stream:
-            raise ServingError("logprobs are not supported with stream: true", "logprobs", "unsupported_parameter")
-    # No seed: a fresh one, reported in the response so the request can be replayed.
-    req.seed = _number(body["seed"], "seed", integer=True) if body.get("seed") is not None else secrets.randbelow(2**31)
-    vas = body.get("vas") or {}
-    if not isinstance(vas, dict):
-        raise ServingError("vas must be an object such as {\"weights\": {\"positivity\": 2}}", "vas")
-    weights = vas.get("weights") or {}
-    if not isinstance(weights, dict):
-        raise ServingError("vas.weights must map reward names to numbers", "vas.weights")
-    for name, w in weights.items():
-        if name not in known_rewards:
-            raise ServingError(f"unknown reward {name!r}; known: {', '.join(sorted(known_rewards)) or 'none'}",
-                               "vas.weights", "unknown_reward")
-        req.weights[name] = _number(w, f"vas.weights.{name}")
-    if vas.get("top_k") is not None:
-        req.decode["top_k"] = _number(vas["top_k"], "vas.top_k", integer=True)
-        if req.decode["top_k"] < 1:
-            raise ServingError("vas.top_k must be at least 1", "vas.top_k")
-    if vas.get("min_p") is not None:
-        req.decode["min_p"] = _number(vas["min_p"], "vas.min_p")
-        if not 0.0 <= req.decode["min_p"] < 1.0:
-            raise ServingError("vas.min_p must be in [0, 1)", "vas.min_p")
-    for flag in ("soft", "calibrated"):
-        if vas.get(flag) is not None:
-            if not isinstance(vas[flag], bool):
-                raise ServingError(f"vas.{flag} must be true or false, got {vas[flag]!r}", f"vas.{flag}")
-            req.decode[flag] = vas[flag]
-    known = ("weights", "top_k", "min_p", "soft", "calibrated")
-    unknown = sorted(set(vas) - set(known))
-    if unknown:
-        raise ServingError(f"unknown vas setting(s) {unknown}; known: {', '.join(known)}", "vas")
-    return req
 
 
 def folder_fingerprint(root: Path) -> tuple:
@@ -248,14 +131,22 @@ class Engine:
     def models_body(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0, "owned_by": OWNED_BY}]}
 
-    def handle(self, body: Any) -> dict:
-        """A /v1/completions body -> its full response, without streaming."""
-        return self.complete(self.prepare(body))
+    def handle(self, body: Any, chat: bool = False, timeout: float | None = None) -> dict:
+        """A /v1/completions (chat: /v1/chat/completions) body -> its full response, without streaming."""
+        req = self.prepare(body, chat)
+        response = self.complete(req, timeout=timeout)
+        return as_chat(response) if req.chat else response
 
-    def prepare(self, body: Any) -> Request:
-        """The request, checked against the value models current now (re-read if they changed)."""
+    def prepare(self, body: Any, chat: bool = False) -> Request:
+        """The request, checked against the value models current now (re-read if they changed).
+        chat: a /v1/chat/completions body, its messages put through the tokenizer's chat template."""
+        received = time.monotonic()
         self.refresh()
-        req = parse_request(body, self.model_id, set(self.values.models))
+        req = parse_request(chat_body(body, self.tokenizer) if chat else body, self.model_id, set(self.values.models))
+        req.timing["received"] = received
+        if chat:
+            req.chat = True
+            req.head.update(id=req.head["id"].replace("cmpl-", "chatcmpl-", 1), object="chat.completion")
         if req.decode.get("calibrated"):
             for name, w in req.weights.items():
                 try:
@@ -263,6 +154,9 @@ class Engine:
                         self.values.models[name].check_calibrated(True)
                 except ValueError as err:
                     raise ServingError(f"{name!r}: {err}", "vas.calibrated") from None
+        if req.stop and self.upstream is not None:
+            raise ServingError("stop needs the local base model; this server steers an upstream one", "stop",
+                               "unsupported_parameter")
         if req.logprobs is not None and self.upstream is not None:
             raise ServingError("logprobs need the local base model; this server steers an upstream one",
                                "logprobs", "unsupported_parameter")
@@ -277,20 +171,21 @@ class Engine:
                                    f"context length of {self.context_length}", "max_tokens", "context_length_exceeded")
         return req
 
-    def complete(self, req: Request, watch=None) -> dict:
+    def complete(self, req: Request, watch=None, timeout: float | None = None) -> dict:
         """The /v1/completions response body of a prepared request. watch: told each decode step's
-        tokens (streaming)."""
+        tokens (streaming). timeout: seconds the decode may take (then TimeoutError)."""
         values = self.values      # this request's version, whatever a later refresh does
         if req.logprobs is not None:
             watch = LogprobRecorder(self.tokenizer, req.logprobs)
         sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
-                                       **req.decode)
+                                       stop=req.stop, **req.decode)
         active = {name: w for name, w in req.weights.items() if w != 0.0}
         expanded = [p for p in req.prompts for _ in range(req.n)]
         requests, sent = (self.upstream.requests, self.upstream.prompt_tokens) if self.upstream else (0, 0)
         rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
                            sampling, vas, self.device, self.scorers, watch=watch, upstream=self.upstream,
-                           scheduler=self.scheduler, score=self.score)
+                           scheduler=self.scheduler, score=self.score,
+                           schedule={"timeout": timeout, "timing": req.timing})
         choices = [{"index": i, "text": row["completion"],
                     "logprobs": None if req.logprobs is None else watch.choice(i, row),
                     "finish_reason": "stop" if row["finished"] else "length",
@@ -307,21 +202,39 @@ class Engine:
             info["upstream"] = {"base_url": self.upstream.config.base_url, "model": self.upstream.config.model,
                                 "requests": requests, "prompt_tokens_sent": sent,
                                 "requests_per_token": requests / max(completion_tokens, 1)}
-        return {**req.head, "choices": choices,
-                "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": req.prompt_tokens + completion_tokens},
-                "vas": info}
+        info["timing"] = req.timing["summary"] = timing_summary(req.timing, [row["n_tokens"] for row in rows])
+        req.timing["completion_tokens"] = completion_tokens
+        response = {**req.head, "choices": choices,
+                    "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": req.prompt_tokens + completion_tokens},
+                    "vas": info}
+        return response
 
-    def stream(self, req: Request, emit: Callable[[dict], None]) -> None:
+    def stream(self, req: Request, emit: Callable[[dict], None], timeout: float | None = None) -> None:
         """Decode a prepared request, emitting OpenAI stream chunks as tokens are drawn: per choice the
-        text each token adds (held back while it ends in half a UTF-8 character), then a last chunk per
-        choice with the rest of its text, finish_reason and vas fields, then one with the usage."""
-        tokens = TokenStream(self.tokenizer, req.head, emit)
-        response = self.complete(req, watch=tokens)
+        text each token adds (held back while it ends in half a UTF-8 character or in what may begin
+        a stop string), then a last chunk per choice with the rest of its text, finish_reason and vas
+        fields, then one with the usage. Chat requests get chat.completion.chunk deltas."""
+        if req.chat:
+            opened, plain = set(), emit
+            emit = lambda chunk: plain(as_chat_chunk(chunk, opened))     # noqa: E731
+        tokens = TokenStream(self.tokenizer, req.head, emit, req.stop)
+        response = self.complete(req, watch=tokens, timeout=timeout)
         for choice in response["choices"]:
             rest = choice["text"][len(tokens.sent.get(choice["index"], "")):]
             emit({**req.head, "choices": [{**choice, "text": rest, "vas": {**choice["vas"], **response["vas"]}}]})
         emit({**req.head, "choices": [], "usage": response["usage"]})
+
+
+def timing_summary(timing: dict, row_tokens: list[int]) -> dict:
+    """Seconds from receipt to the first token drawn and to the end, and per token after the first
+    (the longest row's); None where the decode does not say (an upstream base model)."""
+    done = time.monotonic()
+    first = timing.get("first_token")
+    ttft = None if first is None else first - timing["received"]
+    longest = max(row_tokens, default=0)
+    tpot = None if first is None or longest < 2 else (done - first) / (longest - 1)
+    return {"time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": done - timing["received"]}
 
 
 class TokenStream:
@@ -329,8 +242,8 @@ class TokenStream:
     (a models.vas.Watched watcher; black-box decoding feeds texts, pieces()). A row's tokens end at
     its first EOS."""
 
-    def __init__(self, tokenizer, head: dict, emit: Callable[[dict], None]):
-        self.tokenizer, self.head, self.emit = tokenizer, head, emit
+    def __init__(self, tokenizer, head: dict, emit: Callable[[dict], None], stop: tuple[str, ...] = ()):
+        self.tokenizer, self.head, self.emit, self.stop = tokenizer, head, emit, stop
         self.offset = self.size = 0
         self.ids: dict[int, list[int]] = {}
         self.sent: dict[int, str] = {}
@@ -356,7 +269,10 @@ class TokenStream:
             self.send(self.offset + j, self.sent.get(self.offset + j, "") + piece)
 
     def send(self, row: int, text: str) -> None:
-        """A chunk with what `text`, the row's text so far, adds to what was sent."""
+        """A chunk with what `text`, the row's text so far, adds to what was sent: never a stop string
+        nor what may be the start of one."""
+        if self.stop:
+            text = text[:at] if (at := first_stop(text, self.stop)) >= 0 else text[:len(text) - held_back(text, self.stop)]
         sent = self.sent.get(row, "")
         if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
             return

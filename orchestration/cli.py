@@ -20,6 +20,7 @@ from models.generate import decode_configs, generate
 from models.profiles import PROJECT_ROOT, load_profile, project_path
 from models.stages import STAGES, output_of
 from models.upstream import UpstreamConfig, UpstreamError
+from orchestration.serve_ops import ServeOptions
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
 QUIET_ENV = {"DAGSTER_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "False"}
@@ -428,8 +429,11 @@ def cmd_serve(args) -> int:
     except (UpstreamError, ValueError) as err:
         print(f"vas serve: {err}", file=sys.stderr)
         return 2
+    options = ServeOptions(api_key=args.api_key or os.environ.get("VAS_API_KEY") or None, max_queued=args.max_queued,
+                           request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout)
     serve(data_dir, host=args.host, port=args.port, device=args.device, model_id=args.model_name,
-          upstream=upstream, max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens)
+          upstream=upstream, max_batch_rows=args.max_batch_rows, max_batch_tokens=args.max_batch_tokens,
+          options=options)
     return 0
 
 
@@ -560,6 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                      help="KV-cache tokens (prompt + max_tokens per completion) the running batch may reserve "
                           "(default: models/scheduler.py MAX_KV_TOKENS)")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (default: "
+                                                     "$VAS_API_KEY; unset: no auth)")
+    srv.add_argument("--max-queued", type=int, default=ServeOptions.max_queued, metavar="N",
+                     help="requests that may wait for the running batch; past it 429 with Retry-After "
+                          "(default: %(default)s)")
+    srv.add_argument("--request-timeout", type=float, default=ServeOptions.request_timeout, metavar="S",
+                     help="seconds a request may take, then 408 (0: no limit; default: %(default)s)")
+    srv.add_argument("--shutdown-timeout", type=float, default=ServeOptions.shutdown_timeout, metavar="S",
+                     help="on SIGTERM, seconds the requests in flight get to finish (default: %(default)s)")
     add_upstream_arguments(srv)
     srv.set_defaults(func=cmd_serve)
     exp = sub.add_parser("export-gguf", help="write the base model as a GGUF file for llama.cpp (gpt2, f32)")

@@ -108,7 +108,8 @@ def test_calibrated_steering_needs_calibrated_bins(served):
     ({"vas": {"min_p": 1.0}}, 400, "vas.min_p"),
     ({"vas": {"min_p": -0.1}}, 400, "vas.min_p"),
     ({"vas": {"min_q": 0.1}}, 400, "vas"),
-    ({"stop": ["\n"]}, 400, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"stop": 3}, 400, "stop"),
 ])
 def test_bad_requests_get_openai_error_bodies(served, body, status, param):
     client = served["client"]
