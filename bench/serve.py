@@ -1,64 +1,156 @@
-"""Serving throughput of `vas serve`, measured side by side in one run (`make run` first).
+"""Load test of `vas serve`: throughput and latency at 1, 4, 16 and 64 requests in flight, side by
+side in one run (`make run` first).
 
-Starts the server in-process on a free loopback port (uvicorn, the same app `vas serve` runs) and
-sends the same requests with the official openai client, 1, 4 and 16 at a time (--concurrency):
-plain base sampling and VAS steering positivity; then black-box VAS: a second server steering the
-first one as its upstream (`vas serve --upstream`, top-k 20 logprobs over loopback HTTP), one
-request at a time. Prints completion tokens per second, upstream requests per token and the
-ratios, and writes data/bench/serve.json.
+Starts `vas serve` as its own process on a free loopback port (the command users run, so the load
+generator does not share its interpreter), waits for /health, then streams the same requests to it
+with the official openai client (AsyncOpenAI), `c` in flight at a time for each --concurrency c:
+plain base sampling, then VAS steering positivity. Each level sends max(--requests, 2c) requests
+(prompt i mod the held-out prompts, seed i), so every level holds its concurrency. Then black-box
+VAS: a second `vas serve --upstream` steering the first over HTTP (top-20 logprobs), at 1 and 4 in
+flight, beside white-box VAS at top-k 20.
 
-    python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 1 4 16] [--max-tokens 48]
-    python bench/serve.py --data-dir data-real --llamacpp auto
+Per level: completion tokens/s, requests/s, time to first token (the first streamed chunk) and
+end-to-end latency at p50/p95/p99. Every answer is checked: a request must finish, and its text
+must equal what the same request (same prompt, same seed) got at every other level. Concurrency
+must not change a token. Traffic goes to loopback only; each level is bounded in requests and in
+time (--max-seconds).
+
+    python bench/serve.py [--data-dir data] [--requests 16] [--concurrency 1 4 16 64] [--max-tokens 48]
+    python bench/serve.py --data-dir data-real --llamacpp auto --concurrency 1 4
         # also black-box VAS through a llama.cpp server on the GGUF the base model was converted from
 
-The numbers then become the report's "Serving" section: the report asset reads data/bench/serve.json
-and is refreshed here, as `vas study` refreshes it.
-
-The server decodes one request at a time (one asyncio lock), so concurrency buys no throughput
-beyond overlapping HTTP and scoring with decoding; this measures what that costs.
+Writes data/bench/serve.json, which the report's "Serving" section reads (refreshed here, as
+`vas study` refreshes it).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import socket
+import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.request
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+LOOPBACK = "127.0.0.1"
 
-def run_batch(client, prompts: list[str], max_tokens: int, concurrency: int, steering: dict | None) -> dict:
-    """Send one request per prompt, `concurrency` in flight; completion tokens per second."""
-    def one(i: int):
-        extra = {"vas": steering} if steering else None
-        r = client.completions.create(model="vas", prompt=prompts[i], max_tokens=max_tokens, seed=i, extra_body=extra)
-        return r.usage.completion_tokens, r.model_extra["vas"].get("upstream", {}).get("requests", 0)
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def vas_serve(data: Path, *extra: str, start_timeout: float = 300.0):
+    """`vas serve` on a free loopback port in a process of its own; yields its /v1 URL once /health
+    says 200, and stops it (SIGTERM) on exit."""
+    port = free_port()
+    log = open(data / "bench" / f"serve-{port}.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "orchestration.cli", "serve", "--data-dir", str(data),
+                                "--host", LOOPBACK, "--port", str(port), "--device", "cpu", *extra],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vas serve did not become healthy; see {log.name}") from None
+                time.sleep(0.2)
+        yield f"{url}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(round(q / 100 * (len(ordered) - 1))), len(ordered) - 1)] if ordered else float("nan")
+
+
+async def one_level(url: str, prompts: list[str], n_requests: int, concurrency: int, max_tokens: int,
+                    steering: dict | None, max_seconds: float) -> tuple[dict, list]:
+    """n_requests streamed requests, `concurrency` in flight: the level's row and each answer's
+    (text, finish_reason), in request order."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=max_seconds)
+    gate = asyncio.Semaphore(concurrency)
+    answers, ttft, latency, tokens, upstream = [None] * n_requests, [], [], [0], [0]
+
+    async def one(i: int):
+        async with gate:
+            start = time.perf_counter()
+            first, text, reason = None, [], None
+            stream = await client.completions.create(
+                model="vas", prompt=prompts[i % len(prompts)], max_tokens=max_tokens, seed=i, stream=True,
+                extra_body={"vas": steering} if steering else None)
+            async for chunk in stream:
+                if chunk.choices:
+                    first = first or time.perf_counter()
+                    text.append(chunk.choices[0].text or "")
+                    reason = chunk.choices[0].finish_reason or reason
+                    upstream[0] += ((chunk.choices[0].model_extra or {}).get("vas") or {}).get(
+                        "upstream", {}).get("requests", 0)
+                if chunk.usage:
+                    tokens[0] += chunk.usage.completion_tokens
+            ttft.append(first - start)
+            latency.append(time.perf_counter() - start)
+            answers[i] = ("".join(text), reason)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        counts = list(pool.map(one, range(len(prompts))))
+    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n_requests))), max_seconds)
     seconds = time.perf_counter() - start
-    tokens, upstream = sum(c for c, _ in counts), sum(u for _, u in counts)
-    return {"requests": len(prompts), "concurrency": concurrency, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1), "requests_per_s": round(len(prompts) / seconds, 2),
-            "upstream_requests_per_token": round(upstream / max(tokens, 1), 3)}
+    await client.close()
+    lost = [i for i, a in enumerate(answers) if a is None or a[1] is None]
+    if lost:
+        raise RuntimeError(f"{len(lost)} of {n_requests} requests got no finished answer: {lost[:5]}")
+    row = {"requests": n_requests, "concurrency": concurrency, "tokens": tokens[0], "seconds": round(seconds, 3),
+           "tokens_per_s": round(tokens[0] / seconds, 1), "requests_per_s": round(n_requests / seconds, 2),
+           "upstream_requests_per_token": round(upstream[0] / max(tokens[0], 1), 3)}
+    for name, values in (("ttft", ttft), ("latency", latency)):
+        row |= {f"{name}_p{q}_s": round(percentile(values, q), 4) for q in (50, 95, 99)}
+    return row, answers
 
 
-def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: dict) -> dict:
-    """Black-box VAS at concurrency 1 with llama.cpp's OpenAI-compatible server as the upstream."""
+def run_levels(url: str, name: str, levels: list[int], prompts: list[str], args, steering: dict | None,
+               rows: dict, reference: dict) -> None:
+    """One row per level into rows; every answer must equal the reference's for its request."""
+    for c in levels:
+        n = max(args.requests, 2 * c)
+        row, answers = asyncio.run(one_level(url, prompts, n, c, args.max_tokens, steering, args.max_seconds))
+        mismatched = [i for i, a in enumerate(answers) if reference.setdefault(i, a) != a]
+        if mismatched:
+            raise RuntimeError(f"{name} at {c} in flight: requests {mismatched[:5]} were answered differently "
+                               f"from the same requests at other concurrency")
+        rows[f"{name}_c{c}"] = row
+        print(f"{name:>10} c={c:<3} {row['tokens_per_s']:8.1f} tok/s  {row['requests_per_s']:6.2f} req/s  "
+              f"ttft p50 {row['ttft_p50_s'] * 1000:6.0f} ms  latency p50/p95/p99 {row['latency_p50_s'] * 1000:.0f}/"
+              f"{row['latency_p95_s'] * 1000:.0f}/{row['latency_p99_s'] * 1000:.0f} ms", flush=True)
+
+
+def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: dict, rows: dict) -> None:
+    """Black-box VAS at 1 in flight with llama.cpp's OpenAI-compatible server as the upstream."""
     import tempfile
 
-    from openai import OpenAI
-
     from models.real_model import resolve_gguf
-    from models.serving import Engine
-    from models.upstream import UpstreamConfig
-    from orchestration.serve import background_server
 
     sys.path.insert(0, str(ROOT / "tests"))
     from llamacpp import serve_gguf  # the test suite's launcher of llama-cpp-python's server
@@ -66,10 +158,9 @@ def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: di
     with tempfile.TemporaryDirectory() as tmp:
         server = serve_gguf(resolve_gguf(args.llamacpp), Path(tmp), n_ctx=512)
         try:
-            engine = Engine(data, device="cpu", upstream=UpstreamConfig(server.url + "/v1", "base", top_k=20))
-            with background_server(engine) as front:
-                client = OpenAI(base_url=front, api_key="unused", max_retries=0, timeout=3600)
-                return run_batch(client, prompts, args.max_tokens, 1, steering)
+            with vas_serve(data, "--upstream", server.url + "/v1", "--upstream-model", "base",
+                           "--upstream-top-k", "20") as front:
+                run_levels(front, "blackbox_llamacpp_vas", [1], prompts, args, steering, rows, {})
         finally:
             server.stop()
 
@@ -77,10 +168,12 @@ def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: di
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16],
+    parser.add_argument("--requests", type=int, default=16, help="held-out prompts, and the least requests per level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="requests in flight, each measured (the first is the reference)")
+    parser.add_argument("--blackbox-concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="bound on each level's wall time")
     parser.add_argument("--beta", type=float, default=16.0, help="VAS weight on positivity")
     parser.add_argument("--llamacpp", default=None, metavar="GGUF",
                         help="also black-box VAS with a llama.cpp server on this GGUF file (or package/file, "
@@ -93,46 +186,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import pandas as pd
-    from openai import OpenAI
 
     from assets.common import git_sha
     from models.artifacts import write_json
-    from models.serving import Engine
-    from models.upstream import UpstreamConfig
-    from orchestration.serve import background_server
 
     data = Path(args.data_dir)
+    (data / "bench").mkdir(parents=True, exist_ok=True)
     if args.llamacpp == "auto":
         args.llamacpp = converted_from_gguf(data)
         print(f"--llamacpp auto: {args.llamacpp or 'the base model is not a converted GGUF: no llama.cpp row'}")
     prompts = pd.read_parquet(data / "prompts" / "prompts.parquet")
     prompts = prompts[prompts.split == "eval"].prompt.tolist()[: args.requests]
+    vas = {"weights": {"positivity": args.beta}}
+    top20 = {**vas, "top_k": 20}
     rows = {}
-    with background_server(Engine(data, device="cpu")) as url:
-        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-        for name, steering in (("base", None), ("vas", {"weights": {"positivity": args.beta}})):
-            for concurrency in args.concurrency:
-                rows[f"{name}_c{concurrency}"] = run_batch(client, prompts, args.max_tokens, concurrency, steering)
-                print(name, rows[f"{name}_c{concurrency}"], flush=True)
-        # Black-box VAS: the same weights, the base model reached over HTTP through this server.
-        with background_server(Engine(data, device="cpu", upstream=UpstreamConfig(url, "vas", top_k=20))) as front:
-            front_client = OpenAI(base_url=front, api_key="unused", max_retries=0, timeout=600)
-            steering = {"weights": {"positivity": args.beta}, "top_k": 20}
-            rows["vas_c1_top20"] = run_batch(client, prompts, args.max_tokens, 1, steering)
-            rows["blackbox_vas_c1"] = run_batch(front_client, prompts, args.max_tokens, 1, steering)
-            print("vas top-k 20", rows["vas_c1_top20"], "\nblack-box vas", rows["blackbox_vas_c1"], flush=True)
+    with vas_serve(data) as url:
+        for name, steering in (("base", None), ("vas", vas)):
+            run_levels(url, name, args.concurrency, prompts, args, steering, rows, {})
+        # Black-box VAS: the same weights, the base model reached over HTTP through the first server.
+        white = {}
+        run_levels(url, "vas_top20", [1], prompts, args, top20, rows, white)
+        rows["vas_c1_top20"] = rows.pop("vas_top20_c1")
+        with vas_serve(data, "--upstream", url, "--upstream-model", "vas", "--upstream-top-k", "20") as front:
+            run_levels(front, "blackbox_vas", args.blackbox_concurrency, prompts, args, top20, rows, {})
         if args.llamacpp:
-            rows["blackbox_llamacpp_vas_c1"] = blackbox_through_llamacpp(data, args, prompts, steering)
-            print("black-box vas through llama.cpp", rows["blackbox_llamacpp_vas_c1"], flush=True)
-    first = args.concurrency[0]
-    ratios = {f"{name}_c{c}_vs_c{first}": rows[f"{name}_c{c}"]["tokens_per_s"] / rows[f"{name}_c{first}"]["tokens_per_s"]
-              for name in ("base", "vas") for c in args.concurrency[1:]}
-    ratios |= {f"vas_vs_base_c{first}": rows[f"vas_c{first}"]["tokens_per_s"] / rows[f"base_c{first}"]["tokens_per_s"],
-              "blackbox_vs_whitebox_vas_top20_c1": rows["blackbox_vas_c1"]["tokens_per_s"]
-              / rows["vas_c1_top20"]["tokens_per_s"]}
-    if args.llamacpp:
-        ratios["blackbox_llamacpp_vs_whitebox_vas_top20_c1"] = (rows["blackbox_llamacpp_vas_c1"]["tokens_per_s"]
-                                                                / rows["vas_c1_top20"]["tokens_per_s"])
+            blackbox_through_llamacpp(data, args, prompts, top20, rows)
+    ratios = ratios_of(rows, args)
     for key, value in ratios.items():
         print(f"  {key}: x{value:.2f}")
     out = data / "bench" / "serve.json"
@@ -144,6 +223,24 @@ def main(argv=None) -> int:
     from orchestration.cli import refresh_report
 
     return refresh_report(data, args.profile, "bench/serve.py")
+
+
+def ratios_of(rows: dict, args) -> dict[str, float]:
+    """Each level's throughput against the first level's, VAS against base, black-box against white-box."""
+    def tps(key):
+        return rows[key]["tokens_per_s"]
+
+    first = args.concurrency[0]
+    ratios = {f"{name}_c{c}_vs_c{first}": tps(f"{name}_c{c}") / tps(f"{name}_c{first}")
+              for name in ("base", "vas") for c in args.concurrency[1:]}
+    ratios[f"vas_vs_base_c{first}"] = tps(f"vas_c{first}") / tps(f"base_c{first}")
+    bb = args.blackbox_concurrency
+    ratios[f"blackbox_vs_whitebox_vas_top20_c{bb[0]}"] = tps(f"blackbox_vas_c{bb[0]}") / tps("vas_c1_top20")
+    ratios |= {f"blackbox_vas_c{c}_vs_c{bb[0]}": tps(f"blackbox_vas_c{c}") / tps(f"blackbox_vas_c{bb[0]}")
+               for c in bb[1:]}
+    if "blackbox_llamacpp_vas_c1" in rows:
+        ratios["blackbox_llamacpp_vs_whitebox_vas_top20_c1"] = tps("blackbox_llamacpp_vas_c1") / tps("vas_c1_top20")
+    return ratios
 
 
 def converted_from_gguf(data: Path) -> str | None:

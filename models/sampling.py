@@ -14,6 +14,7 @@ The loop also measures, per row, the exact KL of the distribution it sampled fro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -201,6 +202,50 @@ def sample_batch(model, tokenizer, prompts: Sequence[str], config: SamplingConfi
     return draws.generation(prompts)
 
 
+class StepLogits:
+    """One step's (B, V) base and steered logits with each row's temperature (B, 1), and what a
+    draw reads from them, each computed once for all rows: a batch of the serving scheduler spans
+    many requests, and `rows()` gives each its part. Row-wise operations only, so a row's numbers
+    do not depend on the rows beside it."""
+
+    def __init__(self, base: torch.Tensor, steered: torch.Tensor, temperature: torch.Tensor):
+        self.base, self.steered, self.temperature = base, steered, temperature
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.steered / self.temperature, dim=-1)
+
+    @cached_property
+    def kl(self) -> torch.Tensor:
+        """(B,) the exact KL of each row's steered distribution to pi0's (step_kl)."""
+        return step_kl(self.steered, self.base, self.temperature)
+
+    @cached_property
+    def base_logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.base, -1)
+
+    @cached_property
+    def log_ratios(self) -> torch.Tensor:
+        return (torch.log_softmax(self.steered / self.temperature, -1)
+                - torch.log_softmax(self.base / self.temperature, -1))
+
+    def base_logprob_of(self, token: torch.Tensor) -> torch.Tensor:
+        """(B,) log pi0(token) at temperature 1."""
+        return self.base_logprobs.gather(1, token[:, None]).squeeze(1)
+
+    def log_ratio_of(self, token: torch.Tensor) -> torch.Tensor:
+        """(B,) log pi(token) - log pi0(token), both at the sampling temperature."""
+        return self.log_ratios.gather(1, token[:, None]).squeeze(1)
+
+    def rows(self, part: slice) -> StepLogits:
+        """The same step for rows `part`, reading what is already computed for all rows."""
+        view = StepLogits(self.base[part], self.steered[part], self.temperature[part])
+        for name in ("probs", "kl", "base_logprobs", "log_ratios"):
+            if name in self.__dict__:
+                view.__dict__[name] = self.__dict__[name][part]
+        return view
+
+
 class Draws:
     """The per-row state of one batch's sampling across steps: the tokens drawn, pi0's log-probs,
     each row's end, KL and log-ratio. sample_batch keeps one per batch; the serving scheduler
@@ -224,24 +269,29 @@ class Draws:
         """One step: (B, V) float32 base logits and the logits to sample from (None: the base's) ->
         (B,) the tokens to feed next (EOS for finished rows). Sets `finished` once every row has
         ended or max_new_tokens are drawn; the tokens of that last step are then not to be fed."""
-        config, done, step = self.config, self.done, self.step
         # Steering that changed nothing (the very tensor back) adds exactly 0 KL and 0 log-ratio.
         steering = steered is not None and steered is not base_logits
-        if steering:
-            self.kl += torch.where(done, 0.0, step_kl(steered, base_logits, config.temperature))
-        else:
-            steered = base_logits
-        probs = torch.softmax(steered / config.temperature, dim=-1)
+        logits = StepLogits(base_logits, steered if steering else base_logits, self.temperatures(base_logits))
+        return self.record(self.sample(logits.probs), logits, steering)
+
+    def temperatures(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, 1) this batch's temperature, a column so that several batches' rows stack."""
+        return torch.full((like.shape[0], 1), float(self.config.temperature), device=like.device)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens drawn from probs (B, V): the generator's draws, or the rows' own uniforms."""
         if self.uniforms is None:
-            token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)   # (B,)
-        else:
-            token = inverse_cdf(probs, self.uniforms[:, step])
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return inverse_cdf(probs, self.uniforms[:, self.step])
+
+    def record(self, token: torch.Tensor, logits: StepLogits, steering: bool) -> torch.Tensor:
+        """Keep this step's drawn tokens (B,) with what logits say of them; the tokens to feed next."""
+        done, step = self.done, self.step
         if steering:
-            ratio = (torch.log_softmax(steered / config.temperature, -1)
-                     - torch.log_softmax(base_logits / config.temperature, -1)).gather(1, token[:, None]).squeeze(1)
-            self.log_ratio += torch.where(done, 0.0, ratio)
+            self.kl += torch.where(done, 0.0, logits.kl)
+            self.log_ratio += torch.where(done, 0.0, logits.log_ratio_of(token))
         token = torch.where(done, torch.full_like(token, self.pad), token)
-        self.logprobs_out[:, step] = torch.log_softmax(base_logits, -1).gather(1, token[:, None]).squeeze(1)
+        self.logprobs_out[:, step] = logits.base_logprob_of(token)
         self.tokens_out[:, step] = token
         newly_done = (~done) & (token == self.eos)
         self.lengths = torch.where(newly_done, torch.full_like(self.lengths, step), self.lengths)
@@ -249,7 +299,7 @@ class Draws:
         if self.stop:
             self._stop_rows(step)
         self.step += 1
-        self.finished = bool(self.done.all()) or self.step == config.max_new_tokens
+        self.finished = bool(self.done.all()) or self.step == self.config.max_new_tokens
         # Finished rows keep stepping on EOS so the batch stays rectangular; their tokens are ignored.
         return torch.where(self.done, torch.full_like(token, self.eos), token)
 

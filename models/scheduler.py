@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import torch
 
 from models.kv_cache import join_rows, keep_rows
-from models.sampling import CachedLM, Draws, Generation, SamplingConfig, encode_prompts, left_pad
+from models.sampling import CachedLM, Draws, Generation, SamplingConfig, StepLogits, encode_prompts, left_pad
 from models.value_model import ValueDecodeState
 from models.vas import ValueGuidance, VASConfig
 
@@ -44,7 +44,7 @@ MAX_ROWS = 32             # rows decoding at once: about where a 2-core CPU stop
 MAX_KV_TOKENS = 65_536    # prompt + max_tokens reserved per row, summed over the running rows
 # Work asked for between steps (scoring finished requests) waits up to this many decode steps, so
 # the requests finishing close together share it; it runs at once when nothing is decoding.
-TASK_DELAY_STEPS = 4
+TASK_DELAY_STEPS = 8
 
 
 @dataclass
@@ -195,8 +195,8 @@ class Scheduler:
                     self.tasks.clear()
             for task in tasks:
                 task()
-            for job in admitted:
-                self._admit(job)
+            if admitted:
+                self._admit(admitted)
             if self.jobs:
                 try:
                     self._step()
@@ -223,37 +223,61 @@ class Scheduler:
         return admitted
 
     @torch.no_grad()
-    def _admit(self, job: Job) -> None:
-        """Prefill the job's prompts alone, as sample_batch does, then join its rows to the batch."""
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the jobs' prompts in one batch, then join their rows to the running batch. If that
+        fails, each is admitted alone, so a request whose own prompt fails fails alone."""
+        if len(jobs) > 1:
+            try:
+                return self._join(jobs, self._prefill(jobs))
+            except Exception:
+                log.debug("batched prefill failed; admitting one by one", exc_info=True)
+        for job in jobs:
+            try:
+                prefilled = self._prefill([job])
+            except Exception as err:
+                job.future.set_exception(err)
+                continue
+            self._join([job], prefilled)
+
+    def _prefill(self, jobs: list[Job]) -> tuple:
+        """The jobs' prompts through the base model and through each value model they steer with,
+        left padded together (nothing of the running batch changes yet)."""
+        ids, mask = left_pad([row for job in jobs for row in job.ids], self.tokenizer.pad_token_id)
+        lm = CachedLM(self.base, ids.to(self.device), mask.to(self.device), keep_hidden=True)
+        states = {}
+        for key, (model, shared) in _models_of(jobs).items():
+            if not shared:
+                rows = [row for job in jobs if key in _keys(job) for row in job.ids]
+                v_ids, v_mask = left_pad(rows, self.tokenizer.pad_token_id)
+                states[key] = model.start(v_ids.to(model.device), v_mask.to(model.device))
+        draws = [Draws(job.rows, job.sampling, self.tokenizer, job.generator, self.device) for job in jobs]
+        return lm, states, draws
+
+    def _join(self, jobs: list[Job], prefilled: tuple) -> None:
+        lm, states, draws = prefilled
         try:
-            ids, mask = left_pad(job.ids, self.tokenizer.pad_token_id)
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            lm = CachedLM(self.base, ids, mask, keep_hidden=True)
-            states = {id(model): (model, shared, None if shared else model.start(ids.to(model.device),
-                                                                                 mask.to(model.device)))
-                      for shared, (_, model, _) in zip(job.guidance.shares_base, job.guidance.active)}
-            job.draws = Draws(job.rows, job.sampling, self.tokenizer, job.generator, self.device)
-            if job.watch is not None:
-                job.watch.start(job.rows)
-        except Exception as err:
-            job.future.set_exception(err)
-            return
-        try:
-            for key, (model, shared, state) in states.items():
+            for key, (model, shared) in _models_of(jobs).items():
                 rows = self.values.get(key)
                 if rows is None:
-                    self.values[key] = ValueRows(model, shared, state)
+                    self.values[key] = ValueRows(model, shared, states.get(key))
                 elif not shared:
+                    state = states[key]
                     rows.state.mask = join_rows(rows.state.cache, rows.state.mask, state.cache, state.mask)
                     rows.state.hidden = torch.cat([rows.state.hidden, state.hidden])
             if self.lm is None:
                 self.lm = lm
             else:
                 join_lm(self.lm, lm)
-            self.jobs.append(job)
         except Exception as err:               # half-joined caches: start over
-            job.future.set_exception(err)
+            for job in jobs:
+                job.future.set_exception(err)
             self._fail_all(err)
+            return
+        for job, job_draws in zip(jobs, draws):
+            job.draws = job_draws
+            if job.watch is not None:
+                job.watch.start(job.rows)
+            self.jobs.append(job)
 
     def _rows_of(self, key: int | None = None) -> list[tuple[Job, slice]]:
         """(job, its rows) in the base batch, or in value model `key`'s rows."""
@@ -271,9 +295,9 @@ class Scheduler:
             self._retire(cancelled)
             if not self.jobs:
                 return
-        logits, hidden = self.lm.last_hidden_logits, self.lm.last_hidden
+        logits, hidden = self.lm.last_hidden_logits.float(), self.lm.last_hidden
         base_rows = dict((id(job), rows) for job, rows in self._rows_of())
-        base_logits = {id(job): logits[base_rows[id(job)]].float() for job in self.jobs}
+        base_logits = {id(job): logits[base_rows[id(job)]] for job in self.jobs}
         tops = {id(job): job.guidance.candidates(base_logits[id(job)]) for job in self.jobs if job.guidance.active}
         # Each value model once over all its rows, at the widest top-k among them.
         outputs, value_rows = {}, {}
@@ -287,16 +311,33 @@ class Scheduler:
                 picked = torch.cat([hidden[base_rows[id(job)]] for job, _ in members])
                 state = ValueDecodeState(cache=None, mask=None, hidden=picked.to(rows.model.device))
             outputs[key] = rows.model.candidate_outputs(state, candidates.to(rows.model.device))
-        finished, fed = [], {}
+        finished, fed, steered = [], {}, {}
+        values: dict = {}     # (model, beta, calibrated) -> Q over all its rows, computed once
         for job in self.jobs:
             try:
-                fed[id(job)] = self._draw(job, base_logits[id(job)], tops.get(id(job)), outputs, value_rows)
+                steered[id(job)] = self._steer(job, base_logits[id(job)], tops.get(id(job)), outputs, value_rows,
+                                               values)
             except Exception as err:           # this request's own failure (e.g. a vocabulary mismatch)
                 job.future.set_exception(err)
                 finished.append(job)
-                continue
-            if job.draws.finished:
-                finished.append(job)
+        drawing = [job for job in self.jobs if id(job) in steered]
+        if drawing:
+            # What a draw reads (softmax, log-softmax, KL), once for every row; then each request
+            # draws from its own rows with its own generator.
+            step = StepLogits(torch.cat([base_logits[id(job)] for job in drawing]),
+                              torch.cat([steered[id(job)] for job in drawing]),
+                              torch.cat([job.draws.temperatures(base_logits[id(job)]) for job in drawing]))
+            offset = 0
+            for job in drawing:
+                part = step.rows(slice(offset, offset + job.rows))
+                offset += job.rows
+                fed[id(job)] = job.draws.record(job.draws.sample(part.probs), part,
+                                                steered[id(job)] is not base_logits[id(job)])
+                if job.timing is not None and job.draws.step == 1:
+                    job.timing["first_token"] = time.monotonic()
+                if job.draws.finished:
+                    job.future.set_result(job.draws.generation(job.prompts))
+                    finished.append(job)
         self.steps += 1
         if finished:
             self._retire(finished)
@@ -311,24 +352,21 @@ class Scheduler:
                 rows.model.advance(rows.state, torch.cat([fed[id(job)] for job, _ in self._rows_of(key)])
                                    .to(rows.model.device))
 
-    def _draw(self, job: Job, base_logits: torch.Tensor, top, outputs: dict, value_rows: dict) -> torch.Tensor:
-        """The job's tokens of this step, steered with its rows of the value models' outputs."""
+    def _steer(self, job: Job, base_logits: torch.Tensor, top, outputs: dict, value_rows: dict,
+               values: dict) -> torch.Tensor:
+        """The job's logits to sample from this step: its guidance over its rows of the value
+        models' outputs (the base logits themselves when it steers with nothing)."""
         if job.watch is not None and hasattr(job.watch, "base_logits"):
             job.watch.base_logits(base_logits)
         calibrated = job.guidance.config.calibrated
         states = [id(model) for _, model, _ in job.guidance.active]
 
         def q_of(model, key, candidates, beta):
-            out = outputs[key][value_rows[(key, id(job))], : candidates.shape[1]]
-            return model.candidate_values(out, beta, calibrated)
+            if (key, beta, calibrated) not in values:       # candidate by candidate: rows and columns slice
+                values[(key, beta, calibrated)] = model.candidate_values(outputs[key], beta, calibrated)
+            return values[(key, beta, calibrated)][value_rows[(key, id(job))], : candidates.shape[1]]
 
-        steered = job.guidance.steer(base_logits, q_of, states, top)
-        fed = job.draws.draw(base_logits, steered)
-        if job.timing is not None and job.draws.step == 1:
-            job.timing["first_token"] = time.monotonic()
-        if job.draws.finished:
-            job.future.set_result(job.draws.generation(job.prompts))
-        return fed
+        return job.guidance.steer(base_logits, q_of, states, top)
 
     def _retire(self, finished: list[Job]) -> None:
         done = {id(job) for job in finished}
@@ -353,6 +391,16 @@ class Scheduler:
             if not job.future.done():
                 job.future.set_exception(err)
         self.jobs, self.lm, self.values = [], None, {}
+
+
+def _keys(job: Job) -> set[int]:
+    return {id(model) for _, model, _ in job.guidance.active}
+
+
+def _models_of(jobs: list[Job]) -> dict[int, tuple]:
+    """id(model) -> (model, reads the base's hidden state) of every value model the jobs steer with."""
+    return {id(model): (model, shared) for job in jobs
+            for shared, (_, model, _) in zip(job.guidance.shares_base, job.guidance.active)}
 
 
 def _index(slices: list[slice], device) -> torch.Tensor:

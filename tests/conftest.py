@@ -157,3 +157,39 @@ def bpe_gpt2_dir(tmp_path_factory, tiny_gpt2):
 def llamacpp_gpt2(bpe_gpt2_dir, llamacpp):
     """bpe_gpt2_dir served by llama.cpp: {"model_dir", "server"}."""
     return {"model_dir": bpe_gpt2_dir, "server": llamacpp(bpe_gpt2_dir)}
+
+
+def randomized(model, seed: int, std: float = 0.3):
+    """A value model with a random (non-zero) head: a zero head steers nothing."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
+        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def steering_world(tiny_gpt2):
+    """A tiny random base with a BPE tokenizer and value models of every kind the server steers with:
+    a scalar and a distributional model on backbones of their own, and a qhead on the base's own body."""
+    import copy
+    import types
+
+    from models.corpus import CorpusConfig, generate_corpus
+    from models.distributional import Support
+    from models.lm import train_tokenizer
+    from models.value_model import ValueModel
+
+    texts = generate_corpus(CorpusConfig(n_reviews=200, seed=0)).text.tolist()
+    tokenizer = train_tokenizer(texts, 300)
+    base = tiny_gpt2(len(tokenizer), seed=0, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    own = tiny_gpt2(len(tokenizer), seed=1, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
+    models = {
+        "scalar": randomized(ValueModel(copy.deepcopy(own.transformer), "scalar"), 1),
+        "dist": randomized(ValueModel(copy.deepcopy(own.transformer), "distributional",
+                                      Support(v_min=-2.0, v_max=2.0, n_bins=9)), 2, std=1.0),
+        "shared": randomized(ValueModel(base.transformer, "qhead"), 3),
+    }
+    return types.SimpleNamespace(base=base, tokenizer=tokenizer, models=models)

@@ -1,48 +1,22 @@
 """Continuous batching (models/scheduler.py, models/kv_cache.py): rows decoded in a shared running
 batch, with requests joining and leaving between steps, get exactly the tokens they get alone."""
 
-import copy
 import threading
-import types
 
 import pytest
 import torch
 
-from models.corpus import CorpusConfig, generate_corpus
-from models.distributional import Support
 from models.kv_cache import join_rows, keep_rows
-from models.lm import train_tokenizer
 from models.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad
 from models.scheduler import Scheduler, join_lm, keep_lm
-from models.value_model import ValueModel
 from models.vas import VASConfig, vas_sample
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "Great"]
 
 
-def randomized(model: ValueModel, seed: int, std: float = 0.3) -> ValueModel:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
-        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def world(tiny_gpt2):
-    """A tiny random base with a BPE tokenizer and value models of every kind the server steers with:
-    a scalar and a distributional model on backbones of their own, and a qhead on the base's own body."""
-    texts = generate_corpus(CorpusConfig(n_reviews=200, seed=0)).text.tolist()
-    tokenizer = train_tokenizer(texts, 300)
-    base = tiny_gpt2(len(tokenizer), seed=0, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
-    own = tiny_gpt2(len(tokenizer), seed=1, init=0.15, eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
-    models = {
-        "scalar": randomized(ValueModel(copy.deepcopy(own.transformer), "scalar"), 1),
-        "dist": randomized(ValueModel(copy.deepcopy(own.transformer), "distributional",
-                                      Support(v_min=-2.0, v_max=2.0, n_bins=9)), 2, std=1.0),
-        "shared": randomized(ValueModel(base.transformer, "qhead"), 3),
-    }
-    return types.SimpleNamespace(base=base, tokenizer=tokenizer, models=models)
+def world(steering_world):
+    return steering_world
 
 
 # (prompts, weights, sampling, vas): every per-request setting differs somewhere.
