@@ -270,7 +270,7 @@ def lift_across_seeds(per_seed: pd.DataFrame | None) -> str:
             f"{len(seeds)} seeds.")
 
 
-SERVING_ROWS = {   # bench/serve.py's rows, in the order and words the report shows them
+SERVING_ROWS = {   # bench/serve.py's one-at-a-time rows, in the order and words the report shows them
     "base_c1": "base sampling",
     "vas_c1": "VAS, white-box",
     "vas_c1_top20": "VAS, white-box, top-20 candidates",
@@ -280,8 +280,9 @@ SERVING_ROWS = {   # bench/serve.py's rows, in the order and words the report sh
 
 
 def serving_section(serving: dict | None) -> str:
-    """Serving throughput from bench/serve.py (data/bench/serve.json), one request at a time:
-    tokens per second side by side in one run, each against base sampling's. "" without one."""
+    """Serving throughput from bench/serve.py (data/bench/serve.json): one request at a time, tokens
+    per second side by side in one run, each against base sampling's; then the load test, the
+    same requests 1, 4, 16, 64 in flight. "" without a measurement."""
     if not serving or "base_c1" not in serving.get("rows", {}):
         return ""
     rows, base = serving["rows"], serving["rows"]["base_c1"]["tokens_per_s"]
@@ -298,6 +299,22 @@ def serving_section(serving: dict | None) -> str:
             row = rows[key]
             lines.append(f"| {label} | {row['tokens_per_s']:.1f} | x{row['tokens_per_s'] / base:.2f} | "
                          f"{row.get('upstream_requests_per_token', 0):.2f} |")
+    levels = sorted({int(key.rsplit("_c", 1)[1]) for key in rows if key.startswith(("base_c", "vas_c"))
+                     and key.rsplit("_c", 1)[1].isdigit()})
+    if len(levels) > 1 and all("latency_p50_s" in rows.get(f"{name}_c{c}", {}) for name in ("base", "vas")
+                               for c in levels):
+        lines += ["\nThe load test: streamed requests, that many in flight at a time (max(prompts, 2 x in flight) "
+                  "requests per level); every answer equals the same request's at the other levels.\n",
+                  "| in flight | base tokens/s | vs 1 | VAS tokens/s | vs 1 | base TTFT p50 | base latency p50 / p99 "
+                  "| VAS latency p50 / p99 |", "|---|---|---|---|---|---|---|---|"]
+        first = {name: rows[f"{name}_c{levels[0]}"]["tokens_per_s"] for name in ("base", "vas")}
+        for c in levels:
+            b, v = rows[f"base_c{c}"], rows[f"vas_c{c}"]
+            lines.append(f"| {c} | {b['tokens_per_s']:.0f} | x{b['tokens_per_s'] / first['base']:.2f} | "
+                         f"{v['tokens_per_s']:.0f} | x{v['tokens_per_s'] / first['vas']:.2f} | "
+                         f"{b['ttft_p50_s'] * 1000:.0f} ms | {b['latency_p50_s'] * 1000:.0f} / "
+                         f"{b['latency_p99_s'] * 1000:.0f} ms | {v['latency_p50_s'] * 1000:.0f} / "
+                         f"{v['latency_p99_s'] * 1000:.0f} ms |")
     return "\n".join(lines) + "\n"
 
 

@@ -299,14 +299,21 @@ def test_serving_benchmark_measures_each_concurrency_and_the_black_box(smoke_wor
                        "--max-tokens", "3", "--profile", "smoke", "--llamacpp", "auto"]) == 0
     result = json.loads((data / "bench" / "serve.json").read_text())
     # --llamacpp auto: the smoke base model was not converted from a GGUF, so no llama.cpp row.
-    assert set(result["rows"]) == {"base_c1", "base_c3", "vas_c1", "vas_c3", "vas_c1_top20", "blackbox_vas_c1"}
-    assert all(row["requests"] == 3 and row["tokens_per_s"] > 0 for row in result["rows"].values())
+    assert set(result["rows"]) == {"base_c1", "base_c3", "vas_c1", "vas_c3", "vas_c1_top20", "blackbox_vas_c1",
+                                   "blackbox_vas_c4"}
+    # max(prompts, 2 x in flight) requests per level, every one answered and timed.
+    assert {k: r["requests"] for k, r in result["rows"].items()} == {
+        "base_c1": 3, "base_c3": 6, "vas_c1": 3, "vas_c3": 6, "vas_c1_top20": 3, "blackbox_vas_c1": 3,
+        "blackbox_vas_c4": 8}
+    assert all(row["tokens_per_s"] > 0 and 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
+               for row in result["rows"].values())
     assert set(result["ratios"]) == {"base_c3_vs_c1", "vas_c3_vs_c1", "vas_vs_base_c1",
-                                     "blackbox_vs_whitebox_vas_top20_c1"}
+                                     "blackbox_vs_whitebox_vas_top20_c1", "blackbox_vas_c4_vs_c1"}
     assert result["measured_at"] and result["git_sha"]
     report = (data / "report" / "report.md").read_text()
     assert "## Serving (bench/serve.py)" in report and "3 held-out prompts, 3 new tokens each" in report
     assert f"{result['rows']['blackbox_vas_c1']['tokens_per_s']:.1f} |" in report
+    assert f"| 3 | {result['rows']['base_c3']['tokens_per_s']:.0f} |" in report      # the load-test table
 
 
 @pytest.mark.parametrize("what", ["compute", "iterate"])

@@ -140,3 +140,19 @@ def test_report_has_the_serving_numbers_when_measured(tmp_path):
     assert "`vas serve` as the upstream" not in text                              # a row not measured is left out
     (tmp_path / "none").mkdir()
     assert "Serving" not in write_report(summary(0.3, 0.05), tmp_path / "none")["report"].read_text()
+
+
+def test_report_has_the_load_test_table_when_measured(tmp_path):
+    def row(tokens_per_s, ttft=0.01, p50=0.1, p99=0.3):
+        return {"tokens_per_s": tokens_per_s, "ttft_p50_s": ttft, "latency_p50_s": p50, "latency_p99_s": p99}
+
+    serving = {"rows": {"base_c1": row(200.0), "base_c16": row(1000.0, 0.05, 0.4, 0.9),
+                        "vas_c1": row(100.0), "vas_c16": row(450.0, 0.06, 0.5, 1.2)},
+               "settings": {"requests": 16, "max_tokens": 48, "beta": 16.0}}
+    text = write_report(summary(0.3, 0.05), tmp_path, serving=serving)["report"].read_text()
+    assert "| 1 | 200 | x1.00 | 100 | x1.00 | 10 ms | 100 / 300 ms | 100 / 300 ms |" in text
+    assert "| 16 | 1000 | x5.00 | 450 | x4.50 | 50 ms | 400 / 900 ms | 500 / 1200 ms |" in text
+    one_level = {"rows": {"base_c1": row(200.0), "vas_c1": row(100.0)}, "settings": {}}
+    (tmp_path / "one").mkdir()
+    assert "The load test" not in write_report(summary(0.3, 0.05), tmp_path / "one", serving=one_level)[
+        "report"].read_text()
