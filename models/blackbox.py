@@ -16,9 +16,11 @@ and the request's temperature applied once to the steered and base logits. Weigh
 exactly from pi0_topk. kl_nats sums, per token, the exact KL of the distribution drawn from to
 the renormalized top-k base distribution at the same temperature.
 
-Rows are independent: each step sends one request per unfinished row, one after another, and
-scores every row's candidates in batched value forwards (no KV cache: each text is encoded
-whole, as the upstream does with its prompt).
+Rows are independent: each step sends one request per unfinished row, all at once (up to the
+client's concurrency; models.upstream.UpstreamClient.step_many), and scores every row's
+candidates in batched value forwards (no KV cache: each text is encoded whole, as the upstream
+does with its prompt; a llama.cpp upstream re-uses its own cache with cache_prompt). Each
+request's seed fixes its draws, so how many calls fly at once changes no token.
 """
 
 from __future__ import annotations
@@ -88,10 +90,12 @@ def blackbox_rows(client: UpstreamClient, tokenizer, prompts: Sequence[str], val
         watch.start(len(rows))
     for step in range(sampling.max_new_tokens):
         live, replies = [], []
-        for i, row in enumerate(rows):
-            if row.finished:
-                continue
-            reply = client.step(row.prompt + row.text, k, seed=(sampling.seed * 100_003 + i * 1_009 + step) % 2**31)
+        pending = [i for i, row in enumerate(rows) if not row.finished]
+        # Every unfinished row's request of this step at once (the client bounds how many fly).
+        steps = client.step_many([rows[i].prompt + rows[i].text for i in pending], k,
+                                 [(sampling.seed * 100_003 + i * 1_009 + step) % 2**31 for i in pending])
+        for i, reply in zip(pending, steps):
+            row = rows[i]
             row.requests += 1
             row.prompt_tokens += reply.prompt_tokens
             row.dropped_mass += reply.dropped_mass

@@ -17,7 +17,8 @@ the decode draws each token (a row's last token comes with its final chunk).
 
 Concurrency: with the local base model, requests from any number of threads decode together in one
 running batch (models/scheduler.py, continuous batching), each row with the tokens it would get
-alone. With an upstream, the Engine serves one request at a time (the app holds a lock for it).
+alone. With an upstream, each request decodes in its own thread, and the upstream calls of all of
+them share the client's bound on calls in flight (models.upstream.UpstreamConfig.concurrency).
 """
 
 from __future__ import annotations
@@ -181,7 +182,6 @@ class Engine:
                                        stop=req.stop, **req.decode)
         active = {name: w for name, w in req.weights.items() if w != 0.0}
         expanded = [p for p in req.prompts for _ in range(req.n)]
-        requests, sent = (self.upstream.requests, self.upstream.prompt_tokens) if self.upstream else (0, 0)
         rows = decode_rows(self.base, self.tokenizer, expanded, {k: values.models[k] for k in active}, active,
                            sampling, vas, self.device, self.scorers, watch=watch, upstream=self.upstream,
                            scheduler=self.scheduler, score=self.score,
@@ -197,7 +197,9 @@ class Engine:
         info = {"value_model_version": values.version, "weights": req.weights, "seed": req.seed,
                 "top_k": vas.top_k, "min_p": vas.min_p, "soft": vas.soft and not vas.calibrated, "calibrated": vas.calibrated}
         if self.upstream is not None:
-            requests, sent = self.upstream.requests - requests, self.upstream.prompt_tokens - sent
+            # This request's own calls (others may be using the client at the same time).
+            requests = sum(row["upstream"]["requests"] for row in rows)
+            sent = sum(row["upstream"]["prompt_tokens"] for row in rows)
             info["top_k"] = min(vas.top_k, self.upstream.config.top_k)
             info["upstream"] = {"base_url": self.upstream.config.base_url, "model": self.upstream.config.model,
                                 "requests": requests, "prompt_tokens_sent": sent,

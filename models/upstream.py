@@ -35,7 +35,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 DEFAULT_EOS_TEXTS = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>")
 
@@ -54,10 +57,17 @@ class UpstreamConfig:
     api_key: str | None = None         # None: $OPENAI_API_KEY, or "unused" (local servers ignore it)
     eos_texts: tuple[str, ...] = DEFAULT_EOS_TEXTS
     eos_token_id: int | None = None    # the upstream's EOS id: biased away from its own draw (logit_bias -100)
+    concurrency: int = 8               # requests in flight to the upstream at once, over all rows of a step
+    # llama.cpp's server (`llama-server`) re-uses the KV cache of a prompt's longest cached prefix
+    # when a request says cache_prompt: true, so a row's text, re-sent with one more token each step,
+    # is not evaluated again. None sends nothing (servers that refuse unknown fields).
+    cache_prompt: bool | None = None
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"upstream top_k must be >= 1, got {self.top_k}")
+        if self.concurrency < 1:
+            raise ValueError(f"upstream concurrency must be >= 1, got {self.concurrency}")
 
 
 @dataclass
@@ -132,6 +142,16 @@ class UpstreamClient:
                              max_retries=config.max_retries, timeout=config.timeout)
         self.requests = 0
         self.prompt_tokens = 0
+        self._counting = threading.Lock()      # step() runs in several threads at once (step_many)
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="vas-upstream")
+
+    def step_many(self, prefixes: Sequence[str], k: int | None = None, seeds: Sequence[int | None] = ()) -> list[Step]:
+        """step() of every prefix, config.concurrency of them in flight at once (they share the
+        bound with every other caller of this client), in the prefixes' order."""
+        seeds = list(seeds) or [None] * len(prefixes)
+        if len(prefixes) == 1:
+            return [self.step(prefixes[0], k, seeds[0])]
+        return list(self._pool.map(lambda args: self.step(args[0], k, args[1]), zip(prefixes, seeds)))
 
     def where(self) -> str:
         return f"the upstream {self.config.base_url} (model {self.config.model!r})"
@@ -144,6 +164,8 @@ class UpstreamClient:
         extra = {"logit_bias": {str(self.config.eos_token_id): -100}} if self.config.eos_token_id is not None else {}
         if seed is not None:
             extra["seed"] = seed
+        if self.config.cache_prompt is not None:
+            extra["extra_body"] = {"cache_prompt": self.config.cache_prompt}
         try:
             raw = self.client.completions.with_raw_response.create(
                 model=self.config.model, prompt=prefix, max_tokens=1, logprobs=k, temperature=1.0, top_p=1.0,
@@ -157,14 +179,15 @@ class UpstreamClient:
         except openai.APIError as err:      # connection errors and timeouts, after the client's retries
             raise UpstreamError(f"{self.where()} did not answer after {self.config.max_retries} retries: "
                                 f"{type(err).__name__}: {err}") from None
-        self.requests += 1
         try:
             body = json.loads(raw.text, object_pairs_hook=_Pairs)
             choice = body["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             raise UpstreamError(f"{self.where()} sent a reply that is not an OpenAI completion: {raw.text[:200]!r}") from None
         prompt_tokens = int((body.get("usage") or {}).get("prompt_tokens") or 0)
-        self.prompt_tokens += prompt_tokens
+        with self._counting:
+            self.requests += 1
+            self.prompt_tokens += prompt_tokens
         entries = step_entries(choice)
         if entries is None:
             if choice.get("finish_reason") == "stop":

@@ -372,7 +372,8 @@ def _upstream(args) -> UpstreamConfig | None:
         raise UpstreamError(f"--upstream {args.upstream} needs --upstream-model NAME, the model it serves")
     return UpstreamConfig(args.upstream, args.upstream_model, top_k=args.upstream_top_k,
                           max_retries=args.upstream_retries, timeout=args.upstream_timeout,
-                          eos_token_id=args.upstream_eos_id)
+                          eos_token_id=args.upstream_eos_id, concurrency=args.upstream_concurrency,
+                          cache_prompt=True if args.upstream_cache_prompt else None)
 
 
 def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -387,6 +388,10 @@ def add_upstream_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--upstream-retries", type=int, default=UpstreamConfig.max_retries,
                        help="retries with backoff on 429, 5xx and timeouts (the openai client's)")
     group.add_argument("--upstream-timeout", type=float, default=UpstreamConfig.timeout, help="seconds per request")
+    group.add_argument("--upstream-concurrency", type=int, default=UpstreamConfig.concurrency,
+                       help="upstream requests in flight at once, over every row and request (default %(default)s)")
+    group.add_argument("--upstream-cache-prompt", action="store_true",
+                       help="send cache_prompt: true, so llama.cpp's server re-uses the KV cache of a re-sent prefix")
 
 
 def cmd_generate(args) -> int:

@@ -5,8 +5,9 @@ request logic is models.serving and models.openai_protocol. Each request runs in
 (anyio.to_thread, at most WORKER_THREADS at once), so the event loop keeps accepting and answering
 requests meanwhile. With the local base model the worker threads hand their rows to the Engine's
 scheduler, which decodes every request in flight in one running batch (continuous batching,
-models/scheduler.py). With an upstream base model, one asyncio.Lock serializes the decodes (one
-request at a time, in arrival order). A streamed request's chunks leave as the tokens are drawn.
+models/scheduler.py). With an upstream base model each request decodes in its thread, its upstream
+calls beside every other request's (black-box VAS, models/blackbox.py). A streamed request's
+chunks leave as the tokens are drawn.
 
 The operational surface follows the servers people run instead (orchestration/serve_ops.py):
 /health (503 while loading, then 200; no key needed), /metrics (Prometheus), --api-key (Bearer
@@ -76,14 +77,6 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
     app = FastAPI(title="VAS", description="Value Augmented Sampling, OpenAI-compatible completions",
                   lifespan=lifespan)
     app.add_middleware(request_gate(options.api_key, metrics))
-    locks: dict[str, contextlib.AbstractAsyncContextManager] = {}
-
-    def lock_for(eng: Engine):
-        # One decode at a time only where nothing batches them: an upstream base model.
-        if "lock" not in locks:
-            locks["lock"] = asyncio.Lock() if eng.scheduler is None else contextlib.nullcontext()
-        return locks["lock"]
-
     def in_thread(fn, *args):
         return anyio.to_thread.run_sync(fn, *args, limiter=limiter)
 
@@ -146,11 +139,10 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
         if isinstance(body, dict) and body.get("stream"):
             return await streamed(eng, body, chat)
         with metrics.admitted(options.max_queued):
-            async with lock_for(eng):
-                try:
-                    response = await in_thread(eng.handle, body, chat, options.request_timeout)
-                except TimeoutError as err:
-                    raise timed_out(err) from None
+            try:
+                response = await in_thread(eng.handle, body, chat, options.request_timeout)
+            except TimeoutError as err:
+                raise timed_out(err) from None
         metrics.finished(response, chat)
         return response
 
@@ -158,16 +150,13 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
         return ServingError(str(err), code="request_timeout", status=408, kind="timeout_error")
 
     async def streamed(eng: Engine, body, chat: bool) -> StreamingResponse:
-        """Server-sent events as the decode draws tokens. The lock (an upstream engine's) is taken
-        here and released by the decode task when it ends, whether or not the client still reads."""
+        """Server-sent events as the decode draws tokens. The request counts as in flight until the
+        decode task ends, whether or not the client still reads."""
         gate = metrics.admitted(options.max_queued)
         gate.__enter__()
-        lock = lock_for(eng)
-        await lock.__aenter__()
         try:
             req = await in_thread(eng.prepare, body, chat)   # a bad request: 4xx, not a stream
         except BaseException:
-            await lock.__aexit__(None, None, None)
             gate.__exit__(None, None, None)
             raise
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -186,7 +175,6 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
                 emit(ServingError(f"internal error: {type(err).__name__}", status=500, kind="server_error").body())
             finally:
                 emit(None)
-                await lock.__aexit__(None, None, None)
                 gate.__exit__(None, None, None)
 
         task = asyncio.create_task(decode())

@@ -71,8 +71,8 @@ class ServerMetrics:
         engine = self.engine()
         if engine is None:
             return 0
-        if engine.scheduler is None:          # an upstream engine decodes one request at a time
-            return min(self.in_flight, 1)
+        if engine.scheduler is None:          # an upstream engine decodes every request in its own thread
+            return self.in_flight
         return engine.scheduler.counts()[0]
 
     def waiting(self) -> int:

@@ -387,3 +387,61 @@ def test_vas_generate_with_an_upstream(upstream, data_dir, capsys):
     assert len(rows) == 2 and all(row["upstream"]["requests"] >= row["n_tokens"] for row in rows)
     assert main(["generate", "--prompt", PROMPT, "--data-dir", str(data_dir), "--upstream", "http://127.0.0.1:9/v1"]) == 2
     assert "needs --upstream-model" in capsys.readouterr().err
+
+
+def test_the_upstream_calls_of_a_step_fly_together_and_change_no_token(vas_upstream, data_dir):
+    """A step's requests for all rows go out at once (up to the client's concurrency); the rows get
+    the tokens they get one request at a time, and several black-box requests may run at once."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.blackbox import blackbox_rows
+    from models.generate import decode_configs, value_tokenizer
+    from models.upstream import UpstreamClient, UpstreamConfig
+    from models.value_model import ValueModel
+    from models.value_store import find_value_models
+
+    tokenizer = value_tokenizer(data_dir / "base_model")
+    models = {name: ValueModel.load(path) for name, path in find_value_models(data_dir / "value_models").items()}
+    weights = {sorted(models)[0]: 2.0}
+    prompts = held_out_prompts(data_dir)[:4]
+    sampling, vas = decode_configs(seed=3, max_new_tokens=6, top_k=5)
+
+    class Watching(UpstreamClient):
+        """Counts the calls in flight at once."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.now = self.peak = 0
+            self.lock = threading.Lock()
+
+        def step(self, *args, **kwargs):
+            with self.lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                return super().step(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    def client(concurrency):
+        return Watching(UpstreamConfig(vas_upstream["base_url"], "vas", top_k=5, max_retries=0, concurrency=concurrency))
+
+    one, many = client(1), client(8)
+    alone = blackbox_rows(one, tokenizer, prompts, models, weights, sampling, vas)
+    together = blackbox_rows(many, tokenizer, prompts, models, weights, sampling, vas)
+    assert one.peak == 1 and many.peak > 1
+    assert [r["completion"] for r in together] == [r["completion"] for r in alone]
+    assert [r["kl_nats"] for r in together] == pytest.approx([r["kl_nats"] for r in alone], abs=1e-6)
+    assert many.requests == one.requests == sum(r["upstream"]["requests"] for r in alone)
+    # Two requests decoding at once on one client: each as it is alone.
+    shared = client(8)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda ps: blackbox_rows(shared, tokenizer, ps, models, weights, sampling, vas),
+                                [prompts[:2], prompts[2:]]))
+    assert [[r["completion"] for r in part] for part in results] == [
+        [r["completion"] for r in blackbox_rows(one, tokenizer, ps, models, weights, sampling, vas)]
+        for ps in (prompts[:2], prompts[2:])]
+    with pytest.raises(ValueError, match="concurrency"):
+        UpstreamConfig("http://127.0.0.1:1/v1", "vas", concurrency=0)
