@@ -40,7 +40,7 @@ from models.vas import ValueGuidance, VASConfig
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 32             # rows decoding at once: about where a 2-core CPU stops gaining throughput
+MAX_ROWS = 32             # rows decoding at once (not tuned; the load test gains little from 16 to 64 in flight)
 MAX_KV_TOKENS = 65_536    # prompt + max_tokens reserved per row, summed over the running rows
 # Work asked for between steps (scoring finished requests) waits up to this many decode steps, so
 # the requests finishing close together share it; it runs at once when nothing is decoding.
