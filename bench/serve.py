@@ -4,8 +4,9 @@ side in one run (`make run` first).
 Starts `vas serve` as its own process on a free loopback port (the command users run, so the load
 generator does not share its interpreter), waits for /health, then streams the same requests to it
 with the official openai client (AsyncOpenAI), `c` in flight at a time for each --concurrency c:
-plain base sampling, then VAS steering positivity. Each level sends max(--requests, 2c) requests
-(prompt i mod the held-out prompts, seed i), so every level holds its concurrency. Then black-box
+plain base sampling, then VAS steering positivity. Each level sends max(--requests, --rounds x c)
+requests (prompt i mod the held-out prompts, seed i), so every level holds its concurrency for a
+while rather than measuring one wave's slowest request. Then black-box
 VAS: a second `vas serve --upstream` steering the first over HTTP (top-20 logprobs), at 1 and 4 in
 flight, beside white-box VAS at top-k 20.
 
@@ -134,7 +135,7 @@ def run_levels(url: str, name: str, levels: list[int], prompts: list[str], args,
                rows: dict, reference: dict) -> None:
     """One row per level into rows; every answer must equal the reference's for its request."""
     for c in levels:
-        n = max(args.requests, 2 * c)
+        n = max(args.requests, args.rounds * c)
         row, answers = asyncio.run(one_level(url, prompts, n, c, args.max_tokens, steering, args.max_seconds))
         mismatched = [i for i, a in enumerate(answers) if reference.setdefault(i, a) != a]
         if mismatched:
@@ -171,7 +172,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="held-out prompts, and the least requests per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="requests in flight, each measured (the first is the reference)")
-    parser.add_argument("--blackbox-concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=4, help="requests per level: at least this many per slot in flight")
+    parser.add_argument("--blackbox-concurrency", type=int, nargs="*", default=[1, 4],
+                        help="black-box VAS's levels in flight (none: no black-box rows)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="bound on each level's wall time")
     parser.add_argument("--beta", type=float, default=16.0, help="VAS weight on positivity")
@@ -207,8 +210,9 @@ def main(argv=None) -> int:
         white = {}
         run_levels(url, "vas_top20", [1], prompts, args, top20, rows, white)
         rows["vas_c1_top20"] = rows.pop("vas_top20_c1")
-        with vas_serve(data, "--upstream", url, "--upstream-model", "vas", "--upstream-top-k", "20") as front:
-            run_levels(front, "blackbox_vas", args.blackbox_concurrency, prompts, args, top20, rows, {})
+        if args.blackbox_concurrency:
+            with vas_serve(data, "--upstream", url, "--upstream-model", "vas", "--upstream-top-k", "20") as front:
+                run_levels(front, "blackbox_vas", args.blackbox_concurrency, prompts, args, top20, rows, {})
         if args.llamacpp:
             blackbox_through_llamacpp(data, args, prompts, top20, rows)
     ratios = ratios_of(rows, args)
@@ -234,10 +238,10 @@ def ratios_of(rows: dict, args) -> dict[str, float]:
     ratios = {f"{name}_c{c}_vs_c{first}": tps(f"{name}_c{c}") / tps(f"{name}_c{first}")
               for name in ("base", "vas") for c in args.concurrency[1:]}
     ratios[f"vas_vs_base_c{first}"] = tps(f"vas_c{first}") / tps(f"base_c{first}")
-    bb = args.blackbox_concurrency
-    ratios[f"blackbox_vs_whitebox_vas_top20_c{bb[0]}"] = tps(f"blackbox_vas_c{bb[0]}") / tps("vas_c1_top20")
-    ratios |= {f"blackbox_vas_c{c}_vs_c{bb[0]}": tps(f"blackbox_vas_c{c}") / tps(f"blackbox_vas_c{bb[0]}")
-               for c in bb[1:]}
+    if bb := args.blackbox_concurrency:
+        ratios[f"blackbox_vs_whitebox_vas_top20_c{bb[0]}"] = tps(f"blackbox_vas_c{bb[0]}") / tps("vas_c1_top20")
+        ratios |= {f"blackbox_vas_c{c}_vs_c{bb[0]}": tps(f"blackbox_vas_c{c}") / tps(f"blackbox_vas_c{bb[0]}")
+                   for c in bb[1:]}
     if "blackbox_llamacpp_vas_c1" in rows:
         ratios["blackbox_llamacpp_vs_whitebox_vas_top20_c1"] = tps("blackbox_llamacpp_vas_c1") / tps("vas_c1_top20")
     return ratios

@@ -303,8 +303,9 @@ def serving_section(serving: dict | None) -> str:
                      and key.rsplit("_c", 1)[1].isdigit()})
     if len(levels) > 1 and all("latency_p50_s" in rows.get(f"{name}_c{c}", {}) for name in ("base", "vas")
                                for c in levels):
-        lines += ["\nThe load test: streamed requests, that many in flight at a time (max(prompts, 2 x in flight) "
-                  "requests per level); every answer equals the same request's at the other levels.\n",
+        lines += [f"\nThe load test: streamed requests, that many in flight at a time (max(prompts, "
+                  f"{settings.get('rounds', '?')} x in flight) requests per level); every answer equals the same "
+                  "request's at the other levels.\n",
                   "| in flight | base tokens/s | vs 1 | VAS tokens/s | vs 1 | base TTFT p50 | base latency p50 / p99 "
                   "| VAS latency p50 / p99 |", "|---|---|---|---|---|---|---|---|"]
         first = {name: rows[f"{name}_c{levels[0]}"]["tokens_per_s"] for name in ("base", "vas")}

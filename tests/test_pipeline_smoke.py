@@ -301,10 +301,10 @@ def test_serving_benchmark_measures_each_concurrency_and_the_black_box(smoke_wor
     # --llamacpp auto: the smoke base model was not converted from a GGUF, so no llama.cpp row.
     assert set(result["rows"]) == {"base_c1", "base_c3", "vas_c1", "vas_c3", "vas_c1_top20", "blackbox_vas_c1",
                                    "blackbox_vas_c4"}
-    # max(prompts, 2 x in flight) requests per level, every one answered and timed.
+    # max(prompts, 4 x in flight) requests per level, every one answered and timed.
     assert {k: r["requests"] for k, r in result["rows"].items()} == {
-        "base_c1": 3, "base_c3": 6, "vas_c1": 3, "vas_c3": 6, "vas_c1_top20": 3, "blackbox_vas_c1": 3,
-        "blackbox_vas_c4": 8}
+        "base_c1": 4, "base_c3": 12, "vas_c1": 4, "vas_c3": 12, "vas_c1_top20": 4, "blackbox_vas_c1": 4,
+        "blackbox_vas_c4": 16}
     assert all(row["tokens_per_s"] > 0 and 0 < row["ttft_p50_s"] <= row["latency_p99_s"]
                for row in result["rows"].values())
     assert set(result["ratios"]) == {"base_c3_vs_c1", "vas_c3_vs_c1", "vas_vs_base_c1",
