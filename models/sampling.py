@@ -133,8 +133,8 @@ class CachedLM:
     def _keep(self, out) -> None:
         self.cache = out.past_key_values
         self.last_hidden_logits = out.logits[:, -1, :]        # (B, V)
-        if self.keep_hidden:
-            self.last_hidden = out.hidden_states[-1][:, -1, :]   # after the final norm, as the body returns it
+        # After the final norm, as the body returns it; None when not kept (never a stale step's).
+        self.last_hidden = out.hidden_states[-1][:, -1, :] if self.keep_hidden else None
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,), return next-token logits (B, V)."""

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 32             # rows decoding at once (not tuned; the load test gains little from 16 to 64 in flight)
 MAX_KV_TOKENS = 65_536    # prompt + max_tokens reserved per row, summed over the running rows
+# Intra-op threads of torch in the scheduler's (and any non-main) thread. OpenMP teams started from
+# a thread other than the main one cost more than they give here: one forward of the default
+# world's base took 4.3 ms with 2 threads and 1.9 ms with 1 (1.7 ms with 2 in the main thread);
+# SmolLM2-135M at 8 rows 108 ms against 97. The main thread keeps its own setting.
+WORKER_TORCH_THREADS = 1
 # Work asked for between steps (scoring finished requests) waits up to this many decode steps, so
 # the requests finishing close together share it; it runs at once when nothing is decoding.
 TASK_DELAY_STEPS = 8
@@ -82,18 +87,24 @@ class ValueRows:
 
 
 def join_lm(lm: CachedLM, other: CachedLM) -> None:
-    """Append other's rows (same model, its own prompts) after lm's."""
+    """Append other's rows (same model, its own prompts) after lm's. Where only one side kept its
+    hidden states, the other's rows get zeros: rows that no head reads (see Scheduler._hidden)."""
     lm.mask = join_rows(lm.cache, lm.mask, other.cache, other.mask)
     lm.last_hidden_logits = torch.cat([lm.last_hidden_logits, other.last_hidden_logits])
-    if lm.keep_hidden:
-        lm.last_hidden = torch.cat([lm.last_hidden, other.last_hidden])
+    if lm.last_hidden is not None or other.last_hidden is not None:
+        like = lm.last_hidden if lm.last_hidden is not None else other.last_hidden
+        mine = lm.last_hidden if lm.last_hidden is not None else like.new_zeros((len(lm.mask) - len(other.mask),
+                                                                                 like.shape[1]))
+        theirs = other.last_hidden if other.last_hidden is not None else like.new_zeros((len(other.mask),
+                                                                                         like.shape[1]))
+        lm.last_hidden = torch.cat([mine, theirs])
 
 
 def keep_lm(lm: CachedLM, index: torch.Tensor) -> None:
     """Keep only rows `index` (1D long) of lm, in their order."""
     lm.mask = keep_rows(lm.cache, lm.mask, index)
     lm.last_hidden_logits = lm.last_hidden_logits[index]
-    if lm.keep_hidden:
+    if lm.last_hidden is not None:
         lm.last_hidden = lm.last_hidden[index]
 
 
@@ -182,6 +193,7 @@ class Scheduler:
     # ------------------------------------------------------------------ the scheduler thread
 
     def _loop(self) -> None:
+        torch.set_num_threads(WORKER_TORCH_THREADS)      # this thread's OpenMP setting only
         while True:
             with self._cv:
                 while not (self.waiting or self.jobs or self.tasks or self.closed):
@@ -243,7 +255,10 @@ class Scheduler:
         """The jobs' prompts through the base model and through each value model they steer with,
         left padded together (nothing of the running batch changes yet)."""
         ids, mask = left_pad([row for job in jobs for row in job.ids], self.tokenizer.pad_token_id)
-        lm = CachedLM(self.base, ids.to(self.device), mask.to(self.device), keep_hidden=True)
+        # The base's hidden states only where a head on its own body reads them: asking for them
+        # puts hooks on every module call of the forward (transformers' output capturing).
+        shared = any(shared for _, shared in _models_of(jobs).values())
+        lm = CachedLM(self.base, ids.to(self.device), mask.to(self.device), keep_hidden=shared)
         states = {}
         for key, (model, shared) in _models_of(jobs).items():
             if not shared:
@@ -268,6 +283,7 @@ class Scheduler:
                 self.lm = lm
             else:
                 join_lm(self.lm, lm)
+            self.lm.keep_hidden = self._hidden()
         except Exception as err:               # half-joined caches: start over
             for job in jobs:
                 job.future.set_exception(err)
@@ -278,6 +294,11 @@ class Scheduler:
             if job.watch is not None:
                 job.watch.start(job.rows)
             self.jobs.append(job)
+
+    def _hidden(self) -> bool:
+        """Whether a running request steers with a head on the base's own body (it reads the base's
+        last hidden state, so the next step must keep it)."""
+        return any(rows.shared for rows in self.values.values())
 
     def _rows_of(self, key: int | None = None) -> list[tuple[Job, slice]]:
         """(job, its rows) in the base batch, or in value model `key`'s rows."""
@@ -346,6 +367,7 @@ class Scheduler:
         for job in self.jobs:
             if job.watch is not None:
                 job.watch.tokens(fed[id(job)].tolist())
+        self.lm.keep_hidden = self._hidden()
         self.lm.step(torch.cat([fed[id(job)] for job in self.jobs]))
         for key, rows in self.values.items():
             if not rows.shared:

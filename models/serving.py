@@ -176,6 +176,11 @@ class Engine:
         """The /v1/completions response body of a prepared request. watch: told each decode step's
         tokens (streaming). timeout: seconds the decode may take (then TimeoutError)."""
         values = self.values      # this request's version, whatever a later refresh does
+        if self.upstream is not None and threading.current_thread() is not threading.main_thread():
+            import torch
+
+            from models.scheduler import WORKER_TORCH_THREADS
+            torch.set_num_threads(WORKER_TORCH_THREADS)     # black-box decodes in the request's thread
         if req.logprobs is not None:
             watch = LogprobRecorder(self.tokenizer, req.logprobs)
         sampling, vas = decode_configs(seed=req.seed, temperature=req.temperature, max_new_tokens=req.max_tokens,
