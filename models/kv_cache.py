@@ -56,3 +56,26 @@ def keep_rows(cache, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         layer.keys = layer.keys[index, :, first:]
         layer.values = layer.values[index, :, first:]
     return mask[:, first:]
+
+
+def join_lm(lm, other) -> None:
+    """Append the rows of `other`, a models.sampling.CachedLM of the same model over its own
+    prompts, after lm's. Where only one side kept its
+    hidden states, the other's rows get zeros: rows that no head reads (models.scheduler.Scheduler._hidden)."""
+    lm.mask = join_rows(lm.cache, lm.mask, other.cache, other.mask)
+    lm.last_hidden_logits = torch.cat([lm.last_hidden_logits, other.last_hidden_logits])
+    if lm.last_hidden is not None or other.last_hidden is not None:
+        like = lm.last_hidden if lm.last_hidden is not None else other.last_hidden
+        mine = lm.last_hidden if lm.last_hidden is not None else like.new_zeros((len(lm.mask) - len(other.mask),
+                                                                                 like.shape[1]))
+        theirs = other.last_hidden if other.last_hidden is not None else like.new_zeros((len(other.mask),
+                                                                                         like.shape[1]))
+        lm.last_hidden = torch.cat([mine, theirs])
+
+
+def keep_lm(lm, index: torch.Tensor) -> None:
+    """Keep only rows `index` (1D long) of lm, in their order."""
+    lm.mask = keep_rows(lm.cache, lm.mask, index)
+    lm.last_hidden_logits = lm.last_hidden_logits[index]
+    if lm.last_hidden is not None:
+        lm.last_hidden = lm.last_hidden[index]

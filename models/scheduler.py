@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from models.kv_cache import join_rows, keep_rows
+from models.kv_cache import join_lm, join_rows, keep_lm, keep_rows
 from models.sampling import CachedLM, Draws, Generation, SamplingConfig, StepLogits, encode_prompts, left_pad
 from models.value_model import ValueDecodeState
 from models.vas import ValueGuidance, VASConfig
@@ -84,28 +84,6 @@ class ValueRows:
     model: object
     shared: bool
     state: object = None      # models.value_model.ValueDecodeState over its rows (None when shared)
-
-
-def join_lm(lm: CachedLM, other: CachedLM) -> None:
-    """Append other's rows (same model, its own prompts) after lm's. Where only one side kept its
-    hidden states, the other's rows get zeros: rows that no head reads (see Scheduler._hidden)."""
-    lm.mask = join_rows(lm.cache, lm.mask, other.cache, other.mask)
-    lm.last_hidden_logits = torch.cat([lm.last_hidden_logits, other.last_hidden_logits])
-    if lm.last_hidden is not None or other.last_hidden is not None:
-        like = lm.last_hidden if lm.last_hidden is not None else other.last_hidden
-        mine = lm.last_hidden if lm.last_hidden is not None else like.new_zeros((len(lm.mask) - len(other.mask),
-                                                                                 like.shape[1]))
-        theirs = other.last_hidden if other.last_hidden is not None else like.new_zeros((len(other.mask),
-                                                                                         like.shape[1]))
-        lm.last_hidden = torch.cat([mine, theirs])
-
-
-def keep_lm(lm: CachedLM, index: torch.Tensor) -> None:
-    """Keep only rows `index` (1D long) of lm, in their order."""
-    lm.mask = keep_rows(lm.cache, lm.mask, index)
-    lm.last_hidden_logits = lm.last_hidden_logits[index]
-    if lm.last_hidden is not None:
-        lm.last_hidden = lm.last_hidden[index]
 
 
 def _pad_columns(top: torch.Tensor, k: int) -> torch.Tensor:
@@ -427,40 +405,3 @@ def _models_of(jobs: list[Job]) -> dict[int, tuple]:
 
 def _index(slices: list[slice], device) -> torch.Tensor:
     return torch.cat([torch.arange(sl.start, sl.stop) for sl in slices]).to(device)
-
-
-class BatchedScoring:
-    """score(prompts, completions) -> {reward: scores}, with the texts of every caller waiting at
-    once scored in one call, on the scheduler's thread between two decode steps (Scheduler.soon):
-    the requests that finish close together in the running batch are scored in one forward per
-    reward model, not one each, and no second thread competes with the decode for the interpreter."""
-
-    def __init__(self, score, scheduler: Scheduler):
-        self.score, self.scheduler = score, scheduler
-        self.waiting: list[tuple[list, list, Future]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> dict[str, list[float]]:
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        future = Future()
-        with self._lock:
-            self.waiting.append((list(prompts), list(completions), future))
-            first = len(self.waiting) == 1      # else a drain is already due to take this one too
-        if first:
-            self.scheduler.soon(self._drain)
-        return future.result()
-
-    def _drain(self) -> None:
-        with self._lock:
-            calls, self.waiting = self.waiting, []
-        try:
-            scores = self.score([p for ps, _, _ in calls for p in ps], [c for _, cs, _ in calls for c in cs])
-        except Exception as err:
-            for _, _, future in calls:
-                future.set_exception(err)
-            return
-        start = 0
-        for prompts, _, future in calls:
-            future.set_result({name: list(values[start:start + len(prompts)]) for name, values in scores.items()})
-            start += len(prompts)

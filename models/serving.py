@@ -66,8 +66,9 @@ class Engine:
         the local base model's weights are then never loaded, only its tokenizer (the value models').
         max_batch_rows, max_batch_tokens: the bounds of the running batch (models.scheduler's
         MAX_ROWS and MAX_KV_TOKENS when None)."""
+        from models.batched_scoring import BatchedScoring
         from models.lm import load_frozen_base, pick_device
-        from models.scheduler import MAX_KV_TOKENS, MAX_ROWS, BatchedScoring, Scheduler
+        from models.scheduler import MAX_KV_TOKENS, MAX_ROWS, Scheduler
 
         self.data_dir = Path(data_dir)
         self.model_id = model_id

@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from models.kv_cache import join_rows, keep_rows
+from models.kv_cache import join_lm, join_rows, keep_lm, keep_rows
 from models.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad
-from models.scheduler import Scheduler, join_lm, keep_lm
+from models.scheduler import Scheduler
 from models.vas import VASConfig, vas_sample
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "Great"]
