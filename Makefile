@@ -103,7 +103,7 @@ clean-data:
 ## profile) also gets black-box VAS through llama.cpp serving that file, and `make run` measures it
 ## there (about 5 min, short requests).
 BENCH_SERVE_ARGS := --data-dir $(RUN_DATA_DIR) --profile $(PROFILE) --llamacpp auto \
-	$(if $(filter real,$(PROFILE)),--requests 8 --max-tokens 24 --concurrency 1 4)
+	$(if $(filter real,$(PROFILE)),--requests 8 --max-tokens 24 --concurrency 1 4 --blackbox-concurrency 1)
 bench-serve: setup $(if $(filter default,$(PROFILE)),,llamacpp)
 	$(BIN)/python bench/serve.py $(BENCH_SERVE_ARGS)
 
