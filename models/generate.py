@@ -154,6 +154,6 @@ def decode_rows(base, tokenizer, prompts: Sequence[str], value_models: Mapping, 
                                                      gen.completion_ids, gen.base_logprobs)]
     score = score or (lambda prompts, completions: score_all(scorers, prompts, completions))
     for name, scores in score([r["prompt"] for r in rows], [r["completion"] for r in rows]).items():
-        for row, score in zip(rows, scores):
-            row[f"learned_{name}"] = score
+        for row, value in zip(rows, scores):
+            row[f"learned_{name}"] = value
     return rows

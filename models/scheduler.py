@@ -235,10 +235,11 @@ class Scheduler:
         ids, mask = left_pad([row for job in jobs for row in job.ids], self.tokenizer.pad_token_id)
         # The base's hidden states only where a head on its own body reads them: asking for them
         # puts hooks on every module call of the forward (transformers' output capturing).
-        shared = any(shared for _, shared in _models_of(jobs).values())
-        lm = CachedLM(self.base, ids.to(self.device), mask.to(self.device), keep_hidden=shared)
+        models = _models_of(jobs)
+        lm = CachedLM(self.base, ids.to(self.device), mask.to(self.device),
+                      keep_hidden=any(shared for _, shared in models.values()))
         states = {}
-        for key, (model, shared) in _models_of(jobs).items():
+        for key, (model, shared) in models.items():
             if not shared:
                 rows = [row for job in jobs if key in _keys(job) for row in job.ids]
                 v_ids, v_mask = left_pad(rows, self.tokenizer.pad_token_id)
@@ -282,7 +283,7 @@ class Scheduler:
         """(job, its rows) in the base batch, or in value model `key`'s rows."""
         out, offset = [], 0
         for job in self.jobs:
-            if key is None or any(id(model) == key for _, model, _ in job.guidance.active):
+            if key is None or key in _keys(job):
                 out.append((job, slice(offset, offset + job.rows)))
                 offset += job.rows
         return out

@@ -210,19 +210,18 @@ class Engine:
             info["upstream"] = {"base_url": self.upstream.config.base_url, "model": self.upstream.config.model,
                                 "requests": requests, "prompt_tokens_sent": sent,
                                 "requests_per_token": requests / max(completion_tokens, 1)}
-        info["timing"] = req.timing["summary"] = timing_summary(req.timing, [row["n_tokens"] for row in rows])
-        req.timing["completion_tokens"] = completion_tokens
-        response = {**req.head, "choices": choices,
-                    "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": req.prompt_tokens + completion_tokens},
-                    "vas": info}
-        return response
+        info["timing"] = timing_summary(req.timing, [row["n_tokens"] for row in rows])
+        return {**req.head, "choices": choices,
+                "usage": {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": req.prompt_tokens + completion_tokens},
+                "vas": info}
 
-    def stream(self, req: Request, emit: Callable[[dict], None], timeout: float | None = None) -> None:
+    def stream(self, req: Request, emit: Callable[[dict], None], timeout: float | None = None) -> dict:
         """Decode a prepared request, emitting OpenAI stream chunks as tokens are drawn: per choice the
         text each token adds (held back while it ends in half a UTF-8 character or in what may begin
         a stop string), then a last chunk per choice with the rest of its text, finish_reason and vas
-        fields, then one with the usage. Chat requests get chat.completion.chunk deltas."""
+        fields, then one with the usage. Chat requests get chat.completion.chunk deltas. Returns the
+        whole /v1/completions response the chunks added up to."""
         if req.chat:
             opened, plain = set(), emit
             emit = lambda chunk: plain(as_chat_chunk(chunk, opened))     # noqa: E731
@@ -232,6 +231,7 @@ class Engine:
             rest = choice["text"][len(tokens.sent.get(choice["index"], "")):]
             emit({**req.head, "choices": [{**choice, "text": rest, "vas": {**choice["vas"], **response["vas"]}}]})
         emit({**req.head, "choices": [], "usage": response["usage"]})
+        return response
 
 
 def timing_summary(timing: dict, row_tokens: list[int]) -> dict:

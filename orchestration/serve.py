@@ -166,8 +166,7 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
 
         async def decode():
             try:
-                await in_thread(eng.stream, req, emit, options.request_timeout)
-                metrics.finished_stream(req)
+                metrics.finished(await in_thread(eng.stream, req, emit, options.request_timeout), chat)
             except TimeoutError as err:
                 emit(timed_out(err).body())
             except Exception as err:

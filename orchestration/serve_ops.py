@@ -94,17 +94,12 @@ class ServerMetrics:
         self.rejections.labels(reason=reason).inc()
 
     def finished(self, response: dict, chat: bool) -> None:
+        """A response answered (streamed or not): its /v1/completions body, as Engine returns it."""
         self.success.labels(endpoint="chat" if chat else "completions").inc()
         usage = response["usage"]
         self.prompt_tokens.inc(usage["prompt_tokens"])
         self.generation_tokens.inc(usage["completion_tokens"])
         self.observe(response["vas"].get("timing") or {})
-
-    def finished_stream(self, req) -> None:
-        self.success.labels(endpoint="chat" if req.chat else "completions").inc()
-        self.prompt_tokens.inc(req.prompt_tokens)
-        self.generation_tokens.inc(req.timing.get("completion_tokens", 0))
-        self.observe(req.timing.get("summary") or {})
 
     def observe(self, timing: dict) -> None:
         if timing.get("time_to_first_token_s") is not None:
