@@ -159,23 +159,14 @@ def llamacpp_gpt2(bpe_gpt2_dir, llamacpp):
     return {"model_dir": bpe_gpt2_dir, "server": llamacpp(bpe_gpt2_dir)}
 
 
-def randomized(model, seed: int, std: float = 0.3):
-    """A value model with a random (non-zero) head: a zero head steers nothing."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
-        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def steering_world(tiny_gpt2):
     """A tiny random base with a BPE tokenizer and value models of every kind the server steers with:
     a scalar and a distributional model on backbones of their own, and a qhead on the base's own body."""
     import copy
     import types
+
+    from random_heads import randomized
 
     from models.corpus import CorpusConfig, generate_corpus
     from models.distributional import Support

@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from random_heads import randomized
 
 from models.corpus import CorpusConfig, generate_corpus
 from models.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
@@ -19,12 +20,7 @@ PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and
 
 def value_model_from(base_dir, parameterization: str, seed: int, std: float) -> ValueModel:
     """A value model with a random (non-zero) head, or every steering test would be trivial."""
-    model = ValueModel.from_base(base_dir, parameterization)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=gen) * std)
-        model.head.bias.copy_(torch.randn(model.head.bias.shape, generator=gen) * std)
-    return model.eval()
+    return randomized(ValueModel.from_base(base_dir, parameterization), seed, std)
 
 
 @pytest.fixture(scope="module")
