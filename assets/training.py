@@ -114,6 +114,33 @@ def _backbone(settings, params) -> str | None:
     return str(backbone_init_dir(params["backbone_init"], base_dir, None, params["backbone"]))
 
 
+def human_rows(run: StageRun, tokenizer, df: pd.DataFrame, stats: dict) -> pd.DataFrame | None:
+    """value_models.extra_human_continuations: that many human continuations (every one when -1;
+    None when 0) of the snippets no eval prompt was cut from, in the rollouts' columns and token
+    budget, scored by every reward model: more distinct prompts for the extra value models, which
+    fit every prefix (models/human_continuations.py)."""
+    n = run.params["extra_human_continuations"]
+    if not n:
+        return None
+    from assets.synthesis import HUMAN_SNIPPETS
+    from models.human_continuations import human_continuations
+    from models.reward_model import load_reward_models
+
+    source = run.path("prompts") / HUMAN_SNIPPETS
+    if not source.is_file():
+        raise FileNotFoundError(f"value_models.extra_human_continuations is {n}, but {source} is missing: it is "
+                                f"written by a prompts asset that cuts human-rated snippets (prompts.snippets)")
+    snippets = pd.read_parquet(source)
+    rows = human_continuations(snippets, tokenizer, run.params["rollouts"]["max_new_tokens"],
+                               n=None if n < 0 else n, seed=run.params["seed"],
+                               exclude=set(snippets.snippet_id[snippets.split == "eval"]))
+    scorers = load_reward_models(run.path("reward_models"))
+    for attribute in run.params["extra_attributes"] or stats:
+        rows[f"learned_{attribute}"] = scorers[attribute](rows.prompt.tolist(), rows.completion.tolist())
+    run.log.info(f"{len(rows)} human continuations beside {len(df)} rollouts for the extra value models")
+    return rows[[c for c in df.columns if c in rows.columns]]
+
+
 @pipeline_asset("value_models", ValueModelsConfig, sources=_backbone, on_reuse=keep_value_model_version,
                 group_name="training",
                 kinds={"pytorch"}, pool="gpu", op_tags=GPU_OP_TAGS,
@@ -168,6 +195,7 @@ def value_models(run: StageRun) -> Produced:
         raise ValueError(f"value_models.default_parameterization {preferred!r} names no value model trained here; "
                          f"trained: {', '.join(saved)}")
     base = None                               # the frozen base, loaded when a head is distilled onto it
+    human = human_rows(run, tokenizer, df, stats)
 
     def save(model, name: str, parameterization: str, result: dict, loss: str, **meta) -> None:
         """A value model, its vas_value.json, and its metrics under its name."""
@@ -198,8 +226,11 @@ def value_models(run: StageRun) -> Produced:
                 extra = {} if parameterization == primary else {
                     **({} if params["extra_train_steps"] is None else {"train_steps": params["extra_train_steps"]}),
                     **params["extra_config"]}
-                train_config = run.config_for(ValueTrainConfig, ignore=VALUE_MODELS_OWN_KEYS,
+                train_config = run.config_for(ValueTrainConfig, ignore=(*VALUE_MODELS_OWN_KEYS, "rollouts"),
                                               parameterization=parameterization, **extra)
+                train_data = data if human is None or parameterization == primary else \
+                    training_rollouts(pd.concat([df, human], ignore_index=True), f"learned_{attribute}",
+                                      tokenizer.eos_token_id, stats[attribute])
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute, params["backbone"],
                                              run.path("value_backbone"))
@@ -207,12 +238,13 @@ def value_models(run: StageRun) -> Produced:
                 start = reward_model_start(run.path("reward_models") / attribute, stats[attribute],
                                            AutoConfig.from_pretrained(model_dir).vocab_size) \
                     if params["head_init"] == "reward_model" and parameterization == "scalar" else None
-                model, result = train_value_model(data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
+                model, result = train_value_model(train_data, init_dir, train_config, pad_id=tokenizer.pad_token_id,
                                                   device=str(device), checkpoint_dir=checkpoints / name,
                                                   progress=run.log.info, init_model=start)
                 trained[parameterization] = model
                 save(model, name, parameterization, result, "td_loss",
-                     train_config=train_config.__dict__ | {"prefix_lengths": list(train_config.prefix_lengths)})
+                     train_config=train_config.__dict__ | {"prefix_lengths": list(train_config.prefix_lengths)},
+                     human_continuations=len(train_data) - len(data))
                 run.log.info(f"value model {name}: held-out corr(V(prefix), reward) "
                              + ", ".join(f"{k.removeprefix('corr_prefix_')}: {v:.2f}" for k, v in result.items()
                                          if k.startswith("corr_prefix_")))

@@ -17,10 +17,15 @@ Candidates (--candidates picks some):
 - reward_mc_more: reward_mc on the rollouts plus --extra-samples pi0 samples of each of
   --extra-prompts more openings (human snippets no prompt uses, from prompts/human_snippets.parquet;
   never an eval prompt's): more distinct prompts;
+- reward_mc_human: reward_mc on the rollouts plus the human continuations of --human-snippets
+  snippets no eval prompt was cut from (models/human_continuations.py): every prefix of a
+  human-written review labelled by the learned reward of the whole text, off-policy Monte-Carlo
+  targets as RAD trains its prefix scorer; thousands of distinct openings at no sampling cost;
 - scalar: the saved scalar value model (value_models/<attribute>.scalar), the profile's choice;
 - distilled: a factorized per-token head on the frozen base's hidden states, fitted to that scalar's
   values (or, with reward_mc among the candidates, to that reward_mc's) of pi0's top-k at every
-  state of the rollouts (models/distill.py; --distill-* options): one forward per token instead of
+  state of the rollouts (models/distill.py; --distill-* options; --distill-teacher picks which
+  trained candidate teaches): one forward per token instead of
   the scalar's k + 1 value forwards.
 
 --seeds 0 1 2 trains every trained candidate once per seed on the same rollouts and measures each on
@@ -44,7 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_mc_more", "scalar", "distilled")
+CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_mc_more", "reward_mc_human", "scalar",
+              "distilled")
 
 
 def reward_start(world, trainable: bool):
@@ -79,7 +85,22 @@ def extra_rollouts(world, n_prompts: int, samples: int):
     return df
 
 
-def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=None, extra=None):
+def human_rollouts(world, n: int | None):
+    """Scored human continuations (models/human_continuations.py) of snippets no eval prompt uses."""
+    import pandas as pd
+
+    from models.human_continuations import human_continuations
+
+    snippets = pd.read_parquet(world.data / "prompts" / "human_snippets.parquet")
+    start = time.perf_counter()
+    df = human_continuations(snippets, world.tokenizer, world.profile["rollouts"]["max_new_tokens"], n=n,
+                             seed=world.profile["seed"], exclude=set(snippets.snippet_id[snippets.split == "eval"]))
+    df[f"learned_{world.attribute}"] = world.scorer(df.prompt.tolist(), df.completion.tolist())
+    print(f"  {len(df)} human continuations scored in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return df
+
+
+def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=None, extra=None, steps=None):
     """A scalar value model fitted on the world's rollouts (and extra ones) with training seed
     `seed`; (model, seconds)."""
     import pandas as pd
@@ -91,7 +112,7 @@ def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=N
 
     params = {k: v for k, v in world.profile["value_models"].items() if k != "freeze_backbone"}
     config = config_from(ValueTrainConfig, {**params, "seed": seed}, "value_models",
-                         ignore=VALUE_MODELS_OWN_KEYS, parameterization="scalar", train_steps=args.steps,
+                         ignore=VALUE_MODELS_OWN_KEYS, parameterization="scalar", train_steps=steps or args.steps,
                          learning_rate=args.lr, lam=lam, batch_size=args.batch_size,
                          micro_batch_size=args.batch_size, freeze_backbone=False)
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
@@ -129,10 +150,13 @@ def build(world, name: str, args, seed: int, built: dict, targets: list):
         extra = extra_rollouts(world, args.extra_prompts, args.extra_samples)
         return train_scalar(world, args, lam=1.0, seed=seed, init_model=reward_start(world, trainable=True),
                             extra=extra)
+    if name == "reward_mc_human":
+        return train_scalar(world, args, lam=1.0, seed=seed, init_model=reward_start(world, trainable=True),
+                            extra=human_rollouts(world, args.human_snippets or None), steps=args.human_steps)
     if name == "scalar":
         return ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar")), 0.0
     if name == "distilled":
-        return distilled(world, args, seed, targets, teacher=built.get("reward_mc"))
+        return distilled(world, args, seed, targets, teacher=built.get(args.distill_teacher))
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
 
 
@@ -260,6 +284,11 @@ def main(argv=None) -> int:
     parser.add_argument("--continuations", type=int, default=16)
     parser.add_argument("--extra-prompts", type=int, default=768, help="reward_mc_more: openings added")
     parser.add_argument("--extra-samples", type=int, default=2, help="reward_mc_more: pi0 samples of each")
+    parser.add_argument("--human-snippets", type=int, default=0,
+                        help="reward_mc_human: human continuations added (0: every snippet no eval prompt uses)")
+    parser.add_argument("--human-steps", type=int, default=None, help="reward_mc_human: training steps (default --steps)")
+    parser.add_argument("--distill-teacher", default="reward_mc", choices=CANDIDATES,
+                        help="distilled: the trained candidate it is fitted to (the saved scalar when not built)")
     parser.add_argument("--betas", type=float, nargs="*", default=[], help="decode each candidate at these betas")
     parser.add_argument("--top-k", type=int, default=None, help="decoding top-k (default: the profile's)")
     parser.add_argument("--distill-rank", type=int, default=64, help="distilled: rank of the head")

@@ -63,9 +63,12 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     # A GPT-2 a fraction of the base model's size, on the base tokenizer: what value models start from.
     Stage("value_backbone", "value_backbone", upstream=("corpus", "base_model"), section="value_backbone",
           code=("models/lm.py", "models/train_utils.py", "assets/training.py")),
-    Stage("value_models", "value_models", upstream=("rollouts", "base_model", "reward_models", "value_backbone"),
-          section="value_models", versions="value_model_versions",
-          code=("models/distributional.py", "models/value_model.py", "models/value_store.py",
+    # prompts: the human continuations of the snippets it cut (value_models.extra_human_continuations),
+    # within the rollouts' token budget.
+    Stage("value_models", "value_models",
+          upstream=("rollouts", "base_model", "reward_models", "value_backbone", "prompts"),
+          section="value_models", versions="value_model_versions", also_params=("rollouts",),
+          code=("models/distributional.py", "models/human_continuations.py", "models/value_model.py", "models/value_store.py",
                 "models/value_training.py", "models/td.py", "models/train_utils.py", "models/reward_guidance.py",
                 "models/reward_model.py", "models/distill.py", "assets/training.py")),
     Stage("evaluation", "eval", upstream=("base_model", "prompts", "reward_models", "value_models", "dpo_model"),

@@ -11,7 +11,7 @@ META_FILE = "vas_value.json"
 # value_models params the value_models asset reads itself; the rest configure ValueTrainConfig.
 VALUE_MODELS_OWN_KEYS = ("extra_parameterizations", "extra_attributes", "extra_train_steps", "backbone_init",
                          "backbone", "head_init", "extra_config", "distill_from", "distill",
-                         "default_parameterization")
+                         "default_parameterization", "extra_human_continuations")
 # The parameterization vas_value.json names for a per-token head distilled from another value model
 # (value_models.distill_from; models/distill.py), saved as <attribute>.distilled (or as <attribute>
 # where value_models.default_parameterization names it).

@@ -127,7 +127,8 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     smoke["preference_pairs"]["snippet_pairs"] = {"positivity": 40}
     smoke["reward_models"]["base_layers"] = 1
     smoke["value_backbone"]["base_layers"] = 1
-    smoke["value_models"].update(backbone_init="base", freeze_backbone=True, default_parameterization="distilled")
+    smoke["value_models"].update(backbone_init="base", freeze_backbone=True, default_parameterization="distilled",
+                                 extra_human_continuations=30)
     smoke["dpo"]["skip"] = "too slow for this test"
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
@@ -176,6 +177,10 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
         "positivity": "distilled", "positivity.distributional_qhead": "distributional_qhead",
         "positivity.scalar": "scalar", "conciseness": "distributional_qhead"}
     assert metas["positivity"]["teacher"] == "positivity.scalar"
+    # The scalar teacher fits every prefix of 30 human continuations beside the rollouts; the
+    # primary head fits the rollouts alone.
+    assert metas["positivity.scalar"]["human_continuations"] == 30
+    assert metas["positivity.distributional_qhead"]["human_continuations"] == 0
     assert value_model_folder(root, "positivity", "distributional_qhead") == root / "positivity.distributional_qhead"
     vas = pd.read_parquet(data_dir / "eval" / "summary.parquet").query("method == 'vas'")
     assert set(vas.param_parameterization) >= {"distilled", "scalar", "distributional_qhead"}
