@@ -290,6 +290,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-teacher", default="reward_mc", choices=CANDIDATES,
                         help="distilled: the trained candidate it is fitted to (the saved scalar when not built)")
     parser.add_argument("--betas", type=float, nargs="*", default=[], help="decode each candidate at these betas")
+    parser.add_argument("--decode-candidates", nargs="+", default=None, choices=CANDIDATES,
+                        help="decode only these candidates at --betas (default: every one)")
     parser.add_argument("--top-k", type=int, default=None, help="decoding top-k (default: the profile's)")
     parser.add_argument("--distill-rank", type=int, default=64, help="distilled: rank of the head")
     parser.add_argument("--distill-steps", type=int, default=2000, help="distilled: fitting steps")
@@ -353,6 +355,8 @@ def main(argv=None) -> int:
                        "train_min"]))
     points = []
     for name, model in models.items():
+        if args.decode_candidates and candidate_of[name] not in args.decode_candidates:
+            continue
         for beta in args.betas:
             points.append({"candidate": name, "seed": seed_of[name], **decode(world, model, beta, top_k)})
             print(f"decoded {name} beta {beta}: {points[-1]}", flush=True)
