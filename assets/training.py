@@ -123,20 +123,17 @@ def human_rows(run: StageRun, tokenizer, df: pd.DataFrame, stats: dict) -> pd.Da
     if not n:
         return None
     from assets.synthesis import HUMAN_SNIPPETS
-    from models.human_continuations import human_continuations
+    from models.human_continuations import scored_human_continuations
     from models.reward_model import load_reward_models
 
     source = run.path("prompts") / HUMAN_SNIPPETS
     if not source.is_file():
         raise FileNotFoundError(f"value_models.extra_human_continuations is {n}, but {source} is missing: it is "
                                 f"written by a prompts asset that cuts human-rated snippets (prompts.snippets)")
-    snippets = pd.read_parquet(source)
-    rows = human_continuations(snippets, tokenizer, run.params["rollouts"]["max_new_tokens"],
-                               n=None if n < 0 else n, seed=run.params["seed"],
-                               exclude=set(snippets.snippet_id[snippets.split == "eval"]))
     scorers = load_reward_models(run.path("reward_models"))
-    for attribute in run.params["extra_attributes"] or stats:
-        rows[f"learned_{attribute}"] = scorers[attribute](rows.prompt.tolist(), rows.completion.tolist())
+    rows = scored_human_continuations(pd.read_parquet(source), tokenizer, run.params["rollouts"]["max_new_tokens"],
+                                      {a: scorers[a] for a in run.params["extra_attributes"] or stats},
+                                      n=None if n < 0 else n, seed=run.params["seed"])
     run.log.info(f"{len(rows)} human continuations beside {len(df)} rollouts for the extra value models")
     return rows[[c for c in df.columns if c in rows.columns]]
 

@@ -89,13 +89,12 @@ def human_rollouts(world, n: int | None):
     """Scored human continuations (models/human_continuations.py) of snippets no eval prompt uses."""
     import pandas as pd
 
-    from models.human_continuations import human_continuations
+    from models.human_continuations import scored_human_continuations
 
     snippets = pd.read_parquet(world.data / "prompts" / "human_snippets.parquet")
     start = time.perf_counter()
-    df = human_continuations(snippets, world.tokenizer, world.profile["rollouts"]["max_new_tokens"], n=n,
-                             seed=world.profile["seed"], exclude=set(snippets.snippet_id[snippets.split == "eval"]))
-    df[f"learned_{world.attribute}"] = world.scorer(df.prompt.tolist(), df.completion.tolist())
+    df = scored_human_continuations(snippets, world.tokenizer, world.profile["rollouts"]["max_new_tokens"],
+                                    {world.attribute: world.scorer}, n=n, seed=world.profile["seed"])
     print(f"  {len(df)} human continuations scored in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     return df
 

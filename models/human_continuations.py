@@ -17,6 +17,8 @@ ending is not pi0's EOS.
 
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 import numpy as np
 import pandas as pd
 
@@ -56,3 +58,17 @@ def human_continuations(usable: pd.DataFrame, tokenizer, max_new_tokens: int, n:
         "finished": np.zeros(len(pool), dtype=bool),
         "n_tokens": np.array([len(ids) for ids in completion_ids], dtype=np.int64),
     })
+
+
+def scored_human_continuations(snippets: pd.DataFrame, tokenizer, max_new_tokens: int,
+                               scorers: Mapping[str, Callable], n: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """human_continuations of every snippet outside the eval split (snippets: the prompts asset's
+    human_snippets.parquet, with its `split` column), with learned_<attribute> from each scorer
+    (prompts, completions -> rewards), as the rollouts are scored."""
+    if "split" not in snippets.columns:
+        raise ValueError("scored human continuations need the snippets' split column, to leave the eval ones out")
+    rows = human_continuations(snippets, tokenizer, max_new_tokens, n=n, seed=seed,
+                               exclude=set(snippets.snippet_id[snippets.split == "eval"]))
+    for attribute, scorer in scorers.items():
+        rows[f"learned_{attribute}"] = scorer(rows.prompt.tolist(), rows.completion.tolist())
+    return rows

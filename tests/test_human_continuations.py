@@ -4,7 +4,7 @@ of each snippet's opening and the first tokens of its own rest, never an eval sn
 import pandas as pd
 import pytest
 
-from models.human_continuations import human_continuations
+from models.human_continuations import human_continuations, scored_human_continuations
 from models.rollouts import training_rollouts
 
 WORDS = "<pad> <eos> <bos> the film was a very good and fun bad plot dull camera work".split()
@@ -66,3 +66,14 @@ def test_bad_input_is_refused(tokenizer):
         human_continuations(usable(), tokenizer, max_new_tokens=0)
     with pytest.raises(ValueError, match="n must be"):
         human_continuations(usable(), tokenizer, max_new_tokens=4, n=-1)
+
+
+def test_scored_rows_leave_the_eval_split_out_and_carry_each_scorers_reward(tokenizer):
+    def length(prompts, completions):
+        return [float(len(c.split())) for c in completions]
+
+    df = scored_human_continuations(usable(), tokenizer, max_new_tokens=8, scorers={"positivity": length})
+    assert df.prompt_id.tolist() == ["human-movie-1", "human-amazon-3", "human-movie-4"]   # movie-2 is eval
+    assert df.learned_positivity.tolist() == [4.0, 5.0, 2.0]
+    with pytest.raises(ValueError, match="split"):
+        scored_human_continuations(usable().drop(columns="split"), tokenizer, 8, {"positivity": length})
