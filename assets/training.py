@@ -213,6 +213,11 @@ def value_models(run: StageRun) -> Produced:
         tmp.mkdir()
         for attribute in sorted(stats):
             data = training_rollouts(df, f"learned_{attribute}", tokenizer.eos_token_id, stats[attribute])
+            # What the extra value models fit: the rollouts, and the human continuations where they were
+            # scored by this attribute's reward (human_rows scores the extra models' attributes only).
+            extra_data = data if human is None or f"learned_{attribute}" not in human else training_rollouts(
+                pd.concat([df, human], ignore_index=True), f"learned_{attribute}", tokenizer.eos_token_id,
+                stats[attribute])
             extra_for = params["extra_attributes"]
             planned = [p for p in parameterizations if p == primary or not extra_for or attribute in extra_for]
             default = default_parameterization(planned + ([DISTILLED] if distill_from in planned else []),
@@ -225,9 +230,7 @@ def value_models(run: StageRun) -> Produced:
                     **params["extra_config"]}
                 train_config = run.config_for(ValueTrainConfig, ignore=(*VALUE_MODELS_OWN_KEYS, "rollouts"),
                                               parameterization=parameterization, **extra)
-                train_data = data if human is None or parameterization == primary else \
-                    training_rollouts(pd.concat([df, human], ignore_index=True), f"learned_{attribute}",
-                                      tokenizer.eos_token_id, stats[attribute])
+                train_data = data if parameterization == primary else extra_data
                 init_dir = backbone_init_dir(params["backbone_init"], model_dir,
                                              run.path("reward_models") / attribute, params["backbone"],
                                              run.path("value_backbone"))
