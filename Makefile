@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := False
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: bench-serve llamacpp setup setup-dev dvc-remote run study test test-fast lint ui serve bench frontier repro clean-data
+.PHONY: bench-serve llamacpp setup setup-dev dvc-remote run study test test-fast lint docs ui serve bench frontier repro clean-data
 
 # What `make run` needs: the runtime dependencies only. The test and lint tools and the Kubernetes
 # libraries (the `dev` extra) come with `make test` and `make lint`.
@@ -110,6 +110,10 @@ test-fast: setup-dev
 ## Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.
 lint: setup-dev
 	$(BIN)/ruff check .
+
+## The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or a page left out of the nav fails it.
+docs: setup-dev
+	$(BIN)/mkdocs build --strict --site-dir site
 
 ## Dagster UI on loopback.
 ui: setup

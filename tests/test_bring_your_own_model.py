@@ -1,4 +1,4 @@
-"""Integration: the README's "Bring your own model" block, run as written with its paths filled in:
+"""Integration: the docs' "Bring your own model" block (docs/profiles.md), run as written with its paths filled in:
 a tiny random Llama written locally and a prompts CSV, with the real profile's choices (reward
 models on the base's first layer, value heads on its frozen hidden states, DPO skipped). The
 project folder it runs in has the smoke profile's sizes as `default`, so the user's profile runs in
@@ -21,14 +21,14 @@ from models.profiles import PROJECT_ROOT, load_profile
 pytestmark = pytest.mark.integration
 
 
-def readme_block() -> str:
-    text = (PROJECT_ROOT / "README.md").read_text()
+def docs_block() -> str:
+    text = (PROJECT_ROOT / "docs" / "profiles.md").read_text()
     section = re.search(r"<!-- byo:start.*?-->\n```bash\n(.*?)```\n<!-- byo:end -->", text, re.S)
-    assert section, "README.md lost its bring-your-own-model block (byo:start / byo:end)"
+    assert section, "docs/profiles.md lost its bring-your-own-model block (byo:start / byo:end)"
     return section.group(1)
 
 
-def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_llama):
+def test_the_docs_bring_your_own_model_block_runs_as_written(tmp_path, tiny_llama):
     tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=300, seed=3)).text.tolist(), 300)
     ids = dict(eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id)
     base = tmp_path / "models" / "my-llama"
@@ -37,10 +37,10 @@ def test_the_readme_bring_your_own_model_block_runs_as_written(tmp_path, tiny_ll
     prompts.parent.mkdir()
     pd.DataFrame({"prompt": generate_openings(24, 4)}).to_csv(prompts, index=False)
 
-    work = tmp_path / "project"          # stands in for the project root the README's commands run in
+    work = tmp_path / "project"          # stands in for the project root the docs' commands run in
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump({"default": load_profile("smoke")}))
-    script = readme_block()
+    script = docs_block()
     for placeholder, path in (("/models/my-llama", base),
                               ("/data/my-prompts.csv", prompts), ("my-params.yaml", work / "my-params.yaml"),
                               ("data-mine", tmp_path / "data-mine"), (".venv/bin/", os.path.dirname(sys.executable) + "/")):
