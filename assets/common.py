@@ -215,8 +215,8 @@ def load_held_out(run):
     """(device, frozen base, tokenizer, held-out prompts, learned reward scorers): what every asset
     that measures decoders or value models on the eval prompts reads first."""
 
-    from models.lm import load_frozen_base, pick_device
-    from models.reward_model import load_reward_models
+    from models.lm.lm import load_frozen_base, pick_device
+    from models.rewards.reward_model import load_reward_models
 
     device = str(pick_device(run.settings.device))
     base, tokenizer, _ = load_frozen_base(run.path("base_model"), device=device)

@@ -11,8 +11,8 @@ from assets.common import load_held_out
 from assets.metrics_db import metric_row
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import write_folder
-from models.rewards import GOLD_REWARDS
-from models.value_store import load_value_models
+from models.rewards.rewards import GOLD_REWARDS
+from models.value.value_store import load_value_models
 
 HEADLINE_COLUMNS = ["method", "params", "gold_positivity_mean", "gold_positivity_ci95", "gold_conciseness_mean",
                     "gold_conciseness_ci95", "learned_positivity_mean", "kl_nats_mean", "gold_positivity_winrate",
@@ -28,7 +28,7 @@ def world_inputs(run: StageRun) -> dict:
     what the learned rewards are worth (held-out accuracy against the gold's ceiling)."""
     from assets.rewards import HELDOUT_FILE
     from assets.synthesis import GOLD_AGREEMENT
-    from models.lm import read_manifest
+    from models.lm.lm import read_manifest
 
     world: dict = {"base_model": read_manifest(run.path("base_model"))}
     if (agreement := run.path("prompts") / GOLD_AGREEMENT).exists():
@@ -50,8 +50,8 @@ class EvaluationConfig(dg.Config):
                             "composition grid on held-out prompts; every sample in data/eval/samples.parquet.")
 def evaluation(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.evaluation import EvalConfig, Evaluator, headline_numbers, headline_table, summarize
-    from models.lm import load_causal_lm
+    from models.evaluation.evaluation import EvalConfig, Evaluator, headline_numbers, headline_table, summarize
+    from models.lm.lm import load_causal_lm
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     value_models = load_value_models(run.path("value_models"), device=device, base_model=base)

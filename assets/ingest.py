@@ -20,8 +20,8 @@ from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
 from assets.validation import problems_table, run_suite_check
 from models.artifacts import write_folder
-from models.ingest import empty_imported, read_incoming
-from models.validation import ValidationRules
+from models.data.ingest import empty_imported, read_incoming
+from models.data.validation import ValidationRules
 
 GROUP = "ingest"
 CHECK_NAME = "imported_preferences_suite"

@@ -38,9 +38,9 @@ def serving_file(settings) -> list[str]:
                             "error against Monte-Carlo estimates; serving throughput when bench/serve.py measured it.")
 def report(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.evaluation import headline_table
-    from models.report import report_verdict, targets_section, write_report
-    from models.value_error import markdown_table
+    from models.evaluation.evaluation import headline_table
+    from models.evaluation.report import report_verdict, targets_section, write_report
+    from models.evaluation.value_error import markdown_table
 
     study_dir = run.settings.path("study")
     study = study_files(run.settings)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, write_json
-from models.rewards import GOLD_REWARDS
+from models.rewards.rewards import GOLD_REWARDS
 
 # Beside the reward models' folders: each one's held-out accuracy, the gold's ceiling and its pairs
 # by origin (what the report says the learned rewards are worth).
@@ -35,8 +35,8 @@ def _completion_pairs(eval_pairs: pd.DataFrame, margins: list[float], metrics: d
     scores rollouts and Best-of-N candidates (and what the gold ceiling is taken on); the human
     pairs' own held-out accuracy goes beside it. Returns those completion pairs and the training
     metrics they replace."""
-    from models.preferences import HUMAN_SNIPPETS
-    from models.reward_model import pair_accuracy
+    from models.data.preferences import HUMAN_SNIPPETS
+    from models.rewards.reward_model import pair_accuracy
 
     human = (eval_pairs.origin == HUMAN_SNIPPETS).to_numpy() if "origin" in eval_pairs else None
     if human is None or not human.any():
@@ -54,9 +54,9 @@ def _completion_pairs(eval_pairs: pd.DataFrame, margins: list[float], metrics: d
                             "held-out accuracy beside the gold reward's own ceiling on the same noisy labels.")
 def reward_models(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.lm import pick_device
-    from models.preferences import SAMPLED
-    from models.reward_model import (
+    from models.data.preferences import SAMPLED
+    from models.lm.lm import pick_device
+    from models.rewards.reward_model import (
         RewardTrainConfig,
         gold_ceiling_accuracy,
         load_reward_model,

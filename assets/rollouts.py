@@ -31,10 +31,10 @@ from assets.metrics_db import find_reusable, metric_row, write_rows
 from assets.resources import VasSettings
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import dvc_md5, write_folder
+from models.data.validation import validate_rollouts
 from models.profiles import load_profile, resolve
-from models.rewards import GOLD_REWARDS
+from models.rewards.rewards import GOLD_REWARDS
 from models.stages import STAGES, code_version
-from models.validation import validate_rollouts
 
 SHARD_KEYS = [str(k) for k in range(int(load_profile()["rollouts"]["shards"]))]
 ROLLOUT_SHARDS = dg.StaticPartitionsDefinition(SHARD_KEYS)
@@ -133,11 +133,11 @@ def rollout_shards(context: dg.AssetExecutionContext, config: RolloutsConfig, se
 
 
 def _sample_shard(settings: VasSettings, params: dict, shard: int, loaded: dict, progress) -> pd.DataFrame:
-    """One shard's rows (models.rollouts.sample_rollouts on shard_prompts), the base model loaded once per step."""
+    """One shard's rows (models.data.rollouts.sample_rollouts on shard_prompts), the base model loaded once per step."""
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.lm import load_frozen_base, pick_device
+    from models.data.rollouts import RolloutConfig, sample_rollouts, shard_prompts
+    from models.lm.lm import load_frozen_base, pick_device
     from models.profiles import config_from
-    from models.rollouts import RolloutConfig, sample_rollouts, shard_prompts
 
     if not loaded:
         loaded["device"] = device = str(pick_device(settings.device))
@@ -162,9 +162,9 @@ def _shard_inputs(settings: VasSettings, params: dict) -> dict[str, str]:
                 description="Frozen pi0 samples for value training (every shard of rollout_shards, in "
                             "train-split order): token ids, pi0 log-probs, learned and gold reward scores.")
 def rollouts(run: StageRun) -> Produced:
-    from models.lm import pick_device
-    from models.reward_model import load_reward_models
-    from models.rollouts import merge_shards, reward_stats, score_rollouts
+    from models.data.rollouts import merge_shards, reward_stats, score_rollouts
+    from models.lm.lm import pick_device
+    from models.rewards.reward_model import load_reward_models
 
     params = _resolved(run.settings, run.config)
     root = run.path("rollout_shards")

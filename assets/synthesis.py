@@ -15,11 +15,11 @@ import pandas as pd
 from assets.common import output_path
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, write_folder, write_parquet
-from models.corpus import CorpusConfig as GeneratorConfig
-from models.corpus import generate_corpus, generate_openings
+from models.data.corpus import CorpusConfig as GeneratorConfig
+from models.data.corpus import generate_corpus, generate_openings
+from models.data.validation import ValidationRules, import_preference_file, import_prompt_file, validate_pairs, validate_prompts
 from models.profiles import project_path
-from models.rewards import count_words, positivity
-from models.validation import ValidationRules, import_preference_file, import_prompt_file, validate_pairs, validate_prompts
+from models.rewards.rewards import count_words, positivity
 
 GROUP = "synthesis"
 
@@ -54,7 +54,7 @@ def corpus(run: StageRun) -> Produced:
 # TinyLMConfig.
 BASE_MODEL_OWN_KEYS = ("source", "gguf_sha256", "allow_download", "trust_remote_code", "probe_prompts",
                        "probe_samples", "probe_max_new_tokens")
-# Where GGUF base models are converted to Hugging Face folders, once per file (models/real_model.py).
+# Where GGUF base models are converted to Hugging Face folders, once per file (models/lm/real_model.py).
 GGUF_CACHE = ".cache/models"
 
 
@@ -72,7 +72,7 @@ def _source(settings, params) -> str | None:
 
 def _base_model_source(settings, params) -> str | None:
     """The pinned model folder, or the GGUF file it is converted from."""
-    from models.real_model import is_gguf_source, resolve_gguf
+    from models.lm.real_model import is_gguf_source, resolve_gguf
 
     if params["source"] and is_gguf_source(params["source"]):
         return str(resolve_gguf(params["source"]))
@@ -86,7 +86,8 @@ def _base_model_source(settings, params) -> str | None:
 def base_model(run: StageRun) -> Produced:
     # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
     # loads these definitions without torch
-    from models.lm import (
+    from models.data.probe import sample_spread
+    from models.lm.lm import (
         TinyLMConfig,
         load_frozen_base,
         resolve_model_dir,
@@ -95,8 +96,7 @@ def base_model(run: StageRun) -> Produced:
         weights_sha256,
         write_manifest,
     )
-    from models.probe import sample_spread
-    from models.real_model import converted_gguf, is_gguf_source, resolve_gguf
+    from models.lm.real_model import converted_gguf, is_gguf_source, resolve_gguf
 
     params, settings = run.params, run.settings
     metrics: dict[str, float] = {}
@@ -175,7 +175,7 @@ HUMAN_SNIPPETS = "human_snippets.parquet"
 def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
     """Openings of the human-rated snippets, imported as any prompts file is (validated, bad rows
     quarantined), with VADER's agreement with the human ratings on the held-out snippets."""
-    from models.human_snippets import (
+    from models.data.human_snippets import (
         SnippetPromptConfig,
         gold_agreement,
         read_snippets,
@@ -210,7 +210,7 @@ def _snippet_prompts(run: StageRun, rules: ValidationRules, workdir: Path):
 def prompts(run: StageRun) -> Produced:
     from transformers import AutoTokenizer
 
-    from models.lm import base_model_dir
+    from models.lm.lm import base_model_dir
 
     params, settings = run.params, run.settings
     rules = ValidationRules.from_params(params["validation"])
@@ -268,8 +268,8 @@ def _preference_pairs_upstream(settings, params) -> list[str]:
 def _snippet_pairs(run: StageRun, config) -> pd.DataFrame:
     """Pairs of human continuations of human openings, from the snippets no eval prompt was cut
     from (an eval prompt's own continuation would leak into the reward its VAS steers by)."""
-    from models.human_snippets import continuation_triples
-    from models.preferences import snippet_pairs
+    from models.data.human_snippets import continuation_triples
+    from models.data.preferences import snippet_pairs
 
     path = run.path("prompts") / HUMAN_SNIPPETS
     if not path.exists():
@@ -294,8 +294,8 @@ def _snippet_pairs(run: StageRun, config) -> pd.DataFrame:
                       "Bradley-Terry labels from the gold reward, or the user's file (prompt, chosen, rejected); "
                       "plus every pair accepted from data/incoming/ (imported_preferences).")
 def preference_pairs(run: StageRun) -> Produced:
-    from models.lm import load_frozen_base, pick_device
-    from models.preferences import PairSynthesisConfig, synthesize_pairs
+    from models.data.preferences import PairSynthesisConfig, synthesize_pairs
+    from models.lm.lm import load_frozen_base, pick_device
 
     params, settings = run.params, run.settings
     rules = ValidationRules.from_params(params["validation"])

@@ -14,18 +14,18 @@ from assets.k8s import GPU_OP_TAGS
 from assets.stage import Produced, StageRun, pipeline_asset
 from models.artifacts import atomic_path, keep_version
 from models.stages import STAGES, code_version
-from models.value_store import DISTILLED, META_FILE, VALUE_MODELS_OWN_KEYS, default_parameterization, value_model_name
+from models.value.value_store import DISTILLED, META_FILE, VALUE_MODELS_OWN_KEYS, default_parameterization, value_model_name
 
 HEAD_INITS = ("zero", "reward_model")
 
 
 def reward_model_start(reward_dir, stats: dict, vocab_size: int):
     """value_models.head_init reward_model: a scalar value model that starts as the reward model in
-    reward_dir read at every prefix (models.reward_guidance.reward_value_start), recording where
+    reward_dir read at every prefix (models.decoding.reward_guidance.reward_value_start), recording where
     its weights came from."""
-    from models.lm import weights_sha256
-    from models.reward_guidance import reward_value_start
-    from models.reward_model import load_reward_model
+    from models.decoding.reward_guidance import reward_value_start
+    from models.lm.lm import weights_sha256
+    from models.rewards.reward_model import load_reward_model
 
     value = reward_value_start(load_reward_model(reward_dir), stats, vocab_size)
     value.init_info = {"init_from": str(reward_dir), "init_weights_sha256": weights_sha256(reward_dir)}
@@ -48,7 +48,7 @@ class ValueBackboneConfig(dg.Config):
                             "model's first layers (base_layers).")
 def value_backbone(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.lm import (
+    from models.lm.lm import (
         TinyLMConfig,
         base_model_dir,
         load_frozen_base,
@@ -107,8 +107,8 @@ def _backbone(settings, params) -> str | None:
     user's reward model: re-use must see a swap, and the lineage shows its md5."""
     if not params["backbone"]:
         return None
-    from models.lm import base_model_dir
-    from models.value_training import backbone_init_dir
+    from models.lm.lm import base_model_dir
+    from models.value.value_training import backbone_init_dir
 
     base_dir = base_model_dir(output_path(settings, "base_model"))
     return str(backbone_init_dir(params["backbone_init"], base_dir, None, params["backbone"]))
@@ -118,13 +118,13 @@ def human_rows(run: StageRun, tokenizer, df: pd.DataFrame, stats: dict) -> pd.Da
     """value_models.extra_human_continuations: that many human continuations (every one when -1;
     None when 0) of the snippets no eval prompt was cut from, in the rollouts' columns and token
     budget, scored by every reward model: more distinct prompts for the extra value models, which
-    fit every prefix (models/human_continuations.py)."""
+    fit every prefix (models/data/human_continuations.py)."""
     n = run.params["extra_human_continuations"]
     if not n:
         return None
     from assets.synthesis import HUMAN_SNIPPETS
-    from models.human_continuations import scored_human_continuations
-    from models.reward_model import load_reward_models
+    from models.data.human_continuations import scored_human_continuations
+    from models.rewards.reward_model import load_reward_models
 
     source = run.path("prompts") / HUMAN_SNIPPETS
     if not source.is_file():
@@ -146,12 +146,12 @@ def human_rows(run: StageRun, tokenizer, df: pd.DataFrame, stats: dict) -> pd.Da
 def value_models(run: StageRun) -> Produced:
     # torch, transformers and torch-backed modules load inside the assets that use them: `dagster dev`
     # loads these definitions without torch
-    from models.checkpoints import clear_checkpoint
-    from models.distill import DistillConfig, distill_head
-    from models.lm import base_model_dir, load_frozen_base, pick_device, read_manifest
+    from models.data.rollouts import training_rollouts
+    from models.lm.lm import base_model_dir, load_frozen_base, pick_device, read_manifest
     from models.profiles import config_from
-    from models.rollouts import training_rollouts
-    from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
+    from models.value.checkpoints import clear_checkpoint
+    from models.value.distill import DistillConfig, distill_head
+    from models.value.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
     params = run.params
     rollout_dir = run.path("rollouts")

@@ -14,7 +14,7 @@ from dagster_duckdb import DuckDBResource
 
 from assets.common import output_path, record_check
 from assets.resources import VasSettings
-from models.validation import Problem, ValidationRules, validate_pairs, validate_prompts
+from models.data.validation import Problem, ValidationRules, validate_pairs, validate_prompts
 
 MAX_PROBLEMS_SHOWN = 50
 DATA_FILES = {"prompts": "prompts.parquet", "preference_pairs": "pairs.parquet",

@@ -24,7 +24,7 @@ class ValueErrorAssetConfig(dg.Config):
 def value_error_config(run: StageRun):
     """The value_error section, with the completion budget of the rollouts the value models were fitted
     on (one declaration: rollouts.max_new_tokens), so the MC targets are values of the same pi0 episodes."""
-    from models.value_error import ValueErrorConfig
+    from models.evaluation.value_error import ValueErrorConfig
 
     return run.config_for(ValueErrorConfig, ignore=("rollouts",),
                           max_new_tokens=int(run.params["rollouts"]["max_new_tokens"]))
@@ -32,10 +32,10 @@ def value_error_config(run: StageRun):
 
 def reward_models_as_values(models, scorers, base, log) -> list:
     """ARGS's value estimate, measured beside the value models: each steered attribute's reward model
-    read at every prefix (models/reward_guidance.py), in the units of that attribute's value models
+    read at every prefix (models/decoding/reward_guidance.py), in the units of that attribute's value models
     (their reward_stats), named `args.<attribute>`. A reward it cannot read per prefix is left out."""
-    from models.reward_guidance import reward_as_value
-    from models.value_error import ScoredModel
+    from models.decoding.reward_guidance import reward_as_value
+    from models.evaluation.value_error import ScoredModel
 
     stats = {m.attribute: m.reward_stats for m in models}
     out = []
@@ -57,7 +57,7 @@ def reward_models_as_values(models, scorers, base, log) -> list:
                             "candidates, and the MC noise floor; data/value_error/.")
 def value_error(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
-    from models.value_error import evaluate_value_error, load_scored_models, markdown_table
+    from models.evaluation.value_error import evaluate_value_error, load_scored_models, markdown_table
 
     device, base, tokenizer, prompts, scorers = load_held_out(run)
     models = load_scored_models(run.path("value_models"), device=device)

@@ -40,14 +40,14 @@ def main(argv=None) -> int:
     import torch
 
     from models.artifacts import write_json
-    from models.lm import load_frozen_base, pick_device
-    from models.reward_model import load_reward_model
-    from models.rollouts import reward_stats, training_rollouts
-    from models.sampling import SamplingConfig, sample
-    from models.value_model import ValueModel
-    from models.value_store import value_model_folder
-    from models.value_training import ValueTrainConfig, train_value_model
-    from models.vas import VASConfig, vas_sample
+    from models.data.rollouts import reward_stats, training_rollouts
+    from models.decoding.vas import VASConfig, vas_sample
+    from models.lm.lm import load_frozen_base, pick_device
+    from models.lm.sampling import SamplingConfig, sample
+    from models.rewards.reward_model import load_reward_model
+    from models.value.value_model import ValueModel
+    from models.value.value_store import value_model_folder
+    from models.value.value_training import ValueTrainConfig, train_value_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))

@@ -34,9 +34,9 @@ class World:
     def __init__(self, data: Path, attribute: str, profile: str | None = None, train_prompts: int | None = None):
         import pandas as pd
 
-        from models.lm import base_model_dir, load_frozen_base
+        from models.lm.lm import base_model_dir, load_frozen_base
         from models.profiles import load_profile
-        from models.reward_model import load_reward_models
+        from models.rewards.reward_model import load_reward_models
 
         self.data, self.attribute = data, attribute
         self.base, self.tokenizer, _ = load_frozen_base(data / "base_model", device="cpu")
@@ -50,7 +50,7 @@ class World:
         if train_prompts:
             # More distinct training prompts than the prompts asset holds: the generator's openings
             # after the eval ones (the eval prompts come first, so they stay the same).
-            from models.corpus import generate_openings
+            from models.data.corpus import generate_openings
 
             n_eval, seed = len(self.eval_prompts), self.profile["seed"]
             openings = generate_openings(n_eval + train_prompts, seed + 1)
@@ -60,7 +60,7 @@ class World:
 
     def rollouts(self, samples_per_prompt: int, steering=None):
         """Scored rollouts (DataFrame) of pi0, or of a steered policy."""
-        from models.rollouts import RolloutConfig, sample_rollouts
+        from models.data.rollouts import RolloutConfig, sample_rollouts
 
         config = RolloutConfig(samples_per_prompt=samples_per_prompt, batch_size=256,
                                max_new_tokens=self.profile["rollouts"]["max_new_tokens"])
@@ -71,10 +71,10 @@ class World:
     def train(self, df, train_steps: int, init_model=None, init_dir=None, **overrides):
         """A distributional_qhead value model of the profile's settings (overrides: ValueTrainConfig
         fields) on df's rollouts, from init_dir's backbone (None: the profile's backbone_init)."""
+        from models.data.rollouts import training_rollouts
         from models.profiles import config_from
-        from models.rollouts import training_rollouts
-        from models.value_store import VALUE_MODELS_OWN_KEYS
-        from models.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
+        from models.value.value_store import VALUE_MODELS_OWN_KEYS
+        from models.value.value_training import ValueTrainConfig, backbone_init_dir, train_value_model
 
         params = self.profile["value_models"]
         config = config_from(ValueTrainConfig, {**params, "seed": self.profile["seed"]}, "value_models",
@@ -94,10 +94,10 @@ class World:
         """Soft VAS (or calibrated VAS) on the eval prompts: learned and gold reward, exact KL, distinct-2."""
         import numpy as np
 
-        from models.evaluation import distinct_n
-        from models.rewards import score_gold
-        from models.sampling import SamplingConfig
-        from models.vas import VASConfig, vas_sample
+        from models.decoding.vas import VASConfig, vas_sample
+        from models.evaluation.evaluation import distinct_n
+        from models.lm.sampling import SamplingConfig
+        from models.rewards.rewards import score_gold
 
         config = SamplingConfig(max_new_tokens=self.profile["evaluation"]["max_new_tokens"],
                                 seed=self.profile["seed"], batch_size=self.profile["evaluation"]["batch_size"])
@@ -166,9 +166,9 @@ def backbones(world: World, args) -> list[dict]:
 
     import pandas as pd
 
-    from models.lm import save_pretrained, truncated_copy
-    from models.sampling import SamplingConfig, sample
-    from models.value_model import ValueModel
+    from models.lm.lm import save_pretrained, truncated_copy
+    from models.lm.sampling import SamplingConfig, sample
+    from models.value.value_model import ValueModel
 
     df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
     config = SamplingConfig(max_new_tokens=world.profile["evaluation"]["max_new_tokens"], seed=world.profile["seed"],
@@ -245,9 +245,9 @@ def iterate(world: World, args) -> list[dict]:
     import numpy as np
     import pandas as pd
 
-    from models.value_model import ValueModel
-    from models.value_store import value_model_folder
-    from models.vas import ValueGuidance, VASConfig
+    from models.decoding.vas import ValueGuidance, VASConfig
+    from models.value.value_model import ValueModel
+    from models.value.value_store import value_model_folder
 
     first = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute,
                                                world.profile["value_models"]["parameterization"])).eval()
@@ -283,10 +283,10 @@ def temperature(world: World, args) -> list[dict]:
     """pi0 sharpened to each temperature, on the eval prompts, once per seed (the sampling seed)."""
     import numpy as np
 
-    from models.evaluation import distinct_n
-    from models.rewards import score_gold
-    from models.sampling import SamplingConfig, sample
-    from models.study import mean_ci95
+    from models.evaluation.evaluation import distinct_n
+    from models.evaluation.study import mean_ci95
+    from models.lm.sampling import SamplingConfig, sample
+    from models.rewards.rewards import score_gold
 
     rows = []
     for t in args.temperatures:

@@ -29,7 +29,7 @@ def train_members(world, n: int, steps: int | None) -> list:
     import pandas as pd
 
     from models.profiles import config_from
-    from models.reward_model import RewardScorer, RewardTrainConfig, train_reward_model
+    from models.rewards.reward_model import RewardScorer, RewardTrainConfig, train_reward_model
 
     pairs = pd.read_parquet(world.data / "preference_pairs" / "pairs.parquet")
     pairs = pairs[pairs.attribute == world.attribute].reset_index(drop=True)
@@ -65,12 +65,12 @@ def main(argv=None) -> int:
 
     from bench.frontier import World, table
     from models.artifacts import write_json
-    from models.evaluation import CANDIDATE_SEED_STRIDE
+    from models.evaluation.evaluation import CANDIDATE_SEED_STRIDE
+    from models.evaluation.study import mean_ci95
+    from models.lm.sampling import SamplingConfig, sample
     from models.profiles import project_path
-    from models.reward_ensemble import EnsembleScorer, combine
-    from models.rewards import score_gold
-    from models.sampling import SamplingConfig, sample
-    from models.study import mean_ci95
+    from models.rewards.reward_ensemble import EnsembleScorer, combine
+    from models.rewards.rewards import score_gold
 
     torch.set_num_threads(2)
     data = project_path(args.data_dir)

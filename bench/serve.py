@@ -151,7 +151,7 @@ def blackbox_through_llamacpp(data: Path, args, prompts: list[str], steering: di
     """Black-box VAS at 1 in flight with llama.cpp's OpenAI-compatible server as the upstream."""
     import tempfile
 
-    from models.real_model import resolve_gguf
+    from models.lm.real_model import resolve_gguf
 
     sys.path.insert(0, str(ROOT / "tests"))
     from llamacpp import serve_gguf  # the test suite's launcher of llama-cpp-python's server
@@ -249,7 +249,7 @@ def ratios_of(rows: dict, args) -> dict[str, float]:
 
 def converted_from_gguf(data: Path) -> str | None:
     """The GGUF file the data folder's base model was converted from (its manifest says), if any."""
-    from models.lm import read_manifest
+    from models.lm.lm import read_manifest
 
     return read_manifest(data / "base_model").get("gguf")
 

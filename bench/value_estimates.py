@@ -7,7 +7,7 @@ states, the same Monte-Carlo continuations and the same decoding prompts and see
 
 Candidates (--candidates picks some):
 - head: the saved primary value model (value_models/<attribute>), today's default;
-- args: the reward model read at every prefix (models/reward_guidance.py), no training;
+- args: the reward model read at every prefix (models/decoding/reward_guidance.py), no training;
 - reward_mc: a scalar value model that starts as the reward model (its body and score layer, in the
   rollouts' standardized units) and is fitted on every prefix of the rollouts to Monte-Carlo
   targets (lambda 1), as PARGS fine-tunes the reward model on prefixes;
@@ -18,13 +18,13 @@ Candidates (--candidates picks some):
   --extra-prompts more openings (human snippets no prompt uses, from prompts/human_snippets.parquet;
   never an eval prompt's): more distinct prompts;
 - reward_mc_human: reward_mc on the rollouts plus the human continuations of --human-snippets
-  snippets no eval prompt was cut from (models/human_continuations.py): every prefix of a
+  snippets no eval prompt was cut from (models/data/human_continuations.py): every prefix of a
   human-written review labelled by the learned reward of the whole text, off-policy Monte-Carlo
   targets as RAD trains its prefix scorer; thousands of distinct openings at no sampling cost;
 - scalar: the saved scalar value model (value_models/<attribute>.scalar), the profile's choice;
 - distilled: a factorized per-token head on the frozen base's hidden states, fitted to that scalar's
   values (or, with reward_mc among the candidates, to that reward_mc's) of pi0's top-k at every
-  state of the rollouts (models/distill.py; --distill-* options; --distill-teacher picks which
+  state of the rollouts (models/value/distill.py; --distill-* options; --distill-teacher picks which
   trained candidate teaches): one forward per token instead of
   the scalar's k + 1 value forwards. --distill-human N adds the states along N human continuations.
 
@@ -33,10 +33,10 @@ the same states, continuations and decoding prompts and seed: the spread across 
 With distilled among them, distilled_mean is one more student, fitted to the mean of the seeds'
 teachers' values at the same states.
 
-Value error (models/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
+Value error (models/evaluation/value_error.py): Spearman over pi0's top candidates against MC means, mse, at
 n_prompts x prefix lengths states. Decode: mean-value VAS at each --betas on the eval prompts:
 gold and learned reward, exact KL, distinct-2, the 4-gram repeat share, and base-model forwards per
-token (models.evaluation.forwards_per_token). Writes <data-dir>/bench/value_estimates.json.
+token (models.evaluation.evaluation.forwards_per_token). Writes <data-dir>/bench/value_estimates.json.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ CANDIDATES = ("head", "args", "reward_mc", "reward_td", "reward_body", "reward_m
 
 def reward_start(world, trainable: bool):
     """The reward model as a scalar value model in standardized units (a trainable copy when trainable)."""
-    from models.reward_guidance import reward_as_value, reward_value_start
+    from models.decoding.reward_guidance import reward_as_value, reward_value_start
 
     if trainable:
         return reward_value_start(world.scorer, world.stats, world.base.config.vocab_size)
@@ -67,7 +67,7 @@ def extra_rollouts(world, n_prompts: int, samples: int):
     """Scored pi0 rollouts of n_prompts openings of human snippets that no prompt uses (seeded pick)."""
     import pandas as pd
 
-    from models.rollouts import RolloutConfig, sample_rollouts
+    from models.data.rollouts import RolloutConfig, sample_rollouts
 
     snippets = pd.read_parquet(world.data / "prompts" / "human_snippets.parquet")
     unused = snippets[snippets.split == ""].sample(frac=1.0, random_state=world.profile["seed"]).head(n_prompts)
@@ -86,10 +86,10 @@ def extra_rollouts(world, n_prompts: int, samples: int):
 
 
 def human_rollouts(world, n: int | None):
-    """Scored human continuations (models/human_continuations.py) of snippets no eval prompt uses."""
+    """Scored human continuations (models/data/human_continuations.py) of snippets no eval prompt uses."""
     import pandas as pd
 
-    from models.human_continuations import scored_human_continuations
+    from models.data.human_continuations import scored_human_continuations
 
     snippets = pd.read_parquet(world.data / "prompts" / "human_snippets.parquet")
     start = time.perf_counter()
@@ -104,10 +104,10 @@ def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=N
     `seed`; (model, seconds)."""
     import pandas as pd
 
+    from models.data.rollouts import training_rollouts
     from models.profiles import config_from
-    from models.rollouts import training_rollouts
-    from models.value_store import VALUE_MODELS_OWN_KEYS
-    from models.value_training import ValueTrainConfig, train_value_model
+    from models.value.value_store import VALUE_MODELS_OWN_KEYS
+    from models.value.value_training import ValueTrainConfig, train_value_model
 
     params = {k: v for k, v in world.profile["value_models"].items() if k != "freeze_backbone"}
     config = config_from(ValueTrainConfig, {**params, "seed": seed}, "value_models",
@@ -129,8 +129,8 @@ def build(world, name: str, args, seed: int, built: dict, targets: list):
     """(value model, training seconds) of a candidate, trained with seed `seed`; `built` holds this
     seed's candidates built so far (distilled takes reward_mc as its teacher when it is there), and
     distilled appends its teacher's targets to `targets`."""
-    from models.value_model import ValueModel
-    from models.value_store import value_model_folder
+    from models.value.value_model import ValueModel
+    from models.value.value_store import value_model_folder
 
     if name == "head":
         head = value_model_folder(world.data / "value_models", world.attribute,
@@ -160,7 +160,7 @@ def build(world, name: str, args, seed: int, built: dict, targets: list):
 
 
 def distill_config(world, args, seed: int):
-    from models.distill import DistillConfig
+    from models.value.distill import DistillConfig
 
     ev = world.profile["evaluation"]
     return DistillConfig(top_k=args.top_k or ev["top_k"], min_p=ev["min_p"], rank=args.distill_rank,
@@ -169,7 +169,7 @@ def distill_config(world, args, seed: int):
 
 def fit(world, args, seed: int, targets) -> tuple:
     """A student fitted to teacher targets with seed `seed`, its fit printed; (model, seconds)."""
-    from models.distill import fit_student
+    from models.value.distill import fit_student
 
     start = time.perf_counter()
     model, metrics = fit_student(world.base, targets, distill_config(world, args, seed),
@@ -184,10 +184,10 @@ def distilled(world, args, seed: int, kept: list, teacher=None):
     appended to `kept`."""
     import pandas as pd
 
-    from models.distill import collect_targets
-    from models.rollouts import training_rollouts
-    from models.value_model import ValueModel
-    from models.value_store import value_model_folder
+    from models.data.rollouts import training_rollouts
+    from models.value.distill import collect_targets
+    from models.value.value_model import ValueModel
+    from models.value.value_store import value_model_folder
 
     if teacher is None:
         teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
@@ -224,10 +224,10 @@ def decode(world, model, beta: float, top_k: int) -> dict:
     """Mean-value VAS at beta on the eval prompts, with the evaluation's seed and budget."""
     import numpy as np
 
-    from models.evaluation import distinct_n, forwards_per_token, repeat_share
-    from models.rewards import score_gold
-    from models.sampling import SamplingConfig
-    from models.vas import VASConfig, vas_sample
+    from models.decoding.vas import VASConfig, vas_sample
+    from models.evaluation.evaluation import distinct_n, forwards_per_token, repeat_share
+    from models.lm.sampling import SamplingConfig
+    from models.rewards.rewards import score_gold
 
     ev = world.profile["evaluation"]
     config = SamplingConfig(max_new_tokens=ev["max_new_tokens"], seed=world.profile["seed"], batch_size=ev["batch_size"])
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
 
     from bench.frontier import World, table
     from models.artifacts import write_json
+    from models.evaluation.value_error import ScoredModel, ValueErrorConfig, evaluate_value_error
     from models.profiles import project_path
-    from models.value_error import ScoredModel, ValueErrorConfig, evaluate_value_error
 
     torch.set_num_threads(2)
     data = project_path(args.data_dir)

@@ -37,52 +37,54 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("imported_preferences", "imported_preferences", also_params=("validation",), persist=True,
-          code=("models/ingest.py", "models/validation", "assets/ingest.py")),
+          code=("models/data/ingest.py", "models/data/validation", "assets/ingest.py")),
     Stage("corpus", "corpus/corpus.parquet", section="corpus",
-          code=("models/corpus.py", "assets/synthesis.py")),
+          code=("models/data/corpus.py", "assets/synthesis.py")),
     Stage("base_model", "base_model", upstream=("corpus",), section="base_model",
-          code=("models/lm.py", "models/probe.py", "models/real_model.py", "models/sampling.py",
-                "models/train_utils.py", "assets/synthesis.py")),
+          code=("models/lm/lm.py", "models/data/probe.py", "models/lm/real_model.py", "models/lm/sampling.py",
+                "models/lm/train_utils.py", "assets/synthesis.py")),
     Stage("prompts", "prompts", upstream=("base_model",), section="prompts", also_params=("validation",),
-          code=("models/corpus.py", "models/human_snippets.py", "models/rewards.py", "models/validation",
-                "assets/synthesis.py", "assets/validation.py")),
+          code=("models/data/corpus.py", "models/data/human_snippets.py", "models/rewards/rewards.py",
+                "models/data/validation", "assets/synthesis.py", "assets/validation.py")),
     Stage("preference_pairs", "preference_pairs", upstream=("imported_preferences", "base_model", "prompts"),
           section="preference_pairs", also_params=("validation",),
-          code=("models/preferences.py", "models/rewards.py", "models/sampling.py", "models/train_utils.py",
-                "models/validation", "assets/synthesis.py", "assets/validation.py")),
+          code=("models/data/preferences.py", "models/rewards/rewards.py", "models/lm/sampling.py", "models/lm/train_utils.py",
+                "models/data/validation", "assets/synthesis.py", "assets/validation.py")),
     Stage("reward_models", "reward_models", upstream=("preference_pairs", "base_model"), section="reward_models",
-          code=("models/reward_model.py", "models/train_utils.py", "assets/rewards.py")),
+          code=("models/rewards/reward_model.py", "models/lm/train_utils.py", "assets/rewards.py")),
     # Partitioned over prompt shards (rollouts.shards); one DVC stage samples every shard.
     Stage("rollout_shards", "rollout_shards", upstream=("base_model", "prompts"), section="rollouts",
-          code=("models/rollouts.py", "models/sampling.py", "models/train_utils.py", "assets/rollouts.py")),
+          code=("models/data/rollouts.py", "models/lm/sampling.py", "models/lm/train_utils.py", "assets/rollouts.py")),
     # The shards merged in train-split order, scored by every reward.
     Stage("rollouts", "rollouts", upstream=("base_model", "prompts", "reward_models", "rollout_shards"),
           section="rollouts",
-          code=("models/rollouts.py", "models/sampling.py", "models/train_utils.py", "models/validation",
+          code=("models/data/rollouts.py", "models/lm/sampling.py", "models/lm/train_utils.py", "models/data/validation",
                 "assets/rollouts.py")),
     # A GPT-2 a fraction of the base model's size, on the base tokenizer: what value models start from.
     Stage("value_backbone", "value_backbone", upstream=("corpus", "base_model"), section="value_backbone",
-          code=("models/lm.py", "models/train_utils.py", "assets/training.py")),
+          code=("models/lm/lm.py", "models/lm/train_utils.py", "assets/training.py")),
     # prompts: the human continuations of the snippets it cut (value_models.extra_human_continuations),
     # within the rollouts' token budget.
     Stage("value_models", "value_models",
           upstream=("rollouts", "base_model", "reward_models", "value_backbone", "prompts"),
           section="value_models", versions="value_model_versions", also_params=("rollouts",),
-          code=("models/distributional.py", "models/human_continuations.py", "models/value_model.py", "models/value_store.py",
-                "models/value_training.py", "models/td.py", "models/train_utils.py", "models/reward_guidance.py",
-                "models/reward_model.py", "models/distill.py", "assets/training.py")),
+          code=("models/value/distributional.py", "models/data/human_continuations.py", "models/value/value_model.py",
+                "models/value/value_store.py", "models/value/value_training.py", "models/value/td.py",
+                "models/lm/train_utils.py", "models/decoding/reward_guidance.py", "models/rewards/reward_model.py",
+                "models/value/distill.py", "assets/training.py")),
     Stage("evaluation", "eval", upstream=("base_model", "prompts", "reward_models", "value_models", "dpo_model"),
           section="evaluation",
-          code=("models/evaluation.py", "models/vas.py", "models/sampling.py", "models/value_store.py",
-                "models/train_utils.py", "assets/evaluation.py")),
+          code=("models/evaluation/evaluation.py", "models/decoding/vas.py", "models/lm/sampling.py",
+                "models/value/value_store.py", "models/lm/train_utils.py", "assets/evaluation.py")),
     Stage("value_error", "value_error", upstream=("base_model", "prompts", "reward_models", "value_models"),
           section="value_error", also_params=("rollouts",),   # its completion budget is the rollouts'
-          code=("models/value_error.py", "models/value_model.py", "models/value_store.py", "models/sampling.py",
-                "models/train_utils.py", "models/reward_guidance.py", "assets/value_error.py")),
+          code=("models/evaluation/value_error.py", "models/value/value_model.py", "models/value/value_store.py",
+                "models/lm/sampling.py", "models/lm/train_utils.py", "models/decoding/reward_guidance.py",
+                "assets/value_error.py")),
     Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",
-          code=("models/dpo.py", "assets/baselines.py")),
+          code=("models/evaluation/dpo.py", "assets/baselines.py")),
     Stage("report", "report", upstream=("evaluation", "value_error"),
-          code=("models/report.py", "assets/report.py")),
+          code=("models/evaluation/report.py", "assets/report.py")),
 )}
 
 
@@ -96,14 +98,21 @@ def _python_files(path: Path) -> list[Path]:
 
 
 def _module_path(module: str, root: Path) -> str | None:
-    """models.x.y -> 'models/x' when models/x is a package (a folder counts as one unit), else
-    'models/x.py'; None for anything outside models/."""
+    """models.<concern>.x -> 'models/<concern>/x.py'; a package below a concern (models.data.validation)
+    counts as one unit, its folder; models.<concern> alone is its __init__.py, and a top-level module
+    models.x is 'models/x.py'. None for anything outside models/ or not a module (an imported name)."""
     parts = module.split(".")
     if parts[0] != "models" or len(parts) < 2:
         return None
-    if (root / "models" / parts[1]).is_dir():
-        return f"models/{parts[1]}"
-    return f"models/{parts[1]}.py" if (root / "models" / f"{parts[1]}.py").exists() else None
+    for depth in range(3, len(parts) + 1):                 # a package inside a concern: one unit
+        if (root / "/".join(parts[:depth])).is_dir():
+            return "/".join(parts[:depth])
+    rel = "/".join(parts)
+    if (root / f"{rel}.py").is_file():
+        return f"{rel}.py"
+    if len(parts) == 2 and (root / rel / "__init__.py").is_file():
+        return f"{rel}/__init__.py"
+    return None
 
 
 def _models_imported_by(rel: str, root: Path) -> set[str]:

@@ -15,11 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from assets.metrics_db import metric_row, write_rows
+from models.decoding.generate import decode_configs, generate
+from models.decoding.upstream import UpstreamConfig, UpstreamError
 from models.environment import read_env, set_env
-from models.generate import decode_configs, generate
 from models.profiles import PROJECT_ROOT, load_profile, project_path
 from models.stages import STAGES, output_of
-from models.upstream import UpstreamConfig, UpstreamError
 from orchestration.serve_ops import ServeOptions
 
 # Nothing phones out: set before dagster, dvc or great_expectations are imported.
@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
     if summary_file.exists():
         import pandas as pd
 
-        from models.evaluation import headline_table
+        from models.evaluation.evaluation import headline_table
 
         print(f"\nheadline ({summary_file}; every sample in {summary_file.with_name('samples.parquet')}):")
         print(headline_table(pd.read_parquet(summary_file)))
@@ -159,8 +159,8 @@ def cmd_ingest(args) -> int:
     then one incoming_retrain run on those that pass."""
     use_profile(args.profile, args.data_dir)
     from assets.resources import settings_from_env
-    from models.ingest import read_incoming
-    from models.validation import ValidationRules
+    from models.data.ingest import read_incoming
+    from models.data.validation import ValidationRules
 
     settings = settings_from_env()
     rules = ValidationRules.from_params(settings.params()["validation"])
@@ -234,8 +234,8 @@ def cmd_study(args) -> int:
     from assets.common import git_sha
     from assets.resources import duckdb_for, settings_from_env
     from models.artifacts import atomic_path, dvc_md5
-    from models.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
-    from models.targets import study_markdown as targets_markdown
+    from models.evaluation.study import STUDY_METRICS, aggregate, lift_ratio, study_markdown
+    from models.evaluation.targets import study_markdown as targets_markdown
 
     settings = settings_from_env()
     upstream = study_upstream()
@@ -316,7 +316,7 @@ def refresh_report(data_dir: str | Path, profile: str, caller: str) -> int:
 
 
 def cmd_validate(args) -> int:
-    from models.validation import ValidationRules
+    from models.data.validation import ValidationRules
 
     rules = ValidationRules.from_params(load_profile(args.profile)["validation"])
     return validate_file(args.file, kind=args.kind, quarantine_dir=args.quarantine, rules=rules)
@@ -327,7 +327,7 @@ def validate_file(path: str, kind: str | None = None, quarantine_dir: str | None
     summary line; with quarantine_dir, also write the bad rows there. Returns 0 when the file
     passes, 1 otherwise. The file is only read."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    from models.validation import check_file, printable
+    from models.data.validation import check_file, printable
 
     if not Path(path).is_file():
         print(f"{path}: no such file", file=sys.stderr)
@@ -444,8 +444,8 @@ def cmd_serve(args) -> int:
 
 def cmd_export_gguf(args) -> int:
     """`vas export-gguf`: the base model (or any saved GPT-2 folder) as one f32 GGUF file for llama.cpp."""
-    from models.gguf_export import GGUFExportError, export_gguf
-    from models.lm import base_model_dir
+    from models.lm.gguf_export import GGUFExportError, export_gguf
+    from models.lm.lm import base_model_dir
 
     data_dir = resolve_data_dir(args.data_dir)
     try:
@@ -536,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight", action="append", type=_weight, default=[], metavar="ATTR=W",
                      help="value model weight (beta) per reward attribute, e.g. positivity=2; repeatable")
     gen.add_argument("--n", type=int, default=4, help="completions per prompt")
-    # Decode settings default to None: the decoder's own defaults apply (models.sampling.SamplingConfig,
-    # models.vas.VASConfig), so they are declared once.
+    # Decode settings default to None: the decoder's own defaults apply (models.lm.sampling.SamplingConfig,
+    # models.decoding.vas.VASConfig), so they are declared once.
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: SamplingConfig's)")
     gen.add_argument("--top-k", type=int, default=None,
                      help="base-model candidates steered per token (default: VASConfig's)")
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="completions decoding at once in the running batch (default: sized for a 2-core CPU)")
     srv.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                      help="KV-cache tokens (prompt + max_tokens per completion) the running batch may reserve "
-                          "(default: models/scheduler.py MAX_KV_TOKENS)")
+                          "(default: models/serving/scheduler.py MAX_KV_TOKENS)")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (default: "
                                                      "$VAS_API_KEY; unset: no auth)")
     srv.add_argument("--max-queued", type=int, default=ServeOptions.max_queued, metavar="N",

@@ -22,9 +22,9 @@ from assets.ingest import CHECK_NAME
 from assets.resources import VasSettings
 from assets.validation import problems_table
 from models.artifacts import file_md5
+from models.data.ingest import incoming_files, read_incoming
+from models.data.validation import ValidationRules
 from models.environment import read_env
-from models.ingest import incoming_files, read_incoming
-from models.validation import ValidationRules
 
 incoming_retrain = dg.define_asset_job(
     "incoming_retrain",

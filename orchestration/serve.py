@@ -1,12 +1,12 @@
 """`vas serve`: VAS behind an OpenAI-compatible HTTP server (FastAPI + uvicorn).
 
 /v1/models, /v1/completions and /v1/chat/completions (streaming too) in the OpenAI protocol; the
-request logic is models.serving and models.openai_protocol. Each request runs in a worker thread
+request logic is models.serving.serving and models.serving.openai_protocol. Each request runs in a worker thread
 (anyio.to_thread, at most WORKER_THREADS at once), so the event loop keeps accepting and answering
 requests meanwhile. With the local base model the worker threads hand their rows to the Engine's
 scheduler, which decodes every request in flight in one running batch (continuous batching,
-models/scheduler.py). With an upstream base model each request decodes in its thread, its upstream
-calls beside every other request's (black-box VAS, models/blackbox.py). A streamed request's
+models/serving/scheduler.py). With an upstream base model each request decodes in its thread, its upstream
+calls beside every other request's (black-box VAS, models/decoding/blackbox.py). A streamed request's
 chunks leave as the tokens are drawn.
 
 The operational surface follows the servers people run instead (orchestration/serve_ops.py):
@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from models.serving import Engine, ServingError
+from models.serving.serving import Engine, ServingError
 from orchestration.serve_ops import RETRY_AFTER_S, ServeOptions, ServerMetrics, request_gate
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,8 @@ def create_app(engine: Engine | Callable[[], Engine], options: ServeOptions | No
 def serve(data_dir, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", model_id: str = "vas",
           upstream=None, max_batch_rows: int | None = None, max_batch_tokens: int | None = None,
           options: ServeOptions | None = None) -> None:
-    """upstream: a models.upstream.UpstreamConfig to steer a base model behind an OpenAI-compatible API.
-    max_batch_rows, max_batch_tokens: the running batch's bounds (models.scheduler). The server
+    """upstream: a models.decoding.upstream.UpstreamConfig to steer a base model behind an OpenAI-compatible API.
+    max_batch_rows, max_batch_tokens: the running batch's bounds (models.serving.scheduler). The server
     answers /health (503) while the models load."""
     import uvicorn
 

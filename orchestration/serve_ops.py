@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from models.openai_protocol import ServingError
+from models.serving.openai_protocol import ServingError
 
 RETRY_AFTER_S = 1           # what a 429 or a 503 asks a client to wait
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

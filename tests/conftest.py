@@ -146,7 +146,7 @@ def llamacpp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bpe_gpt2_dir(tmp_path_factory, tiny_gpt2):
-    """A small random GPT-2 with a byte-level BPE tokenizer of the project's kind (models.lm), saved
+    """A small random GPT-2 with a byte-level BPE tokenizer of the project's kind (models.lm.lm), saved
     in Hugging Face format (tests/llamacpp.py: save_tiny_bpe_gpt2)."""
     from llamacpp import save_tiny_bpe_gpt2
 
@@ -168,10 +168,10 @@ def steering_world(tiny_gpt2):
 
     from random_heads import randomized
 
-    from models.corpus import CorpusConfig, generate_corpus
-    from models.distributional import Support
-    from models.lm import train_tokenizer
-    from models.value_model import ValueModel
+    from models.data.corpus import CorpusConfig, generate_corpus
+    from models.lm.lm import train_tokenizer
+    from models.value.distributional import Support
+    from models.value.value_model import ValueModel
 
     texts = generate_corpus(CorpusConfig(n_reviews=200, seed=0)).text.tolist()
     tokenizer = train_tokenizer(texts, 300)

@@ -1,6 +1,6 @@
 """A real llama.cpp server on loopback for the tests: llama-cpp-python's OpenAI-compatible server
 (`python -m llama_cpp.server`) from its own venv, .venv-llamacpp (`make llamacpp`), serving a GGUF
-written by models.gguf_export.
+written by models.lm.gguf_export.
 
 Tests use the conftest fixture `llamacpp` (a factory: llamacpp(model_dir) exports that Hugging Face
 GPT-2 folder and serves it, once per folder and session) or `llamacpp_gpt2` (a small random GPT-2
@@ -143,7 +143,7 @@ def serve_gguf(gguf_path: Path, tmp: Path, n_ctx: int, alias: str = "base") -> L
 
 def serve_model_dir(model_dir: Path, tmp: Path, alias: str = "base") -> LlamaCppServer:
     """Export a saved Hugging Face GPT-2 folder to GGUF in tmp and serve it over its whole context."""
-    from models.gguf_export import export_gguf
+    from models.lm.gguf_export import export_gguf
 
     require_llamacpp()
     written = export_gguf(model_dir, tmp / f"{Path(model_dir).name}.gguf")
@@ -157,13 +157,13 @@ MULTIBYTE_TEXTS = ["café crème, naïve ✓", "déjà vu ✓✓", "The café wa
 
 def save_tiny_bpe_gpt2(tiny_gpt2, directory: Path, seed: int = 0, init: float = 0.2) -> Path:
     """A random GPT-2 with a byte-level BPE tokenizer trained like the default world's
-    (models.lm.train_tokenizer) on generated reviews, saved as the base_model asset saves it.
+    (models.lm.lm.train_tokenizer) on generated reviews, saved as the base_model asset saves it.
     init 0.2 (GPT-2 uses 0.02) makes the next-token distribution peaked, so the top-k is well
     separated from the tokens below it."""
     import random
 
-    from models.corpus import review
-    from models.lm import quiet_loading, save_pretrained, train_tokenizer
+    from models.data.corpus import review
+    from models.lm.lm import quiet_loading, save_pretrained, train_tokenizer
 
     rng = random.Random(seed)
     texts = [review(rng)[0] for _ in range(400)] + MULTIBYTE_TEXTS

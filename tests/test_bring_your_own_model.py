@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from models.corpus import CorpusConfig, generate_corpus, generate_openings
-from models.lm import save_pretrained, train_tokenizer, weights_sha256
+from models.data.corpus import CorpusConfig, generate_corpus, generate_openings
+from models.lm.lm.lm import save_pretrained, train_tokenizer, weights_sha256
 from models.profiles import PROJECT_ROOT, load_profile
 
 pytestmark = pytest.mark.integration

@@ -6,21 +6,21 @@ import dataclasses
 
 import pytest
 
-from models.corpus import CorpusConfig
-from models.dpo import DPOTrainConfig
+from models.data.corpus import CorpusConfig
+from models.data.preferences import PairSynthesisConfig
+from models.data.rollouts import RolloutConfig
+from models.data.validation import ValidationRules
+from models.decoding.generate import decode_configs
+from models.decoding.vas import VASConfig
 from models.environment import Environment, read_env
-from models.evaluation import EvalConfig
-from models.generate import decode_configs
-from models.lm import TinyLMConfig
-from models.preferences import PairSynthesisConfig
+from models.evaluation.dpo import DPOTrainConfig
+from models.evaluation.evaluation import EvalConfig
+from models.evaluation.value_error import ValueErrorConfig
+from models.lm.lm import TinyLMConfig
+from models.lm.sampling import SamplingConfig
 from models.profiles import config_from, load_profile
-from models.reward_model import RewardTrainConfig
-from models.rollouts import RolloutConfig
-from models.sampling import SamplingConfig
-from models.validation import ValidationRules
-from models.value_error import ValueErrorConfig
-from models.value_training import ValueTrainConfig
-from models.vas import VASConfig
+from models.rewards.reward_model import RewardTrainConfig
+from models.value.value_training import ValueTrainConfig
 
 SECTIONS = [(CorpusConfig, "corpus"), (TinyLMConfig, "base_model"), (PairSynthesisConfig, "preference_pairs"),
             (RewardTrainConfig, "reward_models"), (RolloutConfig, "rollouts"), (ValueTrainConfig, "value_models"),

@@ -1,4 +1,4 @@
-"""A per-token head distilled from a V(s·a) teacher (models/distill.py): the targets are the values
+"""A per-token head distilled from a V(s·a) teacher (models/value/distill.py): the targets are the values
 the decoder would use, the student reproduces them on its training states, and it decodes on the
 base model's own forward."""
 
@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 
-from models.corpus import CorpusConfig, generate_corpus
-from models.distill import DistillConfig, collect_targets, distill_head, student_values
-from models.evaluation import forward_params, forwards_per_token
-from models.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
-from models.reward_guidance import reward_as_value
-from models.reward_model import RewardScorer, reward_model_from_base
-from models.rollouts import Rollouts
-from models.sampling import SamplingConfig, encode_prompts, sample
-from models.value_model import ValueModel
-from models.value_store import default_parameterization, value_model_folder, value_model_name
-from models.vas import VASConfig, centred, vas_sample
+from models.data.corpus import CorpusConfig, generate_corpus
+from models.data.rollouts import Rollouts
+from models.decoding.reward_guidance import reward_as_value
+from models.decoding.vas import VASConfig, centred, vas_sample
+from models.evaluation.evaluation import forward_params, forwards_per_token
+from models.lm.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
+from models.lm.sampling import SamplingConfig, encode_prompts, sample
+from models.rewards.reward_model import RewardScorer, reward_model_from_base
+from models.value.distill import DistillConfig, collect_targets, distill_head, student_values
+from models.value.value_model import ValueModel
+from models.value.value_store import default_parameterization, value_model_folder, value_model_name
 
 QUIET = lambda _: None  # noqa: E731
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "My", "This is"]
@@ -121,7 +121,7 @@ def test_centring_ignores_candidates_the_decoder_leaves_alone():
 
 
 def test_masked_spearman_by_hand():
-    from models.distill import masked_spearman
+    from models.value.distill import masked_spearman
 
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 9.0], [1.0, 2.0, 0.0, 0.0]])
     y = torch.tensor([[10.0, 20.0, 30.0, 40.0], [3.0, 2.0, 1.0, -5.0], [2.0, 1.0, 0.0, 0.0]])

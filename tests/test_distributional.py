@@ -7,7 +7,9 @@ import types
 import pytest
 import torch
 
-from models.distributional import (
+from models.decoding.vas import ValueGuidance, VASConfig
+from models.lm.sampling import SamplingConfig, sample
+from models.value.distributional import (
     Support,
     calibrated_support,
     distributional_lambda_returns,
@@ -17,8 +19,6 @@ from models.distributional import (
     soft_value,
     value_of,
 )
-from models.sampling import SamplingConfig, sample
-from models.vas import ValueGuidance, VASConfig
 
 # ---------------------------------------------------------------- soft values
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from test_value_training import signal_rollouts
 
-from models.checkpoints import load_checkpoint, save_checkpoint
-from models.lm import load_frozen_base, save_pretrained, train_tokenizer, truncated_copy, weights_sha256, write_manifest
-from models.sampling import SamplingConfig, sample
-from models.train_utils import FrozenFeatures
-from models.value_model import ValueModel
-from models.value_training import ValueTrainConfig, make_batch, train_value_model
-from models.vas import ValueGuidance, VASConfig, vas_sample
+from models.decoding.vas import ValueGuidance, VASConfig, vas_sample
+from models.lm.lm import load_frozen_base, save_pretrained, train_tokenizer, truncated_copy, weights_sha256, write_manifest
+from models.lm.sampling import SamplingConfig, sample
+from models.lm.train_utils import FrozenFeatures
+from models.value.checkpoints import load_checkpoint, save_checkpoint
+from models.value.value_model import ValueModel
+from models.value.value_training import ValueTrainConfig, make_batch, train_value_model
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 
@@ -38,7 +38,7 @@ def test_a_truncated_copy_is_the_first_layers_then_the_final_norm(family, tiny_g
 @pytest.fixture(scope="module")
 def frozen_world(tmp_path_factory, tiny_gpt2):
     """A pinned base (tiny GPT-2, real BPE tokenizer) and a value model trained on its frozen body."""
-    from models.corpus import CorpusConfig, generate_corpus
+    from models.data.corpus import CorpusConfig, generate_corpus
 
     tokenizer = train_tokenizer(generate_corpus(CorpusConfig(n_reviews=200, seed=0)).text.tolist(), 300)
     base_dir = tmp_path_factory.mktemp("data") / "base_model"

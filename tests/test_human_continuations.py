@@ -1,11 +1,11 @@
-"""Human continuations as value-training data (models/human_continuations.py): rollout-shaped rows
+"""Human continuations as value-training data (models/data/human_continuations.py): rollout-shaped rows
 of each snippet's opening and the first tokens of its own rest, never an eval snippet's."""
 
 import pandas as pd
 import pytest
 
-from models.human_continuations import human_continuations, scored_human_continuations
-from models.rollouts import training_rollouts
+from models.data.human_continuations import human_continuations, scored_human_continuations
+from models.data.rollouts import training_rollouts
 
 WORDS = "<pad> <eos> <bos> the film was a very good and fun bad plot dull camera work".split()
 

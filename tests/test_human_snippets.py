@@ -8,7 +8,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from models.human_snippets import (
+from models.data.human_snippets import (
     ARCHIVE,
     GROUND_TRUTH,
     SDIST_NAME,
@@ -112,8 +112,8 @@ def test_continuation_pairs_are_human_openings_and_two_other_snippets_rests(snip
 
 
 def test_snippet_pairs_are_labelled_by_the_same_bradley_terry_rater():
-    from models.preferences import PairSynthesisConfig, snippet_pairs
-    from models.rewards import positivity
+    from models.data.preferences import PairSynthesisConfig, snippet_pairs
+    from models.rewards.rewards import positivity
 
     triples = pd.DataFrame({"prompt_id": ["m-1", "m-2", "m-3"], "prompt": ["The film", "This phone", "Its plot"],
                             "text_a": [" is wonderful and great.", " broke.", " is dull, awful and bad."],
@@ -148,7 +148,7 @@ def test_gold_agreement_is_the_spearman_rank_correlation_per_corpus():
 def test_vader_agrees_with_the_human_raters_as_published(snippets):
     # Hutto & Gilbert report VADER's correlation with these raters at about 0.45 (movie) to 0.6
     # (product): the gold is informative but far from the humans.
-    from models.rewards import positivity
+    from models.rewards.rewards import positivity
 
     out = gold_agreement(snippets, positivity(snippets.text.tolist()))
     assert 0.35 < out["spearman_movie"] < 0.55 and 0.5 < out["spearman_amazon"] < 0.7
@@ -159,7 +159,7 @@ def test_the_pairs_asset_never_pairs_an_eval_prompts_snippet_and_says_what_it_ne
     from types import SimpleNamespace
 
     from assets.synthesis import HUMAN_SNIPPETS, _snippet_pairs
-    from models.preferences import PairSynthesisConfig
+    from models.data.preferences import PairSynthesisConfig
 
     run = SimpleNamespace(path=lambda asset: tmp_path / asset, log=logging.getLogger("test"))
     config = PairSynthesisConfig(snippet_pairs={"positivity": 60})

@@ -14,12 +14,12 @@ import test_value_model as value_model_tests
 import test_vas as vas_tests
 import torch
 
-from models.candidate_scoring import CandidateScoring
-from models.corpus import CorpusConfig, generate_corpus
-from models.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
-from models.sampling import left_pad
-from models.value_model import ValueModel
-from models.value_training import backbone_init_dir
+from models.data.corpus import CorpusConfig, generate_corpus
+from models.lm.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
+from models.lm.sampling import left_pad
+from models.value.candidate_scoring import CandidateScoring
+from models.value.value_model import ValueModel
+from models.value.value_training import backbone_init_dir
 
 PARAMS = value_model_tests.PARAMS
 V_OF_SA = ("scalar", "distributional")       # the heads that score candidates through the backbone
@@ -116,7 +116,7 @@ def test_backbone_without_4d_masks_falls_back_to_the_repeated_cache(llama_dir, p
     expected = q_values(fresh_value_model(llama_dir, parameterization), "shared")
     model = fresh_value_model(llama_dir, parameterization)
     monkeypatch.setattr(model.backbone, "forward", broken(model.backbone.forward))
-    with caplog.at_level(logging.WARNING, logger="models.candidate_scoring"):
+    with caplog.at_level(logging.WARNING, logger="models.value.candidate_scoring"):
         got = q_values(model, "auto")
     assert model.candidate_scoring.mode == "repeated"
     assert "repeating the prefix cache" in caplog.text

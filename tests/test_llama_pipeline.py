@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from assets.resources import VasSettings, build_resources
-from models.corpus import CorpusConfig, generate_corpus, generate_openings
-from models.lm import load_tokenizer, save_pretrained, train_tokenizer, weights_sha256
+from models.data.corpus import CorpusConfig, generate_corpus, generate_openings
+from models.lm.lm import load_tokenizer, save_pretrained, train_tokenizer, weights_sha256
 from models.profiles import PARAMS_FILE
-from models.value_store import META_FILE, find_value_models, value_model_folder
+from models.value.value_store import META_FILE, find_value_models, value_model_folder
 from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def test_the_real_profiles_paths_through_the_smoke_graph(tmp_path, tiny_llama):
     reward model on the base's first layer, a value backbone copied from it, value heads on the
     frozen base's own hidden states (saved by reference, sharing the base at decode time), and the
     DPO baseline skipped with its reason."""
-    from models.human_snippets import SDIST_NAME
+    from models.data.human_snippets import SDIST_NAME
     from models.profiles import PROJECT_ROOT
 
     paths = user_files(tmp_path, tiny_llama)

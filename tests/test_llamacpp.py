@@ -1,4 +1,4 @@
-"""GGUF export (models/gguf_export.py, `vas export-gguf`) and a real llama.cpp server serving it.
+"""GGUF export (models/lm/gguf_export.py, `vas export-gguf`) and a real llama.cpp server serving it.
 
 The export tests need no server. The server tests run llama-cpp-python's OpenAI-compatible server
 from .venv-llamacpp (`make llamacpp`) on loopback and compare it with a Hugging Face forward pass of
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gguf_export import GGUFExportError, export_gguf
+from models.lm.gguf_export import GGUFExportError, export_gguf
 from orchestration.cli import main
 
 # ASCII, punctuation and whitespace runs, multi-byte UTF-8 (2- and 3-byte characters, merged into
@@ -119,7 +119,7 @@ def test_export_refuses_a_model_that_is_not_gpt2(tiny_dir, tmp_path, capsys):
 
 
 def test_export_refuses_a_tokenizer_that_is_not_byte_level_bpe(tiny_dir, tmp_path, tiny_gpt2, word_tokenizer):
-    from models.lm import save_pretrained
+    from models.lm.lm import save_pretrained
 
     words = word_tokenizer({"<eos>": 0, "<pad>": 1, "good": 2, "bad": 3})
     save_pretrained(tiny_gpt2(4), words, tmp_path / "words")
@@ -153,7 +153,7 @@ class LlamaCppGelu(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def served(llamacpp_gpt2):
-    from models.lm import load_causal_lm
+    from models.lm.lm import load_causal_lm
 
     model, tokenizer = load_causal_lm(llamacpp_gpt2["model_dir"])
     as_llamacpp, _ = load_causal_lm(llamacpp_gpt2["model_dir"])

@@ -3,8 +3,8 @@ import statistics
 import pytest
 import torch
 
-from models.corpus import CorpusConfig, generate_corpus, generate_openings
-from models.lm import (
+from models.data.corpus import CorpusConfig, generate_corpus, generate_openings
+from models.lm.lm import (
     TinyLMConfig,
     load_frozen_base,
     save_pretrained,
@@ -12,8 +12,8 @@ from models.lm import (
     weights_sha256,
     write_manifest,
 )
-from models.rewards import count_words, positivity
-from models.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad, positions, sample
+from models.lm.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad, positions, sample
+from models.rewards.rewards import count_words, positivity
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_temperature_must_be_positive(tiny_lm):
 
 
 def test_join_prompt_completion():
-    from models.sampling import join_prompt_completion
+    from models.lm.sampling import join_prompt_completion
 
     assert join_prompt_completion("I bought it", " and it broke.") == "I bought it and it broke."
     assert join_prompt_completion("I bought it", ", sadly.") == "I bought it, sadly."
@@ -130,7 +130,7 @@ def test_join_prompt_completion():
 
 
 def test_policy_steering_with_the_base_itself_is_base_sampling(tiny_lm):
-    from models.dpo import PolicySteering
+    from models.evaluation.dpo import PolicySteering
 
     model, tokenizer, _, _ = tiny_lm
     prompts = generate_openings(5, 1)

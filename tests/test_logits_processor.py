@@ -4,9 +4,9 @@ models gets, at every step, the logits the project's own sampler steers to."""
 import pytest
 import torch
 
-from models.logits_processor import VASLogitsProcessor
-from models.sampling import CachedLM, encode_prompts, left_pad
-from models.vas import ValueGuidance, VASConfig
+from models.decoding.logits_processor import VASLogitsProcessor
+from models.decoding.vas import ValueGuidance, VASConfig
+from models.lm.sampling import CachedLM, encode_prompts, left_pad
 
 PROMPTS = ["I bought this kettle", "So I finally got the blender and"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from assets.common import output_path
 from models.artifacts import dvc_md5
-from models.lm import read_manifest, weights_sha256
+from models.lm.lm import read_manifest, weights_sha256
 from models.profiles import PROJECT_ROOT
 from models.stages import STAGES
 
@@ -156,7 +156,7 @@ def test_rollouts_store_tokens_logprobs_and_every_reward(smoke_world):
 
 
 def test_value_models_saved_per_attribute_and_parameterization(smoke_world):
-    from models.value_model import ValueModel
+    from models.value.value_model import ValueModel
 
     root = smoke_world["data_dir"] / "value_models"
     names = sorted(p.name for p in root.iterdir())
@@ -181,8 +181,8 @@ def test_value_models_start_from_the_smaller_value_backbone(smoke_world):
     against 1 x 32), and every value model's backbone starts from its weights (lineage: its sha256)."""
     from transformers import AutoConfig
 
-    from models.lm import check_same_vocabulary, weights_sha256
-    from models.value_model import ValueModel
+    from models.lm.lm import check_same_vocabulary, weights_sha256
+    from models.value.value_model import ValueModel
 
     data = smoke_world["data_dir"]
     small, base = (AutoConfig.from_pretrained(data / name) for name in ("value_backbone", "base_model"))
@@ -399,8 +399,8 @@ def test_sharpening_control_at_temperature_one_is_base_sampling(smoke_world):
     sys.path.insert(0, str(PROJECT_ROOT))
     from bench.frontier import Sharpened
     from bench.frontier import main as frontier_main
-    from models.lm import load_frozen_base
-    from models.sampling import SamplingConfig, sample
+    from models.lm.lm import load_frozen_base
+    from models.lm.sampling import SamplingConfig, sample
 
     data = smoke_world["data_dir"]
     model, tokenizer, _ = load_frozen_base(data / "base_model")
@@ -469,7 +469,7 @@ def test_value_error_against_monte_carlo_per_model_and_target(smoke_world):
 
 
 def test_headline_table_picks_the_rows_to_compare(smoke_world):
-    from models.evaluation import headline_rows, headline_table
+    from models.evaluation.evaluation import headline_rows, headline_table
 
     summary = pd.read_parquet(smoke_world["data_dir"] / "eval" / "summary.parquet")
     rows = headline_rows(summary)

@@ -9,23 +9,23 @@ import pytest
 import test_value_model as value_model_tests
 import torch
 
+from models.lm.real_model import PINNED_GGUF
 from models.profiles import project_path
-from models.real_model import PINNED_GGUF
 
 if not project_path(PINNED_GGUF).is_file():
     pytest.skip(f"{PINNED_GGUF} is missing: `make test` fetches it", allow_module_level=True)
 
-from models.lm import load_causal_lm, weights_sha256  # noqa: E402
-from models.real_model import (  # noqa: E402
+from models.decoding.vas import VASConfig, vas_sample  # noqa: E402
+from models.lm.lm import load_causal_lm, weights_sha256  # noqa: E402
+from models.lm.real_model import (  # noqa: E402
     GGUF_SHA256,
     convert_gguf,
     converted_gguf,
     file_sha256,
     resolve_gguf,
 )
-from models.sampling import SamplingConfig, sample  # noqa: E402
-from models.value_model import ValueModel  # noqa: E402
-from models.vas import VASConfig, vas_sample  # noqa: E402
+from models.lm.sampling import SamplingConfig, sample  # noqa: E402
+from models.value.value_model import ValueModel  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -104,9 +104,9 @@ def test_cached_candidate_scoring_equals_uncached_forwards_on_this_llama(real_di
 def test_a_few_prompts_through_rollouts_and_value_training(real_base, real_dir):
     import pandas as pd
 
-    from models.rewards import positivity
-    from models.rollouts import RolloutConfig, reward_stats, sample_rollouts, training_rollouts
-    from models.value_training import ValueTrainConfig, train_value_model
+    from models.data.rollouts import RolloutConfig, reward_stats, sample_rollouts, training_rollouts
+    from models.rewards.rewards import positivity
+    from models.value.value_training import ValueTrainConfig, train_value_model
 
     base, tokenizer = real_base
     prompts = pd.DataFrame({"prompt_id": ["p0", "p1"], "prompt": PROMPTS})
@@ -143,7 +143,7 @@ def test_a_frozen_base_value_head_decodes_on_the_base_forward_as_on_its_own(real
     # base forward; the separate copy is a second 30-layer forward.
     # Embedding tables (and the head's free token factors) are looked up, not multiplied: the head
     # counts its Linear, the separate body its layers only, the base its layers and its (tied) output layer.
-    from models.evaluation import forward_params
+    from models.evaluation.evaluation import forward_params
 
     head = sum(p.numel() for p in shared.head.parameters())
     assert 0 < forward_params(shared, shared_with=base) == head < 0.05 * forward_params(base)
@@ -156,10 +156,10 @@ def test_llamacpp_serves_this_gguf_and_black_box_vas_steers_it(real_base, llamac
     """The very GGUF file behind llama.cpp's OpenAI-compatible server: the same tokens and nearly the
     same next-token distribution as the converted model (llama.cpp computes on the Q4_1 blocks with
     8-bit activations, the conversion in float32), and black-box VAS steering it over HTTP."""
-    from models.blackbox import blackbox_rows
-    from models.generate import decode_configs
-    from models.lm import truncated_copy
-    from models.upstream import UpstreamClient, UpstreamConfig
+    from models.decoding.blackbox import blackbox_rows
+    from models.decoding.generate import decode_configs
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig
+    from models.lm.lm import truncated_copy
 
     base, tokenizer = real_base
     server = llamacpp(resolve_gguf(PINNED_GGUF))

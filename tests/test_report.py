@@ -2,8 +2,8 @@ import json
 
 import pandas as pd
 
-from models.evaluation import family_of
-from models.report import composition_figure, lift_across_seeds, lift_over_base, verdict, write_report
+from models.evaluation.evaluation import family_of
+from models.evaluation.report import composition_figure, lift_across_seeds, lift_over_base, verdict, write_report
 
 
 def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from models.corpus import CorpusConfig, generate_corpus
-from models.evaluation import EvalConfig, Evaluator, forward_params, repeat_share, repeats_ngram, summarize
-from models.lm import TinyLMConfig, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
-from models.reward_guidance import reward_as_value
-from models.reward_model import RewardScorer, reward_forward, reward_model_from_base
-from models.sampling import SamplingConfig, encode_prompts, sample
-from models.study import eligible
-from models.vas import VASConfig, vas_sample
+from models.data.corpus import CorpusConfig, generate_corpus
+from models.decoding.reward_guidance import reward_as_value
+from models.decoding.vas import VASConfig, vas_sample
+from models.evaluation.evaluation import EvalConfig, Evaluator, forward_params, repeat_share, repeats_ngram, summarize
+from models.evaluation.study import eligible
+from models.lm.lm import TinyLMConfig, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
+from models.lm.sampling import SamplingConfig, encode_prompts, sample
+from models.rewards.reward_model import RewardScorer, reward_forward, reward_model_from_base
 
 QUIET = lambda _: None  # noqa: E731
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "My"]
@@ -168,7 +168,7 @@ def test_summary_carries_the_repeat_share(world):
 def test_args_refuses_a_reward_it_cannot_read_at_a_prefix(world, tmp_path):
     from test_reward_model import tiny_bert_classifier
 
-    from models.reward_model import load_reward_model
+    from models.rewards.reward_model import load_reward_model
 
     _, _, scorer = world
     with pytest.raises(ValueError, match="must share a tokenizer"):
@@ -179,7 +179,7 @@ def test_args_refuses_a_reward_it_cannot_read_at_a_prefix(world, tmp_path):
 
 
 def test_an_ensemble_of_identical_members_equals_its_member(world):
-    from models.reward_ensemble import EnsembleScorer, combine
+    from models.rewards.reward_ensemble import EnsembleScorer, combine
 
     _, _, scorer = world
     prompts, completions = ["The lamp", "My"], [" is great and bright.", " kettle broke."]
@@ -210,8 +210,8 @@ def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
 
     from assets.resources import VasSettings, build_resources
     from models.profiles import PARAMS_FILE
-    from models.reward_model import load_reward_model
-    from models.value_model import ValueModel
+    from models.rewards.reward_model import load_reward_model
+    from models.value.value_model import ValueModel
     from orchestration.definitions import ALL_ASSETS, ALL_CHECKS
 
     data = tmp_path / "data"
@@ -254,7 +254,7 @@ def test_value_models_can_start_as_the_reward_model(smoke_world, tmp_path):
 
 
 def test_the_report_says_whether_vas_beats_args_at_no_more_cost():
-    from models.report import args_comparison
+    from models.evaluation.report import args_comparison
 
     def row(method, gold, forwards, **params):
         return {"method": method, "family": {"vas": "VAS scalar", "args": "ARGS"}.get(method, method),

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from models.corpus import NEGATIVE, POSITIVE, CorpusConfig, generate_corpus, generate_openings
-from models.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
-from models.reward_model import (
+from models.data.corpus import NEGATIVE, POSITIVE, CorpusConfig, generate_corpus, generate_openings
+from models.lm.lm import TinyLMConfig, load_frozen_base, save_pretrained, train_tiny_lm, weights_sha256, write_manifest
+from models.lm.sampling import join_prompt_completion
+from models.rewards.reward_model import (
     RewardScorer,
     RewardTrainConfig,
     encode_texts,
@@ -18,8 +19,7 @@ from models.reward_model import (
     split_by_prompt,
     train_reward_model,
 )
-from models.rewards import conciseness
-from models.sampling import join_prompt_completion
+from models.rewards.rewards import conciseness
 
 QUIET = lambda _: None  # noqa: E731
 
@@ -225,7 +225,7 @@ def test_loads_a_user_supplied_encoder_classifier(tmp_path):
 
 
 def test_training_batches_cover_every_pair_once_per_pass_with_less_padding():
-    from models.reward_model import _batches
+    from models.rewards.reward_model import _batches
 
     lengths = [random.Random(i).randint(5, 90) for i in range(50)]
 

@@ -3,9 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from models.preferences import bradley_terry_prob, label_pairs
+from models.data.preferences import bradley_terry_prob, label_pairs
 from models.profiles import load_profile, resolve
-from models.rewards import conciseness, count_words, gold_reward, positivity, score_gold
+from models.rewards.rewards import conciseness, count_words, gold_reward, positivity, score_gold
 
 
 def test_positivity_orders_sentiment():

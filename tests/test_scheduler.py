@@ -1,4 +1,4 @@
-"""Continuous batching (models/scheduler.py, models/kv_cache.py): rows decoded in a shared running
+"""Continuous batching (models/serving/scheduler.py, models/lm/kv_cache.py): rows decoded in a shared running
 batch, with requests joining and leaving between steps, get exactly the tokens they get alone."""
 
 import threading
@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from models.kv_cache import join_lm, join_rows, keep_lm, keep_rows
-from models.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad
-from models.scheduler import Scheduler
-from models.vas import VASConfig, vas_sample
+from models.decoding.vas import VASConfig, vas_sample
+from models.lm.kv_cache import join_lm, join_rows, keep_lm, keep_rows
+from models.lm.sampling import CachedLM, SamplingConfig, encode_prompts, left_pad
+from models.serving.scheduler import Scheduler
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and", "Great"]
 

@@ -21,7 +21,7 @@ PROMPT = "The movie was"
 def served(smoke_world, tmp_path_factory):
     """An Engine over a data folder of its own: the smoke world's base and reward models (linked) and
     a copy of its value models, which the swap test replaces."""
-    from models.serving import Engine
+    from models.serving.serving import Engine
     from orchestration.serve import create_app
 
     src = smoke_world["data_dir"]
@@ -50,7 +50,7 @@ def test_models_lists_the_served_model(served):
 
 
 def test_no_vas_field_and_zero_weights_are_exactly_base_sampling(served):
-    from models.sampling import SamplingConfig, sample
+    from models.lm.sampling import SamplingConfig, sample
 
     engine = served["engine"]
     expected = sample(engine.base, engine.tokenizer, [PROMPT] * 3,

@@ -25,7 +25,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endf
 
 @pytest.fixture(scope="module")
 def engine(smoke_world):
-    from models.serving import Engine
+    from models.serving.serving import Engine
 
     engine = Engine(smoke_world["data_dir"], device="cpu")
     yield engine
@@ -149,7 +149,7 @@ def test_past_the_queue_bound_requests_get_429_with_retry_after(engine):
 
 
 def test_health_is_503_while_loading_then_200(smoke_world):
-    from models.serving import Engine
+    from models.serving.serving import Engine
     from orchestration.serve import create_app
 
     release = threading.Event()

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models.rollouts import RolloutConfig, merge_shards, prompts_per_batch, sample_rollouts, shard_prompts
-from models.sampling import SamplingConfig, inverse_cdf, row_uniforms, sample
+from models.data.rollouts import RolloutConfig, merge_shards, prompts_per_batch, sample_rollouts, shard_prompts
+from models.lm.sampling import SamplingConfig, inverse_cdf, row_uniforms, sample
 
 WORDS = ["<eos>", "<pad>", "the", "kettle", "lamp", "is", "great", "awful", "and", "works", "not", "very"]
 
@@ -135,11 +135,11 @@ def test_lineage_has_every_shard_md5_and_the_merged_md5(smoke_world):
 def test_two_shards_equal_one_row_for_row(smoke_world, tmp_path):
     """The rollouts the smoke graph merged from 2 shards are those of one unsharded sample of the
     whole train split with the same seed: token ids, log-probs and every score."""
-    from models.lm import load_frozen_base
+    from models.data.rollouts import score_rollouts
+    from models.lm.lm import load_frozen_base
     from models.profiles import config_from, load_profile
-    from models.reward_model import load_reward_models
-    from models.rewards import GOLD_REWARDS
-    from models.rollouts import score_rollouts
+    from models.rewards.reward_model import load_reward_models
+    from models.rewards.rewards import GOLD_REWARDS
 
     data = smoke_world["data_dir"]
     profile = load_profile("smoke")

@@ -55,21 +55,29 @@ def test_every_stage_code_exists_and_assets_carry_its_version():
 
 
 def test_code_files_follow_models_imports_transitively(tmp_path):
-    """A stage that lists models/a.py also depends on what a imports (b), what b imports (the package
-    c, as one unit) and what `from models import d` names; an asset file's own imports are not followed."""
+    """A stage that lists models/a.py also depends on what a imports (b), what b imports (a module of
+    the concern package c, and the package c/unit below it as one unit) and what `from models import d`
+    names; an asset file's own imports are not followed."""
     from models.stages import code_files, code_hash
 
-    (tmp_path / "models" / "c").mkdir(parents=True)
+    (tmp_path / "models" / "c" / "unit").mkdir(parents=True)
     (tmp_path / "assets").mkdir()
     (tmp_path / "models" / "a.py").write_text("from models.b import f\n")
-    (tmp_path / "models" / "b.py").write_text("def f():\n    import models.c.inner\n    from models import d\n")
+    (tmp_path / "models" / "b.py").write_text("def f():\n    import models.c.inner\n    from models import d\n"
+                                              "    from models.c.unit.deep import W\n")
+    (tmp_path / "models" / "c" / "__init__.py").write_text("")
     (tmp_path / "models" / "c" / "inner.py").write_text("X = 1\n")
+    (tmp_path / "models" / "c" / "other.py").write_text("V = 0\n")            # imported by no one
+    (tmp_path / "models" / "c" / "unit" / "deep.py").write_text("W = 4\n")
     (tmp_path / "models" / "d.py").write_text("Y = 2\n")
     (tmp_path / "models" / "e.py").write_text("Z = 3\n")
     (tmp_path / "assets" / "stage.py").write_text("from models.e import Z\n")
     listed = ["models/a.py", "assets/stage.py"]
     files = code_files(listed, tmp_path)
-    assert files == ["models/a.py", "assets/stage.py", "models/b.py", "models/c", "models/d.py"]
+    assert files == ["models/a.py", "assets/stage.py", "models/b.py", "models/c/inner.py", "models/c/unit",
+                     "models/d.py"]
     before = code_hash(files, tmp_path)
+    (tmp_path / "models" / "c" / "other.py").write_text("V = 1\n")     # same concern, not imported
+    assert code_hash(code_files(listed, tmp_path), tmp_path) == before
     (tmp_path / "models" / "c" / "inner.py").write_text("X = 2\n")     # two imports away from a
     assert code_hash(code_files(listed, tmp_path), tmp_path) != before

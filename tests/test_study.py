@@ -9,8 +9,8 @@ import duckdb
 import pandas as pd
 import pytest
 
-from models.report import report_verdict
-from models.study import aggregate, lift_ratio, ratio_sentence, study_markdown
+from models.evaluation.report import report_verdict
+from models.evaluation.study import aggregate, lift_ratio, ratio_sentence, study_markdown
 
 
 def row(seed, method, params, gold, distinct, forwards, **extra):
@@ -225,7 +225,7 @@ def test_best_of_n_pools_of_two_seeds_share_no_candidate():
     of 128 candidates, and a study's Best-of-N barely moved)."""
     from types import SimpleNamespace
 
-    from models.evaluation import EvalConfig, Evaluator
+    from models.evaluation.evaluation import EvalConfig, Evaluator
 
     def pool(seed: int) -> set[int]:
         evaluator = SimpleNamespace(config=EvalConfig(seed=seed))

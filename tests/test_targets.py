@@ -6,8 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from models.evaluation import family_of
-from models.targets import check, interpolate, markdown, study_markdown
+from models.evaluation.evaluation import family_of
+from models.evaluation.targets import check, interpolate, markdown, study_markdown
 
 
 def row(method, params, gold, learned, kl, forwards, distinct=0.3, ci=0.01):
@@ -86,7 +86,7 @@ def test_study_counts_seeds_meeting_each_target():
 
 
 def test_exact_tilt_rows_give_each_kl_point_its_room():
-    # Tilt rows (models/tilt.py): learned 0 -> 1.05 -> 1.1 -> 1.19 at KL 0, 1, 2, 4; not a decoder.
+    # Tilt rows (models/evaluation/tilt.py): learned 0 -> 1.05 -> 1.1 -> 1.19 at KL 0, 1, 2, 4; not a decoder.
     tilt = [{"method": "tilt", "params": json.dumps({"attribute": "positivity", "beta": b}), "family": "exact tilt",
              "learned_positivity_mean": v, "learned_positivity_ci95": 0.0, "kl_nats_mean": kl, "param_beta": b}
             for b, v, kl in ((0.0, 0.0, 0.0), (2.0, 1.05, 1.0), (8.0, 1.1, 2.0), (64.0, 1.19, 4.0))]

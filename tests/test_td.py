@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.td import lambda_returns, masked_mse
+from models.value.td import lambda_returns, masked_mse
 
 
 def test_lambda_returns_by_hand():

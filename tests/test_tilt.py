@@ -1,4 +1,4 @@
-"""The exact tilt estimated on a Best-of-N pool (models/tilt.py), against numbers computed by hand."""
+"""The exact tilt estimated on a Best-of-N pool (models/evaluation/tilt.py), against numbers computed by hand."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from models.tilt import tilt_curve, tilt_weights
+from models.evaluation.tilt import tilt_curve, tilt_weights
 
 
 def test_beta_zero_is_pi0_itself():

@@ -1,5 +1,5 @@
-"""Black-box VAS: a base model reachable only through an OpenAI-compatible API (models/upstream.py,
-models/blackbox.py), and the `logprobs` of `vas serve` that make it such an upstream.
+"""Black-box VAS: a base model reachable only through an OpenAI-compatible API (models/decoding/upstream.py,
+models/decoding/blackbox.py), and the `logprobs` of `vas serve` that make it such an upstream.
 
 Upstreams: `vas_upstream`, `vas serve` on loopback serving the smoke world's base model, and
 `upstream`, a URL the protocol-only tests run against: that same server, and a real llama.cpp
@@ -24,7 +24,7 @@ PROMPT = "The movie was"
 # ---------------------------------------------------------------------------- parsing, no server
 
 def test_top_logprobs_keep_k_merge_collisions_and_drop_non_text():
-    from models.upstream import parse_top_logprobs
+    from models.decoding.upstream import parse_top_logprobs
 
     lp = math.log
     # k + 1 entries (the server's own draw " z" added outside its top 3), " a" twice, an empty key
@@ -44,7 +44,7 @@ def test_top_logprobs_keep_k_merge_collisions_and_drop_non_text():
 
 
 def test_step_entries_read_both_reply_shapes_and_keep_duplicate_keys():
-    from models.upstream import _Pairs, step_entries
+    from models.decoding.upstream import _Pairs, step_entries
 
     legacy = json.loads('{"logprobs": {"top_logprobs": [{" a": -1.0, "": -2.0, "": -3.0}]}}', object_pairs_hook=_Pairs)
     assert step_entries(legacy) == [(" a", -1.0), ("", -2.0), ("", -3.0)]
@@ -98,7 +98,7 @@ def completion(logprobs, finish_reason="length", text=" x"):
 
 
 def test_client_parses_replies_detects_the_eos_step_and_names_a_server_without_logprobs(canned):
-    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig, UpstreamError
 
     client = UpstreamClient(UpstreamConfig(canned, "tiny", top_k=2, max_retries=0, eos_token_id=0))
     # Duplicate keys in the raw JSON (two byte pieces that both decode to ""), and k + 1 entries.
@@ -121,7 +121,7 @@ def test_client_parses_replies_detects_the_eos_step_and_names_a_server_without_l
 
 
 def test_rate_limits_and_transient_5xx_are_retried_by_the_openai_client(canned):
-    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig, UpstreamError
 
     error = json.dumps({"error": {"message": "slow down", "type": "rate_limit", "param": None, "code": None}})
     top = {"tokens": [" p"], "token_logprobs": [-0.5], "top_logprobs": [{" p": -0.5, " q": -1.0}]}
@@ -143,7 +143,7 @@ def test_rate_limits_and_transient_5xx_are_retried_by_the_openai_client(canned):
 
 
 def test_an_unreachable_upstream_is_a_clear_error():
-    from models.upstream import UpstreamClient, UpstreamConfig, UpstreamError
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig, UpstreamError
 
     client = UpstreamClient(UpstreamConfig("http://127.0.0.1:9/v1", "tiny", max_retries=1, timeout=2))
     with pytest.raises(UpstreamError, match=r"127.0.0.1:9/v1 \(model 'tiny'\) did not answer after 1 retries"):
@@ -166,7 +166,7 @@ def data_dir(smoke_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vas_upstream(data_dir):
     """`vas serve` on loopback as the upstream, serving the base model: {"base_url", "model", "engine"}."""
-    from models.serving import Engine
+    from models.serving.serving import Engine
     from orchestration.serve import background_server
 
     engine = Engine(data_dir, device="cpu")
@@ -187,7 +187,7 @@ def upstream(request, data_dir):
 
 
 def client_for(upstream, top_k=5):
-    from models.upstream import UpstreamClient, UpstreamConfig
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig
 
     return UpstreamClient(UpstreamConfig(upstream["base_url"], upstream["model"], top_k=top_k, max_retries=0))
 
@@ -196,7 +196,7 @@ def base_top_logprobs(engine, text: str, k: int):
     """pi0's top-k (token, logprob) after `text`, from a forward pass of the local weights."""
     import torch
 
-    from models.sampling import encode_prompts
+    from models.lm.sampling import encode_prompts
 
     ids = torch.tensor(encode_prompts(engine.tokenizer, [text]))
     with torch.no_grad():
@@ -254,10 +254,10 @@ def test_zero_weights_draw_from_the_renormalized_base_top_k(upstream, data_dir):
     """Many one-token draws at one state against the closed form softmax(top-k logprobs / T)."""
     import torch
 
-    from models.blackbox import blackbox_rows
-    from models.generate import decode_configs, value_tokenizer
-    from models.value_model import ValueModel
-    from models.value_store import find_value_models
+    from models.decoding.blackbox import blackbox_rows
+    from models.decoding.generate import decode_configs, value_tokenizer
+    from models.value.value_model import ValueModel
+    from models.value.value_store import find_value_models
 
     tokenizer = value_tokenizer(data_dir / "base_model")
     models = {name: ValueModel.load(path) for name, path in find_value_models(data_dir / "value_models").items()}
@@ -304,7 +304,7 @@ def reward_as_value_model(scorer):
 
     import torch
 
-    from models.value_model import ValueModel
+    from models.value.value_model import ValueModel
 
     model = ValueModel(copy.deepcopy(scorer.model.transformer), "scalar")
     with torch.no_grad():
@@ -315,7 +315,7 @@ def reward_as_value_model(scorer):
 def test_positivity_weight_raises_the_learned_positivity_reward(upstream, data_dir):
     import numpy as np
 
-    from models.generate import decode_configs, decode_rows, reward_scorers, value_tokenizer
+    from models.decoding.generate import decode_configs, decode_rows, reward_scorers, value_tokenizer
 
     scorer = reward_scorers(data_dir)["positivity"]
     tokenizer = value_tokenizer(data_dir / "base_model")        # the value model's own: read alone
@@ -346,8 +346,8 @@ def test_positivity_weight_raises_the_learned_positivity_reward(upstream, data_d
 def test_vas_serve_with_an_upstream_through_the_openai_client(upstream, data_dir):
     import openai
 
-    from models.serving import Engine
-    from models.upstream import UpstreamConfig
+    from models.decoding.upstream import UpstreamConfig
+    from models.serving.serving import Engine
     from orchestration.serve import background_server
 
     config = UpstreamConfig(upstream["base_url"], upstream["model"], top_k=6, max_retries=0)
@@ -395,11 +395,11 @@ def test_the_upstream_calls_of_a_step_fly_together_and_change_no_token(vas_upstr
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from models.blackbox import blackbox_rows
-    from models.generate import decode_configs, value_tokenizer
-    from models.upstream import UpstreamClient, UpstreamConfig
-    from models.value_model import ValueModel
-    from models.value_store import find_value_models
+    from models.decoding.blackbox import blackbox_rows
+    from models.decoding.generate import decode_configs, value_tokenizer
+    from models.decoding.upstream import UpstreamClient, UpstreamConfig
+    from models.value.value_model import ValueModel
+    from models.value.value_store import find_value_models
 
     tokenizer = value_tokenizer(data_dir / "base_model")
     models = {name: ValueModel.load(path) for name, path in find_value_models(data_dir / "value_models").items()}

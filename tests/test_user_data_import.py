@@ -103,8 +103,8 @@ def test_vas_validate_exit_codes(tmp_path, capsys):
 
 
 def test_pinned_local_hf_model_is_hashed_not_trained(tmp_path, tiny_gpt2):
-    from models.corpus import CorpusConfig, generate_corpus
-    from models.lm import train_tokenizer, weights_sha256
+    from models.data.corpus import CorpusConfig, generate_corpus
+    from models.lm.lm import train_tokenizer, weights_sha256
 
     texts = generate_corpus(CorpusConfig(n_reviews=200)).text.tolist()
     tokenizer = train_tokenizer(texts, 300)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from models.artifacts import file_md5
-from models.validation import (
+from models.data.validation import (
     Problem,
     ValidationRules,
     detect_kind,

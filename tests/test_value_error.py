@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from models.sampling import SamplingConfig, encode_prompts, sample
-from models.value_error import (
+from models.evaluation.value_error import (
     ScoredModel,
     ValueErrorConfig,
     continuation_texts,
@@ -24,6 +23,7 @@ from models.value_error import (
     spearman_ceiling,
     top_candidates,
 )
+from models.lm.sampling import SamplingConfig, encode_prompts, sample
 
 PROMPTS = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(6)],
                         "prompt": ["a b", "c", "d e f", "b", "a a", "f c"]})
@@ -97,7 +97,7 @@ def test_soft_value_is_between_mean_and_max_and_tends_to_the_mean():
 
 
 def test_id_sampler_is_the_base_sampler(small):
-    """Sampling from id prefixes draws what models.sampling draws from the same prompts and seed."""
+    """Sampling from id prefixes draws what models.lm.sampling draws from the same prompts and seed."""
     prompts = PROMPTS.prompt.tolist()
     gen = sample(small.base, small.tokenizer, prompts, SamplingConfig(max_new_tokens=7, seed=5))
     generator = torch.Generator().manual_seed(5)
@@ -215,7 +215,7 @@ def test_the_spearman_ceiling_is_what_an_exact_model_gets_against_noisy_targets(
 
 def test_real_value_models_are_measured(small, tmp_path):
     """ValueModel through the decode interface: scalar ignores beta, distributional does not."""
-    from models.value_model import ValueModel
+    from models.value.value_model import ValueModel
 
     small.base.save_pretrained(tmp_path)
     models = []
@@ -237,8 +237,8 @@ def test_calibrated_models_are_measured_in_their_own_normal_scores(small, tmp_pa
     """A model with calibrated bins also gets the `calibrated` target: the MC mean of the normal
     scores of the continuations' rewards through its own calibration map, against its calibrated
     decoder's values. Models without calibrated bins have no such row."""
-    from models.distributional import calibrated_support
-    from models.value_model import ValueModel
+    from models.value.distributional import calibrated_support
+    from models.value.value_model import ValueModel
 
     small.base.save_pretrained(tmp_path)
     stats = {"mean": 0.5, "std": 2.0}

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from models.distributional import value_of
-from models.sampling import left_pad
-from models.train_utils import pad_rows
-from models.value_model import ValueModel
+from models.lm.sampling import left_pad
+from models.lm.train_utils import pad_rows
+from models.value.distributional import value_of
+from models.value.value_model import ValueModel
 
 VOCAB = 64
 # "qhead:embedding": the factorized per-token head (token factors from the embeddings), which
-# models/distill.py fits; the others take their default token factors.
+# models/value/distill.py fits; the others take their default token factors.
 PARAMS = ["scalar", "qhead", "qhead:embedding", "distributional", "distributional_qhead"]
 
 
@@ -224,8 +224,8 @@ def test_save_and_load_roundtrip_is_safetensors_only(value_model, tmp_path):
 
 
 def test_untrained_distributional_head_steers_nothing_at_large_k_and_asymmetric_support(base_dir):
-    from models.distributional import Support
-    from models.vas import ValueGuidance, VASConfig
+    from models.decoding.vas import ValueGuidance, VASConfig
+    from models.value.distributional import Support
 
     model = ValueModel.from_base(base_dir, "distributional_qhead", support=Support(v_min=-1.13, v_max=1.9))
     guidance = ValueGuidance({"p": model}, {"p": 32.0}, VASConfig(top_k=40))

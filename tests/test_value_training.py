@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from models.rollouts import reward_stats, training_rollouts
-from models.value_model import ValueModel
-from models.value_training import (
+from models.data.rollouts import reward_stats, training_rollouts
+from models.value.value_model import ValueModel
+from models.value.value_training import (
     Rollouts,
     ValueTrainConfig,
     backward_step,
@@ -188,8 +188,8 @@ def test_training_rollouts_append_eos_when_finished_and_standardize():
 
 
 def test_support_pads_the_reward_range_so_edge_rewards_keep_their_spread():
-    from models.distributional import Support, hl_gauss, soft_value
-    from models.value_training import support_for
+    from models.value.distributional import Support, hl_gauss, soft_value
+    from models.value.value_training import support_for
 
     data = Rollouts([[0]] * 3, [[5]] * 3, [-1.0, 0.2, 1.5], ["a", "b", "c"])
     support = support_for(data, ValueTrainConfig(n_bins=41))
@@ -206,8 +206,8 @@ def test_support_pads_the_reward_range_so_edge_rewards_keep_their_spread():
 
 
 def test_calibrated_bins_fit_normal_scores_and_survive_a_save(base_dir, tmp_path):
-    from models.distributional import normal_scores
-    from models.value_model import ValueModel
+    from models.value.distributional import normal_scores
+    from models.value.value_model import ValueModel
 
     # Rewards of +-3: their normal scores are +-0.674, so the two units cannot be mistaken.
     signal = signal_rollouts()

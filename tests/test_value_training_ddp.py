@@ -1,4 +1,4 @@
-"""Data-parallel value training (models/distributed.py): 2 CPU processes over gloo land on one
+"""Data-parallel value training (models/value/distributed.py): 2 CPU processes over gloo land on one
 process's weights, a killed 2-process run resumes from its checkpoint (in 2 processes or in one,
 and a 1-process checkpoint in 2), and a batch the processes cannot split is refused.
 
@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 from test_value_training import VOCAB, signal_rollouts
 from torch.multiprocessing import spawn
 
-from models import distributed
-from models.value_model import ValueModel
-from models.value_training import (
+from models.value import distributed
+from models.value.value_model import ValueModel
+from models.value.value_training import (
     ValueTrainConfig,
     action_count,
     backward_step,

@@ -9,11 +9,11 @@ import pytest
 import torch
 from random_heads import randomized
 
-from models.corpus import CorpusConfig, generate_corpus
-from models.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
-from models.sampling import SamplingConfig, encode_prompts, left_pad, sample
-from models.value_model import ValueModel
-from models.vas import ValueGuidance, VASConfig, vas_sample
+from models.data.corpus import CorpusConfig, generate_corpus
+from models.decoding.vas import ValueGuidance, VASConfig, vas_sample
+from models.lm.lm import save_pretrained, train_tokenizer, weights_sha256, write_manifest
+from models.lm.sampling import SamplingConfig, encode_prompts, left_pad, sample
+from models.value.value_model import ValueModel
 
 PROMPTS = ["I bought this kettle", "The lamp", "So I finally got the blender and"]
 
@@ -306,7 +306,7 @@ def data_dir(world):
 
 
 def test_generate_returns_n_completions_per_prompt_with_kl(data_dir):
-    from models.generate import generate
+    from models.decoding.generate import generate
 
     rows = generate(["I bought", "The lamp"], {"positivity": 2.0, "conciseness": 1.0}, n=3, seed=1,
                     top_k=10, max_new_tokens=5, data_dir=data_dir, device="cpu")
@@ -321,14 +321,14 @@ def test_generate_returns_n_completions_per_prompt_with_kl(data_dir):
 
 
 def test_generate_names_missing_value_models_and_how_to_make_them(data_dir):
-    from models.generate import generate
+    from models.decoding.generate import generate
 
     with pytest.raises(ValueError, match=r"helpfulness.*conciseness, positivity.*materialize value_models"):
         generate("I bought", {"helpfulness": 1.0}, data_dir=data_dir, device="cpu")
 
 
 def test_generate_scores_with_learned_reward_models(data_dir, monkeypatch, tmp_path):
-    from models.generate import generate
+    from models.decoding.generate import generate
 
     loaded = []
 
@@ -336,7 +336,7 @@ def test_generate_scores_with_learned_reward_models(data_dir, monkeypatch, tmp_p
         loaded.append(path.name)
         return lambda prompts, completions: [float(len(c)) for c in completions]
 
-    monkeypatch.setitem(sys.modules, "models.reward_model",
+    monkeypatch.setitem(sys.modules, "models.rewards.reward_model",
                         types.SimpleNamespace(load_reward_model=load_reward_model))
     (tmp_path / "positivity").mkdir()
     rows = generate("I bought", {"positivity": 1.0}, n=2, max_new_tokens=4, data_dir=data_dir,
