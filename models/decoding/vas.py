@@ -35,7 +35,7 @@ class VASConfig:
     # Nguyen et al. 2024); the others keep their base logits, like tokens outside the top-k. 0 steers all
     # k. A value model knows least about the tokens pi0 rarely takes, and at a large beta one wrong value
     # makes such a token the likeliest: without it, about 1% of calibrated-VAS samples at beta 5 fell
-    # into loops ("money money money ...") at hundreds of nats (README, "min_p").
+    # into loops ("money money money ...") at hundreds of nats (docs/concepts.md, "Decoding").
     min_p: float = 0.01       # the default profile's evaluation.min_p
 
 
