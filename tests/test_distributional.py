@@ -162,8 +162,8 @@ class TreeLM(torch.nn.Module):
         super().__init__()
         self.n_prompt = n_prompt
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
-        seen = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], 1)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True):
+        seen = input_ids if cache is None else torch.cat([cache, input_ids], 1)
         completion = seen[:, self.n_prompt:]
         if completion.shape[1] == 0:
             probs = PI0_FIRST.expand(len(seen), 3)
@@ -171,7 +171,7 @@ class TreeLM(torch.nn.Module):
             probs = PI0_SECOND[completion[:, 0].clamp(max=2)]
         logits = torch.full((len(seen), 5), float("-inf"))
         logits[:, :3] = probs.log()
-        return types.SimpleNamespace(logits=logits[:, None, :], past_key_values=seen)
+        return types.SimpleNamespace(logits=logits[:, None, :], cache=seen)
 
 
 class TreeValues:

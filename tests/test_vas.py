@@ -371,3 +371,21 @@ def test_cli_rejects_malformed_weights(bad, capsys):
         build_parser().parse_args(["generate", "--prompt", "x", "--weight", bad])
     assert exit_info.value.code == 2
     assert "--weight" in capsys.readouterr().err
+
+
+def test_decoding_raises_no_deprecation_from_transformers(world, caplog):
+    """The decode path (base cache, a scalar's candidate scoring, a qhead) uses transformers' current
+    names (`cache=` in, `.cache` out): no FutureWarning, and no deprecation logged once per process,
+    so a later transformers release that drops the old names cannot break decoding unseen."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()     # logged once per process: an earlier test may have used it up
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="transformers"):
+        warnings.simplefilter("error")
+        gen = vas_sample(world.base, world.tokenizer, PROMPTS, world.models, {"a": 1.0, "b": 1.0},
+                         SamplingConfig(max_new_tokens=4, seed=0), VASConfig(top_k=5))
+    assert len(gen.texts) == len(PROMPTS)
+    assert not [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]

@@ -126,7 +126,7 @@ class CachedLM:
         return {"output_hidden_states": True} if self.keep_hidden else {}
 
     def _keep(self, out) -> None:
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.last_hidden_logits = out.logits[:, -1, :]        # (B, V)
         # After the final norm, as the body returns it; None when not kept (never a stale step's).
         self.last_hidden = out.hidden_states[-1][:, -1, :] if self.keep_hidden else None
@@ -136,7 +136,7 @@ class CachedLM:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         pos = (self.mask.sum(-1, keepdim=True) - 1)             # (B, 1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, **self.hidden_kwargs)
+                         cache=self.cache, use_cache=True, **self.hidden_kwargs)
         self._keep(out)
         return self.last_hidden_logits
 

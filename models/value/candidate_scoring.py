@@ -45,7 +45,7 @@ def shared_cache_hidden(backbone, cache, mask: torch.Tensor, candidates: torch.T
     lengths = [layer.get_seq_length() for layer in cache.layers]
     try:
         out = backbone(input_ids=candidates, attention_mask=bias, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
+                       cache=cache, use_cache=True)
     finally:
         # The candidates' keys are dropped again: from every layer they reached (all of them,
         # unless the forward failed part way).
@@ -66,7 +66,7 @@ def repeated_cache_hidden(backbone, cache, mask: torch.Tensor, candidates: torch
     step_mask = torch.cat([prefix, prefix.new_ones((batch * k, 1))], dim=1)
     pos = prefix.sum(-1, keepdim=True)                                              # (B·k, 1) the next position
     out = backbone(input_ids=candidates.reshape(batch * k, 1), attention_mask=step_mask, position_ids=pos,
-                   past_key_values=rows, use_cache=True)
+                   cache=rows, use_cache=True)
     return out.last_hidden_state.reshape(batch, k, -1)
 
 

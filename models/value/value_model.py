@@ -311,7 +311,7 @@ class ValueModel(nn.Module):
     def start(self, ids: torch.Tensor, mask: torch.Tensor) -> ValueDecodeState:
         """Encode a left-padded prompt batch, ids and mask (B, T)."""
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
-        return ValueDecodeState(cache=out.past_key_values, mask=mask, hidden=out.last_hidden_state[:, -1])
+        return ValueDecodeState(cache=out.cache, mask=mask, hidden=out.last_hidden_state[:, -1])
 
     @torch.no_grad()
     def candidate_q(self, state: ValueDecodeState, candidates: torch.Tensor, beta: float | None = None,
@@ -353,8 +353,8 @@ class ValueModel(nn.Module):
         state.mask = torch.cat([state.mask, state.mask.new_ones((state.mask.shape[0], 1))], dim=1)
         pos = state.mask.sum(-1, keepdim=True) - 1                                    # (B, 1)
         out = self.backbone(input_ids=tokens[:, None], attention_mask=state.mask, position_ids=pos,
-                            past_key_values=state.cache, use_cache=True)
-        state.cache = out.past_key_values
+                            cache=state.cache, use_cache=True)
+        state.cache = out.cache
         state.hidden = out.last_hidden_state[:, -1]
 
 
