@@ -29,6 +29,7 @@ class Environment:
     require_llamacpp: bool = False          # "1" (CI): the llama.cpp server tests fail instead of skipping
     ui_screenshot: str = ""                 # where the UI browser test saves its screenshot ("" = data/ui/)
     executor: str = "default"               # "k8s": each step runs as a Kubernetes Job (deploy/README.md)
+    progress: str = "auto"                  # progress bars: "auto" on a terminal, "on" always, "off" never
 
 
 def env_name(field: str) -> str:

@@ -19,6 +19,7 @@ from models.decoding.generate import decode_configs, generate
 from models.decoding.upstream import UpstreamConfig, UpstreamError
 from models.environment import read_env, set_env
 from models.profiles import PROJECT_ROOT, load_profile, project_path
+from models.progress import progress_bar
 from models.stages import STAGES, output_of
 from orchestration.serve_ops import ServeOptions
 
@@ -246,7 +247,7 @@ def cmd_study(args) -> int:
               f"(or `vas run`) first", file=sys.stderr)
         return 2
     summaries = []
-    for seed in seeds:
+    for seed in progress_bar(seeds, "study seeds", unit="seed"):
         folder = settings.path("study", f"seed_{seed}")
         _copy_upstream(settings, folder, upstream)
         print(f"\nseed {seed}: retraining {', '.join(STUDY_RETRAINS)} in {folder}")

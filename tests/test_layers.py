@@ -52,7 +52,7 @@ def concern_of(module: str) -> str | None:
 def test_models_is_its_concerns_and_a_few_shared_modules():
     packages = sorted(p.name for p in (ROOT / "models").iterdir() if (p / "__init__.py").is_file())
     assert packages == sorted(CONCERNS)
-    assert SHARED == {"artifacts", "environment", "profiles", "stages"}
+    assert SHARED == {"artifacts", "environment", "profiles", "progress", "stages"}
     for concern in CONCERNS:       # each says what it holds and what it may import
         assert "May import:" in (ROOT / "models" / concern / "__init__.py").read_text()
 

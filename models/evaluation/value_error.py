@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from models.lm.sampling import CachedLM, SamplingConfig, encode_prompts, join_prompt_completion, left_pad, sample
+from models.progress import progress_bar
 from models.value.value_model import ValueModel
 from models.value.value_store import saved_value_models
 
@@ -206,7 +207,8 @@ def continuation_texts(base, tokenizer, states: Sequence[State], candidates: tor
                 rows.append(state.ids + [a])
                 budgets.append(budget)
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)
-    for start in range(0, len(rows), config.batch_size):
+    batches = range(0, len(rows), config.batch_size)
+    for start in progress_bar(batches, "value error continuations", unit="batch"):
         stop = start + config.batch_size
         continuations = sample_from_ids(base, rows[start:stop], budgets[start:stop], eos, pad, generator, device)
         for (pair, completion), tail in zip(jobs[start:stop], continuations):

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from models.lm.train_utils import pad_rows, warmup_lr
+from models.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def train_tiny_lm(
     losses: list[float] = []
     start = time.perf_counter()
     n_tokens = 0
-    for step in range(config.train_steps):
+    for step in progress_bar(range(config.train_steps), f"{name} training", unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(step, config.learning_rate, config.warmup_steps, config.train_steps, "cosine")
         idx = torch.randint(len(train_rows), (config.batch_size,), generator=gen).tolist()

@@ -20,6 +20,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from models.lm.train_utils import pad_rows, positions
+from models.progress import progress_bar
 
 
 @dataclass
@@ -333,12 +334,15 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
         raise ValueError(f"uniforms must be ({len(prompts)}, {config.max_new_tokens}), got {tuple(uniforms.shape)}")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     parts: list[Generation] = []
+    bar = progress_bar(desc="sampling", total=len(prompts), unit="completion")
     for start in range(0, len(prompts), config.batch_size):
         chunk = list(prompts[start : start + config.batch_size])
         rows = None if uniforms is None else uniforms[start : start + len(chunk)]
         parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device, rows))
+        bar.update(len(chunk))
         done_count = start + len(chunk)
         # About ten progress lines per call, however many batches.
         if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):
             progress(f"sampled {done_count}/{len(prompts)} completions")
+    bar.close()
     return Generation.concat(parts)

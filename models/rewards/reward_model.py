@@ -37,6 +37,7 @@ from models.artifacts import atomic_path, visible_subfolders
 from models.lm.lm import load_frozen_base, quiet_loading, truncated_copy
 from models.lm.sampling import join_prompt_completion
 from models.lm.train_utils import FrozenFeatures, autocast_for, dropout_off, pad_rows, positions, split_groups, warmup_lr
+from models.progress import progress_bar
 from models.rewards.rewards import gold_reward
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,7 @@ def train_reward_model(pairs: pd.DataFrame, base_dir, config: RewardTrainConfig,
     n_seen = 0
     every = max(1, config.train_steps // 10)
     start = time.perf_counter()
-    for step in range(config.train_steps):
+    for step in progress_bar(range(config.train_steps), "reward model", unit="step"):
         for group in optimizer.param_groups:
             group["lr"] = warmup_lr(step, config.learning_rate, warmup, config.train_steps)
         idx = next(batches)

@@ -27,6 +27,7 @@ import torch
 
 from models.lm.sampling import CachedLM, left_pad
 from models.lm.train_utils import split_groups, warmup_lr
+from models.progress import progress_bar
 from models.value.value_model import ValueModel, centred, steered_candidates
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ def collect_targets(base, teacher: ValueModel, rollouts, config: DistillConfig, 
     groups: list[str] = []
     started = time.perf_counter()
     n_batches = -(-len(index) // config.collect_batch_size)
-    for b, start in enumerate(range(0, len(index), config.collect_batch_size)):
+    batches = range(0, len(index), config.collect_batch_size)
+    for b, start in enumerate(progress_bar(batches, "distillation targets", unit="batch")):
         rows = index[start : start + config.collect_batch_size]
         ids, mask = left_pad([rollouts.prompt_ids[i] for i in rows], pad_id)
         ids, mask = ids.to(teacher.device), mask.to(teacher.device)
@@ -176,7 +178,7 @@ def fit_student(base, targets: TeacherTargets, config: DistillConfig,
     warmup = min(config.warmup_steps, config.train_steps // 2)
     started = time.perf_counter()
     try:
-        for step in range(config.train_steps):
+        for step in progress_bar(range(config.train_steps), "distillation", unit="step"):
             for group in optimizer.param_groups:
                 group["lr"] = warmup_lr(step, config.learning_rate, warmup, config.train_steps)
             rows = torch.randint(len(train), (min(config.batch_size, len(train)),), generator=generator)

@@ -24,6 +24,7 @@ import torch
 
 from models.data.rollouts import Rollouts
 from models.lm.train_utils import FrozenFeatures, autocast_for, pad_rows, split_groups
+from models.progress import progress_bar
 from models.value import distributed
 from models.value.checkpoints import load_checkpoint, save_checkpoint
 from models.value.distributional import (
@@ -292,7 +293,9 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
              f"{config.train_steps} steps, device {dev}")
     log_every = max(1, config.train_steps // 10)
     n_tokens, started = 0, time.perf_counter()
-    for step in range(start_step, config.train_steps):
+    steps = range(start_step, config.train_steps)
+    for step in progress_bar(steps, f"value model ({config.parameterization})", total=config.train_steps,
+                             unit="step", initial=start_step):
         index = batch_indices(len(train), config.batch_size, step, config.seed)   # the global batch
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = backward_step(ddp, train, distributed.shard(index), pad_id, config, dev,
