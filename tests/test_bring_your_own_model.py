@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from models.data.corpus import CorpusConfig, generate_corpus, generate_openings
-from models.lm.lm.lm import save_pretrained, train_tokenizer, weights_sha256
+from models.lm.lm import save_pretrained, train_tokenizer, weights_sha256
 from models.profiles import PROJECT_ROOT, load_profile
 
 pytestmark = pytest.mark.integration
