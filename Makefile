@@ -113,7 +113,8 @@ lint: setup-dev
 
 ## The docs site (mkdocs.yml, docs/) into site/; --strict: a broken link or a page left out of the nav fails it.
 docs: setup-dev
-	$(BIN)/mkdocs build --strict --site-dir site
+	# NO_MKDOCS_2_WARNING: mkdocs-material's banner about MkDocs 2, printed on every build.
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 ## Dagster UI on loopback.
 ui: setup
