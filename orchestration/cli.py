@@ -19,7 +19,7 @@ from models.decoding.generate import decode_configs, generate
 from models.decoding.upstream import UpstreamConfig, UpstreamError
 from models.environment import read_env, set_env
 from models.profiles import PROJECT_ROOT, load_profile, project_path
-from models.progress import progress_bar
+from models.progress import decide_auto, progress_bar
 from models.stages import STAGES, output_of
 from orchestration.serve_ops import ServeOptions
 
@@ -600,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        decide_auto()      # now, while stderr is still the terminal: a Dagster step captures it
+    except ValueError as err:
+        print(f"vas: {err}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

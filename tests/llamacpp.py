@@ -22,8 +22,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 from models.environment import read_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +35,8 @@ def require_llamacpp() -> None:
     """Skip without a finished .venv-llamacpp, or fail when CI said it must be there (VAS_REQUIRE_LLAMACPP=1)."""
     if LLAMACPP_PYTHON.exists() and (LLAMACPP_VENV / ".installed").exists():   # `make llamacpp` got to its end
         return
+    import pytest  # here, not at the top: bench/serve.py imports this module, and `make run` installs no pytest
+
     reason = "llama.cpp server tests need .venv-llamacpp with llama-cpp-python[server] (build it with `make llamacpp`)"
     if read_env().require_llamacpp:
         pytest.fail(reason + "; VAS_REQUIRE_LLAMACPP=1 makes that an error", pytrace=False)

@@ -118,3 +118,19 @@ def test_vas_params_file_names_the_profiles_file(monkeypatch, tmp_path):
     assert active_params_file() == PROJECT_ROOT / "relative" / "profiles.yaml"
     with pytest.raises(FileNotFoundError, match="params file .*relative/profiles.yaml does not exist"):
         load_profile("mine")
+
+
+def test_the_real_profile_names_the_gguf_the_makefile_takes_out_of_the_pinned_wheel():
+    """One file, named in three places: params.yaml's real profile, models/lm/real_model.py and the
+    Makefile target that fetches it (with the hash that pins it)."""
+    import re
+
+    from models.lm.real_model import GGUF_SHA256, PINNED_GGUF
+    from models.profiles import PROJECT_ROOT, load_profile
+
+    base = load_profile("real")["base_model"]
+    assert (base["source"], base["gguf_sha256"]) == (PINNED_GGUF, GGUF_SHA256)
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    sources = re.search(r"^SOURCES := (\S+)$", makefile, re.M).group(1)
+    target = re.search(r"^SMOLLM2_GGUF := (\S+)$", makefile, re.M).group(1).replace("$(SOURCES)", sources)
+    assert target == PINNED_GGUF

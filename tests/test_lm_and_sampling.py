@@ -139,3 +139,24 @@ def test_policy_steering_with_the_base_itself_is_base_sampling(tiny_lm):
     steered = sample(model, tokenizer, prompts, config, steering=PolicySteering(model))
     assert steered.completion_ids == plain.completion_ids
     assert max(steered.kl_nats) < 1e-6
+
+
+def test_a_model_that_ignores_cache_is_refused_not_decoded_wrongly(tiny_lm):
+    """Remote code written before transformers 5.25 takes `past_key_values` and swallows `cache=`
+    in **kwargs: each step would then see only its last token. CachedLM checks the cache grew."""
+    model, tokenizer, _, _ = tiny_lm
+
+    class OldRemoteCode(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True,
+                    **kwargs):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)     # `cache=` lands in kwargs, unused
+
+    ids, mask = left_pad(encode_prompts(tokenizer, ["The lamp", "I bought this kettle"]), tokenizer.pad_token_id)
+    lm = CachedLM(OldRemoteCode(model), ids, mask)                          # the prefill itself is whole
+    with pytest.raises(RuntimeError, match="did not return or extend its KV cache"):
+        lm.step(torch.tensor([5, 6]))
+    CachedLM(model, ids, mask).step(torch.tensor([5, 6]))                  # the model itself steps fine

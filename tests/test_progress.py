@@ -1,21 +1,48 @@
 """Progress bars (models/progress.py): drawn with rate and ETA when VAS_PROGRESS says so, never
 instead of the loop's own log lines, and the loops they wrap compute what they computed without."""
 
+import os
+import sys
+
 import pytest
 
-from models.progress import bars_enabled, progress_bar
+from models.progress import bars_enabled, decide_auto, progress_bar
 
 
 def test_bars_follow_vas_progress(monkeypatch):
     monkeypatch.setenv("VAS_PROGRESS", "on")
     assert bars_enabled()
+    assert progress_bar(range(2), "rank 1", enabled=False).disable          # a bar the caller turns off stays off
     monkeypatch.setenv("VAS_PROGRESS", "off")
     assert not bars_enabled()
-    monkeypatch.setenv("VAS_PROGRESS", "auto")          # pytest captures stderr: not a terminal
+    monkeypatch.setenv("VAS_PROGRESS", "auto")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert not bars_enabled()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert bars_enabled()
     monkeypatch.setenv("VAS_PROGRESS", "sometimes")
     with pytest.raises(ValueError, match="VAS_PROGRESS must be one of auto, on, off"):
         bars_enabled()
+
+
+def test_auto_is_decided_while_stderr_is_the_terminal(monkeypatch, capsys):
+    """A Dagster step captures stderr (never a terminal there): the CLI decides `auto` when it starts,
+    for the whole run and the processes it starts; a bad value stops it at once, clearly."""
+    for terminal, decided in ((True, "on"), (False, "off")):
+        monkeypatch.setenv("VAS_PROGRESS", "auto")
+        monkeypatch.setattr(sys.stderr, "isatty", lambda t=terminal: t, raising=False)
+        decide_auto()
+        assert os.environ["VAS_PROGRESS"] == decided
+        monkeypatch.setattr(sys.stderr, "isatty", lambda t=not terminal: t, raising=False)
+        assert bars_enabled() is terminal                      # later, inside a captured step
+    monkeypatch.setenv("VAS_PROGRESS", "off")
+    decide_auto()
+    assert os.environ["VAS_PROGRESS"] == "off"                 # an explicit choice stays
+    from orchestration.cli import main
+
+    monkeypatch.setenv("VAS_PROGRESS", "sometimes")
+    assert main(["lineage", "data/value_models/positivity"]) == 2          # refused before it looks
+    assert "VAS_PROGRESS must be one of auto, on, off" in capsys.readouterr().err
 
 
 def test_a_bar_shows_count_rate_and_eta_on_stderr_and_passes_the_loop_through(monkeypatch, capsys):

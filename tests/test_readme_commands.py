@@ -54,6 +54,9 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_readme_block_is_runnable_or_says_what_it_needs():
+    # Every fence line opens or closes a block the parser read: none hides (indented, or with attributes).
+    fences = [line for line in README.splitlines() if line.lstrip().startswith("```")]
+    assert len(fences) == 2 * len(readme_blocks(README)), fences
     targets, vas = runnable(readme_blocks(README))
     assert targets[:2] == ["run", "test"]                 # the README opens with the two commands
     assert vas, "the tour's `vas` commands are run below"

@@ -127,6 +127,14 @@ class CachedLM:
         return {"output_hidden_states": True} if self.keep_hidden else {}
 
     def _keep(self, out) -> None:
+        # A model whose forward still takes the old `past_key_values` (remote code written before
+        # transformers 5.25) swallows `cache=` in its **kwargs and starts a new cache every step: its
+        # logits would be of the last token alone. Refuse it rather than decode wrongly.
+        length = getattr(out.cache, "get_seq_length", None)
+        if out.cache is None or (length is not None and length() != self.mask.shape[1]):
+            raise RuntimeError(f"{type(self.model).__name__} did not return or extend its KV cache through "
+                               "`cache=` (transformers >= 5.25's name for past_key_values): a model whose "
+                               "remote code predates it cannot be decoded here")
         self.cache = out.cache
         self.last_hidden_logits = out.logits[:, -1, :]        # (B, V)
         # After the final norm, as the body returns it; None when not kept (never a stale step's).
@@ -334,15 +342,14 @@ def sample(model, tokenizer, prompts: Sequence[str], config: SamplingConfig,
         raise ValueError(f"uniforms must be ({len(prompts)}, {config.max_new_tokens}), got {tuple(uniforms.shape)}")
     generator = torch.Generator(device=device).manual_seed(config.seed)
     parts: list[Generation] = []
-    bar = progress_bar(desc="sampling", total=len(prompts), unit="completion")
-    for start in range(0, len(prompts), config.batch_size):
-        chunk = list(prompts[start : start + config.batch_size])
-        rows = None if uniforms is None else uniforms[start : start + len(chunk)]
-        parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device, rows))
-        bar.update(len(chunk))
-        done_count = start + len(chunk)
-        # About ten progress lines per call, however many batches.
-        if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):
-            progress(f"sampled {done_count}/{len(prompts)} completions")
-    bar.close()
+    with progress_bar(desc="sampling", total=len(prompts), unit="completion") as bar:
+        for start in range(0, len(prompts), config.batch_size):
+            chunk = list(prompts[start : start + config.batch_size])
+            rows = None if uniforms is None else uniforms[start : start + len(chunk)]
+            parts.append(sample_batch(model, tokenizer, chunk, config, generator, steering, device, rows))
+            bar.update(len(chunk))
+            done_count = start + len(chunk)
+            # About ten progress lines per call, however many batches.
+            if progress is not None and (done_count * 10 // len(prompts) > start * 10 // len(prompts)):
+                progress(f"sampled {done_count}/{len(prompts)} completions")
     return Generation.concat(parts)

@@ -295,7 +295,7 @@ def train_value_model(rollouts: Rollouts, model_dir, config: ValueTrainConfig, p
     n_tokens, started = 0, time.perf_counter()
     steps = range(start_step, config.train_steps)
     for step in progress_bar(steps, f"value model ({config.parameterization})", total=config.train_steps,
-                             unit="step", initial=start_step):
+                             unit="step", initial=start_step, enabled=distributed.is_main()):
         index = batch_indices(len(train), config.batch_size, step, config.seed)   # the global batch
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = backward_step(ddp, train, distributed.shard(index), pad_id, config, dev,
