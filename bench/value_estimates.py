@@ -99,10 +99,19 @@ def human_rollouts(world, n: int | None):
     return df
 
 
+def rollouts_with(world, extra=None):
+    """The world's rollouts, with `extra` rows (scored rollout-shaped rows) appended in their columns."""
+    import pandas as pd
+
+    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
+    if extra is None:
+        return df
+    return pd.concat([df, extra[[c for c in df.columns if c in extra.columns]]], ignore_index=True)
+
+
 def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=None, extra=None, steps=None):
     """A scalar value model fitted on the world's rollouts (and extra ones) with training seed
     `seed`; (model, seconds)."""
-    import pandas as pd
 
     from models.data.rollouts import training_rollouts
     from models.profiles import config_from
@@ -114,9 +123,7 @@ def train_scalar(world, args, lam: float, seed: int, init_model=None, init_dir=N
                          ignore=VALUE_MODELS_OWN_KEYS, parameterization="scalar", train_steps=steps or args.steps,
                          learning_rate=args.lr, lam=lam, batch_size=args.batch_size,
                          micro_batch_size=args.batch_size, freeze_backbone=False)
-    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
-    if extra is not None:
-        df = pd.concat([df, extra[[c for c in df.columns if c in extra.columns]]], ignore_index=True)
+    df = rollouts_with(world, extra)
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
     start = time.perf_counter()
     model, result = train_value_model(data, init_dir or world.data / "reward_models" / world.attribute, config,
@@ -182,7 +189,6 @@ def distilled(world, args, seed: int, kept: list, teacher=None):
     """The per-token head distilled from `teacher` (None: the saved scalar) on the rollouts' states,
     fitted with seed `seed`; (model, seconds, collection included). The teacher's targets are
     appended to `kept`."""
-    import pandas as pd
 
     from models.data.rollouts import training_rollouts
     from models.value.distill import collect_targets
@@ -191,12 +197,9 @@ def distilled(world, args, seed: int, kept: list, teacher=None):
 
     if teacher is None:
         teacher = ValueModel.load(value_model_folder(world.data / "value_models", world.attribute, "scalar"))
-    df = pd.read_parquet(world.data / "rollouts" / "rollouts.parquet")
-    if args.distill_human:
-        # The teacher's values on pi0's candidates along human-written text as well: states of
-        # thousands of openings the rollouts never reach (the teacher trained on them).
-        extra = human_rollouts(world, args.distill_human)
-        df = pd.concat([df, extra[[c for c in df.columns if c in extra.columns]]], ignore_index=True)
+    # With --distill-human, the teacher's values on pi0's candidates along human-written text as well:
+    # states of thousands of openings the rollouts never reach (the teacher trained on them).
+    df = rollouts_with(world, human_rollouts(world, args.distill_human) if args.distill_human else None)
     data = training_rollouts(df, f"learned_{world.attribute}", world.tokenizer.eos_token_id, world.stats)
     start = time.perf_counter()
     targets = collect_targets(world.base, teacher, data, distill_config(world, args, seed),
