@@ -302,16 +302,86 @@ def temperature(world: World, args) -> list[dict]:
     return rows
 
 
+class ClippedGuidance:
+    """Builds a ValueGuidance whose summed bonus is clipped to [-clip, clip] nats per candidate (a
+    bound on the bonus, as CriticControl bounds its critic's), and scaled by schedule(step) at each
+    decode step: decode-time variants of the saved value model, no retraining."""
+
+    @staticmethod
+    def make(value_models, weights, vas_config, base_body, clip: float | None, decay: float | None):
+        from models.decoding.vas import ValueGuidance
+
+        class Guidance(ValueGuidance):
+            step = 0
+
+            def start(self, ids, mask):
+                self.step = 0
+                super().start(ids, mask)
+
+            def bonus(self, q_of, steered=None, states=None):
+                total = super().bonus(q_of, steered, states)
+                if clip is not None:
+                    total = total.clamp(-clip, clip)
+                if decay is not None:
+                    total = total * decay ** self.step
+                return total
+
+            def advance(self, tokens):
+                self.step += 1
+                super().advance(tokens)
+
+        return Guidance(value_models, weights, vas_config, base_body=base_body)
+
+
+def settings(world: World, args) -> list[dict]:
+    """The saved default value model of the attribute (value_models/<attribute>), decoded at each beta
+    under each top-k, min_p, bonus clip and per-step decay, on the eval prompts with each seed."""
+    import itertools
+
+    import numpy as np
+
+    from models.decoding.vas import VASConfig
+    from models.evaluation.evaluation import distinct_n, repeat_share
+    from models.lm.sampling import SamplingConfig, sample
+    from models.rewards.rewards import score_gold
+    from models.value.value_model import ValueModel
+
+    model = ValueModel.load(world.data / "value_models" / world.attribute, device="cpu", base_model=world.base).eval()
+    ev = world.profile["evaluation"]
+    rows = []
+    grid = itertools.product(args.seeds, args.top_k, args.min_p, args.clip, args.decay, args.betas)
+    for seed, top_k, min_p, clip, decay, beta in grid:
+        clip = None if clip <= 0 else clip
+        decay = None if decay == 1 else decay
+        config = SamplingConfig(max_new_tokens=ev["max_new_tokens"], seed=seed, batch_size=ev["batch_size"])
+        guidance = ClippedGuidance.make({"r": model}, {"r": beta}, VASConfig(top_k=top_k, min_p=min_p, soft=False),
+                                        getattr(world.base, "base_model", None), clip, decay)
+        start = time.perf_counter()
+        gen = sample(world.base, world.tokenizer, world.eval_prompts, config, steering=guidance)
+        rows.append({"seed": seed, "top_k": top_k, "min_p": min_p, "clip": clip or 0.0, "decay": decay or 1.0,
+                     "beta": beta, "gold": float(np.mean(score_gold(gen.texts, [world.attribute])[world.attribute])),
+                     "learned": float(np.mean(world.scorer(world.eval_prompts, gen.texts))),
+                     "kl_nats": float(np.mean(gen.kl_nats)), "distinct_2": distinct_n(gen.texts),
+                     "repeat_share": repeat_share(gen.texts), "s": round(time.perf_counter() - start, 1)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["compute", "iterate", "backbones", "temperature"])
+    parser.add_argument("what", choices=["compute", "iterate", "backbones", "temperature", "settings"])
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
     parser.add_argument("--attribute", default="positivity")
     parser.add_argument("--profile", default=None, help="params.yaml profile (default: $VAS_PROFILE or default)")
     parser.add_argument("--samples-per-prompt", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--steps", type=int, nargs="+", default=[450, 900, 1350])
     parser.add_argument("--top-k", type=int, nargs="+", default=[40, 10],
-                        help="compute: every value; iterate: the first")
+                        help="compute, settings: every value; iterate: the first")
+    parser.add_argument("--min-p", type=float, nargs="+", default=[0.01], help="settings: min_p values")
+    parser.add_argument("--clip", type=float, nargs="+", default=[0.0],
+                        help="settings: bounds on the bonus in nats (0: none)")
+    parser.add_argument("--decay", type=float, nargs="+", default=[1.0],
+                        help="settings: per-step factors on the bonus (1: none; above 1 it grows)")
     parser.add_argument("--betas", type=float, nargs="+", default=[16.0])
     parser.add_argument("--train-prompts", type=int, default=None,
                         help="distinct training prompts (default: the prompts asset's train split)")
@@ -330,7 +400,7 @@ def main(argv=None) -> int:
                         help="decode every point (and iterate's round-2 rollouts) with calibrated VAS instead of soft VAS")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.5, 0.25],
                         help="temperature: the temperatures pi0 is sharpened to")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="temperature: sampling seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="temperature, settings: sampling seeds")
     args = parser.parse_args(argv)
 
     import torch
@@ -340,7 +410,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     world = World(Path(args.data_dir), args.attribute, args.profile, args.train_prompts)
     started = time.perf_counter()
-    rows = {"compute": compute, "iterate": iterate, "backbones": backbones, "temperature": temperature}[args.what](
+    rows = {"compute": compute, "iterate": iterate, "backbones": backbones, "temperature": temperature,
+            "settings": settings}[args.what](
         world, args)
     columns = list(rows[0])
     print(f"\n{args.what}: {time.perf_counter() - started:.0f} s\n" + table(rows, columns))

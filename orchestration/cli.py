@@ -223,7 +223,7 @@ def _copy_upstream(settings, folder: Path, outputs: dict[str, str]) -> None:
 
 def cmd_study(args) -> int:
     """Retrain rollouts, value models and evaluation once per seed on the main run's upstream
-    outputs, under data/study/seed_<s>/; aggregate the evaluation summaries across seeds
+    outputs, under data/study/seed_<s>/ (the main run's own seed re-uses the main run); aggregate the evaluation summaries across seeds
     (data/study/), record them in the main DuckDB (asset seed_study) and refresh the report."""
     seeds = list(dict.fromkeys(args.seeds))
     if not seeds:
@@ -247,12 +247,23 @@ def cmd_study(args) -> int:
               f"(or `vas run`) first", file=sys.stderr)
         return 2
     summaries = []
+    run_seed = int(settings.params()["seed"])
     for seed in progress_bar(seeds, "study seeds", unit="seed"):
-        folder = settings.path("study", f"seed_{seed}")
-        _copy_upstream(settings, folder, upstream)
-        print(f"\nseed {seed}: retraining {', '.join(STUDY_RETRAINS)} in {folder}")
-        result, seed_settings = materialize(STUDY_RETRAINS, settings.profile, str(folder), args.force,
-                                            tags={"vas/study": "true"}, seed=seed)
+        if seed == run_seed:
+            # The main run is this seed's run (same seed, data and code give the same numbers,
+            # tests/test_determinism.py): its outputs are re-used where unchanged, brought up to date
+            # where not, instead of retrained in a copy.
+            folder = settings.root
+            print(f"\nseed {seed}: the main run's seed; {', '.join(STUDY_RETRAINS)} re-used from {folder} "
+                  f"where unchanged")
+            result, seed_settings = materialize(STUDY_RETRAINS, settings.profile, str(folder), args.force,
+                                                tags={"vas/study": "true"})
+        else:
+            folder = settings.path("study", f"seed_{seed}")
+            _copy_upstream(settings, folder, upstream)
+            print(f"\nseed {seed}: retraining {', '.join(STUDY_RETRAINS)} in {folder}")
+            result, seed_settings = materialize(STUDY_RETRAINS, settings.profile, str(folder), args.force,
+                                                tags={"vas/study": "true"}, seed=seed)
         _summarize(result, seed_settings)
         if not result.success:
             print(f"vas study: seed {seed} FAILED: see the run log in the Dagster UI (`make ui`)", file=sys.stderr)
