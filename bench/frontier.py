@@ -10,8 +10,11 @@ Two measurements on a materialized default world (`make run` first), side by sid
         # round 2 on pi0 rollouts plus pi0 continuations of calibrated-VAS prefixes, against a control
     python bench/frontier.py temperature --data-dir data-real --profile real --temperatures 1 0.5 0.25 0.1 --seeds 0 1 2
         # a control with no value model: pi0 sharpened to temperature T, its gold reward at its exact KL
+    python bench/frontier.py settings --data-dir data-real --profile real --top-k 20 --min-p 0.01 0.1 --betas 1.5 2
+        # the pipeline's saved value model (value_models/<attribute>) under decode-time variants:
+        # top-k, min_p, a bound on the bonus (--clip, nats) and a per-step factor on it (--decay)
 
-Every point is soft VAS (calibrated VAS with --calibrated) with a distributional_qhead value model of
+Every point but settings' is soft VAS (calibrated VAS with --calibrated) with a distributional_qhead value model of
 the steered attribute, trained with the profile's value_models settings; the eval prompts, seed and scoring are the
 evaluation asset's. Results print as a markdown table and go to data/bench/frontier_<what>.json.
 """

@@ -223,8 +223,9 @@ def _copy_upstream(settings, folder: Path, outputs: dict[str, str]) -> None:
 
 def cmd_study(args) -> int:
     """Retrain rollouts, value models and evaluation once per seed on the main run's upstream
-    outputs, under data/study/seed_<s>/ (the main run's own seed re-uses the main run); aggregate the evaluation summaries across seeds
-    (data/study/), record them in the main DuckDB (asset seed_study) and refresh the report."""
+    outputs, under data/study/seed_<s>/ (the main run's own seed re-uses the main run); aggregate
+    the evaluation summaries across seeds (data/study/), record them in the main DuckDB (asset
+    seed_study) and refresh the report."""
     seeds = list(dict.fromkeys(args.seeds))
     if not seeds:
         print("vas study: give at least one seed (--seeds 0 1 2)", file=sys.stderr)

@@ -420,6 +420,42 @@ def test_sharpening_control_at_temperature_one_is_base_sampling(smoke_world):
     assert all(r["kl_nats"] == 0.0 for r in rows[:2]) and all(r["kl_nats"] > 0 for r in rows[2:])
 
 
+def test_decode_settings_bench_bounds_and_schedules_the_bonus(smoke_world):
+    """bench/frontier.py settings: with no bound and a factor of 1 it is VAS with the saved default
+    value model token for token; a bound of ~0 nats is base sampling; each grid point is one row."""
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from bench.frontier import ClippedGuidance
+    from bench.frontier import main as frontier_main
+    from models.decoding.vas import VASConfig, vas_sample
+    from models.lm.lm import load_frozen_base
+    from models.lm.sampling import SamplingConfig, sample
+    from models.value.value_model import ValueModel
+
+    data = smoke_world["data_dir"]
+    model, tokenizer, _ = load_frozen_base(data / "base_model")
+    value = ValueModel.load(data / "value_models" / "positivity", base_model=model).eval()
+    prompts = pd.read_parquet(data / "prompts" / "prompts.parquet").prompt.tolist()[:6]
+    config, vas = SamplingConfig(max_new_tokens=8, seed=3, batch_size=6), VASConfig(top_k=8, soft=False)
+
+    def steered(clip, decay):
+        guidance = ClippedGuidance.make({"r": value}, {"r": 8.0}, vas, getattr(model, "base_model", None), clip, decay)
+        return sample(model, tokenizer, prompts, config, steering=guidance)
+
+    plain = vas_sample(model, tokenizer, prompts, {"r": value}, {"r": 8.0}, config, vas)
+    assert max(plain.kl_nats) > 0
+    same = steered(None, None)
+    assert same.completion_ids == plain.completion_ids and same.kl_nats == plain.kl_nats
+    base = sample(model, tokenizer, prompts, config)
+    assert steered(1e-12, None).completion_ids == base.completion_ids
+    assert max(steered(1e-12, None).kl_nats) < 1e-9
+    assert max(steered(None, 1e-12).kl_nats) < max(plain.kl_nats)     # only the first step steered
+
+    assert frontier_main(["settings", "--data-dir", str(data), "--profile", "smoke", "--top-k", "8", "--clip", "0",
+                          "0.5", "--betas", "2", "--seeds", "0"]) == 0
+    rows = json.loads((data / "bench" / "frontier_settings.json").read_text())["rows"]
+    assert [(r["clip"], r["beta"]) for r in rows] == [(0.0, 2.0), (0.5, 2.0)]
+
+
 def test_dpo_baseline_changes_a_copy_not_the_base(smoke_world):
     data = smoke_world["data_dir"]
     base_sha = read_manifest(data / "base_model")["weights_sha256"]
