@@ -39,22 +39,23 @@ def serving_file(settings) -> list[str]:
 def report(run: StageRun) -> Produced:
     # torch-backed modules load inside the assets that use them: `dagster dev` loads these definitions without torch
     from models.evaluation.evaluation import headline_table
-    from models.evaluation.report import report_verdict, targets_section, write_report
+    from models.evaluation.report import ReportConfig, report_verdict, targets_section, write_report
     from models.evaluation.value_error import markdown_table
 
+    max_kl = run.config_for(ReportConfig).verdict_max_kl
     study_dir = run.settings.path("study")
     study = study_files(run.settings)
     summary = pd.read_parquet(run.path("evaluation") / "summary.parquet")
     value_error = pd.read_parquet(run.path("value_error") / "value_error.parquet")
     with atomic_path(run.path("report")) as tmp:
         tmp.mkdir()
-        text = report_verdict(summary, study_dir if study else None)
+        text = report_verdict(summary, study_dir if study else None, max_kl)
         per_seed = pd.read_parquet(study_dir / "study.parquet") if study else None
         world_file = run.path("evaluation") / WORLD_FILE
         serving = serving_file(run.settings)
         write_report(summary, tmp, verdict_text=text, value_error=value_error, per_seed=per_seed,
                      world=json.loads(world_file.read_text()) if world_file.exists() else None,
-                     serving=json.loads(Path(serving[0]).read_text()) if serving else None)
+                     serving=json.loads(Path(serving[0]).read_text()) if serving else None, max_kl=max_kl)
     folder = run.path("report")
     run.log.info(text)
     metadata = {

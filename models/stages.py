@@ -83,7 +83,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                 "assets/value_error.py")),
     Stage("dpo_model", "dpo_model", upstream=("preference_pairs", "base_model"), section="dpo",
           code=("models/evaluation/dpo.py", "assets/baselines.py")),
-    Stage("report", "report", upstream=("evaluation", "value_error"),
+    Stage("report", "report", upstream=("evaluation", "value_error"), section="report",
           code=("models/evaluation/report.py", "assets/report.py")),
 )}
 

@@ -276,7 +276,7 @@ def cmd_study(args) -> int:
 
     per_seed = pd.concat(summaries, ignore_index=True)
     per_seed = per_seed[["seed", *[c for c in per_seed.columns if c != "seed"]]]
-    table, ratio = aggregate(per_seed), lift_ratio(per_seed)
+    table, ratio = aggregate(per_seed), lift_ratio(per_seed, settings.params()["report"]["verdict_max_kl"])
     text = study_markdown(table, ratio) + "\n" + targets_markdown(per_seed)
     out = settings.path("study")
     for name, frame in (("study.parquet", per_seed), ("aggregate.parquet", table)):

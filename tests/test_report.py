@@ -4,6 +4,7 @@ import pandas as pd
 
 from models.evaluation.evaluation import family_of
 from models.evaluation.report import composition_figure, lift_across_seeds, lift_over_base, verdict, write_report
+from models.evaluation.study import ELIGIBILITY
 
 
 def summary(vas_gold: float, vas_ci: float, with_compose: bool = True) -> pd.DataFrame:
@@ -48,6 +49,20 @@ def test_verdict_is_computed_from_the_intervals():
     # Best-of-128's lift, at 4 nats and 20 / 1280 of its forwards.
     text = verdict(summary(0.3, 0.05))
     assert "0.87 of its lift over base, at 4.00 nats" in text and "0.016x its base-model forwards" in text
+
+
+def test_verdict_weighs_only_rows_within_the_kl_budget():
+    # VAS beta 4 (0.275 gold) spends 4 nats, beta 1 (0.2 gold) 1 nat: a 2.5-nat budget leaves beta 1,
+    # (0.2 - 0.1) / (0.3 - 0.1) = 0.5 of Best-of-128's lift.
+    table = summary(0.3, 0.05)
+    text = verdict(table, max_kl=2.5)
+    assert text.startswith("Within 2.5 nats of KL: ") and "(beta=1)" in text
+    assert "0.50 of its lift over base, at 1.00 nats" in text
+    assert verdict(table, max_kl=4.0) == "Within 4 nats of KL: " + verdict(table)     # on the edge: kept
+    assert verdict(table, max_kl=0.5) == ("No VAS setting keeps " + ELIGIBILITY + " and a KL of at most 0.5 nats: "
+                                         "nothing to compare.")
+    assert "(beta=1) 0.200" in lift_over_base(table, max_kl=2.5)
+    assert lift_over_base(table, max_kl=0.5) == ""
 
 
 def test_verdict_ignores_settings_that_collapse_diversity():
@@ -116,6 +131,9 @@ def test_lift_across_seeds_counts_the_seeds_whose_intervals_are_apart(tmp_path):
     # mean (0.275 + 0.175) / 2 = 0.225, sd (ddof=1) = 0.0707; base 0.1 in both seeds, sd 0
     assert "0.225 ± 0.071 gold positivity (mean ± sd) at 4.00 nats, base 0.100 ± 0.000" in text
     assert text.endswith("apart in 1 of 2 seeds.")
+    # Within 2.5 nats (beta 4 spends 4 in both seeds) beta 1 is the best setting.
+    assert lift_across_seeds(per_seed, max_kl=2.5).startswith("Across 2 seeds (0, 1): vas beta=1.0")
+    assert lift_across_seeds(per_seed, max_kl=0.5) == ""
     assert lift_across_seeds(None) == "" and lift_across_seeds(per_seed.query("method != 'base'")) == ""
     # Beta 4 collapses diversity in seed 1 only: it does not count in any, and beta 1 is the best.
     per_seed.loc[(per_seed.seed == 1) & (per_seed.param_beta == 4.0), "distinct_2"] = 0.2

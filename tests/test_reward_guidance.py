@@ -272,3 +272,7 @@ def test_the_report_says_whether_vas_beats_args_at_no_more_cost():
         f.method != "vas", 200))
     assert args_comparison(pricey).endswith("VAS does not beat ARGS at equal or lower cost.")
     assert args_comparison(cheap_good[cheap_good.method != "args"]) == ""
+    # A KL budget binds VAS only (every row here spends 1 nat): below it no VAS row is left.
+    assert args_comparison(cheap_good, max_kl=1.0) == text
+    assert args_comparison(cheap_good, max_kl=0.5).endswith("and a KL of at most 0.5 nats.")
+    assert args_comparison(cheap_good, max_kl=0.5).startswith("ARGS (weight 2): 0.400")

@@ -68,6 +68,23 @@ def test_lift_ratio_per_seed_excludes_collapsed_diversity():
     assert ratio["cost_vs_bon_sd"] == pytest.approx(0.25 / math.sqrt(2))
 
 
+def test_lift_ratio_within_a_kl_budget():
+    # KL is forwards / 10 here: qhead beta 2 spends 0.1 nats, scalar beta 1 0.2. A budget of 0.15
+    # leaves seed 1 with qhead beta 2 (0.3: lift 0.1 of 0.4); seed 0 keeps it (0.625).
+    ratio = lift_ratio(study_frame(), max_kl=0.15)
+    s0, s1 = ratio["per_seed"]
+    assert json.loads(s1["vas_params"]) == {"beta": 2.0, "parameterization": "qhead"}
+    assert s0["ratio"] == pytest.approx(0.625) and s1["ratio"] == pytest.approx(0.25)
+    assert s1["n_vas_eligible"] == 1 and ratio["max_kl"] == 0.15
+    assert "and a KL of at most 0.15 nats reaches ratio mean" in ratio_sentence(ratio)
+    assert "KL of at most" not in ratio_sentence(lift_ratio(study_frame()))
+    # ARGS is not held to the budget: VAS must beat its best row wherever it lies (8 forwards, 0.8 nats).
+    frame = pd.DataFrame(seed_rows(0, 0.1, 0.5, 0.3, 0.6, 0.35, args2=0.3))
+    assert lift_ratio(frame, max_kl=0.15)["per_seed"][0]["args_gold"] == pytest.approx(0.3)
+    none = lift_ratio(study_frame(), max_kl=0.05)
+    assert none["n_with_ratio"] == 0 and "and a KL of at most 0.05 nats in 2)" in ratio_sentence(none)
+
+
 def test_no_eligible_vas_row_gives_no_ratio():
     frame = study_frame()
     # only the collapsed beta 8 and the looping beta 16 left

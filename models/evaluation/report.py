@@ -6,12 +6,21 @@ Plain matplotlib (Agg) on the evaluation summary; no Dagster here.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from models.evaluation.evaluation import headline_table
-from models.evaluation.study import ELIGIBILITY, beats, best_eligible
+from models.evaluation.study import ELIGIBILITY, beats, best_eligible, within
+
+
+@dataclass
+class ReportConfig:
+    # The verdicts (this run's, the seed study's, the lift over base, VAS against ARGS) weigh only VAS
+    # rows at most this KL from pi0, in nats (None: any). A lift bought with tens of nats is not the
+    # product's promise: Best-of-16 spends 1.84 on the real profile.
+    verdict_max_kl: float | None = None
 
 
 def _plt():
@@ -129,18 +138,19 @@ def cost_figure(summary: pd.DataFrame, path: str | Path) -> Path:
     return _save(plt, fig, path)
 
 
-def verdict(summary: pd.DataFrame) -> str:
-    """Does the best eligible VAS setting (models.evaluation.study.eligible: text like base sampling's) reach
-    Best-of-max-N's gold positivity (95% intervals overlap), and at what share of its decode time?"""
+def verdict(summary: pd.DataFrame, max_kl: float | None = None) -> str:
+    """Does the best eligible VAS setting (models.evaluation.study.eligible: text like base sampling's) with
+    a KL of at most max_kl nats reach Best-of-max-N's gold positivity (95% intervals overlap), and at
+    what share of its decode time?"""
     bon = summary[summary.method == "bon"]
     vas = summary[summary.method == "vas"]
     if bon.empty or vas.empty:
         return "No Best-of-N or VAS rows: nothing to compare."
     ref = bon.loc[bon.param_n.idxmax()]
     # A setting that buys reward with loops or by collapsing diversity does not count (as in the targets).
-    best = best_eligible(summary, "vas")
+    best = best_eligible(summary, "vas", max_kl)
     if best is None:
-        return f"No VAS setting keeps {ELIGIBILITY}: nothing to compare."
+        return f"No VAS setting keeps {ELIGIBILITY}{within(max_kl)}: nothing to compare."
     reaches = best.gold_positivity_mean + best.gold_positivity_ci95 >= ref.gold_positivity_mean - ref.gold_positivity_ci95
     ratio = best.seconds_per_sample / ref.seconds_per_sample
     what = "reaches" if reaches else "falls short of"
@@ -151,41 +161,43 @@ def verdict(summary: pd.DataFrame) -> str:
     forwards = ""
     if "base_forwards_per_sample" in best:
         forwards = f" and {best.base_forwards_per_sample / ref.base_forwards_per_sample:.3f}x its base-model forwards"
-    return (f"{name} (beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
+    budget = "" if max_kl is None else f"Within {max_kl:g} nats of KL: "
+    return (f"{budget}{name} (beta={best.param_beta:g}) {what} Best-of-{int(ref.param_n)}'s "
             f"gold positivity ({best.gold_positivity_mean:.3f} ± {best.gold_positivity_ci95:.3f} vs "
             f"{ref.gold_positivity_mean:.3f} ± {ref.gold_positivity_ci95:.3f}): {share} of its lift over base, at "
             f"{best.kl_nats_mean:.2f} nats, {ratio:.3f}x its decode time per sample{forwards}.")
 
 
-def args_comparison(summary: pd.DataFrame) -> str:
-    """The best eligible VAS row against the best eligible ARGS row (the peer that needs no value
-    training): gold positivity, KL and base-model forwards of each, and whether VAS beats it (more
-    gold at no more forwards). "" without ARGS rows."""
+def args_comparison(summary: pd.DataFrame, max_kl: float | None = None) -> str:
+    """The best eligible VAS row (within max_kl nats) against the best eligible ARGS row (the peer that
+    needs no value training, wherever its KL lies): gold positivity, KL and base-model forwards of
+    each, and whether VAS beats it (more gold at no more forwards). "" without ARGS rows."""
     if not (summary.method == "args").any():
         return ""
-    a, v = best_eligible(summary, "args"), best_eligible(summary, "vas")
+    a, v = best_eligible(summary, "args"), best_eligible(summary, "vas", max_kl)
     if a is None:
         return f"No ARGS row keeps {ELIGIBILITY}."
     text = (f"ARGS (weight {a.param_weight:g}): {a.gold_positivity_mean:.3f} ± {a.gold_positivity_ci95:.3f} gold "
             f"positivity at {a.kl_nats_mean:.2f} nats and {a.base_forwards_per_sample:.0f} base-model forwards per sample")
     if v is None:
-        return text + "; no VAS row is eligible."
+        return text + f"; no VAS row keeps {ELIGIBILITY}{within(max_kl)}."
     return (text + f"; the best eligible VAS row ({v.family}, beta {v.param_beta:g}) {v.gold_positivity_mean:.3f} ± "
             f"{v.gold_positivity_ci95:.3f} at {v.kl_nats_mean:.2f} nats and {v.base_forwards_per_sample:.0f} forwards: "
             + ("VAS beats ARGS at no more cost." if beats(v, a) else "VAS does not beat ARGS at equal or lower cost."))
 
 
-def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None) -> str:
+def report_verdict(summary: pd.DataFrame, study_dir: str | Path | None = None, max_kl: float | None = None) -> str:
     """The report's verdict: across seeds from the seed study (`vas study`) when study_dir holds
-    its aggregate, else this run's verdict, said to be a single run (one seed)."""
+    its aggregate, else this run's verdict, said to be a single run (one seed); VAS rows within
+    max_kl nats (ReportConfig.verdict_max_kl)."""
     study_dir = Path(study_dir) if study_dir is not None else None
     if study_dir is not None and (study_dir / "aggregate.parquet").exists() and (study_dir / "study.parquet").exists():
         from models.evaluation.study import lift_ratio, ratio_sentence
 
-        ratio = lift_ratio(pd.read_parquet(study_dir / "study.parquet"))
+        ratio = lift_ratio(pd.read_parquet(study_dir / "study.parquet"), max_kl)
         return (f"From the seed study ({study_dir}, seeds {', '.join(str(s['seed']) for s in ratio['per_seed'])}): "
-                f"{ratio_sentence(ratio)} This run alone: {verdict(summary)}")
-    return f"Single run (one seed): {verdict(summary)} `make study` gives a verdict across seeds."
+                f"{ratio_sentence(ratio)} This run alone: {verdict(summary, max_kl)}")
+    return f"Single run (one seed): {verdict(summary, max_kl)} `make study` gives a verdict across seeds."
 
 
 def value_error_section(value_error: pd.DataFrame | None) -> str:
@@ -219,13 +231,11 @@ def targets_section(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None,
     return text
 
 
-def lift_over_base(summary: pd.DataFrame) -> str:
-    """The best eligible VAS row's gold positivity (models.evaluation.study.ELIGIBILITY: loops do not count)
-    against base sampling's, and whether their 95% intervals are apart: is the lift more than this
-    run's noise?"""
-    from models.evaluation.study import best_eligible
-
-    base, best = summary[summary.method == "base"], best_eligible(summary, "vas")
+def lift_over_base(summary: pd.DataFrame, max_kl: float | None = None) -> str:
+    """The best eligible VAS row's gold positivity (models.evaluation.study.ELIGIBILITY: loops do not count;
+    within max_kl nats) against base sampling's, and whether their 95% intervals are apart: is the
+    lift more than this run's noise?"""
+    base, best = summary[summary.method == "base"], best_eligible(summary, "vas", max_kl)
     if base.empty or best is None:
         return ""
     base = base.iloc[0]
@@ -237,10 +247,11 @@ def lift_over_base(summary: pd.DataFrame) -> str:
             f"{'apart' if apart else 'not apart'}.")
 
 
-def lift_across_seeds(per_seed: pd.DataFrame | None) -> str:
+def lift_across_seeds(per_seed: pd.DataFrame | None, max_kl: float | None = None) -> str:
     """The same question across a seed study's seeds: the VAS setting with the best mean gold
-    positivity, its mean ± sd against base sampling's, and in how many seeds the two 95% intervals
-    are apart. One seed's apart intervals can be luck; this says how often they are."""
+    positivity (among those with a mean KL of at most max_kl nats), its mean ± sd against base
+    sampling's, and in how many seeds the two 95% intervals are apart. One seed's apart intervals
+    can be luck; this says how often they are."""
     if per_seed is None or per_seed.empty:
         return ""
     from models.evaluation.study import _label, _pm, _sd, eligible
@@ -253,6 +264,9 @@ def lift_across_seeds(per_seed: pd.DataFrame | None) -> str:
             kept = eligible(seed[seed.method == "vas"], seed_base.iloc[0],
                             bon.loc[bon.param_n.idxmax()] if len(bon) else None)
             vas = vas[vas.params.isin(set(kept.params))]
+    if max_kl is not None:
+        mean_kl = vas.groupby("params").kl_nats_mean.mean()
+        vas = vas[vas.params.isin(set(mean_kl[mean_kl <= max_kl + 1e-12].index))]
     if base.empty or vas.empty:
         return ""
     best = vas.groupby("params").gold_positivity_mean.mean().idxmax()
@@ -359,15 +373,17 @@ def _reward_worth(attribute: str, reward: dict) -> str:
 
 def write_report(summary: pd.DataFrame, directory: str | Path, verdict_text: str | None = None,
                  value_error: pd.DataFrame | None = None, per_seed: pd.DataFrame | None = None,
-                 world: dict | None = None, serving: dict | None = None) -> dict[str, Path]:
+                 world: dict | None = None, serving: dict | None = None,
+                 max_kl: float | None = None) -> dict[str, Path]:
     directory = Path(directory)
     paths = {
         "frontier": frontier_figure(summary, directory / "frontier.png"),
         "composition": composition_figure(summary, directory / "composition.png"),
         "cost": cost_figure(summary, directory / "cost.png"),
     }
-    lift = " ".join(t for t in (lift_over_base(summary), lift_across_seeds(per_seed), args_comparison(summary)) if t)
-    text = (f"# VAS evaluation\n\n{verdict_text or verdict(summary)}\n\n" + (f"{lift}\n\n" if lift else "")
+    lift = " ".join(t for t in (lift_over_base(summary, max_kl), lift_across_seeds(per_seed, max_kl),
+                                args_comparison(summary, max_kl)) if t)
+    text = (f"# VAS evaluation\n\n{verdict_text or verdict(summary, max_kl)}\n\n" + (f"{lift}\n\n" if lift else "")
             + f"{headline_table(summary)}\n" + world_section(world) + serving_section(serving))
     text += targets_section(summary, per_seed, value_error)
     text += value_error_section(value_error)

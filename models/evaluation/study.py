@@ -39,14 +39,22 @@ def eligible(rows: pd.DataFrame, base: pd.Series, bon: pd.Series | None = None) 
     return rows[keep]
 
 
-def best_eligible(summary: pd.DataFrame, method: str) -> pd.Series | None:
+def best_eligible(summary: pd.DataFrame, method: str, max_kl: float | None = None) -> pd.Series | None:
     """The `method` row of one seed's summary with the highest gold positivity among the eligible
-    ones (against its base and Best-of-max-N rows), or None."""
+    ones (against its base and Best-of-max-N rows) with a KL of at most max_kl nats (None: any), or None."""
     base, bon = summary[summary.method == "base"], summary[summary.method == "bon"]
     if base.empty:
         return None
-    rows = eligible(summary[summary.method == method], base.iloc[0], bon.loc[bon.param_n.idxmax()] if len(bon) else None)
+    rows = summary[summary.method == method]
+    if max_kl is not None:
+        rows = rows[rows.kl_nats_mean <= max_kl + 1e-12]
+    rows = eligible(rows, base.iloc[0], bon.loc[bon.param_n.idxmax()] if len(bon) else None)
     return None if rows.empty else rows.loc[rows.gold_positivity_mean.idxmax()]
+
+
+def within(max_kl: float | None) -> str:
+    """How a KL budget reads in a sentence ("" without one)."""
+    return "" if max_kl is None else f" and a KL of at most {max_kl:g} nats"
 
 
 def beats(vas: pd.Series, args: pd.Series) -> bool:
@@ -87,8 +95,9 @@ def aggregate(per_seed: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _one_seed(summary: pd.DataFrame) -> dict:
-    """Base, Best-of-max-N and the best eligible VAS row of one seed's summary, and the lift ratio."""
+def _one_seed(summary: pd.DataFrame, max_kl: float | None = None) -> dict:
+    """Base, Best-of-max-N and the best eligible VAS row (within max_kl nats) of one seed's summary,
+    and the lift ratio."""
     base = summary[summary.method == "base"]
     bon = summary[summary.method == "bon"]
     if base.empty or bon.empty:
@@ -96,8 +105,9 @@ def _one_seed(summary: pd.DataFrame) -> dict:
     base_gold = float(base.gold_positivity_mean.iloc[0])
     ref = bon.loc[bon.param_n.idxmax()]
     vas = summary[summary.method == "vas"]
-    kept = eligible(vas, base.iloc[0], ref)
-    best, top = best_eligible(summary, "vas"), best_eligible(summary, "args")
+    kept = eligible(vas if max_kl is None else vas[vas.kl_nats_mean <= max_kl + 1e-12], base.iloc[0], ref)
+    # ARGS is not held to the budget: VAS must beat its best row wherever that lies.
+    best, top = best_eligible(summary, "vas", max_kl), best_eligible(summary, "args")
     out = {"base_gold": base_gold, "bon_n": int(ref.param_n), "bon_gold": float(ref.gold_positivity_mean),
            "bon_distinct_2": float(ref.distinct_2), "n_vas_rows": len(vas), "n_vas_eligible": len(kept),
            "vas_params": None, "vas_gold": float("nan"), "vas_distinct_2": float("nan"), "vas_kl": float("nan"),
@@ -125,9 +135,10 @@ def _one_seed(summary: pd.DataFrame) -> dict:
     return out
 
 
-def lift_ratio(per_seed: pd.DataFrame) -> dict:
+def lift_ratio(per_seed: pd.DataFrame, max_kl: float | None = None) -> dict:
     """Per seed: (best VAS gold-positivity lift over base) / (Best-of-max-N's lift), where the best
-    VAS row is the highest gold positivity among the `eligible` method "vas" rows; its params, its KL
+    VAS row is the highest gold positivity among the `eligible` method "vas" rows with a KL of at
+    most max_kl nats (the report's verdict_max_kl; None: any); its params, its KL
     and its cost relative to Best-of-max-N
     (base-model forwards per sample). Then mean and sd (ddof=1) of ratio and cost across the seeds
     where a ratio exists (a seed with no eligible VAS row, or no Best-of-N lift, has NaN)."""
@@ -135,7 +146,7 @@ def lift_ratio(per_seed: pd.DataFrame) -> dict:
         raise KeyError("per_seed needs a `seed` column (one evaluation summary per seed, concatenated)")
     seeds = []
     for seed, summary in per_seed.groupby("seed", sort=True):
-        seeds.append({"seed": int(seed), **_one_seed(summary)})
+        seeds.append({"seed": int(seed), **_one_seed(summary, max_kl)})
     ratios = [s["ratio"] for s in seeds if math.isfinite(s["ratio"])]
     costs = [s["cost_vs_bon"] for s in seeds if math.isfinite(s["cost_vs_bon"])]
     kls = [s["vas_kl"] for s in seeds if math.isfinite(s["ratio"])]
@@ -147,6 +158,7 @@ def lift_ratio(per_seed: pd.DataFrame) -> dict:
         "n_with_ratio": len(ratios),
         "bon_n": max(s["bon_n"] for s in seeds),
         "eligibility": ELIGIBILITY,
+        "max_kl": max_kl,
         "ratio_mean": float(np.mean(ratios)) if ratios else float("nan"),
         "ratio_sd": _sd(ratios),
         "cost_vs_bon_mean": float(np.mean(costs)) if costs else float("nan"),
@@ -190,19 +202,20 @@ def ratio_sentence(ratio: dict) -> str:
 
 def _vas_sentence(ratio: dict) -> str:
     n, bon = ratio["n_seeds"], f"Best-of-{ratio['bon_n']}"
+    kept = ratio["eligibility"] + within(ratio.get("max_kl"))
     if not ratio["n_with_ratio"]:
         no_lift = sum(s["bon_gold"] <= s["base_gold"] for s in ratio["per_seed"])
         no_vas = sum(s["n_vas_eligible"] == 0 for s in ratio["per_seed"])
         return (f"Across {n} seed(s): no lift ratio ({bon} did not lift gold positivity over base in {no_lift} "
-                f"seed(s); no VAS setting kept {ratio['eligibility']} in {no_vas}).")
+                f"seed(s); no VAS setting kept {kept} in {no_vas}).")
     picks = "; ".join(f"seed {s['seed']}: {s['ratio']:.2f} ({_label('vas', s['vas_params'])})"
                       for s in ratio["per_seed"] if not math.isnan(s["ratio"]))
     no_vas = [str(s["seed"]) for s in ratio["per_seed"] if s["n_vas_eligible"] == 0]
     no_lift = [str(s["seed"]) for s in ratio["per_seed"] if s["n_vas_eligible"] and math.isnan(s["ratio"])]
     missing = "".join(f" No ratio in seed {', '.join(seeds)}: {why}." for seeds, why in (
         (no_lift, f"{bon} did not lift gold positivity over base there"),
-        (no_vas, f"no VAS setting kept {ratio['eligibility']}")) if seeds)
-    return (f"Across {n} seeds: the best VAS setting with {ratio['eligibility']} reaches ratio mean ± sd = "
+        (no_vas, f"no VAS setting kept {kept}")) if seeds)
+    return (f"Across {n} seeds: the best VAS setting with {kept} reaches ratio mean ± sd = "
             f"{_pm(ratio['ratio_mean'], ratio['ratio_sd'], 2)} of {bon}'s gold-positivity lift over base, at "
             f"{_pm(ratio['cost_vs_bon_mean'], ratio['cost_vs_bon_sd'])}x its base-model forwards per sample "
             f"and a KL of {_pm(ratio['vas_kl_mean'], ratio['vas_kl_sd'], 2)} nats ({picks})."
