@@ -42,7 +42,7 @@ def report(run: StageRun) -> Produced:
     from models.evaluation.report import ReportConfig, report_verdict, targets_section, write_report
     from models.evaluation.value_error import markdown_table
 
-    max_kl = run.config_for(ReportConfig).verdict_max_kl
+    max_kl = run.config_for(ReportConfig, ignore=("seed",)).verdict_max_kl
     study_dir = run.settings.path("study")
     study = study_files(run.settings)
     summary = pd.read_parquet(run.path("evaluation") / "summary.parquet")
