@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from models.evaluation.evaluation import headline_table
-from models.evaluation.study import ELIGIBILITY, beats, best_eligible, within
+from models.evaluation.study import ELIGIBILITY, beats, best_eligible, in_budget, within
 
 
 @dataclass
@@ -264,9 +264,7 @@ def lift_across_seeds(per_seed: pd.DataFrame | None, max_kl: float | None = None
             kept = eligible(seed[seed.method == "vas"], seed_base.iloc[0],
                             bon.loc[bon.param_n.idxmax()] if len(bon) else None)
             vas = vas[vas.params.isin(set(kept.params))]
-    if max_kl is not None:
-        mean_kl = vas.groupby("params").kl_nats_mean.mean()
-        vas = vas[vas.params.isin(set(mean_kl[mean_kl <= max_kl + 1e-12].index))]
+    vas = vas[vas.params.isin(set(in_budget(vas.groupby("params", as_index=False).kl_nats_mean.mean(), max_kl).params))]
     if base.empty or vas.empty:
         return ""
     best = vas.groupby("params").gold_positivity_mean.mean().idxmax()

@@ -45,11 +45,14 @@ def best_eligible(summary: pd.DataFrame, method: str, max_kl: float | None = Non
     base, bon = summary[summary.method == "base"], summary[summary.method == "bon"]
     if base.empty:
         return None
-    rows = summary[summary.method == method]
-    if max_kl is not None:
-        rows = rows[rows.kl_nats_mean <= max_kl + 1e-12]
-    rows = eligible(rows, base.iloc[0], bon.loc[bon.param_n.idxmax()] if len(bon) else None)
+    rows = eligible(in_budget(summary[summary.method == method], max_kl), base.iloc[0],
+                    bon.loc[bon.param_n.idxmax()] if len(bon) else None)
     return None if rows.empty else rows.loc[rows.gold_positivity_mean.idxmax()]
+
+
+def in_budget(rows: pd.DataFrame, max_kl: float | None) -> pd.DataFrame:
+    """The rows with a mean KL of at most max_kl nats (all of them when max_kl is None)."""
+    return rows if max_kl is None else rows[rows.kl_nats_mean <= max_kl + 1e-12]
 
 
 def within(max_kl: float | None) -> str:
@@ -105,7 +108,7 @@ def _one_seed(summary: pd.DataFrame, max_kl: float | None = None) -> dict:
     base_gold = float(base.gold_positivity_mean.iloc[0])
     ref = bon.loc[bon.param_n.idxmax()]
     vas = summary[summary.method == "vas"]
-    kept = eligible(vas if max_kl is None else vas[vas.kl_nats_mean <= max_kl + 1e-12], base.iloc[0], ref)
+    kept = eligible(in_budget(vas, max_kl), base.iloc[0], ref)
     # ARGS is not held to the budget: VAS must beat its best row wherever that lies.
     best, top = best_eligible(summary, "vas", max_kl), best_eligible(summary, "args")
     out = {"base_gold": base_gold, "bon_n": int(ref.param_n), "bon_gold": float(ref.gold_positivity_mean),
