@@ -307,8 +307,8 @@ def temperature(world: World, args) -> list[dict]:
 
 class ClippedGuidance:
     """Builds a ValueGuidance whose summed bonus is clipped to [-clip, clip] nats per candidate (a
-    bound on the bonus, as CriticControl bounds its critic's), and scaled by schedule(step) at each
-    decode step: decode-time variants of the saved value model, no retraining."""
+    bound on the bonus, as CriticControl bounds its critic's) and multiplied by decay**step at each
+    decode step (None: neither): decode-time variants of the saved value model, no retraining."""
 
     @staticmethod
     def make(value_models, weights, vas_config, base_body, clip: float | None, decay: float | None):
